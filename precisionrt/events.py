@@ -1,0 +1,106 @@
+"""The precision switch log (contract C4): schema version 1, JSON Lines, append-only, one record per line.
+
+Written by rank 0, flushed per record, so a crash leaves a valid prefix. Readers skip and count lines that do
+not parse, never failing a whole file for one bad line. This module imports neither torch nor megatron: the
+offline tools use it on machines that have only the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+SCHEMA_VERSION = 1
+KINDS = ("run_start", "switch", "stats", "run_end")
+REASONS = ("overflow", "underflow", "nonfinite", "quant_error", "grad_sensitivity", "manual", "budget",
+           "probation", "pinned", "static")
+
+
+@dataclass(frozen=True)
+class SwitchEvent:
+    step: int
+    layer: str
+    from_: str
+    to: str
+    reason: str
+    signals: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The C7 summary form: ``{step, layer, from, to, reason}``."""
+        return {"step": self.step, "layer": self.layer, "from": self.from_, "to": self.to, "reason": self.reason}
+
+
+class EventLog:
+    """Append-only writer of ``precision_events.jsonl``. A no-op unless ``enabled`` (rank 0 writes)."""
+
+    def __init__(self, path: str | Path, run_id: str, enabled: bool = True):
+        self.path = Path(path)
+        self.run_id = run_id
+        self.enabled = enabled
+        self._fh = open(self.path, "a", encoding="utf-8") if enabled else None
+
+    def _write(self, kind: str, **fields) -> None:
+        if self._fh is None:
+            return
+        record = {"v": SCHEMA_VERSION, "kind": kind, "run": self.run_id, "time": time.time(), **fields}
+        self._fh.write(json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def run_start(self, layers: list[dict], config: dict) -> None:
+        self._write("run_start", layers=layers, config=config)
+
+    def switch(self, event: SwitchEvent) -> None:
+        self._write("switch", step=event.step, layer=event.layer, **{"from": event.from_}, to=event.to,
+                    reason=event.reason, signals=event.signals)
+
+    def stats(self, step: int, layers: dict) -> None:
+        self._write("stats", step=step, layers=layers)
+
+    def run_end(self, step: int) -> None:
+        self._write("run_end", step=step)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+@dataclass
+class ReadResult:
+    records: list[dict]
+    skipped_lines: int
+    skipped_examples: list[str]
+
+
+def parse_line(raw: bytes | str) -> dict | None:
+    """One log line as a record, or None if it is not a JSON object of a known kind and schema version."""
+    try:
+        rec = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if isinstance(rec, dict) and rec.get("v") == SCHEMA_VERSION and rec.get("kind") in KINDS:
+        return rec
+    return None
+
+
+def iter_records(path: str | Path, skipped: list[str] | None = None) -> Iterator[dict]:
+    """Stream the valid records of one log (memory does not grow with the file). Each line that does not
+    parse is skipped and, if ``skipped`` is given, appended to it as ``"path:lineno: text"``."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            rec = parse_line(raw)
+            if rec is not None:
+                yield rec
+            elif skipped is not None:
+                skipped.append(f"{path}:{lineno}: {raw[:80]!r}")
+
+
+def read_log(path: str | Path) -> ReadResult:
+    skipped: list[str] = []
+    records = list(iter_records(path, skipped))
+    return ReadResult(records, len(skipped), skipped[:3])

@@ -1,0 +1,330 @@
+"""FP8 numerics: formats, per-tensor scaling, saturating quantization and the FP8 GEMM.
+
+Formats
+-------
+Two 8-bit floating-point formats (OCP FP8, as on Hopper and in ``torch``):
+
+============  ==================  ========  ============  ==============
+format        torch dtype         max       min normal    min subnormal
+============  ==================  ========  ============  ==============
+E4M3          float8_e4m3fn       448       2^-6          2^-9
+E5M2          float8_e5m2         57344     2^-14         2^-16
+============  ==================  ========  ============  ==============
+
+The HYBRID recipe (Transformer Engine's default, ours too) uses E4M3 for what the forward pass multiplies
+(activations and weights: more mantissa) and E5M2 for output gradients (more range).
+
+Scaling
+-------
+A tensor ``x`` is stored as ``q = saturate(round_nearest_even(x * scale))`` with one fp32 ``scale`` per
+tensor. ``scale = (fp8_max / amax) / 2**margin`` maps the tensor's absolute maximum just under the format's
+maximum. The GEMM multiplies ``q`` operands and multiplies the fp32 accumulator by both *inverse* scales.
+
+* **current** scaling takes ``amax`` from the tensor being quantized (one extra reduction, never overflows).
+* **delayed** scaling takes ``amax`` from a history of earlier quantizations of the same tensor role
+  (``max`` or ``most_recent`` of a ring buffer), so the scale is known before the tensor is read. A tensor
+  that outgrows its history saturates: that is the failure the overflow monitor watches for. An empty history
+  (the first use, or a layer just returned to FP8) falls back to current scaling instead of an arbitrary 1.0.
+* If ``amax`` is 0 or not finite the previous scale is kept (as Transformer Engine does), so an all-zero
+  tensor never produces an infinite scale.
+
+All scale arithmetic is done with tensor ops on the tensor's device: no host synchronisation.
+
+Saturation and statistics
+-------------------------
+``quantize`` clamps to +-max before the cast: the CUDA cast to ``float8_e4m3fn`` turns overflow into NaN
+and the CPU cast maps +inf to 448, so neither may be relied on. NaN stays NaN, +-inf becomes +-max. Because
+the cast hides infinities, statistics are taken from the unquantized tensor (see ``STAT_FIELDS``).
+
+GEMM layouts
+------------
+``torch._scaled_mm(a, b)`` on CUDA (Hopper) requires: ``a`` row-major, ``b`` column-major, the reduced
+dimension K and the output dimension N multiples of 16, fp32 scales, and never both operands E5M2. The CPU
+kernel accepts more; ``scaled_mm`` below checks the CUDA rules on every device, so code tested here runs on
+an H100. For ``y = x @ W^T`` (x: [M, K], W: [N, K]) the three GEMMs are::
+
+    forward  y  = x_q  @ W_q^T      a = x_q [M,K] row-major       b = W_q^T [K,N] (a view: column-major)
+    dgrad    dx = dy_q @ W_q        a = dy_q [M,N] row-major      b = W_q [N,K] made column-major
+    wgrad    dW = dy_q^T @ x_q      a = dy_q^T [N,M] row-major    b = x_q [M,K] made column-major
+
+M (tokens) is free in forward and dgrad but is the reduced dimension of wgrad: operands are zero-padded
+along M to a multiple of 16, which leaves the product unchanged. A layer whose K or N is not a multiple of 16
+cannot run FP8 on CUDA; ``fp8_gemm_unsupported_reason`` says why and the layer stays in BF16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "E4M3", "E5M2", "FORMATS", "FP8Format", "quantize", "tensor_stats", "STAT_FIELDS", "ScalingConfig",
+    "ScalingState", "compute_scale", "quantize_tensor", "finite_amax", "scaled_mm", "fp8_gemm_unsupported_reason", "GEMM_ALIGNMENT",
+]
+
+
+@dataclass(frozen=True)
+class FP8Format:
+    name: str
+    dtype: torch.dtype
+    max: float
+    min_normal: float
+    min_subnormal: float
+
+
+E4M3 = FP8Format("e4m3", torch.float8_e4m3fn, 448.0, 2.0**-6, 2.0**-9)
+E5M2 = FP8Format("e5m2", torch.float8_e5m2, 57344.0, 2.0**-14, 2.0**-16)
+FORMATS = {f.name: f for f in (E4M3, E5M2)}
+
+GEMM_ALIGNMENT = 16
+
+
+def get_format(fmt: str | FP8Format) -> FP8Format:
+    if isinstance(fmt, FP8Format):
+        return fmt
+    try:
+        return FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown fp8 format {fmt!r}; expected one of {sorted(FORMATS)}") from None
+
+
+def quantize(x: torch.Tensor, fmt: str | FP8Format, scale: torch.Tensor | float) -> torch.Tensor:
+    """Contract C1: ``saturate(x * scale)`` rounded to nearest-even, as ``fmt``'s float8 dtype.
+
+    The product is formed in fp32; NaN stays NaN and +-inf saturates to +-max.
+    """
+    f = get_format(fmt)
+    scaled = x.float() * scale
+    # clamp propagates NaN and maps +-inf to the bounds, which is exactly the saturation rule we want.
+    return scaled.clamp_(-f.max, f.max).to(f.dtype)
+
+
+# Per-tensor statistics of one quantization, as one fp32 vector (so many can be packed and reduced at once).
+STAT_FIELDS = (
+    "amax",          # max |x| over finite values
+    "saturated",     # finite values with |x * scale| > fmt.max (clamped)
+    "underflow",     # nonzero finite values that quantized to 0
+    "nonfinite",     # NaN or +-inf in x (counted before the cast, which would hide +inf)
+    "numel",
+    "err_sq",        # sum (x - dequant(q))^2 over finite values
+    "signal_sq",     # sum x^2 over finite values
+)
+STAT_INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
+NUM_STATS = len(STAT_FIELDS)
+
+
+def finite_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the finite values of ``x`` (0 for an empty or all-nonfinite tensor), as fp32 device tensor."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return x.detach().float().abs().nan_to_num(nan=0.0, posinf=0.0).amax()
+
+
+def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale: torch.Tensor,
+                 amax: torch.Tensor | None = None) -> torch.Tensor:
+    """Statistics of quantizing ``x`` to ``q`` with ``scale``; a device tensor of ``NUM_STATS`` fp32 values.
+
+    With ``q=None`` (a layer running BF16) only amax, nonfinite and numel are filled: the cheap statistics.
+    """
+    xf = x.detach().float()
+    finite = torch.isfinite(xf)
+    xf_finite = torch.where(finite, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
+    absx = xf_finite.abs()
+    out = torch.zeros(NUM_STATS, dtype=torch.float32, device=x.device)
+    out[STAT_INDEX["amax"]] = finite_amax(x) if amax is None else amax
+    out[STAT_INDEX["nonfinite"]] = (~finite).sum()
+    out[STAT_INDEX["numel"]] = float(xf.numel())
+    if q is None:
+        return out
+    out[STAT_INDEX["saturated"]] = (absx * scale > fmt.max).sum()
+    qf = q.float()
+    out[STAT_INDEX["underflow"]] = ((qf == 0) & (xf_finite != 0)).sum()
+    err = torch.where(finite, xf_finite - qf / scale, torch.zeros((), dtype=xf.dtype, device=xf.device))
+    out[STAT_INDEX["err_sq"]] = err.square().sum()
+    out[STAT_INDEX["signal_sq"]] = absx.square().sum()
+    return out
+
+
+def combine_stats(acc: torch.Tensor, new: torch.Tensor) -> None:
+    """Accumulate ``new`` into ``acc`` in place: max for amax, sums for the rest. No host sync."""
+    amax = STAT_INDEX["amax"]
+    acc[..., amax] = torch.maximum(acc[..., amax], new[..., amax])
+    rest = [i for i in range(NUM_STATS) if i != amax]
+    acc[..., rest] += new[..., rest]
+
+
+# --------------------------------------------------------------------------------------------- scaling
+
+
+@dataclass
+class ScalingConfig:
+    """How per-tensor scales are chosen. ``recipe``: ``delayed`` or ``current``."""
+
+    recipe: Literal["delayed", "current"] = "delayed"
+    amax_history_len: int = 16
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    margin: int = 0
+
+    def __post_init__(self) -> None:
+        if self.recipe not in ("delayed", "current"):
+            raise ValueError(f"scaling.recipe must be 'delayed' or 'current', got {self.recipe!r}")
+        if self.amax_compute_algo not in ("max", "most_recent"):
+            raise ValueError(
+                f"scaling.amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}"
+            )
+        if not isinstance(self.amax_history_len, int) or self.amax_history_len < 1:
+            raise ValueError(f"scaling.amax_history_len must be an integer >= 1, got {self.amax_history_len!r}")
+        if not isinstance(self.margin, int) or self.margin < 0:
+            raise ValueError(f"scaling.margin must be an integer >= 0, got {self.margin!r}")
+
+
+def compute_scale(amax: torch.Tensor, fmt: FP8Format, margin: int, prev_scale: torch.Tensor) -> torch.Tensor:
+    """``(fmt.max / amax) / 2**margin``; keeps ``prev_scale`` where amax is 0 or not finite."""
+    usable = torch.isfinite(amax) & (amax > 0)
+    safe_amax = torch.where(usable, amax, torch.ones_like(amax))
+    scale = (fmt.max / safe_amax) / (2.0**margin)
+    return torch.where(usable, scale, prev_scale)
+
+
+class ScalingState:
+    """Scale and amax history of one tensor role (input, weight or output gradient) of one layer.
+
+    Lives on the layer's device; every update is a tensor op. ``history_filled`` counts pushes (saturating
+    at the history length) so an empty history can fall back to current scaling without a branch on the host.
+    """
+
+    def __init__(self, fmt: FP8Format, config: ScalingConfig, device: torch.device | str = "cpu"):
+        self.fmt = fmt
+        self.config = config
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        """Fresh state: no history, scale 1. Used when a layer returns to FP8."""
+        n = self.config.amax_history_len
+        self.amax_history = torch.zeros(n, dtype=torch.float32, device=self.device)
+        self.scale = torch.ones((), dtype=torch.float32, device=self.device)
+        self.history_filled = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._cursor = 0  # host-side position in the ring buffer: advances identically on every rank
+
+    def _history_amax(self) -> torch.Tensor:
+        if self.config.amax_compute_algo == "most_recent":
+            return self.amax_history[(self._cursor - 1) % self.amax_history.numel()]
+        return self.amax_history.max()
+
+    def scale_for(self, amax: torch.Tensor) -> torch.Tensor:
+        """The scale for a tensor whose (finite) amax is ``amax``, under this recipe: 0-dim fp32 tensor."""
+        current = compute_scale(amax, self.fmt, self.config.margin, self.scale)
+        if self.config.recipe == "current":
+            return current
+        return torch.where(self.history_filled > 0, self.scale, current)
+
+    def update(self, amax: torch.Tensor) -> None:
+        """Record the amax of the tensor just quantized and derive the next delayed scale."""
+        if self.config.recipe == "current":
+            self.scale = compute_scale(amax, self.fmt, self.config.margin, self.scale)
+            return
+        usable = torch.isfinite(amax) & (amax > 0)
+        slot = self._cursor
+        self.amax_history[slot] = torch.where(usable, amax, self.amax_history[slot])
+        self.history_filled = torch.where(
+            usable, torch.clamp(self.history_filled + 1, max=self.amax_history.numel()), self.history_filled
+        )
+        self._cursor = (self._cursor + 1) % self.amax_history.numel()
+        self.scale = compute_scale(self._history_amax(), self.fmt, self.config.margin, self.scale)
+
+    def state_dict(self) -> dict:
+        return {
+            "amax_history": self.amax_history.clone(), "scale": self.scale.clone(),
+            "history_filled": self.history_filled.clone(), "cursor": self._cursor,
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd["amax_history"].shape != self.amax_history.shape:
+            raise ValueError(
+                f"amax history length {tuple(sd['amax_history'].shape)} in checkpoint does not match "
+                f"configured {tuple(self.amax_history.shape)}"
+            )
+        self.amax_history.copy_(sd["amax_history"])
+        self.scale = sd["scale"].to(self.device).clone()
+        self.history_filled = sd["history_filled"].to(self.device).clone()
+        self._cursor = int(sd["cursor"])
+
+
+# ----------------------------------------------------------------------------------------------- GEMM
+
+
+def fp8_gemm_unsupported_reason(in_features: int, out_features: int) -> str | None:
+    """Why a [out, in] weight cannot run the three FP8 GEMMs under the CUDA rules, or None if it can.
+
+    Forward reduces over in_features and outputs out_features; dgrad the reverse; wgrad reduces over
+    tokens (padded) and outputs in_features. So both must be multiples of ``GEMM_ALIGNMENT``.
+    """
+    bad = [f"{n}={v}" for n, v in (("in_features", in_features), ("out_features", out_features))
+           if v % GEMM_ALIGNMENT]
+    if bad:
+        return f"fp8 GEMM needs dims divisible by {GEMM_ALIGNMENT}: " + ", ".join(bad)
+    return None
+
+
+def _is_row_major(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) >= max(1, t.size(1))
+
+
+def _is_col_major(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and t.stride(0) == 1 and t.stride(1) >= max(1, t.size(0))
+
+
+def column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same 2-D matrix stored column-major (a copy unless it already is)."""
+    return t if _is_col_major(t) else t.t().contiguous().t()
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_inv_a: torch.Tensor, scale_inv_b: torch.Tensor,
+              out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
+    """``(a * scale_inv_a) @ (b * scale_inv_b)`` accumulated in fp32, checked against the CUDA rules.
+
+    The single call site of ``torch._scaled_mm`` in precisionrt. ``use_fast_accum`` lets Hopper tensor
+    cores accumulate in reduced precision (faster); the CPU kernel ignores it.
+    """
+    if a.dtype not in (E4M3.dtype, E5M2.dtype) or b.dtype not in (E4M3.dtype, E5M2.dtype):
+        raise TypeError(f"scaled_mm takes float8 operands, got {a.dtype} and {b.dtype}")
+    if a.dtype == E5M2.dtype and b.dtype == E5M2.dtype:
+        raise TypeError("scaled_mm: both operands E5M2 is not supported by FP8 tensor cores")
+    if not _is_row_major(a):
+        raise ValueError(f"scaled_mm: first operand must be row-major, got strides {a.stride()}")
+    if not _is_col_major(b):
+        raise ValueError(f"scaled_mm: second operand must be column-major, got strides {b.stride()}")
+    k, n = b.shape
+    if a.size(1) != k:
+        raise ValueError(f"scaled_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
+    if k % GEMM_ALIGNMENT or n % GEMM_ALIGNMENT:
+        raise ValueError(f"scaled_mm: K={k} and N={n} must be multiples of {GEMM_ALIGNMENT}")
+    for s in (scale_inv_a, scale_inv_b):
+        if s.dtype != torch.float32 or s.numel() != 1:
+            raise TypeError("scaled_mm: scales must be single fp32 values (per-tensor scaling)")
+    return torch._scaled_mm(a, b, scale_a=scale_inv_a.reshape(()), scale_b=scale_inv_b.reshape(()),
+                            out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+
+
+def quantize_tensor(x: torch.Tensor, state: ScalingState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` under ``state``'s recipe and advance it: returns ``(q, scale, stats)``, all on device."""
+    amax = finite_amax(x)
+    scale = state.scale_for(amax)
+    q = quantize(x, state.fmt, scale)
+    stats = tensor_stats(x, q, state.fmt, scale, amax=amax)
+    state.update(amax)
+    return q, scale, stats
+
+
+def pad_rows(t: torch.Tensor, multiple: int = GEMM_ALIGNMENT) -> torch.Tensor:
+    """Zero-pad dim 0 of a 2-D tensor to a multiple of ``multiple`` (zeros leave a reduction unchanged)."""
+    extra = -t.size(0) % multiple
+    if not extra:
+        return t
+    # float8 tensors do not support torch.cat/zeros on every backend: pad through uint8 views.
+    pad = torch.zeros(extra, t.size(1), dtype=torch.uint8, device=t.device)
+    return torch.cat([t.contiguous().view(torch.uint8), pad]).view(t.dtype)
+

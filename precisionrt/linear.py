@@ -1,0 +1,251 @@
+"""PrecisionLinear: Megatron-core column/row-parallel linear layers whose GEMMs run in FP8 or BF16.
+
+The layers are drop-in subclasses of ``ColumnParallelLinear`` and ``RowParallelLinear``: same constructor,
+same forward contract, same parameters. They replace only ``_forward_impl``, the seam where Megatron calls
+its GEMM autograd function, with ``PrecisionLinearFunction``, which keeps that function's tensor-parallel
+duties (all-gather of the input under sequence parallelism; all-reduce of the input gradient when
+``allreduce_dgrad``; its reduce-scatter under sequence parallelism).
+
+``layer.precision`` (``"fp8"`` or ``"bf16"``) may change between any two steps. Parameters stay where they
+are, in the model's dtype (the fp32 master copy on CPU); only the GEMM operands are cast. Changing to
+``"fp8"`` resets the layer's scaling state so it never resumes with a stale amax history.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.tensor_parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    dist_all_gather_func,
+    dist_reduce_scatter_func,
+)
+
+from precisionrt import fp8
+from precisionrt.fp8 import E4M3, E5M2, NUM_STATS, ScalingConfig, ScalingState
+
+PRECISIONS = ("fp8", "bf16")
+ROLES = ("input", "weight", "grad_output")
+_GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class GemmCounters:
+    """Host-side FLOP accounting from tensor shapes (never a device sync)."""
+
+    fp8: int = 0
+    bf16: int = 0
+    by_reason: dict = field(default_factory=dict)
+
+
+class LayerNumerics:
+    """Per-layer FP8 state: one scaling state per tensor role and a device buffer of accumulated statistics.
+
+    ``stats[role]`` holds ``fp8.STAT_FIELDS`` accumulated since the last ``drain_stats`` (amax: max; counts
+    and sums: add). It never leaves the device by itself; the runtime packs all layers' buffers together.
+    """
+
+    def __init__(self, scaling: ScalingConfig, device: torch.device | str):
+        self.scaling_config = scaling
+        self.scaling = {
+            "input": ScalingState(E4M3, scaling, device),
+            "weight": ScalingState(E4M3, scaling, device),
+            "grad_output": ScalingState(E5M2, scaling, device),
+        }
+        self.stats = torch.zeros(len(ROLES), NUM_STATS, dtype=torch.float32, device=device)
+
+    def record(self, role: str, stats: torch.Tensor) -> None:
+        fp8.combine_stats(self.stats[ROLES.index(role)], stats)
+
+    def drain_stats(self) -> torch.Tensor:
+        out = self.stats.clone()
+        self.stats.zero_()
+        return out
+
+    def reset_scaling(self) -> None:
+        for state in self.scaling.values():
+            state.reset()
+
+    def state_dict(self) -> dict:
+        return {role: s.state_dict() for role, s in self.scaling.items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for role, s in self.scaling.items():
+            s.load_state_dict(sd[role])
+
+
+def _gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _GEMM_OUT_DTYPES else torch.float32
+
+
+class PrecisionLinearFunction(torch.autograd.Function):
+    """``y = x @ W^T (+ b)`` with FP8 or BF16 GEMMs and Megatron's tensor-parallel communication.
+
+    In FP8 the quantized operands (not the high-precision ones) are saved for backward, as Transformer
+    Engine does: the input is stored in 8 bits.
+    """
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, numerics: LayerNumerics, precision: str, allreduce_dgrad: bool,
+                sequence_parallel: bool, tp_group):
+        ctx.precision = precision
+        ctx.numerics = numerics
+        ctx.allreduce_dgrad = allreduce_dgrad
+        ctx.sequence_parallel = sequence_parallel
+        ctx.tp_group = tp_group
+        ctx.use_bias = bias is not None
+        ctx.input_shape = input.shape
+        ctx.input_dtype = input.dtype
+        ctx.weight_dtype = weight.dtype
+
+        if sequence_parallel:
+            gathered = list(input.shape)
+            gathered[0] *= tp_group.size()
+            total_input = torch.empty(gathered, dtype=input.dtype, device=input.device)
+            dist_all_gather_func(total_input, input.contiguous(), group=tp_group)
+        else:
+            total_input = input
+        ctx.total_input_shape = total_input.shape
+        x2d = total_input.reshape(-1, total_input.shape[-1])
+        out_dtype = _gemm_out_dtype(input.dtype)
+
+        if precision == "fp8":
+            xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"])
+            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"])
+            numerics.record("input", st_x)
+            numerics.record("weight", st_w)
+            # Fast (reduced-precision) accumulation only in forward, as Transformer Engine does on Hopper.
+            y = fp8.scaled_mm(xq, wq.t(), sx.reciprocal(), sw.reciprocal(), out_dtype, use_fast_accum=True)
+            ctx.save_for_backward(xq, wq, sx, sw)
+        else:
+            numerics.record("input", fp8.tensor_stats(x2d, None, E4M3, None))
+            y = (x2d.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
+            ctx.save_for_backward(x2d, weight)
+
+        y = y.to(input.dtype).reshape(*total_input.shape[:-1], weight.shape[0])
+        if bias is not None:
+            y = y + bias
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        g2d = grad_output.reshape(-1, grad_output.shape[-1])
+        needs_input_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        numerics: LayerNumerics = ctx.numerics
+
+        if ctx.precision == "fp8":
+            xq, wq, sx, sw = ctx.saved_tensors
+            gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"])
+            numerics.record("grad_output", st_g)
+            sg_inv = sg.reciprocal()
+            grad_input = fp8.scaled_mm(gq, fp8.column_major(wq), sg_inv, sw.reciprocal(),
+                                       _gemm_out_dtype(ctx.input_dtype))
+        else:
+            x2d, weight = ctx.saved_tensors
+            numerics.record("grad_output", fp8.tensor_stats(g2d, None, E5M2, None))
+            g_bf16 = g2d.to(torch.bfloat16)
+            grad_input = (g_bf16 @ weight.to(torch.bfloat16)).to(_gemm_out_dtype(ctx.input_dtype))
+        grad_input = grad_input.to(ctx.input_dtype).reshape(ctx.total_input_shape)
+
+        # Start the input-gradient communication, then compute the weight gradient while it runs.
+        handle = None
+        if ctx.allreduce_dgrad:
+            handle = torch.distributed.all_reduce(grad_input, group=ctx.tp_group, async_op=True)
+        elif ctx.sequence_parallel:
+            sub_grad_input = torch.empty(ctx.input_shape, dtype=grad_input.dtype, device=grad_input.device)
+            handle = dist_reduce_scatter_func(sub_grad_input, grad_input.contiguous(), group=ctx.tp_group,
+                                              async_op=True)
+
+        grad_weight = None
+        if needs_weight_grad:
+            if ctx.precision == "fp8":
+                # wgrad reduces over tokens: zero-pad them to the GEMM alignment.
+                a = fp8.pad_rows(gq).t().contiguous()
+                b = fp8.column_major(fp8.pad_rows(xq))
+                grad_weight = fp8.scaled_mm(a, b, sg_inv, sx.reciprocal(), torch.float32)
+            else:
+                grad_weight = (g_bf16.t() @ x2d.to(torch.bfloat16)).float()
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        grad_bias = g2d.sum(dim=0) if ctx.use_bias else None
+
+        if handle is not None:
+            handle.wait()
+        if ctx.sequence_parallel:
+            grad_input = sub_grad_input
+        if not needs_input_grad:
+            grad_input = None
+        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+class PrecisionLinearMixin:
+    """What the column- and row-parallel variants share: the precision switch and the GEMM seam."""
+
+    def _init_precision(self, scaling: ScalingConfig | None) -> None:
+        if self.config.gradient_accumulation_fusion:
+            raise ValueError(
+                f"{type(self).__name__} does not support gradient_accumulation_fusion; set it False in the "
+                "TransformerConfig"
+            )
+        in_f, out_f = self.weight.shape[1], self.weight.shape[0]
+        self.fp8_unsupported_reason = fp8.fp8_gemm_unsupported_reason(in_f, out_f)
+        self.numerics = LayerNumerics(scaling or ScalingConfig(), self.weight.device)
+        self.gemm_flops_per_token = 6 * in_f * out_f  # forward + dgrad + wgrad, this rank's shard
+        self.flops = GemmCounters()
+        self._precision = "bf16"
+
+    @property
+    def precision(self) -> str:
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        if value not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+        if value == "fp8" and self.fp8_unsupported_reason:
+            raise ValueError(f"cannot run this layer in fp8: {self.fp8_unsupported_reason}")
+        if value == "fp8" and self._precision != "fp8":
+            self.numerics.reset_scaling()  # never resume from a stale amax history
+        self._precision = value
+
+    @property
+    def fp8_capable(self) -> bool:
+        return self.fp8_unsupported_reason is None
+
+    def _forward_impl(self, input, weight, bias, gradient_accumulation_fusion, allreduce_dgrad,
+                      sequence_parallel, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None):
+        if grad_output_buffer is not None:
+            raise ValueError(f"{type(self).__name__} does not support deferred embedding wgrad compute")
+        tokens = input.numel() // input.shape[-1] * (tp_group.size() if sequence_parallel else 1)
+        setattr(self.flops, self._precision, getattr(self.flops, self._precision)
+                + tokens * self.gemm_flops_per_token)
+        return PrecisionLinearFunction.apply(input, weight, bias, self.numerics, self._precision,
+                                             allreduce_dgrad, sequence_parallel, tp_group)
+
+    def extra_repr(self) -> str:
+        return f"precision={self._precision}"
+
+
+class PrecisionColumnParallelLinear(PrecisionLinearMixin, ColumnParallelLinear):
+    """``ColumnParallelLinear`` with switchable FP8/BF16 GEMMs. Extra keyword: ``scaling``."""
+
+    def __init__(self, input_size, output_size, *, scaling: ScalingConfig | None = None, **kwargs):
+        super().__init__(input_size, output_size, **kwargs)
+        self._init_precision(scaling)
+
+
+class PrecisionRowParallelLinear(PrecisionLinearMixin, RowParallelLinear):
+    """``RowParallelLinear`` with switchable FP8/BF16 GEMMs. Extra keyword: ``scaling``."""
+
+    def __init__(self, input_size, output_size, *, scaling: ScalingConfig | None = None, **kwargs):
+        super().__init__(input_size, output_size, **kwargs)
+        self._init_precision(scaling)
+
+
+PrecisionLinear = (PrecisionColumnParallelLinear, PrecisionRowParallelLinear)
+
+
+def precision_layers(model: torch.nn.Module) -> dict[str, PrecisionLinearMixin]:
+    """All managed layers of ``model`` by qualified name, in module order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, PrecisionLinearMixin)}

@@ -1,0 +1,201 @@
+"""Megatron-core integration: a GPT layer spec built on PrecisionLinear, a device-agnostic core attention,
+and helpers that bring up torch.distributed/parallel_state and build a small GPTModel.
+
+The spec puts ``PrecisionColumnParallelLinear`` at ``linear_qkv`` and ``linear_fc1`` and
+``PrecisionRowParallelLinear`` at ``linear_proj`` and ``linear_fc2``. The embedding and the output head are
+Megatron's own modules and run in the model's dtype, as DeepSeek-V3 and torchtitan keep them.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import socket
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.utils import divide
+
+from precisionrt.config import ConfigError
+from precisionrt.fp8 import ScalingConfig
+from precisionrt.linear import PrecisionColumnParallelLinear, PrecisionRowParallelLinear, precision_layers
+
+
+class SDPACoreAttention(MegatronModule):
+    """Core attention through ``torch.nn.functional.scaled_dot_product_attention``: runs on CPU and CUDA.
+
+    Same constructor and forward contract as Megatron's ``DotProductAttention`` (which allocates on the CUDA
+    device). Inputs ``[s, b, heads, head_dim]``; output ``[s_q, b, heads * head_dim]``. Supports grouped
+    query attention and queries that are a suffix of the keys (decoding with a KV cache).
+    """
+
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPACoreAttention does not support context parallelism")
+        tp = parallel_state.get_tensor_model_parallel_world_size() if pg_collection is None else pg_collection.tp.size()
+        self.heads_per_partition = divide(config.num_attention_heads, tp)
+        self.groups_per_partition = divide(config.num_query_groups or config.num_attention_heads, tp)
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPACoreAttention supports neither packed sequences nor attention bias")
+        sq, b, heads, hd = query.shape
+        sk = key.shape[0]
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask_type = attn_mask_type or self.attn_mask_type
+        mask, is_causal = None, False
+        if attention_mask is not None:
+            mask = ~attention_mask  # Megatron: True = masked out; SDPA: True = attend
+        elif mask_type == AttnMaskType.causal:
+            if sq == sk:
+                is_causal = True
+            else:  # queries are the last sq positions: align the causal diagonal bottom-right
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(diagonal=sk - sq)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.softmax_scale,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.groups_per_partition != self.heads_per_partition,
+        )
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hd)
+
+
+def precision_layer_spec(scaling: ScalingConfig | None = None) -> ModuleSpec:
+    """A GPT transformer-layer spec whose four GEMM-bearing linears are PrecisionLinear."""
+    lin = {"scaling": scaling} if scaling is not None else {}
+    col = ModuleSpec(module=PrecisionColumnParallelLinear, params=lin)
+    row = ModuleSpec(module=PrecisionRowParallelLinear, params=lin)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=col, core_attention=SDPACoreAttention, linear_proj=row,
+                    q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=col, linear_fc2=row)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+@dataclass
+class ModelConfig:
+    """A small Megatron GPT. Dimensions of managed layers should be multiples of 16 to run in FP8."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 256
+    seq_length: int = 128
+    vocab_size: int = 256
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    swiglu: bool = True
+    # megatron-core 0.16 moves RoPE frequencies to the CUDA device: "rope" needs a GPU.
+    position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
+    init_std: float = 0.02
+
+
+def transformer_config(cfg: ModelConfig, tensor_parallel_size: int = 1,
+                       params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """Megatron's config with every CUDA-only fusion off, so the same model runs on CPU and GPU."""
+    return TransformerConfig(
+        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        ffn_hidden_size=cfg.ffn_hidden_size, normalization=cfg.normalization,
+        gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else F.gelu,
+        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.init_std,
+        tensor_model_parallel_size=tensor_parallel_size, params_dtype=params_dtype,
+        use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+    )
+
+
+def build_gpt(cfg: ModelConfig, scaling: ScalingConfig | None = None, tensor_parallel_size: int = 1,
+              params_dtype: torch.dtype = torch.float32) -> GPTModel:
+    """A megatron-core GPTModel with PrecisionLinear layers (all starting in BF16). Needs ``init_parallel``."""
+    if not parallel_state.model_parallel_is_initialized():
+        raise RuntimeError("call precisionrt.megatron.init_parallel(...) before building a model")
+    return GPTModel(
+        config=transformer_config(cfg, tensor_parallel_size, params_dtype),
+        transformer_layer_spec=precision_layer_spec(scaling),
+        vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
+        position_embedding_type=cfg.position_embedding,
+        share_embeddings_and_output_weights=False,
+    )
+
+
+def _free_localhost_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_parallel(tensor_parallel_size: int = 1, seed: int = 0) -> None:
+    """Bring up torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's parallel state.
+
+    Under ``torchrun`` the launcher's rendezvous is used; a plain process becomes a world of one bound to
+    localhost. Idempotent for the same tensor-parallel size.
+    """
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            torch.distributed.init_process_group(backend=backend)
+        else:
+            torch.distributed.init_process_group(
+                backend=backend, init_method=f"tcp://127.0.0.1:{_free_localhost_port()}", rank=0, world_size=1
+            )
+    world = torch.distributed.get_world_size()
+    if world % tensor_parallel_size:
+        raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size {tensor_parallel_size}")
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size:
+            parallel_state.destroy_model_parallel()
+        else:
+            return
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def match_layers(model: torch.nn.Module, patterns: list[str], what: str = "pattern") -> list[str]:
+    """Managed layer names matching any fnmatch pattern; a pattern that matches nothing is an error."""
+    names = list(precision_layers(model))
+    matched: list[str] = []
+    for pat in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hits:
+            raise ConfigError(
+                f"{what} {pat!r} matches no managed layer; layers are e.g. {names[:2]} ... ({len(names)} in all)"
+            )
+        matched.extend(h for h in hits if h not in matched)
+    return matched

@@ -1,0 +1,40 @@
+"""The run directory (contract C3): one per run, holding config.json, metrics.jsonl, precision_events.jsonl,
+summary.json and checkpoints/."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from precisionrt.config import ConfigError
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""     # empty: runs/<name>-<timestamp>
+    name: str = "run"
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True) -> Path:
+    """Resolve and create the run directory. Refuses to write a new run over a finished or started one
+    (``train.resume = true`` continues it instead)."""
+    path = Path(cfg.dir) if cfg.dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    started = (path / "config.json").exists()
+    if started and not resume:
+        raise ConfigError(
+            f"run.dir {str(path)!r} already holds a run; set train.resume=true to continue it or choose another run.dir"
+        )
+    if is_main:
+        path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write atomically: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,225 @@
+"""Language-model training with the precision runtime.
+
+    python -m precisionrt.train --config configs/lm_tiny_cpu.toml [--set dotted.key=value ...]
+    torchrun --nproc-per-node 2 -m precisionrt.train --config ... --set parallel.tensor_model_parallel_size=2
+
+Writes the run directory of contract C3: config.json, metrics.jsonl, precision_events.jsonl, summary.json,
+checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``run.dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
+from precisionrt.config import ConfigError, load_config, to_dict
+from precisionrt.data import ByteCorpus, DataConfig
+from precisionrt.loggers import JsonlLogger, MultiLogger
+from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
+from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 0
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 0    # 0: only at the end
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+
+
+@dataclass
+class LMConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: RuntimeConfig = field(default_factory=RuntimeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``: a multiplier of the base lr."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
+    return model(inputs, positions, None, labels=labels).float().mean()  # per-token losses -> mean
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[torch.Tensor]) -> float:
+    model.eval()
+    loss = sum(lm_loss(model, b).item() for b in batches) / len(batches)
+    model.train()
+    return loss
+
+
+def allreduce_grads(model, group) -> None:
+    """Average gradients over the data-parallel group (one flat buffer: one collective per step)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or torch.distributed.get_world_size(group) == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat, group=group)
+    flat /= torch.distributed.get_world_size(group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset: offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def train(cfg: LMConfig) -> dict:
+    init_parallel(cfg.parallel.tensor_model_parallel_size, seed=cfg.train.seed)
+    rank = torch.distributed.get_rank()
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    is_main = rank == 0
+    if cfg.model.vocab_size != ByteCorpus.vocab_size:
+        raise ConfigError(f"model.vocab_size must be {ByteCorpus.vocab_size} for the byte corpus")
+    torch.manual_seed(cfg.train.seed)
+    model = build_gpt(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
+    runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
+    corpus = ByteCorpus(cfg.data)
+
+    run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
+    if is_main:
+        write_json(run_dir / "config.json", to_dict(cfg))
+    runtime.start_log(run_dir, to_dict(cfg), rank)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.train.weight_decay)
+    logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
+
+    start = 0
+    if cfg.train.resume and (found := load_latest_checkpoint(run_dir)) is not None:
+        start, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        runtime.load_state_dict(state["runtime"])
+        if is_main:
+            print(f"resumed from step {start} in {run_dir}", flush=True)
+
+    def checkpoint(step: int) -> None:
+        if is_main:
+            save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
+                                            "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict()})
+
+    heldout = corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)
+    tokens_per_step = cfg.train.batch_size * cfg.model.seq_length
+    t_start, t_window, eval_loss, loss_val = time.time(), time.time(), math.nan, math.nan
+    switches = []
+    for step in range(start, cfg.train.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.train.lr * lr_at(step, cfg.train)
+        batch = corpus.train_batch(step, cfg.train.batch_size, cfg.model.seq_length, cfg.train.seed, dp_rank)
+        loss = lm_loss(model, batch)
+        loss.backward()
+        allreduce_grads(model, dp_group)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        switches += runtime.end_step(step)
+
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+            loss_val = loss.item()
+            elapsed = time.time() - t_window
+            n_steps = cfg.train.log_every if done % cfg.train.log_every == 0 else done % cfg.train.log_every
+            metrics = {"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"],
+                       "train/grad_norm": float(grad_norm), "perf/step_time": elapsed / n_steps,
+                       "perf/throughput": tokens_per_step * n_steps / elapsed,
+                       "precision/fp8_flop_fraction": runtime.fp8_flop_fraction()}
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                eval_loss = evaluate(model, heldout)
+                metrics["eval/loss"] = eval_loss
+            logger.log(done, metrics)
+            if is_main:
+                print(f"step {done:>5}/{cfg.train.steps}  loss {loss_val:.4f}  eval {eval_loss:.4f}  "
+                      f"{metrics['perf/throughput']:,.0f} tok/s  fp8 {metrics['precision/fp8_flop_fraction']:.0%}",
+                      flush=True)
+            t_window = time.time()
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
+            checkpoint(done)
+
+    if start < cfg.train.steps:
+        checkpoint(cfg.train.steps)
+    wall = time.time() - t_start
+    summary = {
+        "steps": cfg.train.steps, "resumed_from": start, "wall_s": wall,
+        "steps_per_s": (cfg.train.steps - start) / wall if wall > 0 else math.nan,
+        "final_train_loss": loss_val, "final_eval_loss": eval_loss,
+        "unigram_baseline_loss": corpus.unigram_loss(), "precision_mode": cfg.precision.mode,
+        "fp8_flop_fraction": runtime.fp8_flop_fraction(), "precisions": runtime.precisions(),
+        "switches": [e.summary() for e in switches],
+    }
+    runtime.close(cfg.train.steps)
+    logger.close()
+    if is_main:
+        write_json(run_dir / "summary.json", summary)
+        print(f"done: eval loss {eval_loss:.4f} (unigram baseline {summary['unigram_baseline_loss']:.4f}), "
+              f"{summary['steps_per_s']:.2f} steps/s, run dir {run_dir}", flush=True)
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m precisionrt.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=False, help="TOML run configuration")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
+                   help="override one config key (repeatable); the value parses as TOML")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(LMConfig, args.config, args.overrides)
+        train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

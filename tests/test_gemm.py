@@ -1,0 +1,80 @@
+"""The FP8 and BF16 linear autograd function against float64 references.
+
+Tolerances (relative Frobenius error ||y - y_ref|| / ||y_ref||), documented in README:
+  E4M3 forward  <= 5%   (3 mantissa bits: per-element rounding <= 2^-4, errors average in the dot product)
+  E5M2 dgrad/wgrad <= 8%   (2 mantissa bits on the output gradient, E4M3 on the other operand)
+  BF16 all three <= 1%   (8 mantissa bits)
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+
+from precisionrt import fp8
+from precisionrt.fp8 import ScalingConfig
+from precisionrt.linear import LayerNumerics, PrecisionLinearFunction
+
+TOL = {("fp8", "y"): 0.05, ("fp8", "dx"): 0.08, ("fp8", "dw"): 0.08,
+       ("bf16", "y"): 0.01, ("bf16", "dx"): 0.01, ("bf16", "dw"): 0.01}
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run(precision, x, w, g, recipe="current"):
+    numerics = LayerNumerics(ScalingConfig(recipe=recipe), "cpu")
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    y = PrecisionLinearFunction.apply(x, w, None, numerics, precision, False, False, None)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad, numerics
+
+
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+@pytest.mark.parametrize("m", [64, 37])  # 37 tokens: wgrad pads the reduced dimension to 48
+def test_linear_against_float64(precision, m):
+    torch.manual_seed(0)
+    x, w, g = torch.randn(m, 96), torch.randn(80, 96) * 0.05, torch.randn(m, 80) * 1e-3
+    y, dx, dw, _ = run(precision, x, w, g)
+    errs = {"y": rel_err(y, x.double() @ w.double().t()), "dx": rel_err(dx, g.double() @ w.double()),
+            "dw": rel_err(dw, g.double().t() @ x.double())}
+    for k, e in errs.items():
+        assert e <= TOL[(precision, k)], f"{precision} {k}: relative error {e:.4f}"
+    if precision == "fp8":  # the path really quantizes: errors are far above fp32/bf16 rounding
+        assert min(errs.values()) > 5e-3
+
+
+def test_fp8_gemm_equals_product_of_independently_quantized_operands():
+    """Forward output == fp64 product of ml_dtypes-quantized operands divided by the scales (fp32 accum)."""
+    torch.manual_seed(1)
+    x, w = torch.randn(32, 64) * 3, torch.randn(48, 64) * 0.1
+    y, _, _, _ = run("fp8", x, w, torch.zeros(32, 48))
+    sx, sw = 448 / x.abs().max().item(), 448 / w.abs().max().item()
+    xq = (np.clip(x.numpy() * np.float32(sx), -448, 448)).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    wq = (np.clip(w.numpy() * np.float32(sw), -448, 448)).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    ref = (xq @ wq.T) / (np.float32(sx) * np.float32(sw))
+    np.testing.assert_allclose(y.double().numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_stats_accumulate_over_roles():
+    torch.manual_seed(2)
+    x, w, g = torch.randn(16, 32), torch.randn(16, 32), torch.randn(16, 16)
+    x[0, 0] = float("nan")
+    _, _, _, numerics = run("fp8", x, w, g)
+    stats = numerics.drain_stats()
+    idx = fp8.STAT_INDEX
+    assert stats[0, idx["nonfinite"]] == 1 and stats[1, idx["nonfinite"]] == 0
+    assert stats[:, idx["numel"]].tolist() == [512, 512, 256]
+    assert torch.all(numerics.stats == 0), "drain resets the buffer"
+
+
+def test_delayed_scaling_reports_saturation_of_a_grown_tensor():
+    numerics = LayerNumerics(ScalingConfig(recipe="delayed", amax_history_len=4), "cpu")
+    w = torch.randn(16, 32)
+    for scale in (1.0, 1.0, 50.0):  # third step: inputs 50x larger than any history entry
+        numerics.drain_stats()
+        x = torch.randn(16, 32) * scale
+        PrecisionLinearFunction.apply(x, w, None, numerics, "fp8", False, False, None)
+    assert numerics.stats[0, fp8.STAT_INDEX["saturated"]] > 0

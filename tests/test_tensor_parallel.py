@@ -1,0 +1,46 @@
+"""The same model at TP=2 (two gloo processes under torchrun) matches TP=1 in fp8 and bf16.
+
+Tolerances: loss relative difference <= 0.1% (fp8) / 0.01% (bf16). Gradients, relative Frobenius error:
+<= 15% in fp8 (each rank quantizes its own weight shard with its own scale, so TP=1 and TP=2 make independent
+E5M2/E4M3 rounding errors of ~6% each; measured max 9%), <= 2% in bf16 (measured 0.5%).
+"""
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+TOL = {"fp8": (1e-3, 0.15), "bf16": (1e-4, 0.02)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(nproc: int, out_dir: Path, precision: str) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(HERE / "tp_worker.py"), str(out_dir), precision]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(out_dir / f"tp{nproc}_{precision}.pt", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_tp2_matches_tp1(tmp_path, precision):
+    ref, tp2 = launch(1, tmp_path, precision), launch(2, tmp_path, precision)
+    loss_tol, grad_tol = TOL[precision]
+    assert abs(tp2["loss"] - ref["loss"]) / ref["loss"] <= loss_tol
+    assert set(ref) == set(tp2) and len(ref) > 5
+    for name in ref:
+        if name == "loss":
+            continue
+        assert tp2[name].shape == ref[name].shape, name
+        err = ((tp2[name] - ref[name]).norm() / ref[name].norm()).item()
+        assert err <= grad_tol, f"{name}: relative error {err:.4f}"
