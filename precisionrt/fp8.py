@@ -309,13 +309,16 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_inv_a: torch.Tensor, scale
                             out_dtype=out_dtype, use_fast_accum=use_fast_accum)
 
 
-def quantize_tensor(x: torch.Tensor, state: ScalingState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` under ``state``'s recipe and advance it: returns ``(q, scale, stats)``, all on device."""
+def quantize_tensor(x: torch.Tensor, state: ScalingState, update: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``x`` under ``state``'s recipe: returns ``(q, scale, stats)``, all on device. With
+    ``update`` the amax joins the history; evaluation passes ``update=False`` so it never moves training's scales."""
     amax = finite_amax(x)
     scale = state.scale_for(amax)
     q = quantize(x, state.fmt, scale)
     stats = tensor_stats(x, q, state.fmt, scale, amax=amax)
-    state.update(amax)
+    if update:
+        state.update(amax)
     return q, scale, stats
 
 

@@ -55,9 +55,13 @@ class LayerNumerics:
             "grad_output": ScalingState(E5M2, scaling, device),
         }
         self.stats = torch.zeros(len(ROLES), NUM_STATS, dtype=torch.float32, device=device)
+        # Set from the module's train/eval mode at each forward: evaluation neither records statistics nor
+        # advances amax histories, so it cannot change the training run (resume stays exact).
+        self.training = True
 
     def record(self, role: str, stats: torch.Tensor) -> None:
-        fp8.combine_stats(self.stats[ROLES.index(role)], stats)
+        if self.training:
+            fp8.combine_stats(self.stats[ROLES.index(role)], stats)
 
     def drain_stats(self) -> torch.Tensor:
         out = self.stats.clone()
@@ -112,8 +116,8 @@ class PrecisionLinearFunction(torch.autograd.Function):
         out_dtype = _gemm_out_dtype(input.dtype)
 
         if precision == "fp8":
-            xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"])
-            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"])
+            xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"], update=numerics.training)
+            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"], update=numerics.training)
             numerics.record("input", st_x)
             numerics.record("weight", st_w)
             # Fast (reduced-precision) accumulation only in forward, as Transformer Engine does on Hopper.
@@ -137,7 +141,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
 
         if ctx.precision == "fp8":
             xq, wq, sx, sw = ctx.saved_tensors
-            gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"])
+            gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"], update=numerics.training)
             numerics.record("grad_output", st_g)
             sg_inv = sg.reciprocal()
             grad_input = fp8.scaled_mm(gq, fp8.column_major(wq), sg_inv, sw.reciprocal(),
@@ -217,9 +221,11 @@ class PrecisionLinearMixin:
                       sequence_parallel, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None):
         if grad_output_buffer is not None:
             raise ValueError(f"{type(self).__name__} does not support deferred embedding wgrad compute")
-        tokens = input.numel() // input.shape[-1] * (tp_group.size() if sequence_parallel else 1)
-        setattr(self.flops, self._precision, getattr(self.flops, self._precision)
-                + tokens * self.gemm_flops_per_token)
+        self.numerics.training = self.training
+        if self.training:  # FLOP accounting covers training GEMMs, not evaluation
+            tokens = input.numel() // input.shape[-1] * (tp_group.size() if sequence_parallel else 1)
+            counted = tokens * self.gemm_flops_per_token
+            setattr(self.flops, self._precision, getattr(self.flops, self._precision) + counted)
         return PrecisionLinearFunction.apply(input, weight, bias, self.numerics, self._precision,
                                              allreduce_dgrad, sequence_parallel, tp_group)
 

@@ -44,11 +44,15 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 0    # 0: only at the end
     resume: bool = False
+    stop_at_step: int = 0        # stop early (with a checkpoint) after this step, e.g. to fit a job's time limit;
+                                 # a resumed run continues the same schedule up to `steps`. 0: run to `steps`.
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.stop_at_step < 0:
+            raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
 
@@ -149,7 +153,8 @@ def train(cfg: LMConfig) -> dict:
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_length
     t_start, t_window, eval_loss, loss_val = time.time(), time.time(), math.nan, math.nan
     switches = []
-    for step in range(start, cfg.train.steps):
+    end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = cfg.train.lr * lr_at(step, cfg.train)
         batch = corpus.train_batch(step, cfg.train.batch_size, cfg.model.seq_length, cfg.train.seed, dp_rank)
@@ -162,7 +167,7 @@ def train(cfg: LMConfig) -> dict:
         switches += runtime.end_step(step)
 
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+        if done % cfg.train.log_every == 0 or done == end:
             loss_val = loss.item()
             elapsed = time.time() - t_window
             n_steps = cfg.train.log_every if done % cfg.train.log_every == 0 else done % cfg.train.log_every
@@ -170,7 +175,7 @@ def train(cfg: LMConfig) -> dict:
                        "train/grad_norm": float(grad_norm), "perf/step_time": elapsed / n_steps,
                        "perf/throughput": tokens_per_step * n_steps / elapsed,
                        "precision/fp8_flop_fraction": runtime.fp8_flop_fraction()}
-            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+            if done % cfg.train.eval_every == 0 or done == end:
                 eval_loss = evaluate(model, heldout)
                 metrics["eval/loss"] = eval_loss
             logger.log(done, metrics)
@@ -182,18 +187,18 @@ def train(cfg: LMConfig) -> dict:
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
             checkpoint(done)
 
-    if start < cfg.train.steps:
-        checkpoint(cfg.train.steps)
+    if start < end and not (cfg.train.checkpoint_every and end % cfg.train.checkpoint_every == 0):
+        checkpoint(end)
     wall = time.time() - t_start
     summary = {
-        "steps": cfg.train.steps, "resumed_from": start, "wall_s": wall,
-        "steps_per_s": (cfg.train.steps - start) / wall if wall > 0 else math.nan,
+        "steps": end, "resumed_from": start, "wall_s": wall,
+        "steps_per_s": (end - start) / wall if wall > 0 else math.nan,
         "final_train_loss": loss_val, "final_eval_loss": eval_loss,
         "unigram_baseline_loss": corpus.unigram_loss(), "precision_mode": cfg.precision.mode,
         "fp8_flop_fraction": runtime.fp8_flop_fraction(), "precisions": runtime.precisions(),
         "switches": [e.summary() for e in switches],
     }
-    runtime.close(cfg.train.steps)
+    runtime.close(end)
     logger.close()
     if is_main:
         write_json(run_dir / "summary.json", summary)

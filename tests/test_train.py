@@ -1,0 +1,93 @@
+"""python -m precisionrt.train end to end on a tiny config: run directory, config errors, exact resume."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from precisionrt.config import ConfigError
+from precisionrt.events import read_log
+from precisionrt.train import LMConfig, load_config, main, train
+
+ROOT = Path(__file__).parent.parent
+TINY = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.seq_length=32",
+    "train.batch_size=4", "train.steps=12", "train.log_every=4", "train.eval_every=12", "train.eval_batches=2",
+    "train.warmup_steps=2", "data.max_bytes=200000",
+]
+
+
+def tiny(tmp_path, *extra) -> LMConfig:
+    return load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml",
+                       [*TINY, f'run.dir="{tmp_path}"', *extra])
+
+
+@pytest.mark.parametrize("mode", ["fp8", "bf16"])
+def test_run_directory_contents(tmp_path, parallel, mode):
+    summary = train(tiny(tmp_path / "run", f'precision.mode="{mode}"'))
+    run = tmp_path / "run"
+    for f in ("config.json", "metrics.jsonl", "summary.json", "precision_events.jsonl"):
+        assert (run / f).is_file(), f
+    assert json.loads((run / "config.json").read_text())["precision"]["mode"] == mode
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    assert all(r["perf/throughput"] > 0 for r in rows) and "eval/loss" in rows[-1]
+    on_disk = json.loads((run / "summary.json").read_text())
+    for key in ("steps", "wall_s", "final_train_loss", "final_eval_loss", "fp8_flop_fraction", "switches"):
+        assert key in on_disk, key
+    assert on_disk["fp8_flop_fraction"] == (1.0 if mode == "fp8" else 0.0) == summary["fp8_flop_fraction"]
+    assert (run / "checkpoints" / "step_000012.pt").is_file()
+    log = read_log(run / "precision_events.jsonl")
+    assert log.skipped_lines == 0 and [r["kind"] for r in log.records] == ["run_start", "run_end"]
+    assert len(log.records[0]["layers"]) == 8 and log.records[0]["layers"][0]["gemm_flops_per_token"] > 0
+
+
+def test_resume_is_exact(tmp_path, parallel):
+    full = train(tiny(tmp_path / "full"))
+    train(tiny(tmp_path / "split", "train.stop_at_step=6"))
+    resumed = train(tiny(tmp_path / "split", "train.resume=true"))
+    assert resumed["resumed_from"] == 6
+    assert resumed["final_train_loss"] == full["final_train_loss"]
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+
+
+def test_truncated_checkpoint_falls_back_to_previous(tmp_path, parallel, capsys):
+    train(tiny(tmp_path / "r", "train.steps=8", "train.checkpoint_every=4"))
+    newest = tmp_path / "r" / "checkpoints" / "step_000008.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    resumed = train(tiny(tmp_path / "r", "train.steps=8", "train.resume=true"))
+    assert resumed["resumed_from"] == 4
+    assert "step_000008.pt is unreadable" in capsys.readouterr().err
+    assert newest.exists(), "nothing is deleted"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("train.steps=\"many\"", "train.steps: expected an integer"),
+    ("precision.mode=\"fp16\"", "precision.mode: 'fp16' is not one of"),
+    ("precision.scaling.margin=-1", "margin must be an integer >= 0"),
+    ("precision.pin_bf16=[\"decoder.layers.7.*\"]", "'decoder.layers.7.*' matches no managed layer"),
+])
+def test_bad_config_is_named(tmp_path, parallel, capsys, override, message):
+    argv = ["--config", str(ROOT / "configs/lm_tiny_cpu.toml"), *sum((["--set", s] for s in TINY), []),
+            "--set", f'run.dir="{tmp_path / "x"}"', "--set", override]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists(), "a rejected config writes nothing"
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, parallel):
+    train(tiny(tmp_path / "r", "train.steps=4"))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(tiny(tmp_path / "r", "train.steps=4"))
+
+
+def test_cli_entry_point_runs(tmp_path):
+    args = sum((["--set", s] for s in TINY), [])
+    proc = subprocess.run([sys.executable, "-m", "precisionrt.train", "--config", "configs/lm_tiny_cpu.toml",
+                           *args, "--set", "train.steps=4", "--set", f'run.dir="{tmp_path / "cli"}"'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step     4/4" in proc.stdout and (tmp_path / "cli" / "summary.json").is_file()
