@@ -104,15 +104,19 @@ def quantize(x: torch.Tensor, fmt: str | FP8Format, scale: torch.Tensor | float)
 # Per-tensor statistics of one quantization, as one fp32 vector (so many can be packed and reduced at once).
 STAT_FIELDS = (
     "amax",          # max |x| over finite values
+    "scaled_amax",   # max |x| * scale: above fmt.max means the scale was stale (delayed scaling saturates)
     "saturated",     # finite values with |x * scale| > fmt.max (clamped)
     "underflow",     # nonzero finite values that quantized to 0
     "nonfinite",     # NaN or +-inf in x (counted before the cast, which would hide +inf)
     "numel",
+    "nonzero",       # finite nonzero values (the denominator of the underflow fraction)
     "err_sq",        # sum (x - dequant(q))^2 over finite values
     "signal_sq",     # sum x^2 over finite values
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
 NUM_STATS = len(STAT_FIELDS)
+_MAX_FIELDS = [STAT_INDEX["amax"], STAT_INDEX["scaled_amax"]]   # combined by max; the others by sum
+_SUM_FIELDS = [i for i in range(NUM_STATS) if i not in _MAX_FIELDS]
 
 
 def finite_amax(x: torch.Tensor) -> torch.Tensor:
@@ -138,9 +142,12 @@ def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale:
     out[STAT_INDEX["numel"]] = float(xf.numel())
     if q is None:
         return out
+    out[STAT_INDEX["scaled_amax"]] = out[STAT_INDEX["amax"]] * scale
     out[STAT_INDEX["saturated"]] = (absx * scale > fmt.max).sum()
     qf = q.float()
-    out[STAT_INDEX["underflow"]] = ((qf == 0) & (xf_finite != 0)).sum()
+    nonzero = xf_finite != 0
+    out[STAT_INDEX["nonzero"]] = nonzero.sum()
+    out[STAT_INDEX["underflow"]] = ((qf == 0) & nonzero).sum()
     err = torch.where(finite, xf_finite - qf / scale, torch.zeros((), dtype=xf.dtype, device=xf.device))
     out[STAT_INDEX["err_sq"]] = err.square().sum()
     out[STAT_INDEX["signal_sq"]] = absx.square().sum()
@@ -148,11 +155,9 @@ def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale:
 
 
 def combine_stats(acc: torch.Tensor, new: torch.Tensor) -> None:
-    """Accumulate ``new`` into ``acc`` in place: max for amax, sums for the rest. No host sync."""
-    amax = STAT_INDEX["amax"]
-    acc[..., amax] = torch.maximum(acc[..., amax], new[..., amax])
-    rest = [i for i in range(NUM_STATS) if i != amax]
-    acc[..., rest] += new[..., rest]
+    """Accumulate ``new`` into ``acc`` in place: max for the amax fields, sums for the rest. No host sync."""
+    acc[..., _MAX_FIELDS] = torch.maximum(acc[..., _MAX_FIELDS], new[..., _MAX_FIELDS])
+    acc[..., _SUM_FIELDS] += new[..., _SUM_FIELDS]
 
 
 # --------------------------------------------------------------------------------------------- scaling

@@ -13,9 +13,12 @@ are, in the model's dtype (the fp32 master copy on CPU); only the GEMM operands 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
+
+import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core.tensor_parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -27,7 +30,18 @@ from precisionrt import fp8
 from precisionrt.fp8 import E4M3, E5M2, NUM_STATS, ScalingConfig, ScalingState
 
 PRECISIONS = ("fp8", "bf16")
+_FORWARD_SEQ = itertools.count()  # host-side order of forwards: recovers execution order of layers
 ROLES = ("input", "weight", "grad_output")
+# Per-layer gradient statistics, accumulated in backward (sums over micro-batches):
+GRAD_FIELDS = (
+    "wgrad_sq",         # ||dW||^2 of the GEMM's weight gradient (any precision)
+    "shadow_count",     # backward passes with a BF16 shadow recomputation
+    "shadow_err_sq",    # ||dW_fp8 - dW_bf16||^2 + ||dX_fp8 - dX_bf16||^2
+    "shadow_ref_sq",    # ||dW_bf16||^2 + ||dX_bf16||^2
+    "shadow_dot",       # <dW_fp8, dW_bf16> + <dX_fp8, dX_bf16>
+    "shadow_fp8_sq",    # ||dW_fp8||^2 + ||dX_fp8||^2
+)
+GRAD_INDEX = {name: i for i, name in enumerate(GRAD_FIELDS)}
 _GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -55,6 +69,9 @@ class LayerNumerics:
             "grad_output": ScalingState(E5M2, scaling, device),
         }
         self.stats = torch.zeros(len(ROLES), NUM_STATS, dtype=torch.float32, device=device)
+        self.grad_stats = torch.zeros(len(GRAD_FIELDS), dtype=torch.float32, device=device)
+        # Set by the runtime on sampled steps: the next FP8 backward also computes BF16 reference gradients.
+        self.shadow = False
         # Set from the module's train/eval mode at each forward: evaluation neither records statistics nor
         # advances amax histories, so it cannot change the training run (resume stays exact).
         self.training = True
@@ -63,9 +80,16 @@ class LayerNumerics:
         if self.training:
             fp8.combine_stats(self.stats[ROLES.index(role)], stats)
 
-    def drain_stats(self) -> torch.Tensor:
-        out = self.stats.clone()
+    def record_grad(self, values: dict[str, torch.Tensor]) -> None:
+        if self.training:
+            for name, v in values.items():
+                self.grad_stats[GRAD_INDEX[name]] += v
+
+    def drain_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Statistics accumulated since the last drain, ``(stats[roles, fields], grad_stats)``; resets both."""
+        out = (self.stats.clone(), self.grad_stats.clone())
         self.stats.zero_()
+        self.grad_stats.zero_()
         return out
 
     def reset_scaling(self) -> None:
@@ -122,7 +146,9 @@ class PrecisionLinearFunction(torch.autograd.Function):
             numerics.record("weight", st_w)
             # Fast (reduced-precision) accumulation only in forward, as Transformer Engine does on Hopper.
             y = fp8.scaled_mm(xq, wq.t(), sx.reciprocal(), sw.reciprocal(), out_dtype, use_fast_accum=True)
-            ctx.save_for_backward(xq, wq, sx, sw)
+            # A shadow step keeps the high-precision operands too, for the BF16 reference gradients.
+            ctx.shadow = numerics.shadow and numerics.training
+            ctx.save_for_backward(xq, wq, sx, sw, *((x2d, weight) if ctx.shadow else ()))
         else:
             numerics.record("input", fp8.tensor_stats(x2d, None, E4M3, None))
             y = (x2d.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
@@ -140,7 +166,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
         numerics: LayerNumerics = ctx.numerics
 
         if ctx.precision == "fp8":
-            xq, wq, sx, sw = ctx.saved_tensors
+            xq, wq, sx, sw, *shadow_operands = ctx.saved_tensors
             gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"], update=numerics.training)
             numerics.record("grad_output", st_g)
             sg_inv = sg.reciprocal()
@@ -152,6 +178,8 @@ class PrecisionLinearFunction(torch.autograd.Function):
             g_bf16 = g2d.to(torch.bfloat16)
             grad_input = (g_bf16 @ weight.to(torch.bfloat16)).to(_gemm_out_dtype(ctx.input_dtype))
         grad_input = grad_input.to(ctx.input_dtype).reshape(ctx.total_input_shape)
+        shadow = ctx.precision == "fp8" and ctx.shadow
+        local_dgrad = grad_input.clone() if shadow else None  # the all-reduce below works in place
 
         # Start the input-gradient communication, then compute the weight gradient while it runs.
         handle = None
@@ -173,6 +201,10 @@ class PrecisionLinearFunction(torch.autograd.Function):
                 grad_weight = (g_bf16.t() @ x2d.to(torch.bfloat16)).float()
             grad_weight = grad_weight.to(ctx.weight_dtype)
         grad_bias = g2d.sum(dim=0) if ctx.use_bias else None
+        if grad_weight is not None:
+            numerics.record_grad({"wgrad_sq": grad_weight.detach().float().square().sum()})
+        if shadow:
+            _record_shadow(numerics, g2d, *shadow_operands, local_dgrad, grad_weight)
 
         if handle is not None:
             handle.wait()
@@ -181,6 +213,21 @@ class PrecisionLinearFunction(torch.autograd.Function):
         if not needs_input_grad:
             grad_input = None
         return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _record_shadow(numerics: LayerNumerics, g2d, x2d, weight, grad_input, grad_weight) -> None:
+    """Gradient sensitivity: the same micro-batch's gradients recomputed in BF16, compared with FP8's."""
+    g = g2d.to(torch.bfloat16)
+    pairs = [(grad_input.reshape(g2d.shape[0], -1), (g @ weight.to(torch.bfloat16)))]
+    if grad_weight is not None:
+        pairs.append((grad_weight, g.t() @ x2d.to(torch.bfloat16)))
+    err = ref = dot = ours = 0.0
+    for fp8_grad, ref_grad in pairs:
+        a, b = fp8_grad.detach().float(), ref_grad.float()
+        err, ref = err + (a - b).square().sum(), ref + b.square().sum()
+        dot, ours = dot + (a * b).sum(), ours + a.square().sum()
+    numerics.record_grad({"shadow_count": torch.ones((), device=g2d.device), "shadow_err_sq": err,
+                          "shadow_ref_sq": ref, "shadow_dot": dot, "shadow_fp8_sq": ours})
 
 
 class PrecisionLinearMixin:
@@ -198,6 +245,9 @@ class PrecisionLinearMixin:
         self.gemm_flops_per_token = 6 * in_f * out_f  # forward + dgrad + wgrad, this rank's shard
         self.flops = GemmCounters()
         self._precision = "bf16"
+        # Function-preserving per-input-channel scale (fault injection, contract C6): x * s and W / s.
+        self.channel_scale: torch.Tensor | None = None
+        self.forward_seq = -1
 
     @property
     def precision(self) -> str:
@@ -222,10 +272,13 @@ class PrecisionLinearMixin:
         if grad_output_buffer is not None:
             raise ValueError(f"{type(self).__name__} does not support deferred embedding wgrad compute")
         self.numerics.training = self.training
+        self.forward_seq = next(_FORWARD_SEQ)
         if self.training:  # FLOP accounting covers training GEMMs, not evaluation
             tokens = input.numel() // input.shape[-1] * (tp_group.size() if sequence_parallel else 1)
             counted = tokens * self.gemm_flops_per_token
             setattr(self.flops, self._precision, getattr(self.flops, self._precision) + counted)
+        if self.channel_scale is not None:
+            input, weight = input * self.channel_scale, weight / self.channel_scale
         return PrecisionLinearFunction.apply(input, weight, bias, self.numerics, self._precision,
                                              allreduce_dgrad, sequence_parallel, tp_group)
 

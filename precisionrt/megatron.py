@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules

@@ -1,19 +1,30 @@
-"""PrecisionRuntime (contract C2): owns the managed layers' precisions, their FLOP accounting, the switch log
-and the runtime's checkpoint state.
+"""PrecisionRuntime (contract C2): wires managed layers, monitors and policy; owns the switch log, FLOP
+accounting, operator overrides and the runtime's checkpoint state.
 
-    rt = PrecisionRuntime(model, RuntimeConfig(mode="fp8"), run_dir="runs/x")
+    rt = PrecisionRuntime(model, RuntimeConfig(mode="dynamic"), run_dir="runs/x")
     for step in ...:
-        loss.backward(); optimizer.step()
+        loss.backward()
+        grad_norm = clip_grad_norm_(...)
+        if not rt.should_skip_step(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad()
         rt.end_step(step)          # decisions apply before the next forward
     rt.close(step)
 
-Modes: ``fp8`` (every FP8-capable layer in FP8), ``bf16`` (all in BF16), ``dynamic`` (start in FP8; monitors
-and policy promote/demote; see monitors.py and policy.py). Pins (fnmatch patterns over layer names) hold
-layers in one precision whatever the mode.
+Modes: ``fp8`` (every FP8-capable layer in FP8), ``bf16`` (all BF16), ``dynamic`` (start in FP8; monitors
+and policy promote and demote). Pins (fnmatch patterns over layer names) hold layers whatever the mode.
+
+Host synchronisation: ``end_step`` transfers nothing on ordinary steps; on a check step (every
+``monitor.check_interval`` steps) it makes one packed all-reduce and one device->host copy, whatever the number
+of layers. ``should_skip_step`` costs one scalar transfer per step (as Megatron's grad-norm check does) and is
+optional.
 """
 
 from __future__ import annotations
 
+import fnmatch
+import json
+import sys
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,32 +32,40 @@ from typing import Literal
 
 import torch
 
+from precisionrt import monitors
 from precisionrt.events import EventLog, SwitchEvent
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import match_layers
+from precisionrt.monitors import MonitorConfig, MonitorState
+from precisionrt.policy import Policy, PolicyConfig
 
 EVENTS_FILE = "precision_events.jsonl"
+CONTROL_CODES = {"fp8": 1, "bf16": 2, "auto": 3}
+_CODE_NAMES = {v: k for k, v in CONTROL_CODES.items()}
 
 
 @dataclass
 class RuntimeConfig:
-    mode: Literal["dynamic", "fp8", "bf16"] = "fp8"
+    mode: Literal["dynamic", "fp8", "bf16"] = "dynamic"
     pin_bf16: list[str] = field(default_factory=list)   # fnmatch patterns over managed layer names
     pin_fp8: list[str] = field(default_factory=list)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    observe: bool = False                # static modes: run the monitors and log stats, decide nothing
+    control_file: str = "precision_control.json"   # in the run dir; "" disables operator control
+    skip_nonfinite_steps: bool = True
 
 
 class PrecisionRuntime:
     def __init__(self, model: torch.nn.Module, config: RuntimeConfig, run_dir: str | Path | None = None,
                  run_config: dict | None = None, rank: int = 0):
-        if config.mode == "dynamic":
-            raise NotImplementedError("precision.mode = 'dynamic' needs the monitors and policy, which are not "
-                                      "built yet; use 'fp8' or 'bf16'")
         self.config = config
         self.layers = precision_layers(model)
         if not self.layers:
             raise ValueError("model has no PrecisionLinear layers: build it with precisionrt.megatron.precision_layer_spec")
+        self.names = list(self.layers)
         for layer in self.layers.values():
             layer.numerics = LayerNumerics(config.scaling, layer.weight.device)
         self.pinned: dict[str, str] = {}
@@ -60,18 +79,31 @@ class PrecisionRuntime:
             self.pinned[name] = "fp8"
         initial = "bf16" if config.mode == "bf16" else "fp8"
         for name, layer in self.layers.items():
-            want = self.pinned.get(name, initial)
-            layer.precision = want if layer.fp8_capable else "bf16"
+            layer.precision = self.pinned.get(name, initial) if layer.fp8_capable else "bf16"
+        # layers that cannot run fp8 are, for the policy, pinned to bf16
+        fixed = {**{n: "bf16" for n, l in self.layers.items() if not l.fp8_capable}, **self.pinned}
+        self.policy = Policy(config.policy, self.names, fixed, self.precisions())
+        self.monitor_state = MonitorState()
+        self.monitoring = config.mode == "dynamic" or config.observe
+        self.last_signals: dict[str, dict] = {}
+        self.rank = rank
         self._flops_at_last_step = self._flop_totals()
         self._step_fraction = self.fp8_flop_fraction()
+        self._force_check = False
+        self._shadow_cursor = 0
+        self._control_seen: float | None = None
+        self.control_rejected: list[str] = []
+        self.run_dir: Path | None = None
         self.run_id = uuid.uuid4().hex[:12]
         self.events: EventLog | None = None
         if run_dir is not None:
             self.start_log(run_dir, run_config, rank)
+        self._schedule_shadow(1)
 
     def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int = 0) -> None:
         """Open the switch log in ``run_dir`` (rank 0 writes) and record run_start with the layer table."""
-        self.events = EventLog(Path(run_dir) / EVENTS_FILE, self.run_id, enabled=rank == 0)
+        self.run_dir, self.rank = Path(run_dir), rank
+        self.events = EventLog(self.run_dir / EVENTS_FILE, self.run_id, enabled=rank == 0)
         self.events.run_start(self.layer_table(), run_config or {"precision": asdict(self.config)})
 
     # ------------------------------------------------------------------------------------------ queries
@@ -103,39 +135,164 @@ class PrecisionRuntime:
         fp8, bf16 = self._flop_totals()
         if fp8 + bf16 == 0:
             per_token = {n: l.gemm_flops_per_token for n, l in self.layers.items()}
-            total = sum(per_token.values())
-            return sum(f for n, f in per_token.items() if self.layers[n].precision == "fp8") / total
+            return sum(f for n, f in per_token.items() if self.layers[n].precision == "fp8") / sum(per_token.values())
         return fp8 / (fp8 + bf16)
+
+    def metrics(self) -> dict:
+        """Run-level and (after a check) per-layer metrics for the loggers."""
+        out = {"precision/fp8_flop_fraction": self.fp8_flop_fraction(),
+               "precision/fp8_flop_fraction_step": self._step_fraction,
+               "precision/bf16_layers": sum(p == "bf16" for p in self.precisions().values())}
+        for name, sig in self.last_signals.items():
+            out[f"precision/{name}/is_fp8"] = int(self.layers[name].precision == "fp8")
+            out.update({f"precision/{name}/{k}": v for k, v in sig.items() if isinstance(v, float)})
+        return out
 
     # ---------------------------------------------------------------------------------------- changes
 
     def set_precision(self, name: str, precision: str, reason: str = "manual", step: int = -1,
                       signals: dict | None = None) -> SwitchEvent | None:
         """Switch one layer (effective from its next forward) and log it. Returns the event, or None if the
-        layer already runs at ``precision``. Unknown layers and impossible requests raise ValueError."""
+        layer already runs at ``precision``. A manual switch holds the layer there until ``release``.
+        Unknown layers and impossible requests raise ValueError."""
         if name not in self.layers:
-            raise ValueError(f"unknown layer {name!r}; managed layers: {list(self.layers)[:4]} ...")
+            raise ValueError(f"unknown layer {name!r}; managed layers: {self.names[:4]} ... ({len(self.names)})")
         layer = self.layers[name]
+        if reason == "manual":
+            if name in self.pinned and self.pinned[name] != precision:
+                raise ValueError(f"layer {name!r} is pinned to {self.pinned[name]}")
+            if precision == "fp8" and not layer.fp8_capable:
+                raise ValueError(f"layer {name!r} cannot run fp8: {layer.fp8_unsupported_reason}")
+            self.policy.hold(name, precision)
         if layer.precision == precision:
             return None
-        if reason == "manual" and name in self.pinned and self.pinned[name] != precision:
-            raise ValueError(f"layer {name!r} is pinned to {self.pinned[name]}")
         event = SwitchEvent(step=step, layer=name, from_=layer.precision, to=precision, reason=reason,
-                            signals=signals or {})
+                            signals=_json_signals(signals or {}))
         layer.precision = precision  # validates; resets scaling state on a return to fp8
         if self.events is not None:
             self.events.switch(event)
         return event
 
+    def release(self, name: str) -> None:
+        """End a manual hold: the policy decides for this layer again."""
+        if name not in self.layers:
+            raise ValueError(f"unknown layer {name!r}")
+        self.policy.hold(name, None)
+
+    def should_skip_step(self, grad_norm: torch.Tensor) -> bool:
+        """True when the gradients are not finite on any rank: skip the optimizer step. The next ``end_step``
+        then checks at once, so the layer where NaN/Inf entered is promoted before the next forward."""
+        if not self.config.skip_nonfinite_steps:
+            return False
+        bad = (~torch.isfinite(grad_norm.detach().float())).float().reshape(1)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        skip = bool(bad.item())
+        self._force_check |= skip
+        return skip
+
     def end_step(self, step: int) -> list[SwitchEvent]:
-        """Close optimizer step ``step``: account FLOPs; in dynamic mode, monitor and decide."""
+        """Close optimizer step ``step`` (counted from 1, as metrics count): account FLOPs; on check steps
+        (``step % monitor.check_interval == 0``, or at once after a skipped nonfinite step) monitor, decide and
+        apply. Returns the switches made; they take effect at the next forward."""
         totals = self._flop_totals()
         d_fp8, d_bf16 = (t - p for t, p in zip(totals, self._flops_at_last_step))
         self._step_fraction = d_fp8 / (d_fp8 + d_bf16) if d_fp8 + d_bf16 else self._step_fraction
         self._flops_at_last_step = totals
+        self._schedule_shadow(step + 1)
+        check = self.monitoring and (step % self.config.monitor.check_interval == 0 or self._force_check)
+        if not check:
+            if not self.monitoring:
+                for layer in self.layers.values():
+                    layer.numerics.drain_stats()  # nobody reads them: keep the buffers from growing
+            return []
+        self._force_check = False
+        host = monitors.reduce_and_fetch(monitors.pack(list(self.layers.values()), self._control_tensor()))
+        signals = monitors.signals_from(host, self.names, self.monitor_state, self.config.monitor)
+        order = sorted(self.names, key=lambda n: self.layers[n].forward_seq)
+        monitors.mark_nonfinite_origins(signals, host, self.names, order)
+        self.last_signals = signals
+        events = self._apply_control(monitors.control_codes(host), step)
+        if self.config.mode == "dynamic":
+            flops = {n: l.gemm_flops_per_token for n, l in self.layers.items()}
+            for d in self.policy.decide(signals, flops):
+                if (e := self.set_precision(d.layer, d.to, reason=d.reason, step=step, signals=d.signals)):
+                    events.append(e)
+        if self.events is not None:
+            self.events.stats(step, {n: {"precision": self.layers[n].precision, "state": self.policy.layers[n].state,
+                                         **_json_signals(s)} for n, s in signals.items()})
+        return events
+
+    def _schedule_shadow(self, step: int) -> None:
+        """For upcoming step ``step``: mark the next few FP8 layers (round-robin, the same on every rank) for a BF16 shadow backward."""
+        m = self.config.monitor
         for layer in self.layers.values():
-            layer.numerics.drain_stats()  # static modes keep no stats window
-        return []
+            layer.numerics.shadow = False
+        if not self.monitoring or m.shadow_every == 0 or step % m.shadow_every:
+            return
+        candidates = [n for n in self.names if self.layers[n].precision == "fp8"]
+        for i in range(min(m.shadow_layers, len(candidates))):
+            self.layers[candidates[(self._shadow_cursor + i) % len(candidates)]].numerics.shadow = True
+        self._shadow_cursor += m.shadow_layers
+
+    # ---------------------------------------------------------------------------- operator control file
+
+    def _control_tensor(self) -> torch.Tensor:
+        """Rank 0 reads the control file when it changed and encodes it per layer; other ranks send zeros.
+        The MAX all-reduce of the packed buffer then delivers rank 0's codes to every rank."""
+        device = next(iter(self.layers.values())).weight.device
+        codes = torch.zeros(len(self.names))
+        if self.rank == 0 and self.run_dir is not None and self.config.control_file:
+            for name, action in self._read_control().items():
+                codes[self.names.index(name)] = CONTROL_CODES[action]
+        return codes.to(device)
+
+    def _read_control(self) -> dict[str, str]:
+        path = self.run_dir / self.config.control_file
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return {}
+        if mtime == self._control_seen:
+            return {}
+        self._control_seen = mtime
+        try:
+            spec = json.loads(path.read_text())
+            if not isinstance(spec, dict):
+                raise ValueError("expected a JSON object {layer-or-pattern: 'fp8' | 'bf16' | 'auto'}")
+        except ValueError as e:
+            self._reject(f"{path}: {e}")
+            return {}
+        out: dict[str, str] = {}
+        for pattern, action in spec.items():
+            hits = [n for n in self.names if fnmatch.fnmatchcase(n, str(pattern))]
+            if action not in CONTROL_CODES:
+                self._reject(f"{path}: {pattern!r}: action {action!r} is not one of {sorted(CONTROL_CODES)}")
+            elif not hits:
+                self._reject(f"{path}: {pattern!r} matches no managed layer")
+            else:
+                out.update({n: action for n in hits})
+        return out
+
+    def _reject(self, message: str) -> None:
+        self.control_rejected.append(message)
+        print(f"precisionrt: control file entry rejected: {message}", file=sys.stderr, flush=True)
+
+    def _apply_control(self, codes: list[int], step: int) -> list[SwitchEvent]:
+        events = []
+        for name, code in zip(self.names, codes):
+            action = _CODE_NAMES.get(code)
+            if action is None:
+                continue
+            if action == "auto":
+                self.release(name)
+                continue
+            try:
+                if (e := self.set_precision(name, action, reason="manual", step=step)):
+                    events.append(e)
+            except ValueError as err:  # pinned, or cannot run fp8: refuse this entry, keep running
+                self._reject(str(err))
+        return events
 
     def close(self, step: int) -> None:
         if self.events is not None:
@@ -149,6 +306,10 @@ class PrecisionRuntime:
             "precisions": self.precisions(),
             "numerics": {n: l.numerics.state_dict() for n, l in self.layers.items()},
             "flops": {n: [l.flops.fp8, l.flops.bf16] for n, l in self.layers.items()},
+            "policy": self.policy.state_dict(),
+            "monitor": self.monitor_state.state_dict(),
+            "shadow_cursor": self._shadow_cursor,
+            "shadow_next": [n for n, l in self.layers.items() if l.numerics.shadow],
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -161,5 +322,21 @@ class PrecisionRuntime:
             layer.precision = sd["precisions"][name]
             layer.numerics.load_state_dict(sd["numerics"][name])
             layer.flops.fp8, layer.flops.bf16 = sd["flops"][name]
+        self.policy.load_state_dict(sd["policy"])
+        self.monitor_state.load_state_dict(sd["monitor"])
+        self._shadow_cursor = int(sd["shadow_cursor"])
+        for name, layer in self.layers.items():
+            layer.numerics.shadow = name in sd["shadow_next"]
         self._flops_at_last_step = self._flop_totals()
 
+
+def _json_signals(signals: dict) -> dict:
+    """Signals as JSON-safe values (infinite ratios and None kept readable)."""
+    out = {}
+    for k, v in signals.items():
+        if isinstance(v, float) and v != v:
+            v = None
+        elif isinstance(v, float) and v in (float("inf"), float("-inf")):
+            v = "inf" if v > 0 else "-inf"
+        out[k] = v
+    return out

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 
 from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
 from precisionrt.config import ConfigError, load_config, to_dict
 from precisionrt.data import ByteCorpus, DataConfig
+from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
@@ -76,6 +79,7 @@ class LMConfig:
     precision: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -125,6 +129,7 @@ def train(cfg: LMConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
     runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
+    injector = FaultInjector(cfg.inject, model, rank)
     corpus = ByteCorpus(cfg.data)
 
     run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
@@ -152,21 +157,31 @@ def train(cfg: LMConfig) -> dict:
     heldout = corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_length
     t_start, t_window, eval_loss, loss_val = time.time(), time.time(), math.nan, math.nan
-    switches = []
+    switches, skipped = [], []
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = cfg.train.lr * lr_at(step, cfg.train)
+        done = step + 1  # steps are numbered from 1 in metrics, switch log and checkpoints
+        injector.before_step(step)
         batch = corpus.train_batch(step, cfg.train.batch_size, cfg.model.seq_length, cfg.train.seed, dp_rank)
         loss = lm_loss(model, batch)
         loss.backward()
         allreduce_grads(model, dp_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
+        if runtime.should_skip_step(grad_norm):
+            skipped.append(done)
+            if is_main:
+                print(f"step {done}: nonfinite gradients, optimizer step skipped", flush=True)
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        switches += runtime.end_step(step)
+        events = runtime.end_step(done)
+        switches += events
+        if is_main:
+            for e in events:
+                print(f"step {done}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
 
-        done = step + 1
         if done % cfg.train.log_every == 0 or done == end:
             loss_val = loss.item()
             elapsed = time.time() - t_window
@@ -174,7 +189,7 @@ def train(cfg: LMConfig) -> dict:
             metrics = {"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"],
                        "train/grad_norm": float(grad_norm), "perf/step_time": elapsed / n_steps,
                        "perf/throughput": tokens_per_step * n_steps / elapsed,
-                       "precision/fp8_flop_fraction": runtime.fp8_flop_fraction()}
+                       **runtime.metrics()}
             if done % cfg.train.eval_every == 0 or done == end:
                 eval_loss = evaluate(model, heldout)
                 metrics["eval/loss"] = eval_loss
@@ -196,7 +211,8 @@ def train(cfg: LMConfig) -> dict:
         "final_train_loss": loss_val, "final_eval_loss": eval_loss,
         "unigram_baseline_loss": corpus.unigram_loss(), "precision_mode": cfg.precision.mode,
         "fp8_flop_fraction": runtime.fp8_flop_fraction(), "precisions": runtime.precisions(),
-        "switches": [e.summary() for e in switches],
+        "switches": [e.summary() for e in switches], "skipped_steps": skipped,
+        "control_rejected": runtime.control_rejected,
     }
     runtime.close(end)
     logger.close()

@@ -13,7 +13,7 @@ import torch
 
 from precisionrt import fp8
 from precisionrt.fp8 import ScalingConfig
-from precisionrt.linear import LayerNumerics, PrecisionLinearFunction
+from precisionrt.linear import GRAD_INDEX, LayerNumerics, PrecisionLinearFunction
 
 TOL = {("fp8", "y"): 0.05, ("fp8", "dx"): 0.08, ("fp8", "dw"): 0.08,
        ("bf16", "y"): 0.01, ("bf16", "dx"): 0.01, ("bf16", "dw"): 0.01}
@@ -23,8 +23,9 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def run(precision, x, w, g, recipe="current"):
+def run(precision, x, w, g, recipe="current", shadow=False):
     numerics = LayerNumerics(ScalingConfig(recipe=recipe), "cpu")
+    numerics.shadow = shadow
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
     y = PrecisionLinearFunction.apply(x, w, None, numerics, precision, False, False, None)
@@ -63,10 +64,11 @@ def test_stats_accumulate_over_roles():
     x, w, g = torch.randn(16, 32), torch.randn(16, 32), torch.randn(16, 16)
     x[0, 0] = float("nan")
     _, _, _, numerics = run("fp8", x, w, g)
-    stats = numerics.drain_stats()
+    stats, _ = numerics.drain_stats()
     idx = fp8.STAT_INDEX
     assert stats[0, idx["nonfinite"]] == 1 and stats[1, idx["nonfinite"]] == 0
     assert stats[:, idx["numel"]].tolist() == [512, 512, 256]
+    assert stats[1, idx["nonzero"]] == 512 and stats[1, idx["scaled_amax"]] == pytest.approx(448)
     assert torch.all(numerics.stats == 0), "drain resets the buffer"
 
 
@@ -78,3 +80,19 @@ def test_delayed_scaling_reports_saturation_of_a_grown_tensor():
         x = torch.randn(16, 32) * scale
         PrecisionLinearFunction.apply(x, w, None, numerics, "fp8", False, False, None)
     assert numerics.stats[0, fp8.STAT_INDEX["saturated"]] > 0
+
+
+def test_shadow_gradients_measure_the_fp8_error_against_bf16():
+    torch.manual_seed(3)
+    x, w, g = torch.randn(64, 96), torch.randn(80, 96) * 0.05, torch.randn(64, 80) * 1e-3
+    _, dx, dw, numerics = run("fp8", x, w, g, shadow=True)
+    grad = numerics.grad_stats
+    assert grad[GRAD_INDEX["shadow_count"]] == 1
+    assert grad[GRAD_INDEX["wgrad_sq"]].item() == pytest.approx(dw.square().sum().item(), rel=1e-5)
+    ref_dx, ref_dw = g.bfloat16() @ w.bfloat16(), g.bfloat16().t() @ x.bfloat16()
+    err_sq = (dx - ref_dx.float()).square().sum() + (dw - ref_dw.float()).square().sum()
+    assert grad[GRAD_INDEX["shadow_err_sq"]].item() == pytest.approx(err_sq.item(), rel=1e-4)
+    rel = (grad[GRAD_INDEX["shadow_err_sq"]] / grad[GRAD_INDEX["shadow_ref_sq"]]).sqrt().item()
+    assert 0.01 < rel < 0.1, "an FP8 gradient is a few percent from BF16"
+    _, _, _, off = run("fp8", x, w, g, shadow=False)
+    assert off.grad_stats[GRAD_INDEX["shadow_count"]] == 0 and off.grad_stats[GRAD_INDEX["shadow_err_sq"]] == 0

@@ -1,0 +1,108 @@
+"""Fault injection as configuration (contract C6): an ``[inject]`` table in any run config.
+
+* ``outlier``: function-preserving. Input channel(s) of the layer are multiplied by a factor and the matching
+  weight columns divided by it, inside the layer's forward, so exact (and BF16) arithmetic is unchanged while
+  per-tensor FP8 sees a real outlier. The factor ramps from 1 at ``start_step`` to ``factor`` over
+  ``ramp_steps`` and stays there (the slow outlier growth of long FP8 runs).
+* ``spike``: the same function-preserving scaling applied to every channel, for ``max(1, ramp_steps)`` steps
+  from ``start_step``: a burst that a delayed-scaling history has not seen.
+* ``nonfinite``: at ``start_step`` one element of the layer's output gradient becomes NaN (or ``inf``).
+
+``ranks`` limits the injection to those global ranks (default: every rank). Channel indices are local to a
+rank's shard of the layer's input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from precisionrt.config import ConfigError
+from precisionrt.linear import precision_layers
+
+
+@dataclass
+class InjectConfig:
+    kind: Literal["none", "outlier", "spike", "nonfinite"] = "none"
+    layer: str = ""
+    start_step: int = 0
+    ramp_steps: int = 0
+    factor: float = 1.0
+    channels: list[int] = field(default_factory=lambda: [0])
+    value: Literal["nan", "inf"] = "nan"
+    ranks: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind != "none" and not self.layer:
+            raise ValueError(f"inject.layer is required for kind {self.kind!r}")
+        if self.start_step < 0 or self.ramp_steps < 0:
+            raise ValueError("inject.start_step and inject.ramp_steps must be >= 0")
+        if self.kind in ("outlier", "spike") and self.factor <= 0:
+            raise ValueError(f"inject.factor must be > 0, got {self.factor}")
+
+
+class FaultInjector:
+    """Applies an InjectConfig to a model; call ``before_step(step)`` before each step's forward."""
+
+    def __init__(self, config: InjectConfig, model: torch.nn.Module, rank: int = 0):
+        self.config = config
+        self.active = config.kind != "none" and (not config.ranks or rank in config.ranks)
+        self.layer = None
+        self._poison = False
+        if config.kind == "none":
+            return
+        layers = precision_layers(model)
+        if config.layer not in layers:
+            raise ConfigError(f"inject.layer {config.layer!r} is not a managed layer; e.g. {list(layers)[:3]}")
+        self.layer = layers[config.layer]
+        in_features = self.layer.weight.shape[1]
+        bad = [c for c in config.channels if not 0 <= c < in_features]
+        if config.kind == "outlier" and (bad or not config.channels):
+            raise ConfigError(f"inject.channels {config.channels} must be indices in [0, {in_features})")
+        if config.kind == "nonfinite":
+            self.layer.register_forward_hook(self._poison_grad_hook)
+
+    def factor_at(self, step: int) -> float:
+        c = self.config
+        if step < c.start_step:
+            return 1.0
+        if c.kind == "spike":
+            return c.factor if step < c.start_step + max(1, c.ramp_steps) else 1.0
+        if c.ramp_steps == 0:
+            return c.factor
+        progress = min(1.0, (step - c.start_step + 1) / c.ramp_steps)
+        return 1.0 + (c.factor - 1.0) * progress
+
+    def before_step(self, step: int) -> None:
+        if not self.active:
+            return
+        kind = self.config.kind
+        if kind == "nonfinite":
+            self._poison = step == self.config.start_step
+            return
+        f = self.factor_at(step)
+        if f == 1.0:
+            self.layer.channel_scale = None
+            return
+        w = self.layer.weight
+        scale = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
+        if kind == "outlier":
+            scale[self.config.channels] = f
+        else:
+            scale.fill_(f)
+        self.layer.channel_scale = scale
+
+    def _poison_grad_hook(self, module, inputs, output):
+        if not (self._poison and module.training):
+            return
+        bad = float(self.config.value)
+
+        def poison(grad: torch.Tensor) -> torch.Tensor:
+            grad = grad.clone()
+            grad.view(-1)[0] = bad
+            return grad
+
+        out = output[0] if isinstance(output, tuple) else output
+        out.register_hook(poison)

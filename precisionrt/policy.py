@@ -1,0 +1,176 @@
+"""The promotion policy: a per-layer state machine that turns monitor signals into precision decisions.
+
+    fp8 ──(signal over threshold on `patience` consecutive checks; nonfinite or `immediate_ratio` times over
+           the threshold: at once)──► bf16
+    bf16 ──(after a cooldown of `cooldown_checks * backoff**(failures-1)` checks)──► probation (runs fp8)
+    probation ──(any signal over threshold on one check)──► bf16, failures + 1
+    probation ──(`probation_checks` clean checks)──► fp8
+
+Pinned layers never move; layers under a manual hold (API or control file) are left alone until released.
+A budget caps the share of GEMM FLOPs in BF16: when promotions exceed it, the promoted layers that were least
+sensitive (smallest signal/threshold ratio at promotion) return to FP8 first, on probation.
+
+The policy is pure host logic over the reduced signals, so every rank computes the same decisions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# signal -> reason recorded in the switch log
+REASON_OF = {"overflow": "overflow", "underflow": "underflow", "quant_error": "quant_error",
+             "amax_jump": "overflow", "grad_rel_err": "grad_sensitivity", "grad_norm_z": "grad_sensitivity"}
+
+
+@dataclass
+class PolicyConfig:
+    """Thresholds (a layer is unsafe in FP8 when a signal exceeds its threshold; 0 disables a trigger).
+
+    Defaults were calibrated on healthy runs of configs/lm_tiny_cpu.toml (see README): the worst healthy
+    values are far below them."""
+
+    overflow: float = 1e-3         # fraction of values saturated
+    underflow: float = 0.05        # fraction of nonzero values flushed to zero
+    quant_error: float = 0.2       # relative RMS quantization error (healthy E4M3 ~0.03, E5M2 ~0.06)
+    amax_jump: float = 0.0         # amax over its EMA (off by default: overflow catches its harm)
+    grad_rel_err: float = 0.35     # shadow: ||g_fp8 - g_bf16|| / ||g_bf16||
+    grad_cos: float = 0.9          # shadow: promote when cosine similarity falls below this (0: off)
+    grad_norm_z: float = 0.0       # weight-gradient norm z-score (off by default: noisy early in training)
+    patience: int = 2              # consecutive checks over a threshold before a promotion
+    immediate_ratio: float = 10.0  # a signal this many times over its threshold acts at once (as nonfinite)
+    cooldown_checks: int = 10      # checks in BF16 before the first return to FP8 is tried
+    backoff: float = 2.0           # cooldown multiplier per further failure
+    max_cooldown_checks: int = 1000
+    probation_checks: int = 5      # clean checks before a returned layer counts as healthy again
+    max_bf16_flop_fraction: float = 1.0   # budget: largest share of GEMM FLOPs allowed in BF16
+
+    def __post_init__(self) -> None:
+        for name in ("overflow", "underflow", "quant_error", "amax_jump", "grad_rel_err", "grad_norm_z"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"threshold {name} must be >= 0 (0 disables it), got {getattr(self, name)}")
+        for name in ("overflow", "underflow"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"threshold {name} is a fraction and must be <= 1, got {getattr(self, name)}")
+        if not 0 <= self.grad_cos <= 1:
+            raise ValueError(f"grad_cos must be in [0, 1], got {self.grad_cos}")
+        if self.patience < 1 or self.cooldown_checks < 1 or self.probation_checks < 0:
+            raise ValueError("patience and cooldown_checks must be >= 1, probation_checks >= 0")
+        if self.immediate_ratio <= 1:
+            raise ValueError(f"immediate_ratio must be > 1, got {self.immediate_ratio}")
+        if self.backoff < 1:
+            raise ValueError(f"backoff must be >= 1, got {self.backoff}")
+        if not 0 <= self.max_bf16_flop_fraction <= 1:
+            raise ValueError(f"max_bf16_flop_fraction must be in [0, 1], got {self.max_bf16_flop_fraction}")
+
+
+@dataclass
+class LayerState:
+    state: str = "fp8"                 # fp8 | bf16 | probation
+    strikes: dict = field(default_factory=dict)
+    checks_in_state: int = 0
+    failures: int = 0
+    sensitivity: float = 0.0
+    hold: str | None = None            # manual hold: "fp8" | "bf16"
+
+
+@dataclass(frozen=True)
+class Decision:
+    layer: str
+    to: str
+    reason: str
+    signals: dict
+
+
+class Policy:
+    def __init__(self, config: PolicyConfig, layers: list[str], pinned: dict[str, str],
+                 initial: dict[str, str]):
+        self.config = config
+        self.pinned = dict(pinned)
+        self.layers = {n: LayerState(state=initial[n]) for n in layers}
+
+    # ------------------------------------------------------------------------------------- triggers
+
+    def exceeded(self, s: dict) -> dict[str, float]:
+        """Reasons whose threshold ``s`` exceeds, with the worst signal/threshold ratio for each."""
+        c = self.config
+        out: dict[str, float] = {}
+        for signal, reason in REASON_OF.items():
+            threshold, value = getattr(c, signal), s.get(signal)
+            if threshold > 0 and value is not None and value > threshold:
+                out[reason] = max(out.get(reason, 0.0), value / threshold)
+        cos = s.get("grad_cos")
+        if c.grad_cos > 0 and cos is not None and cos < c.grad_cos:
+            out["grad_sensitivity"] = max(out.get("grad_sensitivity", 0.0), (1 - cos) / (1 - c.grad_cos + 1e-12))
+        if s.get("nonfinite_origin"):
+            out["nonfinite"] = float("inf")
+        return out
+
+    # ------------------------------------------------------------------------------------ decisions
+
+    def hold(self, layer: str, precision: str | None) -> None:
+        """Manual hold (``None`` releases it: the policy takes the layer back in its current precision)."""
+        st = self.layers[layer]
+        st.hold = precision
+        if precision is not None:
+            st.state, st.checks_in_state, st.strikes = precision, 0, {}
+
+    def decide(self, signals: dict[str, dict], flops_per_token: dict[str, int]) -> list[Decision]:
+        c = self.config
+        decisions: list[Decision] = []
+        for name, st in self.layers.items():
+            if name in self.pinned or st.hold is not None:
+                continue
+            s = signals.get(name, {})
+            if st.state in ("fp8", "probation"):
+                over = self.exceeded(s)
+                st.strikes = {r: st.strikes.get(r, 0) + 1 for r in over}
+                need = 1 if st.state == "probation" else c.patience
+                due = {r: ratio for r, ratio in over.items()
+                       if ratio >= c.immediate_ratio or st.strikes[r] >= need}
+                if due:
+                    reason = max(due, key=due.get)
+                    st.state, st.checks_in_state, st.strikes = "bf16", 0, {}
+                    st.failures += 1
+                    st.sensitivity = due[reason]
+                    decisions.append(Decision(name, "bf16", reason, s))
+                    continue
+                st.checks_in_state += 1
+                if st.state == "probation" and st.checks_in_state >= c.probation_checks:
+                    st.state, st.checks_in_state = "fp8", 0
+            else:  # bf16 after a promotion
+                st.checks_in_state += 1
+                cooldown = min(c.max_cooldown_checks, c.cooldown_checks * c.backoff ** max(0, st.failures - 1))
+                if st.checks_in_state >= cooldown:
+                    st.state, st.checks_in_state, st.strikes = "probation", 0, {}
+                    decisions.append(Decision(name, "fp8", "probation", s))
+        decisions += self._enforce_budget(flops_per_token, signals)
+        return decisions
+
+    def _enforce_budget(self, flops_per_token: dict[str, int], signals: dict[str, dict]) -> list[Decision]:
+        total = sum(flops_per_token.values())
+        in_bf16 = lambda n: self.layers[n].state == "bf16" or self.pinned.get(n) == "bf16" \
+            or self.layers[n].hold == "bf16"  # noqa: E731
+        share = sum(f for n, f in flops_per_token.items() if in_bf16(n)) / total if total else 0.0
+        out = []
+        movable = sorted((n for n, st in self.layers.items()
+                          if st.state == "bf16" and st.hold is None and n not in self.pinned
+                          and st.sensitivity != float("inf")), key=lambda n: self.layers[n].sensitivity)
+        for name in movable:
+            if share <= self.config.max_bf16_flop_fraction + 1e-12:
+                break
+            st = self.layers[name]
+            st.state, st.checks_in_state, st.strikes = "probation", 0, {}
+            share -= flops_per_token[name] / total
+            out.append(Decision(name, "fp8", "budget", signals.get(name, {})))
+        return out
+
+    # ----------------------------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict:
+        return {n: asdict(st) for n, st in self.layers.items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for name, fields in sd.items():
+            if name not in self.layers:
+                raise ValueError(f"policy state names unknown layer {name!r}")
+            self.layers[name] = LayerState(**fields)
