@@ -41,7 +41,18 @@ class EventLog:
         self.path = Path(path)
         self.run_id = run_id
         self.enabled = enabled
-        self._fh = open(self.path, "a", encoding="utf-8") if enabled else None
+        self._fh = None
+        if enabled:
+            # A crash can leave a last line without its newline: start on a fresh line so that the partial
+            # record stays one (skipped) line and does not swallow the next record.
+            ends_clean = True
+            if self.path.exists() and self.path.stat().st_size > 0:
+                with open(self.path, "rb") as fh:
+                    fh.seek(-1, os.SEEK_END)
+                    ends_clean = fh.read(1) == b"\n"
+            self._fh = open(self.path, "a", encoding="utf-8")
+            if not ends_clean:
+                self._fh.write("\n")
 
     def _write(self, kind: str, **fields) -> None:
         if self._fh is None:
@@ -51,8 +62,11 @@ class EventLog:
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
-    def run_start(self, layers: list[dict], config: dict) -> None:
-        self._write("run_start", layers=layers, config=config)
+    def run_start(self, layers: list[dict], config: dict, resumed_from: int | None = None) -> None:
+        """``resumed_from``: the checkpoint step a resumed run continues from. Records of an earlier segment
+        with a later step (written after that checkpoint, before a crash) are superseded by this segment's."""
+        extra = {} if resumed_from is None else {"resumed_from": resumed_from}
+        self._write("run_start", layers=layers, config=config, **extra)
 
     def switch(self, event: SwitchEvent) -> None:
         self._write("switch", step=event.step, layer=event.layer, **{"from": event.from_}, to=event.to,

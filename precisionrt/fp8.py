@@ -167,7 +167,7 @@ def combine_stats(acc: torch.Tensor, new: torch.Tensor) -> None:
 class ScalingConfig:
     """How per-tensor scales are chosen. ``recipe``: ``delayed`` or ``current``."""
 
-    recipe: Literal["delayed", "current"] = "delayed"
+    recipe: Literal["delayed", "current"] = "current"
     amax_history_len: int = 16
     amax_compute_algo: Literal["max", "most_recent"] = "max"
     margin: int = 0

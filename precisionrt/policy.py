@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 # signal -> reason recorded in the switch log
-REASON_OF = {"overflow": "overflow", "underflow": "underflow", "quant_error": "quant_error",
+REASON_OF = {"overflow": "overflow", "headroom": "overflow", "underflow": "underflow", "quant_error": "quant_error",
              "amax_jump": "overflow", "grad_rel_err": "grad_sensitivity", "grad_norm_z": "grad_sensitivity"}
 
 
@@ -29,7 +29,9 @@ class PolicyConfig:
     Defaults were calibrated on healthy runs of configs/lm_tiny_cpu.toml (see README): the worst healthy
     values are far below them."""
 
-    overflow: float = 1e-3         # fraction of values saturated
+    overflow: float = 1e-3         # fraction of values saturated (over the check window)
+    headroom: float = 16.0         # max |x| * scale / fmt.max: a scale stale by this factor (delayed scaling);
+                                   # current scaling keeps it at 1, healthy delayed runs stay under ~8
     underflow: float = 0.05        # fraction of nonzero values flushed to zero
     quant_error: float = 0.2       # relative RMS quantization error (healthy E4M3 ~0.03, E5M2 ~0.06)
     amax_jump: float = 0.0         # amax over its EMA (off by default: overflow catches its harm)
@@ -45,7 +47,7 @@ class PolicyConfig:
     max_bf16_flop_fraction: float = 1.0   # budget: largest share of GEMM FLOPs allowed in BF16
 
     def __post_init__(self) -> None:
-        for name in ("overflow", "underflow", "quant_error", "amax_jump", "grad_rel_err", "grad_norm_z"):
+        for name in ("overflow", "headroom", "underflow", "quant_error", "amax_jump", "grad_rel_err", "grad_norm_z"):
             if getattr(self, name) < 0:
                 raise ValueError(f"threshold {name} must be >= 0 (0 disables it), got {getattr(self, name)}")
         for name in ("overflow", "underflow"):

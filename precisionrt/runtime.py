@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from precisionrt import monitors
-from precisionrt.events import EventLog, SwitchEvent
+from precisionrt.events import EventLog, SwitchEvent, read_log
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import match_layers
@@ -100,11 +100,19 @@ class PrecisionRuntime:
             self.start_log(run_dir, run_config, rank)
         self._schedule_shadow(1)
 
-    def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int = 0) -> None:
-        """Open the switch log in ``run_dir`` (rank 0 writes) and record run_start with the layer table."""
+    def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int = 0,
+                  resumed_from: int | None = None) -> None:
+        """Open the switch log in ``run_dir`` (rank 0 writes) and record run_start with the layer table.
+        A resumed run appends to the existing log; its unreadable lines are counted and reported, not fatal."""
         self.run_dir, self.rank = Path(run_dir), rank
-        self.events = EventLog(self.run_dir / EVENTS_FILE, self.run_id, enabled=rank == 0)
-        self.events.run_start(self.layer_table(), run_config or {"precision": asdict(self.config)})
+        path = self.run_dir / EVENTS_FILE
+        if rank == 0 and resumed_from is not None and path.exists():
+            existing = read_log(path)
+            if existing.skipped_lines:
+                print(f"precisionrt: {path}: {existing.skipped_lines} unreadable line(s) skipped, e.g. "
+                      f"{existing.skipped_examples[0]}", file=sys.stderr, flush=True)
+        self.events = EventLog(path, self.run_id, enabled=rank == 0)
+        self.events.run_start(self.layer_table(), run_config or {"precision": asdict(self.config)}, resumed_from)
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -310,6 +318,7 @@ class PrecisionRuntime:
             "monitor": self.monitor_state.state_dict(),
             "shadow_cursor": self._shadow_cursor,
             "shadow_next": [n for n, l in self.layers.items() if l.numerics.shadow],
+            "run_id": self.run_id,
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -325,6 +334,7 @@ class PrecisionRuntime:
         self.policy.load_state_dict(sd["policy"])
         self.monitor_state.load_state_dict(sd["monitor"])
         self._shadow_cursor = int(sd["shadow_cursor"])
+        self.run_id = sd["run_id"]  # a resumed run continues the same run in the switch log
         for name, layer in self.layers.items():
             layer.numerics.shadow = name in sd["shadow_next"]
         self._flops_at_last_step = self._flop_totals()

@@ -133,9 +133,9 @@ def train(cfg: LMConfig) -> dict:
     corpus = ByteCorpus(cfg.data)
 
     run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
+    torch.distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
     if is_main:
         write_json(run_dir / "config.json", to_dict(cfg))
-    runtime.start_log(run_dir, to_dict(cfg), rank)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.train.weight_decay)
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
@@ -148,6 +148,7 @@ def train(cfg: LMConfig) -> dict:
         runtime.load_state_dict(state["runtime"])
         if is_main:
             print(f"resumed from step {start} in {run_dir}", flush=True)
+    runtime.start_log(run_dir, to_dict(cfg), rank, resumed_from=start if cfg.train.resume else None)
 
     def checkpoint(step: int) -> None:
         if is_main:

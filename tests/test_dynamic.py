@@ -1,0 +1,92 @@
+"""Dynamic mode end to end (precisionrt.train on a tiny GPT): injected faults, recovery, exact resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from precisionrt.config import load_config
+from precisionrt.events import read_log
+from precisionrt.train import LMConfig, train
+
+ROOT = Path(__file__).parent.parent
+TINY = [
+    "model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.seq_length=32",
+    "train.batch_size=4", "train.log_every=4", "train.eval_every=100", "train.eval_batches=2",
+    "train.warmup_steps=2", "data.max_bytes=200000", 'precision.mode="dynamic"',
+    "precision.monitor.check_interval=2",
+]
+LAYER = "decoder.layers.1.mlp.linear_fc1"
+
+
+def run(tmp_path, name, *extra):
+    cfg = load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml", [*TINY, f'run.dir="{tmp_path / name}"', *extra])
+    return train(cfg)
+
+
+def switches(summary):
+    return [(s["step"], s["layer"], s["from"], s["to"], s["reason"]) for s in summary["switches"]]
+
+
+SPIKE = [
+    # delayed scaling, calibrated for a tiny model whose activations still grow fast: early transient
+    # saturation stays under 5%, a spike the history has not seen saturates nearly everything
+    'precision.scaling.recipe="delayed"', "precision.scaling.amax_history_len=4", "precision.policy.overflow=0.05",
+    "precision.policy.cooldown_checks=2", "precision.policy.probation_checks=2",
+    'inject.kind="spike"', f'inject.layer="{LAYER}"', "inject.start_step=5", "inject.factor=1000",
+]
+
+
+def test_spike_promotes_then_demotes_with_fresh_scaling(tmp_path, parallel):
+    summary = run(tmp_path, "spike", "train.steps=20", *SPIKE)
+    assert switches(summary) == [(6, LAYER, "fp8", "bf16", "overflow"), (10, LAYER, "bf16", "fp8", "probation")]
+    assert summary["precisions"][LAYER] == "fp8", "healthy after its return"
+    log = read_log(tmp_path / "spike" / "precision_events.jsonl")
+    promote = next(r for r in log.records if r["kind"] == "switch")
+    # the spike step saturates nearly every input value: about half of a two-step check window
+    assert promote["signals"]["overflow"] > 0.4 and promote["signals"]["headroom"] > 100
+    stats_after = [r["layers"][LAYER] for r in log.records if r["kind"] == "stats" and r["step"] > 10]
+    assert stats_after and all(s["overflow"] < 0.05 and s["state"] in ("probation", "fp8") for s in stats_after)
+
+
+def test_nonfinite_gradient_skips_the_step_and_promotes(tmp_path, parallel):
+    summary = run(tmp_path, "nan", "train.steps=10", 'inject.kind="nonfinite"', f'inject.layer="{LAYER}"',
+                  "inject.start_step=4")
+    assert summary["skipped_steps"] == [5]
+    assert switches(summary) == [(5, LAYER, "fp8", "bf16", "nonfinite")]
+    assert summary["final_train_loss"] == pytest.approx(summary["final_train_loss"])  # finite, not NaN
+    assert summary["final_eval_loss"] < 10
+
+
+def test_healthy_tiny_run_makes_no_switch(tmp_path, parallel):
+    summary = run(tmp_path, "healthy", "train.steps=24", "precision.monitor.shadow_every=1")
+    assert summary["switches"] == [] and summary["fp8_flop_fraction"] == 1.0
+
+
+def test_resume_reproduces_the_precision_timeline(tmp_path, parallel):
+    args = ["train.steps=20", *SPIKE]
+    full = run(tmp_path, "full", *args)
+    run(tmp_path, "split", *args, "train.stop_at_step=8", "train.checkpoint_every=8")
+    resumed = run(tmp_path, "split", *args, "train.resume=true")
+    assert resumed["resumed_from"] == 8
+    split_log = read_log(tmp_path / "split" / "precision_events.jsonl")
+    timeline = [(r["step"], r["layer"], r["from"], r["to"], r["reason"]) for r in split_log.records
+                if r["kind"] == "switch"]
+    assert timeline == switches(full) and len(timeline) == 2 and timeline[0][0] < 8 < timeline[1][0]
+    assert resumed["final_train_loss"] == full["final_train_loss"]
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+    starts = [r for r in split_log.records if r["kind"] == "run_start"]
+    assert [s.get("resumed_from") for s in starts] == [None, 8] and starts[0]["run"] == starts[1]["run"]
+
+
+def test_corrupt_switch_log_line_on_resume_is_reported_and_skipped(tmp_path, parallel, capsys):
+    run(tmp_path, "r", "train.steps=8", "train.stop_at_step=4")
+    log = tmp_path / "r" / "precision_events.jsonl"
+    with open(log, "a") as fh:
+        fh.write('{"v":1,"kind":"switch","step":')   # a crash mid-record: no newline
+    resumed = run(tmp_path, "r", "train.steps=8", "train.resume=true")
+    assert resumed["resumed_from"] == 4
+    assert "1 unreadable line(s) skipped" in capsys.readouterr().err
+    result = read_log(log)
+    assert result.skipped_lines == 1 and [r["kind"] for r in result.records][-1] == "run_end"
+    assert sum(r["kind"] == "run_start" for r in result.records) == 2
