@@ -6,8 +6,8 @@ import pytest
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from precisionrt.fp8 import STAT_INDEX
-from precisionrt.linear import PrecisionColumnParallelLinear, PrecisionRowParallelLinear, precision_layers
+from precisionrt.fp8 import STAT_INDEX, ScalingConfig
+from precisionrt.linear import LayerNumerics, PrecisionColumnParallelLinear, PrecisionRowParallelLinear, precision_layers
 from precisionrt.megatron import match_layers
 from precisionrt.train import lm_loss
 
@@ -102,6 +102,7 @@ def test_loss_is_continuous_across_a_switch(small_model, tokens):
 
 def test_return_to_fp8_resets_scaling_state(small_model, tokens):
     layer = precision_layers(small_model)["decoder.layers.0.mlp.linear_fc2"]
+    layer.numerics = LayerNumerics(ScalingConfig(recipe="delayed"), "cpu")
     layer.precision = "fp8"
     lm_loss(small_model, tokens).backward()
     state = layer.numerics.scaling["input"]
