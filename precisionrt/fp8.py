@@ -61,7 +61,7 @@ import torch
 
 __all__ = [
     "E4M3", "E5M2", "FORMATS", "FP8Format", "quantize", "tensor_stats", "STAT_FIELDS", "ScalingConfig",
-    "ScalingState", "compute_scale", "quantize_tensor", "finite_amax", "scaled_mm", "fp8_gemm_unsupported_reason", "GEMM_ALIGNMENT",
+    "ScalingState", "compute_scale", "quantize_tensor", "abs_max", "cheap_stats", "scaled_mm", "fp8_gemm_unsupported_reason", "GEMM_ALIGNMENT",
 ]
 
 
@@ -107,7 +107,8 @@ STAT_FIELDS = (
     "scaled_amax",   # max |x| * scale: above fmt.max means the scale was stale (delayed scaling saturates)
     "saturated",     # finite values with |x * scale| > fmt.max (clamped)
     "underflow",     # nonzero finite values that quantized to 0
-    "nonfinite",     # NaN or +-inf in x (counted before the cast, which would hide +inf)
+    "nonfinite",     # NaN or +-inf in x, seen before the cast (which would hide +inf): an exact count on
+                     # full-statistics steps, an indicator (1 per tensor) on cheap ones
     "numel",
     "nonzero",       # finite nonzero values (the denominator of the underflow fraction)
     "err_sq",        # sum (x - dequant(q))^2 over finite values
@@ -119,25 +120,39 @@ _MAX_FIELDS = [STAT_INDEX["amax"], STAT_INDEX["scaled_amax"]]   # combined by ma
 _SUM_FIELDS = [i for i in range(NUM_STATS) if i not in _MAX_FIELDS]
 
 
-def finite_amax(x: torch.Tensor) -> torch.Tensor:
-    """max |x| over the finite values of ``x`` (0 for an empty or all-nonfinite tensor), as fp32 device tensor."""
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 0-dim fp32 device tensor: one pass. NaN/Inf in ``x`` make it nonfinite, which both keeps
+    the previous scale (``compute_scale``) and flags the tensor as nonfinite in the cheap statistics."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    return x.detach().float().abs().nan_to_num(nan=0.0, posinf=0.0).amax()
+    return x.detach().abs().amax().float()
 
 
-def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale: torch.Tensor,
-                 amax: torch.Tensor | None = None) -> torch.Tensor:
-    """Statistics of quantizing ``x`` to ``q`` with ``scale``; a device tensor of ``NUM_STATS`` fp32 values.
+def cheap_stats(amax: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """The statistics every step can afford, from the amax that scaling computes anyway: amax (finite part),
+    scaled amax and a nonfinite indicator (exact counts come with ``tensor_stats`` on sampled steps)."""
+    finite = torch.isfinite(amax)
+    out = torch.zeros(NUM_STATS, dtype=torch.float32, device=amax.device)
+    out[STAT_INDEX["amax"]] = torch.where(finite, amax, torch.zeros_like(amax))
+    if scale is not None:
+        out[STAT_INDEX["scaled_amax"]] = out[STAT_INDEX["amax"]] * scale
+    out[STAT_INDEX["nonfinite"]] = (~finite).float()
+    return out
 
-    With ``q=None`` (a layer running BF16) only amax, nonfinite and numel are filled: the cheap statistics.
+
+def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """Exact statistics of quantizing ``x`` to ``q`` with ``scale``: a device tensor of ``NUM_STATS`` fp32
+    values (several passes over ``x``: the runtime asks for them on sampled steps only).
+
+    With ``q=None`` (a layer running BF16) only amax, nonfinite and numel are filled.
     """
     xf = x.detach().float()
     finite = torch.isfinite(xf)
     xf_finite = torch.where(finite, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
     absx = xf_finite.abs()
     out = torch.zeros(NUM_STATS, dtype=torch.float32, device=x.device)
-    out[STAT_INDEX["amax"]] = finite_amax(x) if amax is None else amax
+    out[STAT_INDEX["amax"]] = absx.amax() if x.numel() else 0.0
     out[STAT_INDEX["nonfinite"]] = (~finite).sum()
     out[STAT_INDEX["numel"]] = float(xf.numel())
     if q is None:
@@ -314,17 +329,23 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_inv_a: torch.Tensor, scale
                             out_dtype=out_dtype, use_fast_accum=use_fast_accum)
 
 
-def quantize_tensor(x: torch.Tensor, state: ScalingState, update: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` under ``state``'s recipe: returns ``(q, scale, stats)``, all on device. With
-    ``update`` the amax joins the history; evaluation passes ``update=False`` so it never moves training's scales."""
-    amax = finite_amax(x)
+def quantize_tensor(x: torch.Tensor, state: ScalingState, update: bool = True,
+                    stats: Literal["none", "cheap", "full"] = "full"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize ``x`` under ``state``'s recipe: returns ``(q, scale, stats)``, all on device (``stats`` is None
+    for ``"none"``). With ``update`` the amax joins the history; evaluation passes ``update=False`` so it never
+    moves training's scales."""
+    amax = abs_max(x)
     scale = state.scale_for(amax)
     q = quantize(x, state.fmt, scale)
-    stats = tensor_stats(x, q, state.fmt, scale, amax=amax)
+    out = None
+    if stats == "full":
+        out = tensor_stats(x, q, state.fmt, scale)
+    elif stats == "cheap":
+        out = cheap_stats(amax, scale)
     if update:
         state.update(amax)
-    return q, scale, stats
+    return q, scale, out
 
 
 def pad_rows(t: torch.Tensor, multiple: int = GEMM_ALIGNMENT) -> torch.Tensor:

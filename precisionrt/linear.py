@@ -72,16 +72,36 @@ class LayerNumerics:
         self.grad_stats = torch.zeros(len(GRAD_FIELDS), dtype=torch.float32, device=device)
         # Set by the runtime on sampled steps: the next FP8 backward also computes BF16 reference gradients.
         self.shadow = False
+        # False when nobody reads the statistics (static modes without monitors): saves their reductions.
+        self.collect = True
+        # Set by the runtime on sampled steps: exact statistics (several passes per tensor). Other steps
+        # gather only what scaling computes anyway (amax, scaled amax, a nonfinite indicator).
+        self.full_stats = True
         # Set from the module's train/eval mode at each forward: evaluation neither records statistics nor
         # advances amax histories, so it cannot change the training run (resume stays exact).
         self.training = True
 
-    def record(self, role: str, stats: torch.Tensor) -> None:
-        if self.training:
+    @property
+    def recording(self) -> bool:
+        return self.training and self.collect
+
+    @property
+    def stats_level(self) -> str:
+        return "none" if not self.recording else ("full" if self.full_stats else "cheap")
+
+    def bf16_stats(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Statistics of a tensor that a BF16 layer multiplies unquantized."""
+        level = self.stats_level
+        if level == "full":
+            return fp8.tensor_stats(x, None, E4M3, None)
+        return fp8.cheap_stats(fp8.abs_max(x), None) if level == "cheap" else None
+
+    def record(self, role: str, stats: torch.Tensor | None) -> None:
+        if stats is not None and self.recording:
             fp8.combine_stats(self.stats[ROLES.index(role)], stats)
 
     def record_grad(self, values: dict[str, torch.Tensor]) -> None:
-        if self.training:
+        if self.recording:
             for name, v in values.items():
                 self.grad_stats[GRAD_INDEX[name]] += v
 
@@ -140,8 +160,9 @@ class PrecisionLinearFunction(torch.autograd.Function):
         out_dtype = _gemm_out_dtype(input.dtype)
 
         if precision == "fp8":
-            xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"], update=numerics.training)
-            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"], update=numerics.training)
+            level = numerics.stats_level
+            xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"], numerics.training, level)
+            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"], numerics.training, level)
             numerics.record("input", st_x)
             numerics.record("weight", st_w)
             # Fast (reduced-precision) accumulation only in forward, as Transformer Engine does on Hopper.
@@ -150,7 +171,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
             ctx.shadow = numerics.shadow and numerics.training
             ctx.save_for_backward(xq, wq, sx, sw, *((x2d, weight) if ctx.shadow else ()))
         else:
-            numerics.record("input", fp8.tensor_stats(x2d, None, E4M3, None))
+            numerics.record("input", numerics.bf16_stats(x2d))
             y = (x2d.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
             ctx.save_for_backward(x2d, weight)
 
@@ -167,14 +188,15 @@ class PrecisionLinearFunction(torch.autograd.Function):
 
         if ctx.precision == "fp8":
             xq, wq, sx, sw, *shadow_operands = ctx.saved_tensors
-            gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"], update=numerics.training)
+            gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"], numerics.training,
+                                               numerics.stats_level)
             numerics.record("grad_output", st_g)
             sg_inv = sg.reciprocal()
             grad_input = fp8.scaled_mm(gq, fp8.column_major(wq), sg_inv, sw.reciprocal(),
                                        _gemm_out_dtype(ctx.input_dtype))
         else:
             x2d, weight = ctx.saved_tensors
-            numerics.record("grad_output", fp8.tensor_stats(g2d, None, E5M2, None))
+            numerics.record("grad_output", numerics.bf16_stats(g2d))
             g_bf16 = g2d.to(torch.bfloat16)
             grad_input = (g_bf16 @ weight.to(torch.bfloat16)).to(_gemm_out_dtype(ctx.input_dtype))
         grad_input = grad_input.to(ctx.input_dtype).reshape(ctx.total_input_shape)
@@ -201,7 +223,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
                 grad_weight = (g_bf16.t() @ x2d.to(torch.bfloat16)).float()
             grad_weight = grad_weight.to(ctx.weight_dtype)
         grad_bias = g2d.sum(dim=0) if ctx.use_bias else None
-        if grad_weight is not None:
+        if grad_weight is not None and numerics.stats_level == "full":
             numerics.record_grad({"wgrad_sq": grad_weight.detach().float().square().sum()})
         if shadow:
             _record_shadow(numerics, g2d, *shadow_operands, local_dgrad, grad_weight)

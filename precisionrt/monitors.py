@@ -21,7 +21,9 @@ grad_cos           shadow steps: cosine similarity of the FP8 and BF16 gradients
 grad_norm_z        z-score of the layer's weight-gradient norm against its EMA across earlier checks
 =================  =======================================================================================
 
-A layer running BF16 records only the cheap statistics (amax, nonfinite), so its FP8-only signals read 0.
+A layer running BF16 records only amax, nonfinite and element counts, so its FP8-only signals read 0. Signals
+that need exact statistics are None for a check window that held no full-statistics step (see
+``MonitorConfig.full_stats_every``); the policy then neither counts nor clears their strikes.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ SIGNALS = ("overflow", "headroom", "amax_jump", "underflow", "nonfinite", "quant
 _FMT_MAX = torch.tensor([E4M3.max, E4M3.max, E5M2.max])   # input, weight, grad_output
 # Columns of the packed buffer (all reduce by MAX across ranks).
 COLUMNS = ("overflow", "headroom", "underflow", "nonfinite_fwd", "nonfinite_grad", "quant_error", "amax_input", "amax_grad",
-           "grad_rel_err", "grad_cos_gap", "shadow_count", "grad_norm", "control")
+           "grad_rel_err", "grad_cos_gap", "shadow_count", "grad_norm", "full_steps", "control")
 
 
 @dataclass
@@ -48,7 +50,9 @@ class MonitorConfig:
     """When statistics are looked at. Thresholds live in PolicyConfig."""
 
     check_interval: int = 10      # steps between checks (one packed all-reduce + one host copy each)
-    shadow_every: int = 5         # steps between BF16 shadow gradient recomputations; 0 turns them off
+    full_stats_every: int = 10    # steps between exact-statistics steps (saturation, underflow, error counts);
+                                  # other steps keep only amax, headroom and a nonfinite indicator
+    shadow_every: int = 10        # steps between BF16 shadow gradient recomputations; 0 turns them off
     shadow_layers: int = 2        # layers per shadow step, round-robin over the FP8 layers
     ema_decay: float = 0.8        # for amax_jump and grad_norm_z baselines (per check)
     warmup_checks: int = 3        # checks before amax_jump and grad_norm_z have a baseline
@@ -56,6 +60,8 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         if self.check_interval < 1:
             raise ValueError(f"check_interval must be >= 1, got {self.check_interval}")
+        if self.full_stats_every < 1:
+            raise ValueError(f"full_stats_every must be >= 1, got {self.full_stats_every}")
         if self.shadow_every < 0 or self.shadow_layers < 0:
             raise ValueError("shadow_every and shadow_layers must be >= 0")
         if not 0.0 < self.ema_decay < 1.0:
@@ -90,6 +96,7 @@ def pack(layers: list[PrecisionLinearMixin], control: torch.Tensor) -> torch.Ten
         torch.where(has_shadow, 1.0 - cos, torch.zeros_like(cos)),
         grad[:, GRAD_INDEX["shadow_count"]],
         grad[:, GRAD_INDEX["wgrad_sq"]].sqrt(),
+        (col("numel").sum(1) > 0).float(),
         control.to(stats.device, torch.float32),
     ], dim=1)
     return packed.nan_to_num(nan=0.0, posinf=1e30)
@@ -157,11 +164,13 @@ def signals_from(host: np.ndarray, names: list[str], state: MonitorState, cfg: M
         if math.isfinite(gnorm) and gnorm > 0:
             gn_base.update(gnorm, cfg.ema_decay)
         shadow = row[c["shadow_count"]] > 0
+        full = row[c["full_steps"]] > 0   # window held a full-statistics step: counts and errors are known
+        known = lambda col: float(row[c[col]]) if full else None  # noqa: E731
         out[name] = {
-            "overflow": float(row[c["overflow"]]), "headroom": float(row[c["headroom"]]), "amax_jump": float(jump),
-            "underflow": float(row[c["underflow"]]),
+            "overflow": known("overflow"), "headroom": float(row[c["headroom"]]), "amax_jump": float(jump),
+            "underflow": known("underflow"),
             "nonfinite": float(row[c["nonfinite_fwd"]] + row[c["nonfinite_grad"]]),
-            "quant_error": float(row[c["quant_error"]]),
+            "quant_error": known("quant_error"),
             "grad_rel_err": float(row[c["grad_rel_err"]]) if shadow else None,
             "grad_cos": 1.0 - float(row[c["grad_cos_gap"]]) if shadow else None,
             "grad_norm_z": float(z),

@@ -125,7 +125,9 @@ class Policy:
             s = signals.get(name, {})
             if st.state in ("fp8", "probation"):
                 over = self.exceeded(s)
-                st.strikes = {r: st.strikes.get(r, 0) + 1 for r in over}
+                unknown = {REASON_OF[k] for k in REASON_OF if s.get(k, 0.0) is None} - over.keys()
+                st.strikes = {**{r: n for r, n in st.strikes.items() if r in unknown},
+                              **{r: st.strikes.get(r, 0) + 1 for r in over}}
                 need = 1 if st.state == "probation" else c.patience
                 due = {r: ratio for r, ratio in over.items()
                        if ratio >= c.immediate_ratio or st.strikes[r] >= need}

@@ -85,6 +85,8 @@ class PrecisionRuntime:
         self.policy = Policy(config.policy, self.names, fixed, self.precisions())
         self.monitor_state = MonitorState()
         self.monitoring = config.mode == "dynamic" or config.observe
+        for layer in self.layers.values():
+            layer.numerics.collect = self.monitoring
         self.last_signals: dict[str, dict] = {}
         self.rank = rank
         self._flops_at_last_step = self._flop_totals()
@@ -98,7 +100,7 @@ class PrecisionRuntime:
         self.events: EventLog | None = None
         if run_dir is not None:
             self.start_log(run_dir, run_config, rank)
-        self._schedule_shadow(1)
+        self._schedule_sampling(1)
 
     def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int = 0,
                   resumed_from: int | None = None) -> None:
@@ -207,12 +209,9 @@ class PrecisionRuntime:
         d_fp8, d_bf16 = (t - p for t, p in zip(totals, self._flops_at_last_step))
         self._step_fraction = d_fp8 / (d_fp8 + d_bf16) if d_fp8 + d_bf16 else self._step_fraction
         self._flops_at_last_step = totals
-        self._schedule_shadow(step + 1)
+        self._schedule_sampling(step + 1)
         check = self.monitoring and (step % self.config.monitor.check_interval == 0 or self._force_check)
         if not check:
-            if not self.monitoring:
-                for layer in self.layers.values():
-                    layer.numerics.drain_stats()  # nobody reads them: keep the buffers from growing
             return []
         self._force_check = False
         host = monitors.reduce_and_fetch(monitors.pack(list(self.layers.values()), self._control_tensor()))
@@ -231,11 +230,13 @@ class PrecisionRuntime:
                                          **_json_signals(s)} for n, s in signals.items()})
         return events
 
-    def _schedule_shadow(self, step: int) -> None:
-        """For upcoming step ``step``: mark the next few FP8 layers (round-robin, the same on every rank) for a BF16 shadow backward."""
+    def _schedule_sampling(self, step: int) -> None:
+        """For upcoming step ``step``: exact statistics every ``full_stats_every`` steps, and a BF16 shadow
+        backward for the next few FP8 layers (round-robin, the same on every rank) every ``shadow_every``."""
         m = self.config.monitor
         for layer in self.layers.values():
             layer.numerics.shadow = False
+            layer.numerics.full_stats = step % m.full_stats_every == 0
         if not self.monitoring or m.shadow_every == 0 or step % m.shadow_every:
             return
         candidates = [n for n in self.names if self.layers[n].precision == "fp8"]

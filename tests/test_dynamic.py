@@ -43,10 +43,10 @@ def test_spike_promotes_then_demotes_with_fresh_scaling(tmp_path, parallel):
     assert summary["precisions"][LAYER] == "fp8", "healthy after its return"
     log = read_log(tmp_path / "spike" / "precision_events.jsonl")
     promote = next(r for r in log.records if r["kind"] == "switch")
-    # the spike step saturates nearly every input value: about half of a two-step check window
-    assert promote["signals"]["overflow"] > 0.4 and promote["signals"]["headroom"] > 100
+    # the spike step is not a full-statistics step (one in 10): the free headroom signal catches it
+    assert promote["signals"]["headroom"] > 100 and promote["signals"]["overflow"] is None
     stats_after = [r["layers"][LAYER] for r in log.records if r["kind"] == "stats" and r["step"] > 10]
-    assert stats_after and all(s["overflow"] < 0.05 and s["state"] in ("probation", "fp8") for s in stats_after)
+    assert stats_after and all(s["headroom"] < 2 and s["state"] in ("probation", "fp8") for s in stats_after)
 
 
 def test_nonfinite_gradient_skips_the_step_and_promotes(tmp_path, parallel):

@@ -28,6 +28,13 @@ def test_hysteresis_needs_consecutive_checks():
     assert check(p, a=bad) == [("a", "bf16", "underflow")]
 
 
+def test_windows_without_exact_statistics_keep_strikes():
+    p = make(patience=2)
+    assert check(p, a={"underflow": 0.2}) == []
+    assert check(p, a={"underflow": None, "overflow": None, "quant_error": None}) == [], "unknown: no change"
+    assert check(p, a={"underflow": 0.2}) == [("a", "bf16", "underflow")]
+
+
 def test_nonfinite_and_severe_signals_act_at_once():
     p = make(patience=5)
     assert check(p, b={"nonfinite": 3.0, "nonfinite_origin": True}) == [("b", "bf16", "nonfinite")]

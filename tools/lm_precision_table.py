@@ -8,9 +8,9 @@ Each mode runs in its own process (a fresh torch.distributed world), one after t
 
 import argparse
 import json
-import subprocess
 import sys
-from pathlib import Path
+
+from _arms import fresh_dir, run_arm
 
 MODES = ("bf16", "fp8")
 
@@ -21,18 +21,8 @@ def main() -> int:
     p.add_argument("--out", default="runs/lm_precision_table")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
-    out = Path(args.out)
-    if out.exists():
-        print(f"{out} exists: choose another --out", file=sys.stderr)
-        return 2
-    rows = {}
-    for mode in MODES:
-        run_dir = out / mode
-        cmd = [sys.executable, "-m", "precisionrt.train", "--config", args.config, "--set", f'precision.mode="{mode}"',
-               "--set", f'run.dir="{run_dir}"', *sum((["--set", s] for s in args.overrides), [])]
-        print(f"== {mode}: {' '.join(cmd)}", flush=True)
-        subprocess.run(cmd, check=True)
-        rows[mode] = json.loads((run_dir / "summary.json").read_text())
+    out = fresh_dir(args.out)
+    rows = {mode: run_arm(args.config, out / mode, [f'precision.mode="{mode}"', *args.overrides]) for mode in MODES}
     base = rows["bf16"]
     table = {
         mode: {"final_eval_loss": s["final_eval_loss"], "final_train_loss": s["final_train_loss"],

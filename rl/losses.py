@@ -1,0 +1,139 @@
+"""RL losses: GRPO advantages, the PPO clipped surrogate, and behaviour-correction weights (IcePop, TIS).
+
+Three policies meet in an asynchronous trainer (AReaL's decoupled PPO):
+
+* pi_infer: the (stale, possibly FP8) rollout copy that sampled the tokens: ``logp_infer``;
+* pi_prox:  the trainer's policy before this update: ``logp_prox`` (detached);
+* pi_theta: the policy being optimised: ``logp``.
+
+The PPO ratio ``pi_theta / pi_prox`` is clipped as usual; the train/inference mismatch ``pi_prox / pi_infer`` is a
+separate detached per-token weight: IcePop (contract C8) keeps it where it lies in ``[low, high]`` and zeroes
+the token outside (no gradient), TIS truncates it at C, ``none`` is 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Correction = Literal["icepop", "tis", "none"]
+_EDGE_TOL = 1e-6
+
+
+def _check_band(low: float, high: float) -> None:
+    if not (0 < low < high):
+        raise ValueError(f"IcePop band must satisfy 0 < low < high, got [{low}, {high}]")
+
+
+def icepop_weights(logp_train: torch.Tensor, logp_infer: torch.Tensor, low: float = 0.5,
+                   high: float = 2.0) -> torch.Tensor:
+    """Contract C8: ``exp(logp_train - logp_infer)`` where that ratio lies in ``[low, high]``, else 0; detached.
+
+    The band is inclusive and compared in log space with a 1e-6 tolerance, so a ratio that is exactly at an
+    edge up to float rounding counts as inside."""
+    _check_band(low, high)
+    log_ratio = logp_train.detach() - logp_infer.detach()
+    inside = (log_ratio >= math.log(low) - _EDGE_TOL) & (log_ratio <= math.log(high) + _EDGE_TOL)
+    ratio = torch.exp(log_ratio)
+    return torch.where(inside, ratio, torch.zeros_like(ratio))
+
+
+def tis_weights(logp_train: torch.Tensor, logp_infer: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance sampling: ``min(ratio, cap)``, detached."""
+    if cap <= 0:
+        raise ValueError(f"TIS cap must be > 0, got {cap}")
+    return torch.exp(logp_train.detach() - logp_infer.detach()).clamp(max=cap)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages: ``(r - mean_group) / (std_group + eps)``; rewards ordered group by group."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    r = rewards.float().view(-1, group_size)
+    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return adv.view(-1)
+
+
+@dataclass
+class LossInputs:
+    """Per-token tensors of one batch, ``[batch, tokens]``; ``mask`` is 1 on completion tokens that train."""
+
+    logp: torch.Tensor          # pi_theta, with grad
+    logp_prox: torch.Tensor     # pi_prox (trainer before the update), detached
+    logp_infer: torch.Tensor    # pi_infer (behaviour policy that sampled), detached
+    advantages: torch.Tensor    # per sequence [batch] or per token [batch, tokens]
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        shape = self.logp.shape
+        for name in ("logp_prox", "logp_infer", "mask"):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"LossInputs.{name} has shape {tuple(getattr(self, name).shape)}, expected {tuple(shape)}")
+        if self.advantages.dim() == 1:
+            self.advantages = self.advantages[:, None].expand(shape)
+
+
+@dataclass
+class LossConfig:
+    clip_eps: float = 0.2
+    correction: Correction = "icepop"
+    icepop_band: tuple[float, float] = (0.5, 2.0)
+    tis_cap: float = 2.0
+    level: Literal["token", "sequence"] = "token"   # sequence: one weight per sequence (geometric mean ratio)
+
+    def __post_init__(self) -> None:
+        _check_band(*self.icepop_band)
+        if self.correction not in ("icepop", "tis", "none"):
+            raise ValueError(f"correction must be icepop, tis or none, got {self.correction!r}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+
+
+def behaviour_weights(inp: LossInputs, cfg: LossConfig) -> torch.Tensor:
+    """The detached correction weight per token (token level) or per sequence broadcast to its tokens."""
+    logp_prox, logp_infer = inp.logp_prox, inp.logp_infer
+    if cfg.level == "sequence":  # geometric mean of the token ratios: log-ratio averaged over the sequence
+        n = inp.mask.sum(dim=1, keepdim=True).clamp(min=1)
+        mean_log_ratio = ((logp_prox - logp_infer) * inp.mask).sum(dim=1, keepdim=True) / n
+        logp_prox, logp_infer = mean_log_ratio.expand_as(logp_prox), torch.zeros_like(logp_infer)
+    if cfg.correction == "icepop":
+        return icepop_weights(logp_prox, logp_infer, *cfg.icepop_band)
+    if cfg.correction == "tis":
+        return tis_weights(logp_prox, logp_infer, cfg.tis_cap)
+    return torch.ones_like(logp_prox)
+
+
+def ppo_loss(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
+    """Decoupled PPO clipped surrogate with behaviour correction, averaged over masked tokens.
+
+    Returns the loss and detached metrics: masked token fraction (IcePop zeros), ratio mean/min/max of
+    pi_prox/pi_infer, mismatch KL estimators k1 and k3, mean |delta log p|, PPO clip fraction.
+    """
+    mask = inp.mask.float()
+    n = mask.sum().clamp(min=1)
+    ratio = torch.exp(inp.logp - inp.logp_prox.detach())
+    clipped = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
+    surrogate = torch.minimum(ratio * inp.advantages, clipped * inp.advantages)
+    weight = behaviour_weights(inp, cfg)
+    loss = -(weight * surrogate * mask).sum() / n
+
+    with torch.no_grad():
+        log_ratio = (inp.logp_prox - inp.logp_infer) * mask    # log pi_prox/pi_infer
+        behave = torch.exp(inp.logp_prox - inp.logp_infer)
+        on = mask > 0
+        metrics = {
+            "masked_fraction": float(((weight == 0) & on).sum() / n),
+            "ratio_mean": float((behave * mask).sum() / n),
+            "ratio_min": float(behave[on].min()) if on.any() else 1.0,
+            "ratio_max": float(behave[on].max()) if on.any() else 1.0,
+            # KL(pi_infer || pi_prox) estimated on samples from pi_infer (Schulman's k1 and k3)
+            "mismatch_kl_k1": float((-log_ratio).sum() / n),
+            "mismatch_kl_k3": float(((behave - 1 - log_ratio) * mask).sum() / n),
+            "abs_logp_diff": float(log_ratio.abs().sum() / n),
+            "clip_fraction": float((((ratio - 1).abs() > cfg.clip_eps) & on).sum() / n),
+        }
+    return loss, metrics

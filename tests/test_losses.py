@@ -1,0 +1,104 @@
+"""IcePop, TIS and the PPO surrogate on hand-computed ratios (contract C8)."""
+
+import math
+
+import pytest
+import torch
+
+from rl.losses import LossConfig, LossInputs, grpo_advantages, icepop_weights, ppo_loss, tis_weights
+
+# train/infer ratios: below the band, at its low end, inside, at its high end, above it
+RATIOS = [0.4, 0.5, 1.3, 2.0, 2.5]
+
+
+def logps(ratios):
+    infer = torch.tensor([-1.0, -2.0, -0.5, -1.5, -3.0], dtype=torch.float64)
+    train = infer + torch.log(torch.tensor(ratios, dtype=torch.float64))
+    return train, infer
+
+
+def test_icepop_weights_inside_at_and_outside_the_band():
+    train, infer = logps(RATIOS)
+    w = icepop_weights(train, infer, 0.5, 2.0)
+    assert w.tolist() == pytest.approx([0.0, 0.5, 1.3, 2.0, 0.0], abs=1e-12)
+    assert not w.requires_grad
+
+
+def test_icepop_gives_no_gradient_outside_the_band():
+    train, infer = logps(RATIOS)
+    logp = train.clone().requires_grad_(True)
+    inp = LossInputs(logp=logp[None], logp_prox=train[None], logp_infer=infer[None],
+                     advantages=torch.ones(1, dtype=torch.float64), mask=torch.ones(1, 5, dtype=torch.float64))
+    loss, metrics = ppo_loss(inp, LossConfig(correction="icepop"))
+    loss.backward()
+    assert logp.grad[0] == 0 and logp.grad[4] == 0, "outside the band: exactly no gradient"
+    assert (logp.grad[1:4] != 0).all()
+    assert metrics["masked_fraction"] == pytest.approx(2 / 5)
+    assert metrics["ratio_min"] == pytest.approx(0.4) and metrics["ratio_max"] == pytest.approx(2.5)
+    # a batch entirely outside the band contributes nothing at all
+    out_train, out_infer = logps([0.1, 0.2, 3.0, 4.0, 9.0])
+    logp2 = out_train.clone().requires_grad_(True)
+    loss2, _ = ppo_loss(LossInputs(logp=logp2[None], logp_prox=out_train[None], logp_infer=out_infer[None],
+                                   advantages=torch.ones(1, dtype=torch.float64),
+                                   mask=torch.ones(1, 5, dtype=torch.float64)), LossConfig())
+    loss2.backward()
+    assert loss2.item() == 0 and torch.all(logp2.grad == 0)
+
+
+@pytest.mark.parametrize("correction, expected", [
+    ("tis", [0.4, 0.5, 1.3, 2.0, 2.0]), ("none", [1.0] * 5), ("icepop", [0.0, 0.5, 1.3, 2.0, 0.0])])
+def test_correction_weights_scale_the_gradient(correction, expected):
+    train, infer = logps(RATIOS)
+    logp = train.clone().requires_grad_(True)    # pi_theta == pi_prox: PPO ratio exactly 1
+    inp = LossInputs(logp=logp[None], logp_prox=train[None], logp_infer=infer[None],
+                     advantages=torch.full((1,), 2.0, dtype=torch.float64), mask=torch.ones(1, 5, dtype=torch.float64))
+    loss, _ = ppo_loss(inp, LossConfig(correction=correction))
+    loss.backward()
+    assert logp.grad.tolist() == pytest.approx([-2.0 * w / 5 for w in expected], abs=1e-12)
+    if correction == "tis":
+        assert tis_weights(train, infer, 2.0).tolist() == pytest.approx(expected)
+
+
+def test_identical_policies_give_unit_ratios_and_zero_mismatch():
+    logp = torch.log(torch.rand(3, 7, dtype=torch.float64))
+    inp = LossInputs(logp=logp.clone().requires_grad_(True), logp_prox=logp, logp_infer=logp.clone(),
+                     advantages=torch.randn(3, dtype=torch.float64), mask=torch.ones(3, 7, dtype=torch.float64))
+    _, m = ppo_loss(inp, LossConfig())
+    assert m["ratio_min"] == m["ratio_max"] == 1.0 and m["masked_fraction"] == 0
+    assert m["mismatch_kl_k1"] == 0 and m["mismatch_kl_k3"] == 0 and m["abs_logp_diff"] == 0
+
+
+def test_mask_excludes_prompt_and_padding():
+    logp = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
+    inp = LossInputs(logp=logp, logp_prox=torch.zeros(1, 4, dtype=torch.float64),
+                     logp_infer=torch.tensor([[0.0, math.log(10), 0.0, 0.0]], dtype=torch.float64),
+                     advantages=torch.ones(1, dtype=torch.float64), mask=torch.tensor([[0.0, 0.0, 1.0, 1.0]],
+                                                                                       dtype=torch.float64))
+    loss, m = ppo_loss(inp, LossConfig())
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([0, 0, -0.5, -0.5]) and m["masked_fraction"] == 0
+
+
+def test_sequence_level_weight_uses_the_geometric_mean():
+    train, infer = logps([0.4, 0.5, 1.3, 2.0, 2.5])
+    inp = LossInputs(logp=train[None].clone().requires_grad_(True), logp_prox=train[None], logp_infer=infer[None],
+                     advantages=torch.ones(1, dtype=torch.float64), mask=torch.ones(1, 5, dtype=torch.float64))
+    geo = math.prod([0.4, 0.5, 1.3, 2.0, 2.5]) ** (1 / 5)
+    loss, _ = ppo_loss(inp, LossConfig(level="sequence"))
+    assert loss.item() == pytest.approx(-geo)
+
+
+def test_grpo_advantages_are_group_normalised():
+    adv = grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5]), group_size=4)
+    assert adv[:4].tolist() == pytest.approx([1, -1, 1, -1], abs=1e-5)
+    assert adv[4:].tolist() == [0, 0, 0, 0], "a group with equal rewards teaches nothing"
+    with pytest.raises(ValueError, match="groups of 3"):
+        grpo_advantages(torch.zeros(8), 3)
+
+
+@pytest.mark.parametrize("band", [(2.0, 0.5), (1.0, 1.0), (0.0, 2.0)])
+def test_invalid_band_is_refused(band):
+    with pytest.raises(ValueError, match="0 < low < high"):
+        LossConfig(icepop_band=band)
+    with pytest.raises(ValueError, match="0 < low < high"):
+        icepop_weights(torch.zeros(1), torch.zeros(1), *band)
