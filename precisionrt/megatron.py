@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -128,6 +129,12 @@ class ModelConfig:
 def transformer_config(cfg: ModelConfig, tensor_parallel_size: int = 1,
                        params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """Megatron's config with every CUDA-only fusion off, so the same model runs on CPU and GPU."""
+    with warnings.catch_warnings():  # megatron-core 0.16 warns about its own default cuda_graph_scope
+        warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
+        return _transformer_config(cfg, tensor_parallel_size, params_dtype)
+
+
+def _transformer_config(cfg: ModelConfig, tensor_parallel_size: int, params_dtype: torch.dtype) -> TransformerConfig:
     return TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         ffn_hidden_size=cfg.ffn_hidden_size, normalization=cfg.normalization,

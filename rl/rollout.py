@@ -1,0 +1,132 @@
+"""Rollout engine: samples completions from its own copy of the Megatron GPT policy, with the behaviour
+log-probabilities (``logp_infer``) and the policy version that produced them.
+
+The copy is refreshed by versioned weight sync from the trainer (``load_weights``). Its precision is its own:
+``rollout.precision = "fp8"`` runs every FP8-capable GEMM in FP8 (current scaling, as FP8 inference engines
+do), which makes a real train/inference mismatch for IcePop to correct.
+
+Decoding is batched: prompts of equal length decode together; each new token re-runs the (short) sequence
+through the model. For the task lengths here (under 16 tokens) that costs less than keeping a KV cache in
+Megatron's inference context; ``tools/bench_rollout.py`` measures tokens per second.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from precisionrt.fp8 import ScalingConfig
+from precisionrt.linear import LayerNumerics, precision_layers
+from precisionrt.megatron import ModelConfig, build_gpt
+
+STOP = ord("\n")
+
+
+@dataclass
+class RolloutConfig:
+    precision: Literal["fp8", "bf16"] = "fp8"
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Completion:
+    prompt: bytes
+    tokens: list[int]          # generated tokens, the stop byte included if it was produced
+    logp_infer: list[float]    # log pi_infer of each generated token
+    version: int
+    stopped: bool              # produced the stop byte within the budget
+
+    @property
+    def text(self) -> bytes:
+        return bytes(t for t in self.tokens if t != STOP)
+
+
+def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    return model(tokens, positions, None).float()   # [b, s, vocab]
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens and their log-probabilities under the sampling distribution (temperature 0: greedy)."""
+    if temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tok = logits.argmax(dim=-1)
+        return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    probs = logp.exp()
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+        probs = probs / probs.sum(-1, keepdim=True)
+        logp = torch.log(probs.clamp_min(1e-30))
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, temperature: float, top_p: float,
+             generator: torch.Generator, version: int = -1) -> list[Completion]:
+    """Batched sampling; prompts longer than the context raise ValueError naming the prompt."""
+    was_training = model.training
+    model.eval()
+    out: list[Completion | None] = [None] * len(prompts)
+    buckets: dict[int, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        if len(p) == 0 or len(p) + max_new_tokens > max_len:
+            raise ValueError(f"prompt {p[:40]!r} has {len(p)} tokens; with {max_new_tokens} new tokens it must fit "
+                             f"the context of {max_len} (and not be empty)")
+        buckets[len(p)].append(i)
+    for idx in buckets.values():
+        seqs = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long)
+        done = torch.zeros(len(idx), dtype=torch.bool)
+        gen: list[list[int]] = [[] for _ in idx]
+        lps: list[list[float]] = [[] for _ in idx]
+        for _ in range(max_new_tokens):
+            tok, lp = sample_next(logits_of(model, seqs)[:, -1], temperature, top_p, generator)
+            for j in (~done).nonzero().flatten().tolist():
+                gen[j].append(int(tok[j]))
+                lps[j].append(float(lp[j]))
+            done |= tok == STOP
+            if done.all():
+                break
+            seqs = torch.cat([seqs, tok[:, None]], dim=1)
+        for j, i in enumerate(idx):
+            out[i] = Completion(prompts[i], gen[j], lps[j], version, stopped=STOP in gen[j])
+    model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+class RolloutEngine:
+    """A separate policy copy for generation, with its own precision and a weight version."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        self.model = build_gpt(model_cfg)
+        self.model.eval()
+        for layer in precision_layers(self.model).values():
+            # inference: every tensor scaled from its own amax, no statistics
+            layer.numerics = LayerNumerics(ScalingConfig(recipe="current"), layer.weight.device)
+            layer.numerics.collect = False
+            layer.precision = cfg.precision if layer.fp8_capable else "bf16"
+        self.version = -1
+
+    def load_weights(self, state_dict: dict, version: int) -> None:
+        self.model.load_state_dict(state_dict)
+        self.version = version
+
+    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
+        return generate(self.model, prompts, max_new_tokens, self.model_cfg.seq_length, self.cfg.temperature,
+                        self.cfg.top_p, generator, self.version)

@@ -1,0 +1,188 @@
+"""Asynchronous RL with the precision runtime inside.
+
+    python -m rl.train --config configs/rl_tiny_cpu.toml [--set dotted.key=value ...]
+
+A short supervised warm start teaches the answer format (not the answers); then GRPO with IcePop trains the
+policy on the reverse-digits task while a rollout worker generates with an FP8, possibly stale copy. Writes
+the run directory of contract C3 (config.json, metrics.jsonl, precision_events.jsonl, summary.json,
+checkpoints/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
+from precisionrt.checkpoint import save_checkpoint
+from precisionrt.config import ConfigError, load_config, to_dict
+from precisionrt.inject import FaultInjector, InjectConfig
+from precisionrt.loggers import JsonlLogger, MultiLogger
+from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
+from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
+from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+from rl.envs import ReverseDigits, ReverseTaskConfig
+from rl.rollout import RolloutConfig, RolloutEngine
+from rl.trainer import RLAlgoConfig, RLTrainer, supervised_warm_start
+
+
+@dataclass
+class RLTrainConfig:
+    steps: int = 300
+    seed: int = 0
+    lr: float = 1e-3
+    grad_clip: float = 1.0
+    warm_start_steps: int = 25
+    warm_start_batch: int = 64
+    warm_start_lr: float = 3e-3
+    log_every: int = 10
+    eval_every: int = 50
+    checkpoint_every: int = 0      # 0: only at the end
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.log_every < 1 or self.eval_every < 1 or self.warm_start_steps < 0:
+            raise ValueError("steps, log_every and eval_every must be >= 1, warm_start_steps >= 0")
+
+
+@dataclass
+class ExecutorConfig:
+    kind: Literal["local", "ray"] = "local"
+    mode: Literal["async", "sync"] = "async"
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+
+
+def _default_model() -> ModelConfig:
+    return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=16)
+
+
+@dataclass
+class RLConfig:
+    run: RunConfig = field(default_factory=lambda: RunConfig(name="rl"))
+    train: RLTrainConfig = field(default_factory=RLTrainConfig)
+    model: ModelConfig = field(default_factory=_default_model)
+    precision: RuntimeConfig = field(default_factory=RuntimeConfig)
+    rl: RLAlgoConfig = field(default_factory=RLAlgoConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    task: ReverseTaskConfig = field(default_factory=ReverseTaskConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
+
+
+def train(cfg: RLConfig) -> dict:
+    if cfg.executor.kind == "ray":
+        raise ConfigError("executor.kind = 'ray' is not available yet; use 'local'")
+    if cfg.train.resume:
+        raise ConfigError("train.resume is not supported by rl.train yet")
+    init_parallel(1, seed=cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = build_gpt(cfg.model)
+    runtime = PrecisionRuntime(model, cfg.precision)
+    injector = FaultInjector(cfg.inject, model)
+    task = ReverseDigits(cfg.task)
+    max_new = task.max_completion_tokens
+    longest_prompt = cfg.task.max_digits + 1
+    if longest_prompt + max_new > cfg.model.seq_length:
+        raise ConfigError(f"model.seq_length {cfg.model.seq_length} is shorter than the longest prompt "
+                          f"({longest_prompt}) plus the answer budget ({max_new})")
+    run_dir = prepare_run_dir(cfg.run, resume=False)
+    write_json(run_dir / "config.json", to_dict(cfg))
+    runtime.start_log(run_dir, to_dict(cfg))
+    logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")])
+    t_start = time.time()
+
+    heldout = task.heldout()
+    warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
+    warm_loss = supervised_warm_start(model, warm_opt, task, cfg.train.warm_start_steps,
+                                      cfg.train.warm_start_batch, cfg.train.seed, runtime)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    engine = RolloutEngine(cfg.model, cfg.rollout)
+    trainer = RLTrainer(model, runtime, optimizer, engine, task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,
+                        max_new, cfg.rollout.temperature)
+    reward_initial = trainer.evaluate(heldout)
+    print(f"warm start: {cfg.train.warm_start_steps} steps, format loss {warm_loss:.3f}; held-out reward "
+          f"{reward_initial:.3f}", flush=True)
+    logger.log(0, {"eval/reward": reward_initial, "warm_start/loss": warm_loss})
+
+    offset = cfg.train.warm_start_steps  # optimizer steps already taken: the switch log counts all of them
+    switches, masked, max_stale, reward_final = [], [], 0, reward_initial
+    trainer.start()
+    t_rl = time.time()
+    try:
+        for step in range(1, cfg.train.steps + 1):
+            injector.before_step(offset + step - 1)
+            m = trainer.train_step(offset + step, cfg.train.grad_clip)
+            switches += m["events"]
+            masked.append(m["masked_fraction"])
+            max_stale = max(max_stale, m["staleness_max"])
+            for e in m["events"]:
+                print(f"step {step}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
+            row = {f"rl/{k}": v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            row.update(runtime.metrics())
+            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+                reward_final = trainer.evaluate(heldout)
+                row["eval/reward"] = reward_final
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                acct = trainer.ctrl.acct
+                row.update({"samples/generated": acct.generated, "samples/trained": acct.trained,
+                            "samples/dropped": sum(acct.dropped.values()), "samples/in_flight": acct.in_flight})
+                logger.log(step, row)
+                print(f"step {step:>4}/{cfg.train.steps}  reward {m['reward']:.3f}  held-out {reward_final:.3f}  "
+                      f"staleness {m['staleness_mean']:.1f}  icepop masked {m['masked_fraction']:.1%}  "
+                      f"kl {m['mismatch_kl_k3']:.2e}  fp8 {runtime.fp8_flop_fraction():.0%}", flush=True)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
+                                                "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict()})
+    finally:
+        trainer.stop()
+    rl_wall = time.time() - t_rl
+    trainer.ctrl.check()
+    save_checkpoint(run_dir, cfg.train.steps, {"step": cfg.train.steps, "model": model.state_dict(),
+                                               "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict()})
+    acct = trainer.ctrl.acct
+    c = trainer.counters
+    summary = {
+        "steps": cfg.train.steps, "wall_s": time.time() - t_start, "rl_wall_s": rl_wall,
+        "reward_initial": reward_initial, "reward_final": reward_final, "samples": acct.as_dict(),
+        "max_staleness_trained": max(acct.staleness_trained, default=0),
+        "staleness_histogram": {str(k): v for k, v in sorted(acct.staleness_trained.items())},
+        "icepop_masked_fraction": sum(masked) / len(masked), "samples_per_s": acct.trained / rl_wall,
+        "trainer_idle_ratio": c.trainer_wait / rl_wall, "rollout_idle_ratio": c.rollout_wait / rl_wall,
+        "rollout_errors": c.errors[:10], "fp8_flop_fraction": runtime.fp8_flop_fraction(),
+        "switches": [e.summary() for e in switches], "executor": to_dict(cfg.executor),
+        "rollout_precision": cfg.rollout.precision, "correction": cfg.rl.correction,
+    }
+    runtime.close(offset + cfg.train.steps)
+    logger.close()
+    write_json(run_dir / "summary.json", summary)
+    print(f"done: held-out reward {reward_initial:.3f} -> {reward_final:.3f}, {summary['samples_per_s']:.1f} "
+          f"samples/s, samples {acct.as_dict()}, run dir {run_dir}", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rl.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value")
+    args = p.parse_args(argv)
+    try:
+        train(load_config(RLConfig, args.config, args.overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The asynchronous RL trainer end to end on a tiny policy: accounting, staleness, IcePop metrics, bad input."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from precisionrt.config import ConfigError, load_config
+from rl.envs import ReverseDigits, ReverseTaskConfig
+from rl.rollout import generate
+from rl.staleness import StalenessConfig, StalenessController
+from rl.train import RLConfig, train
+from rl.trainer import RLTrainer
+
+TINY = ["train.steps=6", "train.warm_start_steps=5", "train.warm_start_batch=8", "train.log_every=3",
+        "train.eval_every=6", "rl.group_size=4", "rl.prompts_per_step=2", "task.heldout_size=8",
+        "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2"]
+
+
+def run(tmp_path, *extra):
+    return train(load_config(RLConfig, "configs/rl_tiny_cpu.toml", [*TINY, f'run.dir="{tmp_path / "run"}"', *extra]))
+
+
+@pytest.fixture(autouse=True)
+def _root(monkeypatch, parallel):
+    from pathlib import Path
+    monkeypatch.chdir(Path(__file__).parent.parent)
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_run_accounts_for_every_sample(tmp_path, mode):
+    s = run(tmp_path, f'executor.mode="{mode}"')
+    acct = s["samples"]
+    assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
+    assert acct["trained"] == 6 * 8
+    assert s["max_staleness_trained"] <= 2 and all(int(k) <= 2 for k in s["staleness_histogram"])
+    if mode == "sync":
+        assert s["staleness_histogram"] == {"0": 48} and acct["in_flight"] == 0
+    for key in ("steps", "wall_s", "reward_initial", "reward_final", "samples", "icepop_masked_fraction",
+                "samples_per_s", "fp8_flop_fraction", "switches"):
+        assert key in s, key
+    for f in ("config.json", "metrics.jsonl", "summary.json", "precision_events.jsonl"):
+        assert (tmp_path / "run" / f).is_file()
+
+
+def test_identical_precisions_on_policy_give_unit_ratios(tmp_path, monkeypatch):
+    seen = []
+    original = RLTrainer.train_step
+
+    def spy(self, *a, **k):
+        m = original(self, *a, **k)
+        seen.append(m)
+        return m
+    monkeypatch.setattr(RLTrainer, "train_step", spy)
+    run(tmp_path, 'precision.mode="bf16"', 'rollout.precision="bf16"', "rl.max_staleness=0",
+        'executor.mode="sync"')
+    for m in seen:
+        assert m["ratio_min"] == pytest.approx(1, abs=1e-4) and m["ratio_max"] == pytest.approx(1, abs=1e-4)
+        assert m["masked_fraction"] == 0 and abs(m["mismatch_kl_k3"]) < 1e-8
+
+
+def test_fp8_rollout_creates_a_measured_mismatch(tmp_path, monkeypatch):
+    seen = []
+    original = RLTrainer.train_step
+    monkeypatch.setattr(RLTrainer, "train_step", lambda self, *a, **k: seen.append(original(self, *a, **k))
+                        or seen[-1])
+    run(tmp_path, 'precision.mode="bf16"', 'rollout.precision="fp8"', "rl.max_staleness=0", 'executor.mode="sync"')
+    assert all(m["mismatch_kl_k3"] > 0 and m["abs_logp_diff"] > 1e-4 for m in seen)
+    assert all(0 <= m["masked_fraction"] <= 1 for m in seen)
+
+
+def test_admission_control_bounds_what_can_be_in_flight():
+    ctrl = StalenessController(StalenessConfig(max_staleness=1), batch_size=4)
+    assert ctrl.try_admit(4) and ctrl.try_admit(4)
+    assert not ctrl.try_admit(1), "(eta + version + 1) * batch = 8 admitted: a slow trainer stops the worker"
+    ctrl.returned(8)
+    ctrl.trained([0] * 4)
+    ctrl.advance()
+    assert ctrl.try_admit(4) and not ctrl.try_admit(4)
+    ctrl.advance(), ctrl.advance()
+    assert ctrl.version == 3 and ctrl.is_stale(1) and not ctrl.is_stale(2)
+    ctrl.drop(4, "stale")
+    ctrl.check()
+    assert ctrl.acct.as_dict() == {"generated": 12, "trained": 4, "dropped": {"stale": 4}, "in_flight": 4}
+    assert ctrl.try_admit(4), "a dropped sample frees its admission slot"
+
+
+class BrokenRewards(ReverseDigits):
+    def reward(self, problem, completion):
+        return math.nan if problem.digits[0] in "01234" else super().reward(problem, completion)
+
+
+def test_malformed_rewards_are_counted_drops(tmp_path, monkeypatch):
+    monkeypatch.setattr("rl.train.ReverseDigits", BrokenRewards)
+    s = run(tmp_path, 'executor.mode="sync"', "train.warm_start_steps=0")
+    acct = s["samples"]
+    assert acct["dropped"].get("bad_reward", 0) > 0 and acct["trained"] == 48
+    assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
+
+
+def test_prompt_longer_than_context_and_bad_band_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="seq_length 8 is shorter"):
+        run(tmp_path, "model.seq_length=8")
+    with pytest.raises(ConfigError, match="0 < low < high"):
+        run(tmp_path, "rl.icepop_band=[2.0, 0.5]")
+    with pytest.raises(ValueError, match="must fit the context"):
+        generate(torch.nn.Identity(), [b"1" * 20], 4, 16, 1.0, 1.0, torch.Generator())
+
+
+def test_reward_has_partial_credit():
+    task = ReverseDigits(ReverseTaskConfig(heldout_size=4))
+    p = task.sample(random.Random(0))
+    assert task.reward(p, p.target) == 1.0
+    assert task.reward(p, b"") == 0.0
+    assert task.reward(p, p.target + b"99") == pytest.approx(len(p.target) / (len(p.target) + 2))
+    assert p not in task.heldout()
