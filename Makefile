@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 main: $(STAMP)
+	$(VENV)/bin/python -m rl.train --config configs/rl_tiny_cpu.toml
+
+lm: $(STAMP)
 	$(VENV)/bin/python -m precisionrt.train --config configs/lm_tiny_cpu.toml
 
 test: $(STAMP)

@@ -34,7 +34,7 @@ from rl.trainer import RLAlgoConfig, RLTrainer, supervised_warm_start
 
 @dataclass
 class RLTrainConfig:
-    steps: int = 300
+    steps: int = 400
     seed: int = 0
     lr: float = 1e-3
     grad_clip: float = 1.0

@@ -115,3 +115,22 @@ def test_reward_has_partial_credit():
     assert task.reward(p, b"") == 0.0
     assert task.reward(p, p.target + b"99") == pytest.approx(len(p.target) / (len(p.target) + 2))
     assert p not in task.heldout()
+
+
+def test_slow_trainer_keeps_the_queue_bounded(tmp_path, monkeypatch):
+    import time
+
+    queue_sizes = []
+    original = RLTrainer.next_batch
+
+    def slow(self, *a, **k):
+        time.sleep(0.3)     # a trainer much slower than the rollout worker
+        queue_sizes.append(self.queue.qsize())
+        return original(self, *a, **k)
+    monkeypatch.setattr(RLTrainer, "next_batch", slow)
+    s = run(tmp_path, 'executor.mode="async"', "rl.max_staleness=1")
+    groups_per_batch = 2
+    # admission: at most (eta + version + 1) batches ever admitted, so at most (eta + 1) batches wait
+    assert max(queue_sizes) <= (1 + 1) * groups_per_batch
+    assert max(queue_sizes) > 0, "the worker did run ahead of the slow trainer"
+    assert s["samples"]["in_flight"] <= (1 + 1) * 8 and s["max_staleness_trained"] <= 1

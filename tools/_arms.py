@@ -1,4 +1,4 @@
-"""Shared by the tools that compare runs: run one arm of precisionrt.train in its own process."""
+"""Shared by the tools that compare runs: run one arm of a training command in its own process."""
 
 import json
 import subprocess
@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 
-def run_arm(config: str, run_dir: Path, overrides: list[str]) -> dict:
+def run_arm(config: str, run_dir: Path, overrides: list[str], module: str = "precisionrt.train") -> dict:
     """Train one arm (a fresh process: a fresh torch.distributed world) and return its summary.json."""
-    cmd = [sys.executable, "-m", "precisionrt.train", "--config", config, "--set", f'run.dir="{run_dir}"',
+    cmd = [sys.executable, "-m", module, "--config", config, "--set", f'run.dir="{run_dir}"',
            *sum((["--set", s] for s in overrides), [])]
     print(f"== {run_dir.name}: {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True)
