@@ -132,3 +132,22 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def run_cli(prog: str, description: str, config_cls: type[T], run, argv: list[str] | None = None) -> int:
+    """The shape every training command shares (contract C5): ``--config FILE [--set dotted.key=value ...]``.
+    A configuration error prints one line naming the problem and exits 2, having written nothing."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", help="TOML run configuration")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
+                   help="override one config key (repeatable); the value parses as TOML")
+    args = p.parse_args(argv)
+    try:
+        run(load_config(config_cls, args.config, args.overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -9,7 +9,6 @@ checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -23,7 +22,7 @@ import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 
 from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
-from precisionrt.config import ConfigError, load_config, to_dict
+from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.data import ByteCorpus, DataConfig
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger
@@ -224,23 +223,8 @@ def train(cfg: LMConfig) -> dict:
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m precisionrt.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", required=False, help="TOML run configuration")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
-                   help="override one config key (repeatable); the value parses as TOML")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(LMConfig, args.config, args.overrides)
-        train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("python -m precisionrt.train", __doc__.split("\n\n")[0], LMConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ checkpoints/).
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -21,7 +20,7 @@ import torch
 
 import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from precisionrt.checkpoint import save_checkpoint
-from precisionrt.config import ConfigError, load_config, to_dict
+from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
@@ -172,16 +171,7 @@ def train(cfg: RLConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rl.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value")
-    args = p.parse_args(argv)
-    try:
-        train(load_config(RLConfig, args.config, args.overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("python -m rl.train", __doc__.split("\n\n")[0], RLConfig, train, argv)
 
 
 if __name__ == "__main__":

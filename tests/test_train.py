@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from precisionrt.config import ConfigError
+from precisionrt.config import ConfigError, load_config
 from precisionrt.events import read_log
-from precisionrt.train import LMConfig, load_config, main, train
+from precisionrt.train import LMConfig, main, train
 
 ROOT = Path(__file__).parent.parent
 TINY = [
