@@ -1,0 +1,192 @@
+"""Offline analysis of switch logs (contract C4), for the ``precisionrt-log`` command.
+
+Streams: memory grows with the number of layers and switches, never with the number of ``stats`` records, so
+a million-record log summarises on a laptop. Imports neither torch nor megatron. Several files (several
+ranks, or a run and its resumed continuation) merge by run id; a resumed segment (``run_start`` with
+``resumed_from = S``) supersedes what an earlier segment logged after step S. Lines that do not parse are
+skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from precisionrt.events import parse_line
+
+EVENTS_FILE = "precision_events.jsonl"
+# Our writer emits compact JSON with this prefix; such stats lines are checked cheaply instead of parsed.
+_STATS_PREFIX = b'{"v":1,"kind":"stats",'
+_STEP = re.compile(rb'"step":(-?\d+)')
+
+
+@dataclass
+class Skipped:
+    count: int = 0
+    examples: list = field(default_factory=list)
+
+    def add(self, where: str, raw: bytes) -> None:
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"{where}: {raw[:80]!r}")
+
+
+def log_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named directly, or the switch log inside a run directory."""
+    out = []
+    for p in map(Path, paths):
+        f = p / EVENTS_FILE if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"no switch log at {f}")
+        out.append(f)
+    return out
+
+
+def stream(path: Path, skipped: Skipped, want_stats: bool = False) -> Iterator[dict]:
+    """Records of one log. Our own stats lines are only checked for completeness and their step read, unless
+    ``want_stats``: full parsing is the cost of a stats-heavy log."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not want_stats and raw.startswith(_STATS_PREFIX):
+                m = _STEP.search(raw, 0, 120)
+                if raw.rstrip().endswith(b"}") and m:
+                    yield {"kind": "stats", "step": int(m.group(1))}
+                else:
+                    skipped.add(f"{path}:{lineno}", raw)
+                continue
+            rec = parse_line(raw)
+            if rec is None:
+                if raw.strip():
+                    skipped.add(f"{path}:{lineno}", raw)
+                continue
+            yield rec
+
+
+@dataclass
+class RunState:
+    run: str
+    layers: dict = field(default_factory=dict)        # name -> {"flops": F, "initial": P}
+    switches: list = field(default_factory=list)      # (step, layer, from, to, reason)
+    first_step: int | None = None
+    last_step: int = 0
+    ended: bool = False
+    files: set = field(default_factory=set)
+
+    def resume_at(self, step: int) -> None:
+        self.switches = [s for s in self.switches if s[0] <= step]
+        self.last_step = min(self.last_step, step)
+        self.ended = False
+
+
+def collect(paths: Iterable[str | Path]) -> tuple[dict[str, RunState], Skipped]:
+    runs: dict[str, RunState] = {}
+    skipped = Skipped()
+    for path in log_paths(paths):
+        current: RunState | None = None
+        for rec in stream(path, skipped):
+            kind = rec["kind"]
+            if kind == "run_start":
+                current = runs.setdefault(rec["run"], RunState(rec["run"]))
+                current.files.add(str(path))
+                for layer in rec.get("layers", []):
+                    current.layers.setdefault(layer["name"], {"flops": layer.get("gemm_flops_per_token", 0),
+                                                              "initial": layer.get("precision", "fp8")})
+                if rec.get("resumed_from") is not None:
+                    current.resume_at(int(rec["resumed_from"]))
+                continue
+            if current is None:
+                current = runs.setdefault("?", RunState("?"))
+            step = int(rec.get("step", 0))
+            current.first_step = step if current.first_step is None else min(current.first_step, step)
+            current.last_step = max(current.last_step, step)
+            if kind == "switch":
+                sw = (step, rec["layer"], rec["from"], rec["to"], rec["reason"])
+                if sw not in current.switches:  # the same decision logged by several ranks
+                    current.switches.append(sw)
+                current.layers.setdefault(rec["layer"], {"flops": 0, "initial": rec["from"]})
+            elif kind == "run_end":
+                current.ended = True
+    return runs, skipped
+
+
+def summarize_run(state: RunState) -> dict:
+    """Per layer: steps in FP8, promotions/demotions by reason, first promotion; per run: FP8 FLOP share."""
+    steps = max(state.last_step, 0)
+    by_layer: dict[str, list] = {n: [] for n in state.layers}
+    for sw in sorted(state.switches):
+        by_layer.setdefault(sw[1], []).append(sw)
+    layers, fp8_flops, all_flops = {}, 0.0, 0.0
+    for name, switches in by_layer.items():
+        info = state.layers.get(name, {"flops": 0, "initial": "fp8"})
+        precision, since, fp8_steps = info["initial"], 0, 0
+        for step, _, frm, to, _ in switches:
+            if precision == "fp8":
+                fp8_steps += max(0, step - since)
+            precision, since = to, step
+        if precision == "fp8":
+            fp8_steps += max(0, steps - since)
+        promotions = Counter(r for _, _, _, to, r in switches if to == "bf16")
+        demotions = Counter(r for _, _, _, to, r in switches if to == "fp8")
+        layers[name] = {
+            "fp8_steps": fp8_steps, "fp8_time_fraction": fp8_steps / steps if steps else None,
+            "promotions": dict(promotions), "demotions": dict(demotions),
+            "first_promotion_step": next((s for s, _, _, to, _ in switches if to == "bf16"), None),
+            "final_precision": precision,
+        }
+        fp8_flops += info["flops"] * fp8_steps
+        all_flops += info["flops"] * steps
+    return {
+        "run": state.run, "files": sorted(state.files), "steps": steps, "ended": state.ended,
+        "switches": len(state.switches),
+        "promotions": sum(1 for s in state.switches if s[3] == "bf16"),
+        "demotions": sum(1 for s in state.switches if s[3] == "fp8"),
+        "fp8_flop_fraction": fp8_flops / all_flops if all_flops else None,
+        "layers": layers,
+    }
+
+
+def summarize(paths: Iterable[str | Path]) -> dict:
+    runs, skipped = collect(paths)
+    return {"runs": [summarize_run(r) for r in runs.values()], "skipped_lines": skipped.count,
+            "skipped_examples": skipped.examples}
+
+
+def compare(path_a: str | Path, path_b: str | Path) -> dict:
+    """Which layers' precision timelines differ between two logs, and from which step."""
+    (a,), (b,) = (list(collect([p])[0].values()) or [RunState("?")] for p in (path_a, path_b))
+    sa, sb = set(a.switches), set(b.switches)
+    layers = sorted(set(a.layers) | set(b.layers))
+    diff = {}
+    for name in layers:
+        only_a = sorted(s for s in sa - sb if s[1] == name)
+        only_b = sorted(s for s in sb - sa if s[1] == name)
+        if only_a or only_b:
+            diff[name] = {"first_difference_step": min(s[0] for s in only_a + only_b),
+                          "only_in_a": [_sw(s) for s in only_a], "only_in_b": [_sw(s) for s in only_b]}
+    return {"a": str(path_a), "b": str(path_b), "identical": not diff, "layers": diff}
+
+
+def _sw(s: tuple) -> dict:
+    return dict(zip(("step", "layer", "from", "to", "reason"), s))
+
+
+def export_rows(paths: Iterable[str | Path], skipped: Skipped) -> Iterator[dict]:
+    """Flat rows: one per switch, one per (stats record, layer)."""
+    for path in log_paths(paths):
+        for rec in stream(path, skipped, want_stats=True):
+            if rec["kind"] == "switch":
+                yield {"kind": "switch", "run": rec.get("run"), "step": rec["step"], "layer": rec["layer"],
+                       "from": rec["from"], "to": rec["to"], "reason": rec["reason"],
+                       **{f"signal_{k}": v for k, v in rec.get("signals", {}).items()}}
+            elif rec["kind"] == "stats":
+                for layer, sig in rec.get("layers", {}).items():
+                    yield {"kind": "stats", "run": rec.get("run"), "step": rec["step"], "layer": layer,
+                           **{(k if k in ("precision", "state") else f"signal_{k}"): v for k, v in sig.items()}}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

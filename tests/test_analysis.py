@@ -1,0 +1,91 @@
+"""precisionrt-log on switch logs written by real training runs, and on damaged copies of them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from precisionrt import analysis
+from precisionrt.cli import main as cli
+from precisionrt.config import load_config
+from precisionrt.train import LMConfig, train
+from test_dynamic import SPIKE, TINY
+
+ROOT = Path(__file__).parent.parent
+RUN = [*TINY, *SPIKE, "train.steps=20"]   # a spike: one promotion at step 6, its return at step 10
+
+
+@pytest.fixture(scope="module")
+def spike_run(tmp_path_factory, parallel):
+    d = tmp_path_factory.mktemp("logs")
+    summary = train(load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml", [*RUN, f'run.dir="{d / "run"}"']))
+    return d / "run", summary
+
+
+def test_summarize_matches_the_run(spike_run, capsys):
+    run, summary = spike_run
+    assert cli(["summarize", str(run), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["skipped_lines"] == 0 and len(result["runs"]) == 1
+    r = result["runs"][0]
+    assert r["steps"] == 20 and r["ended"] and r["promotions"] == 1 and r["demotions"] == 1
+    layer = r["layers"]["decoder.layers.1.mlp.linear_fc1"]
+    assert layer["promotions"] == {"overflow": 1} and layer["demotions"] == {"probation": 1}
+    assert layer["first_promotion_step"] == 6 and layer["fp8_steps"] == 20 - (10 - 6)
+    # every step runs the same tokens, so the log's FLOP share equals what the runtime counted
+    assert r["fp8_flop_fraction"] == pytest.approx(summary["fp8_flop_fraction"], abs=1e-12)
+    assert cli(["summarize", str(run)]) == 0
+    assert "decoder.layers.1.mlp.linear_fc1" in capsys.readouterr().out
+
+
+def test_corrupt_and_truncated_lines_are_counted_and_the_rest_analysed(spike_run, tmp_path, capsys):
+    run, _ = spike_run
+    lines = (run / "precision_events.jsonl").read_bytes().splitlines(keepends=True)
+    stats_line = next(i for i, l in enumerate(lines) if b'"kind":"stats"' in l)
+    damaged = lines[:stats_line] + [lines[stats_line][:50] + b"\n", b"not json at all\n", b"[1, 2]\n"] + \
+        lines[stats_line + 1:] + [b'{"v":1,"kind":"switch","run":"x","step":']
+    log = tmp_path / "damaged.jsonl"
+    log.write_bytes(b"".join(damaged))
+    assert cli(["summarize", str(log), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["skipped_lines"] == 4
+    assert result["runs"][0]["promotions"] == 1 and result["runs"][0]["steps"] == 20
+
+
+def test_compare_finds_the_layer_and_step_that_differ(spike_run, tmp_path, capsys):
+    run, _ = spike_run
+    log = run / "precision_events.jsonl"
+    assert cli(["compare", str(log), str(log)]) == 0
+    assert "identical" in capsys.readouterr().out
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(l for l in log.read_text().splitlines(keepends=True) if '"probation"' not in l))
+    assert cli(["compare", str(log), str(other), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert not result["identical"]
+    d = result["layers"]["decoder.layers.1.mlp.linear_fc1"]
+    assert d["first_difference_step"] == 10 and d["only_in_a"][0]["reason"] == "probation" and not d["only_in_b"]
+
+
+def test_export_csv_has_switches_and_stats(spike_run, tmp_path, capsys):
+    run, _ = spike_run
+    out = tmp_path / "flat.csv"
+    assert cli(["export", str(run), "-o", str(out)]) == 0
+    rows = out.read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"kind", "step", "layer", "from", "to", "reason", "precision"} <= set(header)
+    kinds = [r.split(",")[0] for r in rows[1:]]
+    assert kinds.count("switch") == 2 and kinds.count("stats") == 10 * 8
+    assert cli(["export", str(run), "-o", str(tmp_path / "x.txt")]) == 2
+
+
+def test_missing_log_is_a_clear_error(tmp_path, capsys):
+    assert cli(["summarize", str(tmp_path / "nope")]) == 2
+    assert "no switch log at" in capsys.readouterr().err
+
+
+def test_analysis_imports_neither_torch_nor_megatron():
+    code = "import sys, precisionrt.cli, precisionrt.analysis; print('torch' in sys.modules, 'megatron' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False False"
