@@ -170,6 +170,46 @@ def compare(path_a: str | Path, path_b: str | Path) -> dict:
     return {"a": str(path_a), "b": str(path_b), "identical": not diff, "layers": diff}
 
 
+def timeline(path: str | Path, out: str | Path, max_columns: int = 2000) -> Path:
+    """Layer x step picture of precision (FP8 / BF16) with a marker at every switch; needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+    except ImportError:
+        raise RuntimeError("timeline needs matplotlib: pip install -e '.[analysis]'") from None
+    runs, _ = collect([path])
+    state = max(runs.values(), key=lambda r: r.last_step)
+    names = list(state.layers)
+    steps = max(1, state.last_step)
+    stride = max(1, -(-steps // max_columns))
+    cols = -(-steps // stride)
+    grid = [[1.0] * cols for _ in names]          # 1 = fp8, 0 = bf16
+    for i, name in enumerate(names):
+        precision, since = state.layers[name]["initial"], 0
+        changes = sorted(sw for sw in state.switches if sw[1] == name) + [(steps, name, None, None, None)]
+        for step, _, _, to, _ in changes:
+            for c in range(since // stride, min(cols, -(-step // stride))):
+                grid[i][c] = 1.0 if precision == "fp8" else 0.0
+            precision, since = to, step
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(names) + 1.6))
+    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#e07b39", "#3a7dc9"]),
+              vmin=0, vmax=1, extent=(0, steps, len(names) - 0.5, -0.5))
+    for step, layer, _, to, reason in state.switches:
+        ax.plot(step, names.index(layer), marker="v" if to == "bf16" else "^", color="black", markersize=6)
+        ax.annotate(reason, (step, names.index(layer)), xytext=(3, 7 if to == "bf16" else -11),
+                    textcoords="offset points", fontsize=6)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(f"precision timeline of run {state.run}: blue FP8, orange BF16; v promotion, ^ return to FP8",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
 def _sw(s: tuple) -> dict:
     return dict(zip(("step", "layer", "from", "to", "reason"), s))
 

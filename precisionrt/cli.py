@@ -2,6 +2,7 @@
 
     precisionrt-log summarize RUN_OR_LOG... [--json] [--follow [--interval S]]
     precisionrt-log compare LOG_A LOG_B [--json]
+    precisionrt-log timeline LOG -o timeline.png
     precisionrt-log export LOG... -o out.csv|out.parquet
 
 A RUN_OR_LOG is a run directory (its precision_events.jsonl) or a log file; several merge by run id (ranks,
@@ -65,6 +66,16 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_timeline(args) -> int:
+    try:
+        out = analysis.timeline(args.path, args.output)
+    except RuntimeError as e:
+        print(f"precisionrt-log: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_export(args) -> int:
     skipped = analysis.Skipped()
     rows = list(analysis.export_rows(args.paths, skipped))
@@ -104,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("b")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare)
+    t = sub.add_parser("timeline", help="layer x step precision picture (PNG) with switch markers")
+    t.add_argument("path")
+    t.add_argument("-o", "--output", required=True)
+    t.set_defaults(func=cmd_timeline)
     e = sub.add_parser("export", help="flat table of switches and stats")
     e.add_argument("paths", nargs="+")
     e.add_argument("-o", "--output", required=True)

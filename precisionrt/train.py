@@ -25,7 +25,7 @@ from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.data import ByteCorpus, DataConfig
 from precisionrt.inject import FaultInjector, InjectConfig
-from precisionrt.loggers import JsonlLogger, MultiLogger
+from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
@@ -62,11 +62,6 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
-
-
-@dataclass
-class WandbConfig:
-    enabled: bool = False
 
 
 @dataclass
@@ -138,6 +133,8 @@ def train(cfg: LMConfig) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.train.weight_decay)
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
+    if is_main and cfg.wandb.enabled:
+        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
 
     start = 0
     if cfg.train.resume and (found := load_latest_checkpoint(run_dir)) is not None:
@@ -178,6 +175,7 @@ def train(cfg: LMConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         events = runtime.end_step(done)
         switches += events
+        logger.log_switches(done, [{**e.summary(), "signals": e.signals} for e in events])
         if is_main:
             for e in events:
                 print(f"step {done}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)

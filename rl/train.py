@@ -22,7 +22,7 @@ import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from precisionrt.checkpoint import save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.inject import FaultInjector, InjectConfig
-from precisionrt.loggers import JsonlLogger, MultiLogger
+from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
@@ -54,11 +54,6 @@ class RLTrainConfig:
 class ExecutorConfig:
     kind: Literal["local", "ray"] = "local"
     mode: Literal["async", "sync"] = "async"
-
-
-@dataclass
-class WandbConfig:
-    enabled: bool = False
 
 
 def _default_model() -> ModelConfig:
@@ -99,6 +94,8 @@ def train(cfg: RLConfig) -> dict:
     write_json(run_dir / "config.json", to_dict(cfg))
     runtime.start_log(run_dir, to_dict(cfg))
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")])
+    if cfg.wandb.enabled:
+        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
     t_start = time.time()
 
     heldout = task.heldout()
@@ -123,6 +120,7 @@ def train(cfg: RLConfig) -> dict:
             injector.before_step(offset + step - 1)
             m = trainer.train_step(offset + step, cfg.train.grad_clip)
             switches += m["events"]
+            logger.log_switches(step, [{**e.summary(), "signals": e.signals} for e in m["events"]])
             masked.append(m["masked_fraction"])
             max_stale = max(max_stale, m["staleness_max"])
             for e in m["events"]:

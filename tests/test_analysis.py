@@ -89,3 +89,14 @@ def test_analysis_imports_neither_torch_nor_megatron():
     code = "import sys, precisionrt.cli, precisionrt.analysis; print('torch' in sys.modules, 'megatron' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
+
+
+def test_timeline_picture(spike_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    run, _ = spike_run
+    png = tmp_path / "timeline.png"
+    assert cli(["timeline", str(run / "precision_events.jsonl"), "-o", str(png)]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert width > 600 and height > 200
