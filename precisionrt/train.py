@@ -9,12 +9,10 @@ checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 

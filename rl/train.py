@@ -10,7 +10,6 @@ checkpoints/).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field

@@ -22,7 +22,7 @@ import torch
 from precisionrt.runtime import PrecisionRuntime
 from rl.envs import Problem, ReverseDigits
 from rl.losses import LossConfig, LossInputs, grpo_advantages, ppo_loss
-from rl.rollout import STOP, Completion, RolloutEngine, generate, logits_of
+from rl.rollout import Completion, RolloutEngine, generate, logits_of
 from rl.staleness import StalenessConfig, StalenessController
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from precisionrt import analysis
 from precisionrt.cli import main as cli
 from precisionrt.config import load_config
 from precisionrt.train import LMConfig, train

@@ -1,6 +1,5 @@
 """Dynamic mode end to end (precisionrt.train on a tiny GPT): injected faults, recovery, exact resume."""
 
-import json
 from pathlib import Path
 
 import pytest

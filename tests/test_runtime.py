@@ -8,7 +8,6 @@ import torch
 from precisionrt.events import read_log
 from precisionrt.megatron import ModelConfig, build_gpt
 from precisionrt.monitors import MonitorConfig
-from precisionrt.policy import PolicyConfig
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.train import lm_loss
 
