@@ -101,7 +101,13 @@ class WandbLogger:
         return True
 
     def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}}
+        """Numbers as scalars; a list of numbers (e.g. per-sample staleness) as a histogram."""
+        row = {"step": step}
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and v is not None:
+                row[k] = v
+            elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+                row[k] = self.wandb.Histogram(v)
         self._guard("log", lambda: self.run.log(row))
         self._last_step = step
         self._logged += 1

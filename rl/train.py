@@ -125,6 +125,10 @@ def train(cfg: RLConfig) -> dict:
             for e in m["events"]:
                 print(f"step {step}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
             row = {f"rl/{k}": v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            elapsed = time.time() - t_rl
+            row.update({"rl/staleness_histogram": m["staleness"],
+                        "rl/trainer_idle_ratio": trainer.counters.trainer_wait / elapsed,
+                        "rl/rollout_idle_ratio": trainer.counters.rollout_wait / elapsed})
             row.update(runtime.metrics())
             if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
                 reward_final = trainer.evaluate(heldout)

@@ -189,7 +189,7 @@ class RLTrainer:
             self._published = (version, _snapshot(self.model))
         events = self.runtime.end_step(step)
         return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "grad_norm": float(grad_norm),
-                "skipped": skipped, "staleness_mean": sum(staleness) / len(staleness),
+                "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0, **metrics}
 

@@ -99,3 +99,12 @@ def test_timeline_picture(spike_run, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert width > 600 and height > 200
+
+
+def test_export_parquet(spike_run, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    run, _ = spike_run
+    out = tmp_path / "flat.parquet"
+    assert cli(["export", str(run), "-o", str(out)]) == 0
+    table = pq.read_table(out).to_pylist()
+    assert sum(r["kind"] == "switch" for r in table) == 2 and sum(r["kind"] == "stats" for r in table) == 80
