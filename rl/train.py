@@ -10,6 +10,7 @@ checkpoints/).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Literal
 import torch
 
 import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
-from precisionrt.checkpoint import save_checkpoint
+from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
@@ -42,11 +43,14 @@ class RLTrainConfig:
     log_every: int = 10
     eval_every: int = 50
     checkpoint_every: int = 0      # 0: only at the end
-    resume: bool = False
+    resume: bool = False           # continue from the newest checkpoint in run.dir (RL steps; no warm start)
+    stop_at_step: int = 0          # stop early, with a checkpoint, after this RL step (0: run to `steps`)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.log_every < 1 or self.eval_every < 1 or self.warm_start_steps < 0:
             raise ValueError("steps, log_every and eval_every must be >= 1, warm_start_steps >= 0")
+        if self.stop_at_step < 0:
+            raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
 
 
 @dataclass
@@ -76,8 +80,6 @@ class RLConfig:
 def train(cfg: RLConfig) -> dict:
     if cfg.executor.kind == "ray":
         raise ConfigError("executor.kind = 'ray' is not available yet; use 'local'")
-    if cfg.train.resume:
-        raise ConfigError("train.resume is not supported by rl.train yet")
     init_parallel(1, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model)
@@ -89,39 +91,61 @@ def train(cfg: RLConfig) -> dict:
     if longest_prompt + max_new > cfg.model.seq_length:
         raise ConfigError(f"model.seq_length {cfg.model.seq_length} is shorter than the longest prompt "
                           f"({longest_prompt}) plus the answer budget ({max_new})")
-    run_dir = prepare_run_dir(cfg.run, resume=False)
+    run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume)
     write_json(run_dir / "config.json", to_dict(cfg))
-    runtime.start_log(run_dir, to_dict(cfg))
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")])
     if cfg.wandb.enabled:
         logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
     t_start = time.time()
 
     heldout = task.heldout()
-    warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
-    warm_loss = supervised_warm_start(model, warm_opt, task, cfg.train.warm_start_steps,
-                                      cfg.train.warm_start_batch, cfg.train.seed, runtime)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
     engine = RolloutEngine(cfg.model, cfg.rollout)
+    offset = cfg.train.warm_start_steps  # optimizer steps before RL: the switch log counts all of them
+    found = load_latest_checkpoint(run_dir) if cfg.train.resume else None
+    start, masked = 0, []
+    if found is None:
+        runtime.start_log(run_dir, to_dict(cfg))
+        warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
+        warm_loss = supervised_warm_start(model, warm_opt, task, cfg.train.warm_start_steps,
+                                          cfg.train.warm_start_batch, cfg.train.seed, runtime)
+    else:
+        start, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        runtime.load_state_dict(state["runtime"])
+        runtime.start_log(run_dir, to_dict(cfg), resumed_from=offset + start)
+        masked, warm_loss = state["rl"]["masked"], math.nan
     trainer = RLTrainer(model, runtime, optimizer, engine, task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,
                         max_new, cfg.rollout.temperature)
-    reward_initial = trainer.evaluate(heldout)
-    print(f"warm start: {cfg.train.warm_start_steps} steps, format loss {warm_loss:.3f}; held-out reward "
-          f"{reward_initial:.3f}", flush=True)
-    logger.log(0, {"eval/reward": reward_initial, "warm_start/loss": warm_loss})
+    if found is None:
+        reward_initial = trainer.evaluate(heldout)
+        print(f"warm start: {cfg.train.warm_start_steps} steps, loss {warm_loss:.3f}; held-out reward "
+              f"{reward_initial:.3f}", flush=True)
+        logger.log(0, {"eval/reward": reward_initial, "warm_start/loss": warm_loss})
+    else:
+        trainer.load_state_dict(state["rl"]["trainer"])
+        reward_initial = state["rl"]["reward_initial"]
+        print(f"resumed from RL step {start} in {run_dir}", flush=True)
 
-    offset = cfg.train.warm_start_steps  # optimizer steps already taken: the switch log counts all of them
-    switches, masked, max_stale, reward_final = [], [], 0, reward_initial
+    def checkpoint(step: int) -> None:
+        save_checkpoint(run_dir, step, {
+            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "runtime": runtime.state_dict(),
+            "rl": {"trainer": trainer.state_dict(), "reward_initial": reward_initial, "masked": masked}})
+
+    end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    switches, reward_final = [], reward_initial
+    trained_before = trainer.ctrl.acct.trained
     trainer.start()
     t_rl = time.time()
     try:
-        for step in range(1, cfg.train.steps + 1):
+        for step in range(start + 1, end + 1):
             injector.before_step(offset + step - 1)
             m = trainer.train_step(offset + step, cfg.train.grad_clip)
             switches += m["events"]
             logger.log_switches(step, [{**e.summary(), "signals": e.signals} for e in m["events"]])
             masked.append(m["masked_fraction"])
-            max_stale = max(max_stale, m["staleness_max"])
             for e in m["events"]:
                 print(f"step {step}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
             row = {f"rl/{k}": v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -130,10 +154,10 @@ def train(cfg: RLConfig) -> dict:
                         "rl/trainer_idle_ratio": trainer.counters.trainer_wait / elapsed,
                         "rl/rollout_idle_ratio": trainer.counters.rollout_wait / elapsed})
             row.update(runtime.metrics())
-            if step % cfg.train.eval_every == 0 or step == cfg.train.steps:
+            if step % cfg.train.eval_every == 0 or step == end:
                 reward_final = trainer.evaluate(heldout)
                 row["eval/reward"] = reward_final
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if step % cfg.train.log_every == 0 or step == end:
                 acct = trainer.ctrl.acct
                 row.update({"samples/generated": acct.generated, "samples/trained": acct.trained,
                             "samples/dropped": sum(acct.dropped.values()), "samples/in_flight": acct.in_flight})
@@ -141,29 +165,28 @@ def train(cfg: RLConfig) -> dict:
                 print(f"step {step:>4}/{cfg.train.steps}  reward {m['reward']:.3f}  held-out {reward_final:.3f}  "
                       f"staleness {m['staleness_mean']:.1f}  icepop masked {m['masked_fraction']:.1%}  "
                       f"kl {m['mismatch_kl_k3']:.2e}  fp8 {runtime.fp8_flop_fraction():.0%}", flush=True)
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
-                                                "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict()})
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != end:
+                checkpoint(step)
     finally:
         trainer.stop()
     rl_wall = time.time() - t_rl
     trainer.ctrl.check()
-    save_checkpoint(run_dir, cfg.train.steps, {"step": cfg.train.steps, "model": model.state_dict(),
-                                               "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict()})
+    checkpoint(end)
     acct = trainer.ctrl.acct
     c = trainer.counters
     summary = {
-        "steps": cfg.train.steps, "wall_s": time.time() - t_start, "rl_wall_s": rl_wall,
+        "steps": end, "resumed_from": start, "wall_s": time.time() - t_start, "rl_wall_s": rl_wall,
         "reward_initial": reward_initial, "reward_final": reward_final, "samples": acct.as_dict(),
         "max_staleness_trained": max(acct.staleness_trained, default=0),
         "staleness_histogram": {str(k): v for k, v in sorted(acct.staleness_trained.items())},
-        "icepop_masked_fraction": sum(masked) / len(masked), "samples_per_s": acct.trained / rl_wall,
+        "icepop_masked_fraction": sum(masked) / len(masked) if masked else math.nan,
+        "samples_per_s": (acct.trained - trained_before) / rl_wall,
         "trainer_idle_ratio": c.trainer_wait / rl_wall, "rollout_idle_ratio": c.rollout_wait / rl_wall,
         "rollout_errors": c.errors[:10], "fp8_flop_fraction": runtime.fp8_flop_fraction(),
         "switches": [e.summary() for e in switches], "executor": to_dict(cfg.executor),
         "rollout_precision": cfg.rollout.precision, "correction": cfg.rl.correction,
     }
-    runtime.close(offset + cfg.train.steps)
+    runtime.close(offset + end)
     logger.close()
     write_json(run_dir / "summary.json", summary)
     print(f"done: held-out reward {reward_initial:.3f} -> {reward_final:.3f}, {summary['samples_per_s']:.1f} "

@@ -193,6 +193,31 @@ class RLTrainer:
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0, **metrics}
 
+    # ----------------------------------------------------------------------------------- checkpoint
+
+    def state_dict(self) -> dict:
+        a = self.ctrl.acct
+        return {"version": self.ctrl.version, "rng": list(self._rng.getstate()[1]), "rng_version":
+                self._rng.getstate()[0], "gen": self._gen.get_state(),
+                "acct": {"generated": a.generated, "trained": a.trained, "dropped": dict(a.dropped),
+                         "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained)}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Resume: samples that were in flight when the checkpoint was taken are gone with the old process;
+        they are counted as dropped (``lost_on_restart``) so the accounting stays whole."""
+        self._rng.setstate((sd["rng_version"], tuple(sd["rng"]), None))
+        self._gen.set_state(sd["gen"])
+        a, acct = self.ctrl.acct, sd["acct"]
+        a.generated, a.trained, a.in_flight = acct["generated"], acct["trained"], 0
+        a.dropped.update(acct["dropped"])
+        a.staleness_trained.update({int(k): v for k, v in acct["staleness_trained"].items()})
+        if acct["in_flight"]:
+            a.dropped["lost_on_restart"] += acct["in_flight"]
+        self.ctrl.version = sd["version"]
+        self.ctrl.accepted, self.ctrl.running = a.trained, 0
+        self._published = (self.ctrl.version, _snapshot(self.model))
+        self.engine.load_weights(self._published[1], self.ctrl.version)
+
     # ----------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:

@@ -134,3 +134,19 @@ def test_slow_trainer_keeps_the_queue_bounded(tmp_path, monkeypatch):
     assert max(queue_sizes) <= (1 + 1) * groups_per_batch
     assert max(queue_sizes) > 0, "the worker did run ahead of the slow trainer"
     assert s["samples"]["in_flight"] <= (1 + 1) * 8 and s["max_staleness_trained"] <= 1
+
+
+def test_resume_continues_and_keeps_the_accounting_whole(tmp_path):
+    first = run(tmp_path, "train.stop_at_step=3")
+    assert first["steps"] == 3
+    resumed = run(tmp_path, "train.resume=true")
+    assert resumed["resumed_from"] == 3 and resumed["steps"] == 6
+    acct = resumed["samples"]
+    assert acct["trained"] == 6 * 8, "both segments' trained samples are counted"
+    lost = first["samples"]["in_flight"]
+    assert acct["dropped"].get("lost_on_restart", 0) == lost
+    assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
+    assert resumed["reward_initial"] == first["reward_initial"]
+    from precisionrt.events import read_log
+    starts = [r for r in read_log(tmp_path / "run" / "precision_events.jsonl").records if r["kind"] == "run_start"]
+    assert [s.get("resumed_from") for s in starts] == [None, 5 + 3]
