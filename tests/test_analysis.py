@@ -108,3 +108,31 @@ def test_export_parquet(spike_run, tmp_path):
     assert cli(["export", str(run), "-o", str(out)]) == 0
     table = pq.read_table(out).to_pylist()
     assert sum(r["kind"] == "switch" for r in table) == 2 and sum(r["kind"] == "stats" for r in table) == 80
+
+
+def test_several_rank_files_merge_by_run(spike_run, tmp_path, capsys):
+    run, _ = spike_run
+    log = (run / "precision_events.jsonl").read_text().splitlines(keepends=True)
+    rank0, rank1 = tmp_path / "rank0.jsonl", tmp_path / "rank1.jsonl"
+    rank0.write_text("".join(log))
+    rank1.write_text("".join(l for l in log if '"kind":"stats"' not in l))   # same run, same switches
+    assert cli(["summarize", str(rank0), str(rank1), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["runs"]) == 1 and result["runs"][0]["switches"] == 2, "the same decisions count once"
+    assert result["runs"][0]["files"] == sorted([str(rank0), str(rank1)])
+
+
+def test_follow_rereads_until_the_run_ends(spike_run, tmp_path):
+    run, _ = spike_run
+    lines = (run / "precision_events.jsonl").read_text().splitlines(keepends=True)
+    live = tmp_path / "live.jsonl"
+    live.write_text("".join(lines[:-1]))                       # no run_end yet
+    proc = subprocess.Popen([sys.executable, "-m", "precisionrt.cli", "summarize", str(live), "--follow",
+                             "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
+    import time
+    time.sleep(1.5)
+    assert proc.poll() is None, "still following a run without run_end"
+    with open(live, "a") as fh:
+        fh.write(lines[-1])
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "(no run_end yet)" in out and out.rstrip().count("run ") >= 2
