@@ -127,6 +127,9 @@ class RolloutEngine:
         self.model.load_state_dict(state_dict)
         self.version = version
 
+    def close(self) -> None:
+        """Nothing to release in-process (the Ray engine stops its actor here)."""
+
     def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
         return generate(self.model, prompts, max_new_tokens, self.model_cfg.seq_length, self.cfg.temperature,
                         self.cfg.top_p, generator, self.version)

@@ -27,7 +27,8 @@ from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from rl.envs import ReverseDigits, ReverseTaskConfig
-from rl.rollout import RolloutConfig, RolloutEngine
+from rl.executors import make_engine
+from rl.rollout import RolloutConfig
 from rl.trainer import RLAlgoConfig, RLTrainer, supervised_warm_start
 
 
@@ -78,8 +79,6 @@ class RLConfig:
 
 
 def train(cfg: RLConfig) -> dict:
-    if cfg.executor.kind == "ray":
-        raise ConfigError("executor.kind = 'ray' is not available yet; use 'local'")
     init_parallel(1, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model)
@@ -100,7 +99,7 @@ def train(cfg: RLConfig) -> dict:
 
     heldout = task.heldout()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    engine = RolloutEngine(cfg.model, cfg.rollout)
+    engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout)
     offset = cfg.train.warm_start_steps  # optimizer steps before RL: the switch log counts all of them
     found = load_latest_checkpoint(run_dir) if cfg.train.resume else None
     start, masked = 0, []
@@ -169,6 +168,7 @@ def train(cfg: RLConfig) -> dict:
                 checkpoint(step)
     finally:
         trainer.stop()
+        engine.close()
     rl_wall = time.time() - t_rl
     trainer.ctrl.check()
     checkpoint(end)

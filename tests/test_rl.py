@@ -150,3 +150,18 @@ def test_resume_continues_and_keeps_the_accounting_whole(tmp_path):
     from precisionrt.events import read_log
     starts = [r for r in read_log(tmp_path / "run" / "precision_events.jsonl").records if r["kind"] == "run_start"]
     assert [s.get("resumed_from") for s in starts] == [None, 5 + 3]
+
+
+def test_ray_executor_generates_in_an_actor(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    from rl.executors import RayRolloutEngine
+
+    calls = []
+    original = RayRolloutEngine.generate
+    monkeypatch.setattr(RayRolloutEngine, "generate", lambda self, *a: calls.append(1) or original(self, *a))
+    s = run(tmp_path, 'executor.kind="ray"')
+    acct = s["samples"]
+    assert acct["trained"] == 48 and len(calls) >= 6 and s["executor"]["kind"] == "ray"
+    assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
+    import ray
+    assert not ray.is_initialized(), "the run shuts its local cluster down"

@@ -1,0 +1,62 @@
+"""Where rollouts run: ``local`` (the engine in the trainer's process, driven by a worker thread) or ``ray``
+(the engine in a Ray actor on a local cluster bound to 127.0.0.1, so generation runs in its own process).
+
+Both offer the RolloutEngine interface the trainer uses: ``version``, ``model_cfg``, ``load_weights(state,
+version)``, ``generate(prompts, max_new_tokens, generator)`` and ``close()``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from precisionrt.megatron import ModelConfig
+from rl.rollout import Completion, RolloutConfig, RolloutEngine
+
+
+class _Actor:
+    """Runs inside the Ray worker process: its own torch.distributed world of one, its own policy copy."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig):
+        from precisionrt.megatron import init_parallel
+
+        torch.set_num_threads(1)
+        init_parallel(1)
+        self.engine = RolloutEngine(model_cfg, cfg)
+
+    def load_weights(self, state: dict, version: int) -> int:
+        self.engine.load_weights(state, version)
+        return version
+
+    def generate(self, prompts: list[bytes], max_new_tokens: int, seed: int) -> list[Completion]:
+        return self.engine.generate(prompts, max_new_tokens, torch.Generator().manual_seed(seed))
+
+
+class RayRolloutEngine:
+    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, object_store_mib: int = 256):
+        try:
+            import ray
+        except ImportError:
+            raise ImportError("executor.kind = 'ray' needs ray: pip install -e '.[ray]'") from None
+        self.ray, self.model_cfg, self.version = ray, model_cfg, -1
+        if not ray.is_initialized():
+            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     object_store_memory=object_store_mib * 2**20, log_to_driver=False,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        self.actor = ray.remote(num_cpus=1)(_Actor).remote(model_cfg, cfg)
+
+    def load_weights(self, state: dict, version: int) -> None:
+        self.version = self.ray.get(self.actor.load_weights.remote(state, version))
+
+    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
+        seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+        return self.ray.get(self.actor.generate.remote(prompts, max_new_tokens, seed))
+
+    def close(self) -> None:
+        self.ray.kill(self.actor)
+        self.ray.shutdown()
+
+
+def make_engine(kind: str, model_cfg: ModelConfig, cfg: RolloutConfig):
+    if kind == "ray":
+        return RayRolloutEngine(model_cfg, cfg)
+    return RolloutEngine(model_cfg, cfg)
