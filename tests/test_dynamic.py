@@ -1,5 +1,6 @@
 """Dynamic mode end to end (precisionrt.train on a tiny GPT): injected faults, recovery, exact resume."""
 
+import math
 from pathlib import Path
 
 import pytest
@@ -53,8 +54,8 @@ def test_nonfinite_gradient_skips_the_step_and_promotes(tmp_path, parallel):
                   "inject.start_step=4")
     assert summary["skipped_steps"] == [5]
     assert switches(summary) == [(5, LAYER, "fp8", "bf16", "nonfinite")]
-    assert summary["final_train_loss"] == pytest.approx(summary["final_train_loss"])  # finite, not NaN
-    assert summary["final_eval_loss"] < 10
+    assert math.isfinite(summary["final_train_loss"]) and math.isfinite(summary["final_eval_loss"])
+    assert summary["final_eval_loss"] < 10, "the skipped step kept NaN out of the weights"
 
 
 def test_healthy_tiny_run_makes_no_switch(tmp_path, parallel):
