@@ -37,6 +37,7 @@ class RLAlgoConfig:
     level: Literal["token", "sequence"] = "token"
     group_size: int = 8
     prompts_per_step: int = 16
+    entropy_coef: float = 0.0      # bonus on the policy's entropy over completion tokens (against collapse)
 
     def loss_config(self) -> LossConfig:
         return LossConfig(clip_eps=self.clip_eps, correction=self.correction, icepop_band=tuple(self.icepop_band),
@@ -152,7 +153,7 @@ class RLTrainer:
             batch.append(group)
         return batch
 
-    def loss_inputs(self, batch: list[Group]) -> tuple[LossInputs, torch.Tensor]:
+    def loss_inputs(self, batch: list[Group]) -> tuple[LossInputs, torch.Tensor, torch.Tensor]:
         comps = [c for g in batch for c in g.completions]
         seqs = [list(c.prompt) + c.tokens for c in comps]
         width = max(len(s) for s in seqs)
@@ -165,18 +166,22 @@ class RLTrainer:
             mask[i, start:start + len(c.tokens)] = 1
             logp_infer[i, start:start + len(c.tokens)] = torch.tensor(c.logp_infer)
         logits = logits_of(self.model, tokens[:, :-1]) / self.temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        logp_all = torch.log_softmax(logits, dim=-1)
+        logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
+        # policy entropy on completion tokens: watched for collapse, optionally rewarded (rl.entropy_coef)
+        entropy = -((logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
         rewards = torch.tensor([r for g in batch for r in g.rewards])
         adv = grpo_advantages(rewards, self.algo.group_size)
         return LossInputs(logp=logp * mask, logp_prox=(logp * mask).detach(), logp_infer=logp_infer,
-                          advantages=adv, mask=mask), rewards
+                          advantages=adv, mask=mask), rewards, entropy
 
     def train_step(self, step: int, grad_clip: float) -> dict:
         t0 = time.perf_counter()
         batch = self.next_batch()
-        inputs, rewards = self.loss_inputs(batch)
+        inputs, rewards, entropy = self.loss_inputs(batch)
         loss, metrics = ppo_loss(inputs, self.loss_cfg)
-        loss.backward()
+        (loss - self.algo.entropy_coef * entropy).backward()
+        metrics["entropy"] = float(entropy.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
         skipped = self.runtime.should_skip_step(grad_norm)
         if not skipped:

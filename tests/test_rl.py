@@ -165,3 +165,18 @@ def test_ray_executor_generates_in_an_actor(tmp_path, monkeypatch):
     assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
     import ray
     assert not ray.is_initialized(), "the run shuts its local cluster down"
+
+
+def test_entropy_is_logged_and_its_bonus_changes_the_update(tmp_path, monkeypatch):
+    import json
+
+    s0 = run(tmp_path / "a", 'executor.mode="sync"')
+    s1 = run(tmp_path / "b", 'executor.mode="sync"', "rl.entropy_coef=1.0")
+    rows = [json.loads(l) for l in (tmp_path / "a" / "run" / "metrics.jsonl").read_text().splitlines()]
+    ent = [r["rl/entropy"] for r in rows if "rl/entropy" in r]
+    assert ent and all(0 < e <= math.log(256) + 1e-6 for e in ent)
+    w0, w1 = (torch.load(tmp_path / d / "run" / "checkpoints" / "step_000006.pt", weights_only=True)["model"]
+              for d in ("a", "b"))
+    assert s0["steps"] == s1["steps"] == 6
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0 if isinstance(w0[k], torch.Tensor)), \
+        "same data and seeds: only the entropy bonus can make the weights differ"
