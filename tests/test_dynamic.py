@@ -3,7 +3,6 @@
 import math
 from pathlib import Path
 
-import pytest
 
 from precisionrt.config import load_config
 from precisionrt.events import read_log
