@@ -155,9 +155,15 @@ def summarize(paths: Iterable[str | Path]) -> dict:
             "skipped_examples": skipped.examples}
 
 
+def main_run(path: str | Path) -> RunState:
+    """The run a single-log command looks at: the longest one in the file (a log may hold several ids)."""
+    runs, _ = collect([path])
+    return max(runs.values(), key=lambda r: r.last_step) if runs else RunState("?")
+
+
 def compare(path_a: str | Path, path_b: str | Path) -> dict:
     """Which layers' precision timelines differ between two logs, and from which step."""
-    (a,), (b,) = (list(collect([p])[0].values()) or [RunState("?")] for p in (path_a, path_b))
+    a, b = main_run(path_a), main_run(path_b)
     sa, sb = set(a.switches), set(b.switches)
     layers = sorted(set(a.layers) | set(b.layers))
     diff = {}
@@ -179,8 +185,7 @@ def timeline(path: str | Path, out: str | Path, max_columns: int = 2000) -> Path
         from matplotlib.colors import ListedColormap
     except ImportError:
         raise RuntimeError("timeline needs matplotlib: pip install -e '.[analysis]'") from None
-    runs, _ = collect([path])
-    state = max(runs.values(), key=lambda r: r.last_step)
+    state = main_run(path)
     names = list(state.layers)
     steps = max(1, state.last_step)
     stride = max(1, -(-steps // max_columns))

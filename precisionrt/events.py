@@ -8,6 +8,7 @@ offline tools use it on machines that have only the logs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,8 +17,14 @@ from typing import Iterator
 
 SCHEMA_VERSION = 1
 KINDS = ("run_start", "switch", "stats", "run_end")
-REASONS = ("overflow", "underflow", "nonfinite", "quant_error", "grad_sensitivity", "manual", "budget",
-           "probation", "pinned", "static")
+
+
+def json_safe(v):
+    """A value JSON can carry: NaN becomes null, +-inf the strings "inf"/"-inf" (json would write invalid
+    tokens for them)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return v
 
 
 @dataclass(frozen=True)

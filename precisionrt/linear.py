@@ -14,7 +14,7 @@ are, in the model's dtype (the fp32 master copy on CPU); only the GEMM operands 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -51,7 +51,6 @@ class GemmCounters:
 
     fp8: int = 0
     bf16: int = 0
-    by_reason: dict = field(default_factory=dict)
 
 
 class LayerNumerics:

@@ -4,12 +4,13 @@ logged step, always with ``"step"``); others (W&B) sit beside it. Only rank 0 lo
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from precisionrt.events import json_safe
 
 
 class MetricLogger(Protocol):
@@ -17,18 +18,12 @@ class MetricLogger(Protocol):
     def close(self) -> None: ...
 
 
-def _jsonable(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    return v
-
-
 class JsonlLogger:
     def __init__(self, path: str | Path):
         self._fh = open(path, "a", encoding="utf-8")
 
     def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: json_safe(v) for k, v in metrics.items()}}
         self._fh.write(json.dumps(row, allow_nan=False) + "\n")
         self._fh.flush()
 

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 
 from precisionrt import monitors
-from precisionrt.events import EventLog, SwitchEvent, read_log
+from precisionrt.events import EventLog, SwitchEvent, json_safe, read_log
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import match_layers
@@ -177,7 +177,7 @@ class PrecisionRuntime:
         if layer.precision == precision:
             return None
         event = SwitchEvent(step=step, layer=name, from_=layer.precision, to=precision, reason=reason,
-                            signals=_json_signals(signals or {}))
+                            signals={k: json_safe(v) for k, v in (signals or {}).items()})
         layer.precision = precision  # validates; resets scaling state on a return to fp8
         if self.events is not None:
             self.events.switch(event)
@@ -227,7 +227,7 @@ class PrecisionRuntime:
                     events.append(e)
         if self.events is not None:
             self.events.stats(step, {n: {"precision": self.layers[n].precision, "state": self.policy.layers[n].state,
-                                         **_json_signals(s)} for n, s in signals.items()})
+                                         **{k: json_safe(v) for k, v in s.items()}} for n, s in signals.items()})
         return events
 
     def _schedule_sampling(self, step: int) -> None:
@@ -340,14 +340,3 @@ class PrecisionRuntime:
             layer.numerics.shadow = name in sd["shadow_next"]
         self._flops_at_last_step = self._flop_totals()
 
-
-def _json_signals(signals: dict) -> dict:
-    """Signals as JSON-safe values (infinite ratios and None kept readable)."""
-    out = {}
-    for k, v in signals.items():
-        if isinstance(v, float) and v != v:
-            v = None
-        elif isinstance(v, float) and v in (float("inf"), float("-inf")):
-            v = "inf" if v > 0 else "-inf"
-        out[k] = v
-    return out
