@@ -72,10 +72,13 @@ class FP8Format:
     max: float
     min_normal: float
     min_subnormal: float
+    # max plus half the spacing below it: the smallest magnitude a cast without saturation would not round to
+    # max. Only values beyond it lose anything to the clamp (amax * (max / amax) may land 1 ulp over max).
+    saturation_bound: float
 
 
-E4M3 = FP8Format("e4m3", torch.float8_e4m3fn, 448.0, 2.0**-6, 2.0**-9)
-E5M2 = FP8Format("e5m2", torch.float8_e5m2, 57344.0, 2.0**-14, 2.0**-16)
+E4M3 = FP8Format("e4m3", torch.float8_e4m3fn, 448.0, 2.0**-6, 2.0**-9, 464.0)
+E5M2 = FP8Format("e5m2", torch.float8_e5m2, 57344.0, 2.0**-14, 2.0**-16, 61440.0)
 FORMATS = {f.name: f for f in (E4M3, E5M2)}
 
 GEMM_ALIGNMENT = 16
@@ -105,7 +108,7 @@ def quantize(x: torch.Tensor, fmt: str | FP8Format, scale: torch.Tensor | float)
 STAT_FIELDS = (
     "amax",          # max |x| over finite values
     "scaled_amax",   # max |x| * scale: above fmt.max means the scale was stale (delayed scaling saturates)
-    "saturated",     # finite values with |x * scale| > fmt.max (clamped)
+    "saturated",     # finite values with |x * scale| > fmt.saturation_bound (the clamp changed them)
     "underflow",     # nonzero finite values that quantized to 0
     "nonfinite",     # NaN or +-inf in x, seen before the cast (which would hide +inf): an exact count on
                      # full-statistics steps, an indicator (1 per tensor) on cheap ones
@@ -158,7 +161,7 @@ def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale:
     if q is None:
         return out
     out[STAT_INDEX["scaled_amax"]] = out[STAT_INDEX["amax"]] * scale
-    out[STAT_INDEX["saturated"]] = (absx * scale > fmt.max).sum()
+    out[STAT_INDEX["saturated"]] = (absx * scale > fmt.saturation_bound).sum()
     qf = q.float()
     nonzero = xf_finite != 0
     out[STAT_INDEX["nonzero"]] = nonzero.sum()
@@ -167,6 +170,14 @@ def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale:
     out[STAT_INDEX["err_sq"]] = err.square().sum()
     out[STAT_INDEX["signal_sq"]] = absx.square().sum()
     return out
+
+
+def dry_run_stats(x: torch.Tensor, fmt: FP8Format, margin: int = 0) -> torch.Tensor:
+    """``tensor_stats`` of quantizing ``x`` with fresh current scaling, the result thrown away: what a tensor
+    that a BF16 layer multiplies unquantized would look like in FP8 (the pre-flight check before a return)."""
+    amax = abs_max(x)
+    scale = compute_scale(amax, fmt, margin, torch.ones_like(amax))
+    return tensor_stats(x, quantize(x, fmt, scale), fmt, scale)
 
 
 def combine_stats(acc: torch.Tensor, new: torch.Tensor) -> None:

@@ -88,11 +88,13 @@ class LayerNumerics:
     def stats_level(self) -> str:
         return "none" if not self.recording else ("full" if self.full_stats else "cheap")
 
-    def bf16_stats(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Statistics of a tensor that a BF16 layer multiplies unquantized."""
+    def bf16_stats(self, x: torch.Tensor, role: str) -> torch.Tensor | None:
+        """Statistics of a tensor that a BF16 layer multiplies unquantized. On full-statistics steps they come
+        from a dry-run quantization with fresh scaling, so the policy can tell whether the layer would be
+        healthy back in FP8 before it returns it (pre-flight)."""
         level = self.stats_level
         if level == "full":
-            return fp8.tensor_stats(x, None, E4M3, None)
+            return fp8.dry_run_stats(x, self.scaling[role].fmt, self.scaling_config.margin)
         return fp8.cheap_stats(fp8.abs_max(x), None) if level == "cheap" else None
 
     def record(self, role: str, stats: torch.Tensor | None) -> None:
@@ -170,7 +172,9 @@ class PrecisionLinearFunction(torch.autograd.Function):
             ctx.shadow = numerics.shadow and numerics.training
             ctx.save_for_backward(xq, wq, sx, sw, *((x2d, weight) if ctx.shadow else ()))
         else:
-            numerics.record("input", numerics.bf16_stats(x2d))
+            numerics.record("input", numerics.bf16_stats(x2d, "input"))
+            if numerics.stats_level == "full":
+                numerics.record("weight", numerics.bf16_stats(weight, "weight"))
             y = (x2d.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
             ctx.save_for_backward(x2d, weight)
 
@@ -195,7 +199,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
                                        _gemm_out_dtype(ctx.input_dtype))
         else:
             x2d, weight = ctx.saved_tensors
-            numerics.record("grad_output", numerics.bf16_stats(g2d))
+            numerics.record("grad_output", numerics.bf16_stats(g2d, "grad_output"))
             g_bf16 = g2d.to(torch.bfloat16)
             grad_input = (g_bf16 @ weight.to(torch.bfloat16)).to(_gemm_out_dtype(ctx.input_dtype))
         grad_input = grad_input.to(ctx.input_dtype).reshape(ctx.total_input_shape)

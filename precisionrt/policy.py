@@ -2,9 +2,17 @@
 
     fp8 ──(signal over threshold on `patience` consecutive checks; nonfinite or `immediate_ratio` times over
            the threshold: at once)──► bf16
-    bf16 ──(after a cooldown of `cooldown_checks * backoff**(failures-1)` checks)──► probation (runs fp8)
+    bf16 ──(after a cooldown of `cooldown_checks * backoff**(failures-1)` checks, and once a pre-flight check
+           passes)──► probation (runs fp8)
     probation ──(any signal over threshold on one check)──► bf16, failures + 1
     probation ──(`probation_checks` clean checks)──► fp8
+
+Pre-flight: while a layer runs BF16, full-statistics checks quantize its tensors in a dry run with fresh
+scaling (nothing is used). A layer whose cooldown is over returns only when those would-be signals (overflow,
+underflow, quantization error) are known and under their thresholds; until then it stays in BF16 and is
+re-checked at every check. An outlier that persists therefore costs no failed probation (each failure runs
+the unsafe layer in FP8 for a check interval); gradient sensitivity, which needs the FP8 backward, is still
+tested by probation.
 
 Pinned layers never move; layers under a manual hold (API or control file) are left alone until released.
 A budget caps the share of GEMM FLOPs in BF16: when promotions exceed it, the promoted layers that were least
@@ -45,6 +53,7 @@ class PolicyConfig:
     max_cooldown_checks: int = 1000
     probation_checks: int = 5      # clean checks before a returned layer counts as healthy again
     max_bf16_flop_fraction: float = 1.0   # budget: largest share of GEMM FLOPs allowed in BF16
+    preflight: bool = True         # return a layer to FP8 only when its dry-run FP8 statistics are clean
 
     def __post_init__(self) -> None:
         for name in ("overflow", "headroom", "underflow", "quant_error", "amax_jump", "grad_rel_err", "grad_norm_z"):
@@ -73,6 +82,7 @@ class LayerState:
     failures: int = 0
     sensitivity: float = 0.0
     hold: str | None = None            # manual hold: "fp8" | "bf16"
+    preflight_holds: int = 0           # checks on which a due return waited for clean dry-run statistics
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,13 @@ class Policy:
         if s.get("nonfinite_origin"):
             out["nonfinite"] = float("inf")
         return out
+
+    def preflight_passes(self, s: dict) -> bool:
+        """Would the layer be healthy in FP8? Its dry-run statistics must be known and under threshold."""
+        quantization = ("overflow", "underflow", "quant_error")
+        if any(s.get(k) is None for k in quantization):
+            return False
+        return not self.exceeded({k: s[k] for k in quantization})
 
     # ------------------------------------------------------------------------------------ decisions
 
@@ -145,6 +162,9 @@ class Policy:
                 st.checks_in_state += 1
                 cooldown = min(c.max_cooldown_checks, c.cooldown_checks * c.backoff ** max(0, st.failures - 1))
                 if st.checks_in_state >= cooldown:
+                    if c.preflight and not self.preflight_passes(s):
+                        st.preflight_holds += 1
+                        continue
                     st.state, st.checks_in_state, st.strikes = "probation", 0, {}
                     decisions.append(Decision(name, "fp8", "probation", s))
         decisions += self._enforce_budget(flops_per_token, signals)

@@ -48,6 +48,20 @@ def test_spike_promotes_then_demotes_with_fresh_scaling(tmp_path, parallel):
     assert stats_after and all(s["headroom"] < 2 and s["state"] in ("probation", "fp8") for s in stats_after)
 
 
+def test_persistent_outlier_stays_in_bf16_without_failed_probations(tmp_path, parallel):
+    # cooldown of 2 checks, every check with exact statistics: without pre-flight the layer would return to
+    # FP8 on probation every few checks and fail each time
+    summary = run(tmp_path, "outlier", "train.steps=24", "precision.monitor.full_stats_every=2",
+                  "precision.policy.cooldown_checks=2", 'inject.kind="outlier"', f'inject.layer="{LAYER}"',
+                  "inject.start_step=4", "inject.factor=1e6")
+    assert switches(summary) == [(6, LAYER, "fp8", "bf16", "underflow")]
+    assert summary["precisions"][LAYER] == "bf16"
+    log = read_log(tmp_path / "outlier" / "precision_events.jsonl")
+    held = [r["layers"][LAYER] for r in log.records if r["kind"] == "stats" and r["step"] > 6]
+    assert held and all(s["state"] == "bf16" and s["underflow"] > 0.5 for s in held), \
+        "the dry run keeps seeing the outlier"
+
+
 def test_nonfinite_gradient_skips_the_step_and_promotes(tmp_path, parallel):
     summary = run(tmp_path, "nan", "train.steps=10", 'inject.kind="nonfinite"', f'inject.layer="{LAYER}"',
                   "inject.start_step=4")

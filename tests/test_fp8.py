@@ -72,6 +72,33 @@ def test_stats_are_exact_on_crafted_tensor():
     assert s[STAT_INDEX["signal_sq"]].item() == pytest.approx(1e-8 + 300**2 + 600**2 + 4 + 0.25, rel=1e-6)
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_saturation_bound_is_where_an_unclamped_cast_stops_rounding_to_max(fmt):
+    f = fp8.FORMATS[fmt]
+    below = np.array([np.nextafter(np.float32(f.saturation_bound), np.float32(0))], dtype=np.float32)
+    above = np.array([np.nextafter(np.float32(f.saturation_bound), np.float32(np.inf))], dtype=np.float32)
+    assert below.astype(ML[fmt]).astype(np.float32)[0] == f.max
+    assert above.astype(ML[fmt]).astype(np.float32)[0] != f.max, "beyond the bound only the clamp gives max"
+    x = torch.from_numpy(np.concatenate([below, above, [f.max]]))
+    s = fp8.tensor_stats(x, fp8.quantize(x, f, 1.0), f, torch.tensor(1.0))
+    assert s[STAT_INDEX["saturated"]] == 1, "only the value beyond the bound lost something to the clamp"
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_dry_run_stats_match_an_independent_quantization_with_fresh_scaling(fmt):
+    # one outlier channel 1e6 x the rest: with its own amax as scale most other values flush to zero
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 32)).astype(np.float32)
+    x[:, 0] *= 1e6
+    s = fp8.dry_run_stats(torch.from_numpy(x), fp8.FORMATS[fmt])
+    scale = np.float32(fp8.FORMATS[fmt].max) / np.abs(x).max()
+    q = reference_quantize(x, fmt, scale).astype(np.float32)
+    assert s[STAT_INDEX["underflow"]] == int(((q == 0) & (x != 0)).sum())
+    assert s[STAT_INDEX["saturated"]] == 0, "fresh current scaling never saturates"
+    expected_err = float(((x.astype(np.float64) - q / scale) ** 2).sum())
+    assert s[STAT_INDEX["err_sq"]].item() == pytest.approx(expected_err, rel=1e-4)
+
+
 def test_empty_and_all_zero_tensors_are_well_defined():
     state = ScalingState(E4M3, ScalingConfig(recipe="current"))
     for x in (torch.empty(0, 16), torch.zeros(4, 16)):

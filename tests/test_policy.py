@@ -56,6 +56,20 @@ def test_cooldown_probation_and_backoff():
     assert p.layers["a"].state == "fp8", "two clean checks end probation"
 
 
+def test_preflight_holds_a_return_until_dry_run_statistics_are_clean():
+    p = make(patience=1, cooldown_checks=2)
+    assert check(p, a={"underflow": 0.9}) == [("a", "bf16", "underflow")]
+    assert check(p, a={"underflow": 0.9}) == []
+    assert check(p, a={"underflow": 0.9}) == [], "cooldown over, but the layer would still underflow in FP8"
+    assert check(p, a={"underflow": None}) == [], "unknown (no exact statistics in the window): keep waiting"
+    assert p.layers["a"].state == "bf16" and p.layers["a"].preflight_holds == 2
+    assert check(p) == [("a", "fp8", "probation")], "returns at the first clean dry run"
+    assert p.layers["a"].failures == 1, "a held return is not a failure"
+    q = make(patience=1, cooldown_checks=1, preflight=False)
+    check(q, a={"underflow": 0.9})
+    assert check(q, a={"underflow": 0.9}) == [("a", "fp8", "probation")], "pre-flight off: plain cooldown"
+
+
 def test_grad_sensitivity_triggers_on_error_or_cosine():
     p = make(patience=1)
     assert check(p, a={"grad_rel_err": 0.5}) == [("a", "bf16", "grad_sensitivity")]
