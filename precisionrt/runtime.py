@@ -227,6 +227,7 @@ class PrecisionRuntime:
                     events.append(e)
         if self.events is not None:
             self.events.stats(step, {n: {"precision": self.layers[n].precision, "state": self.policy.layers[n].state,
+                                         "preflight_holds": self.policy.layers[n].preflight_holds,
                                          **{k: json_safe(v) for k, v in s.items()}} for n, s in signals.items()})
         return events
 

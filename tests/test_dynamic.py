@@ -60,6 +60,7 @@ def test_persistent_outlier_stays_in_bf16_without_failed_probations(tmp_path, pa
     held = [r["layers"][LAYER] for r in log.records if r["kind"] == "stats" and r["step"] > 6]
     assert held and all(s["state"] == "bf16" and s["underflow"] > 0.5 for s in held), \
         "the dry run keeps seeing the outlier"
+    assert held[-1]["preflight_holds"] == len(held) - 1, "from the end of the 2-check cooldown, every check held"
 
 
 def test_nonfinite_gradient_skips_the_step_and_promotes(tmp_path, parallel):
