@@ -173,7 +173,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
             ctx.save_for_backward(xq, wq, sx, sw, *((x2d, weight) if ctx.shadow else ()))
         else:
             numerics.record("input", numerics.bf16_stats(x2d, "input"))
-            if numerics.stats_level == "full":
+            if numerics.stats_level == "full":  # the weight's amax alone tells nothing: only the dry run
                 numerics.record("weight", numerics.bf16_stats(weight, "weight"))
             y = (x2d.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
             ctx.save_for_backward(x2d, weight)
