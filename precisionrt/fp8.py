@@ -82,6 +82,7 @@ E5M2 = FP8Format("e5m2", torch.float8_e5m2, 57344.0, 2.0**-14, 2.0**-16, 61440.0
 FORMATS = {f.name: f for f in (E4M3, E5M2)}
 
 GEMM_ALIGNMENT = 16
+SCALE_MAX = torch.finfo(torch.float32).max
 
 
 def get_format(fmt: str | FP8Format) -> FP8Format:
@@ -119,8 +120,11 @@ STAT_FIELDS = (
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
 NUM_STATS = len(STAT_FIELDS)
-_MAX_FIELDS = [STAT_INDEX["amax"], STAT_INDEX["scaled_amax"]]   # combined by max; the others by sum
-_SUM_FIELDS = [i for i in range(NUM_STATS) if i not in _MAX_FIELDS]
+# amax and scaled_amax (the first two fields) combine by max, the others by sum. Slices, not index lists: a
+# list index is built on the host and copied to the device at every use.
+_MAX_FIELDS = slice(0, 2)
+_SUM_FIELDS = slice(2, NUM_STATS)
+assert STAT_FIELDS[_MAX_FIELDS] == ("amax", "scaled_amax")
 
 
 def abs_max(x: torch.Tensor) -> torch.Tensor:
@@ -135,12 +139,13 @@ def cheap_stats(amax: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """The statistics every step can afford, from the amax that scaling computes anyway: amax (finite part),
     scaled amax and a nonfinite indicator (exact counts come with ``tensor_stats`` on sampled steps)."""
     finite = torch.isfinite(amax)
-    out = torch.zeros(NUM_STATS, dtype=torch.float32, device=amax.device)
-    out[STAT_INDEX["amax"]] = torch.where(finite, amax, torch.zeros_like(amax))
+    zero = torch.zeros((), dtype=torch.float32, device=amax.device)
+    fields = dict.fromkeys(STAT_FIELDS, zero)
+    fields["amax"] = torch.where(finite, amax, zero)
     if scale is not None:
-        out[STAT_INDEX["scaled_amax"]] = out[STAT_INDEX["amax"]] * scale
-    out[STAT_INDEX["nonfinite"]] = (~finite).float()
-    return out
+        fields["scaled_amax"] = fields["amax"] * scale
+    fields["nonfinite"] = (~finite).float()
+    return torch.stack([fields[name] for name in STAT_FIELDS])
 
 
 def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale: torch.Tensor | None
@@ -152,24 +157,26 @@ def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale:
     """
     xf = x.detach().float()
     finite = torch.isfinite(xf)
-    xf_finite = torch.where(finite, xf, torch.zeros((), dtype=xf.dtype, device=xf.device))
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    xf_finite = torch.where(finite, xf, zero)
     absx = xf_finite.abs()
-    out = torch.zeros(NUM_STATS, dtype=torch.float32, device=x.device)
-    out[STAT_INDEX["amax"]] = absx.amax() if x.numel() else 0.0
-    out[STAT_INDEX["nonfinite"]] = (~finite).sum()
-    out[STAT_INDEX["numel"]] = float(xf.numel())
-    if q is None:
-        return out
-    out[STAT_INDEX["scaled_amax"]] = out[STAT_INDEX["amax"]] * scale
-    out[STAT_INDEX["saturated"]] = (absx * scale > fmt.saturation_bound).sum()
-    qf = q.float()
-    nonzero = xf_finite != 0
-    out[STAT_INDEX["nonzero"]] = nonzero.sum()
-    out[STAT_INDEX["underflow"]] = ((qf == 0) & nonzero).sum()
-    err = torch.where(finite, xf_finite - qf / scale, torch.zeros((), dtype=xf.dtype, device=xf.device))
-    out[STAT_INDEX["err_sq"]] = err.square().sum()
-    out[STAT_INDEX["signal_sq"]] = absx.square().sum()
-    return out
+    # Built with torch.stack of device tensors: writing Python numbers into a CUDA tensor would copy each
+    # one from the host (a synchronisation per field).
+    fields = dict.fromkeys(STAT_FIELDS, zero)
+    fields["amax"] = absx.amax() if x.numel() else zero
+    fields["nonfinite"] = (~finite).sum().float()
+    fields["numel"] = torch.full((), float(xf.numel()), dtype=torch.float32, device=x.device)
+    if q is not None:
+        fields["scaled_amax"] = fields["amax"] * scale
+        fields["saturated"] = (absx * scale > fmt.saturation_bound).sum().float()
+        qf = q.float()
+        nonzero = xf_finite != 0
+        fields["nonzero"] = nonzero.sum().float()
+        fields["underflow"] = ((qf == 0) & nonzero).sum().float()
+        err = torch.where(finite, xf_finite - qf / scale, zero)
+        fields["err_sq"] = err.square().sum()
+        fields["signal_sq"] = absx.square().sum()
+    return torch.stack([fields[name] for name in STAT_FIELDS])
 
 
 def dry_run_stats(x: torch.Tensor, fmt: FP8Format, margin: int = 0) -> torch.Tensor:
@@ -212,10 +219,12 @@ class ScalingConfig:
 
 
 def compute_scale(amax: torch.Tensor, fmt: FP8Format, margin: int, prev_scale: torch.Tensor) -> torch.Tensor:
-    """``(fmt.max / amax) / 2**margin``; keeps ``prev_scale`` where amax is 0 or not finite."""
+    """``(fmt.max / amax) / 2**margin`` (at most the largest fp32); keeps ``prev_scale`` where amax is 0 or
+    not finite. ``kernels.py`` repeats these operations in this order, bit for bit."""
     usable = torch.isfinite(amax) & (amax > 0)
     safe_amax = torch.where(usable, amax, torch.ones_like(amax))
-    scale = (fmt.max / safe_amax) / (2.0**margin)
+    # Clamped to the largest fp32: a tiny nonzero amax (1e-36) would otherwise give an infinite scale.
+    scale = ((fmt.max / safe_amax) / (2.0**margin)).clamp(max=SCALE_MAX)
     return torch.where(usable, scale, prev_scale)
 
 

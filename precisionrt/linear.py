@@ -26,7 +26,7 @@ from megatron.core.tensor_parallel.layers import (
     dist_reduce_scatter_func,
 )
 
-from precisionrt import fp8
+from precisionrt import fp8, kernels
 from precisionrt.fp8 import E4M3, E5M2, NUM_STATS, ScalingConfig, ScalingState
 
 PRECISIONS = ("fp8", "bf16")
@@ -79,6 +79,13 @@ class LayerNumerics:
         # Set from the module's train/eval mode at each forward: evaluation neither records statistics nor
         # advances amax histories, so it cannot change the training run (resume stays exact).
         self.training = True
+        # On CUDA: quantize with the fused kernels (bit-identical to the eager reference, which stays the
+        # path on CPU and when this is False).
+        self.fused = True
+
+    def use_fused(self, x: torch.Tensor) -> bool:
+        """Fused CUDA kernels (``kernels.py``) unless turned off; the eager reference everywhere else."""
+        return self.fused and kernels.available(x)
 
     @property
     def recording(self) -> bool:
@@ -88,14 +95,28 @@ class LayerNumerics:
     def stats_level(self) -> str:
         return "none" if not self.recording else ("full" if self.full_stats else "cheap")
 
-    def bf16_stats(self, x: torch.Tensor, role: str) -> torch.Tensor | None:
+    def record_bf16(self, x: torch.Tensor, role: str) -> None:
         """Statistics of a tensor that a BF16 layer multiplies unquantized. On full-statistics steps they come
         from a dry-run quantization with fresh scaling, so the policy can tell whether the layer would be
         healthy back in FP8 before it returns it (pre-flight)."""
         level = self.stats_level
-        if level == "full":
-            return fp8.dry_run_stats(x, self.scaling[role].fmt, self.scaling_config.margin)
-        return fp8.cheap_stats(fp8.abs_max(x), None) if level == "cheap" else None
+        if level == "none":
+            return
+        fmt = self.scaling[role].fmt
+        if self.use_fused(x):
+            if level == "full":
+                kernels.quantize(x, fmt, None, update=False, level="full", acc=self.acc(role), write_q=False,
+                                 margin=self.scaling_config.margin)
+            else:
+                kernels.amax_stats(x, self.acc(role))
+        elif level == "full":
+            self.record(role, fp8.dry_run_stats(x, fmt, self.scaling_config.margin))
+        else:
+            self.record(role, fp8.cheap_stats(fp8.abs_max(x), None))
+
+    def acc(self, role: str) -> torch.Tensor | None:
+        """The statistics row that the fused kernels fold a role's statistics into (None: not recording)."""
+        return self.stats[ROLES.index(role)] if self.recording else None
 
     def record(self, role: str, stats: torch.Tensor | None) -> None:
         if stats is not None and self.recording:
@@ -148,6 +169,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
         ctx.input_shape = input.shape
         ctx.input_dtype = input.dtype
         ctx.weight_dtype = weight.dtype
+        ctx.fused = False
 
         if sequence_parallel:
             gathered = list(input.shape)
@@ -160,6 +182,8 @@ class PrecisionLinearFunction(torch.autograd.Function):
         x2d = total_input.reshape(-1, total_input.shape[-1])
         out_dtype = _gemm_out_dtype(input.dtype)
 
+        if precision == "fp8" and numerics.use_fused(x2d):
+            return _fused_forward(ctx, x2d, weight, bias, numerics, out_dtype, input.dtype, total_input.shape)
         if precision == "fp8":
             level = numerics.stats_level
             xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"], numerics.training, level)
@@ -172,9 +196,9 @@ class PrecisionLinearFunction(torch.autograd.Function):
             ctx.shadow = numerics.shadow and numerics.training
             ctx.save_for_backward(xq, wq, sx, sw, *((x2d, weight) if ctx.shadow else ()))
         else:
-            numerics.record("input", numerics.bf16_stats(x2d, "input"))
+            numerics.record_bf16(x2d, "input")
             if numerics.stats_level == "full":  # the weight's amax alone tells nothing: only the dry run
-                numerics.record("weight", numerics.bf16_stats(weight, "weight"))
+                numerics.record_bf16(weight, "weight")
             y = (x2d.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
             ctx.save_for_backward(x2d, weight)
 
@@ -185,10 +209,13 @@ class PrecisionLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        g2d = grad_output.reshape(-1, grad_output.shape[-1])
+        # contiguous: a transposed output gradient would reach the GEMM in a layout it refuses
+        g2d = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()
         needs_input_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         numerics: LayerNumerics = ctx.numerics
 
+        if ctx.precision == "fp8" and ctx.fused:
+            return _fused_backward(ctx, g2d)
         if ctx.precision == "fp8":
             xq, wq, sx, sw, *shadow_operands = ctx.saved_tensors
             gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"], numerics.training,
@@ -199,21 +226,14 @@ class PrecisionLinearFunction(torch.autograd.Function):
                                        _gemm_out_dtype(ctx.input_dtype))
         else:
             x2d, weight = ctx.saved_tensors
-            numerics.record("grad_output", numerics.bf16_stats(g2d, "grad_output"))
+            numerics.record_bf16(g2d, "grad_output")
             g_bf16 = g2d.to(torch.bfloat16)
             grad_input = (g_bf16 @ weight.to(torch.bfloat16)).to(_gemm_out_dtype(ctx.input_dtype))
         grad_input = grad_input.to(ctx.input_dtype).reshape(ctx.total_input_shape)
         shadow = ctx.precision == "fp8" and ctx.shadow
         local_dgrad = grad_input.clone() if shadow else None  # the all-reduce below works in place
-
         # Start the input-gradient communication, then compute the weight gradient while it runs.
-        handle = None
-        if ctx.allreduce_dgrad:
-            handle = torch.distributed.all_reduce(grad_input, group=ctx.tp_group, async_op=True)
-        elif ctx.sequence_parallel:
-            sub_grad_input = torch.empty(ctx.input_shape, dtype=grad_input.dtype, device=grad_input.device)
-            handle = dist_reduce_scatter_func(sub_grad_input, grad_input.contiguous(), group=ctx.tp_group,
-                                              async_op=True)
+        handle, grad_input = _start_dgrad_comm(ctx, grad_input)
 
         grad_weight = None
         if needs_weight_grad:
@@ -233,11 +253,71 @@ class PrecisionLinearFunction(torch.autograd.Function):
 
         if handle is not None:
             handle.wait()
-        if ctx.sequence_parallel:
-            grad_input = sub_grad_input
-        if not needs_input_grad:
-            grad_input = None
-        return grad_input, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input if needs_input_grad else None, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _start_dgrad_comm(ctx, grad_input: torch.Tensor):
+    """Megatron's input-gradient duty under TP: an async all-reduce (in place), or under sequence parallelism
+    a reduce-scatter into this rank's sequence shard. Returns ``(handle or None, the tensor to return)``."""
+    if ctx.allreduce_dgrad:
+        return torch.distributed.all_reduce(grad_input, group=ctx.tp_group, async_op=True), grad_input
+    if ctx.sequence_parallel:
+        sub_grad_input = torch.empty(ctx.input_shape, dtype=grad_input.dtype, device=grad_input.device)
+        handle = dist_reduce_scatter_func(sub_grad_input, grad_input.contiguous(), group=ctx.tp_group,
+                                          async_op=True)
+        return handle, sub_grad_input
+    return None, grad_input
+
+
+def _padded(rows: int) -> int:
+    return rows + (-rows % fp8.GEMM_ALIGNMENT)
+
+
+def _fused_forward(ctx, x2d, weight, bias, numerics: LayerNumerics, out_dtype, input_dtype, total_shape):
+    """FP8 forward on CUDA through the fused kernels (``kernels.py``): the input is cast once into its
+    row-major bytes (this GEMM) and its transposed, token-padded bytes (wgrad), and only the latter is kept
+    for backward: 1 byte per input element. The weight is kept as the parameter itself (no copy) with its
+    scale, and re-cast transposed in backward with that same scale, which gives the same bytes."""
+    level, training = numerics.stats_level, numerics.training
+    xq, xq_t, _, sx_inv = kernels.quantize(x2d, E4M3, numerics.scaling["input"], update=training, level=level,
+                                           acc=numerics.acc("input"), transpose_rows=_padded(x2d.shape[0]))
+    wq, _, sw, sw_inv = kernels.quantize(weight, E4M3, numerics.scaling["weight"], update=training,
+                                         level=level, acc=numerics.acc("weight"))
+    y = fp8.scaled_mm(xq, wq.t(), sx_inv, sw_inv, out_dtype, use_fast_accum=True)
+    del xq, wq
+    ctx.fused = True
+    ctx.shadow = numerics.shadow and training
+    ctx.save_for_backward(xq_t, weight, sx_inv, sw, sw_inv, *((x2d,) if ctx.shadow else ()))
+    y = y.to(input_dtype).reshape(*total_shape[:-1], weight.shape[0])
+    return y + bias if bias is not None else y
+
+
+def _fused_backward(ctx, g2d):
+    numerics: LayerNumerics = ctx.numerics
+    xq_t, weight, sx_inv, sw, sw_inv, *shadow_input = ctx.saved_tensors
+    rows = g2d.shape[0]
+    gq, gq_t, _, sg_inv = kernels.quantize(g2d, E5M2, numerics.scaling["grad_output"], update=numerics.training,
+                                           level=numerics.stats_level, acc=numerics.acc("grad_output"),
+                                           transpose_rows=_padded(rows))
+    _, wq_t, _, _ = kernels.quantize(weight, E4M3, None, update=False, level="none", acc=None, write_q=False,
+                                     transpose_rows=weight.shape[0], scale=sw)
+    grad_input = fp8.scaled_mm(gq, wq_t.t(), sg_inv, sw_inv, _gemm_out_dtype(ctx.input_dtype))
+    del wq_t
+    grad_input = grad_input.to(ctx.input_dtype).reshape(ctx.total_input_shape)
+    local_dgrad = grad_input.clone() if ctx.shadow else None
+    handle, grad_input = _start_dgrad_comm(ctx, grad_input)
+    grad_weight = None
+    if ctx.needs_input_grad[1]:
+        grad_weight = fp8.scaled_mm(gq_t, xq_t.t(), sg_inv, sx_inv, torch.float32).to(ctx.weight_dtype)
+        if numerics.stats_level == "full":
+            numerics.record_grad({"wgrad_sq": grad_weight.detach().float().square().sum()})
+    grad_bias = g2d.sum(dim=0) if ctx.use_bias else None
+    if ctx.shadow:
+        _record_shadow(numerics, g2d, shadow_input[0], weight, local_dgrad, grad_weight)
+    if handle is not None:
+        handle.wait()
+    grad_input = grad_input if ctx.needs_input_grad[0] else None
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _record_shadow(numerics: LayerNumerics, g2d, x2d, weight, grad_input, grad_weight) -> None:

@@ -124,41 +124,77 @@ class ModelConfig:
     # megatron-core 0.16 moves RoPE frequencies to the CUDA device: "rope" needs a GPU.
     position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
     init_std: float = 0.02
+    # "float32": fp32 parameters (the optimizer updates them directly; the master copy). "bfloat16": bf16
+    # parameters and activations throughout, as in the GPU benchmarks' shape.
+    params_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.params_dtype]
 
 
-def transformer_config(cfg: ModelConfig, tensor_parallel_size: int = 1,
-                       params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """Megatron's config with every CUDA-only fusion off, so the same model runs on CPU and GPU."""
+def transformer_config(cfg: ModelConfig, tensor_parallel_size: int = 1, params_dtype: torch.dtype | None = None,
+                       device: str | torch.device = "cpu") -> TransformerConfig:
+    """Megatron's config for ``device``. On CPU every CUDA-only fusion is off; on CUDA the fusions that
+    megatron-core offers without Transformer Engine or Apex are on (bias-dropout-add, SwiGLU, native fused
+    vocab-parallel cross-entropy). RoPE fusion and gradient-accumulation fusion need Transformer Engine or
+    Apex kernels (and the latter writes main grads PrecisionLinear does not produce): off."""
     with warnings.catch_warnings():  # megatron-core 0.16 warns about its own default cuda_graph_scope
         warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
-        return _transformer_config(cfg, tensor_parallel_size, params_dtype)
+        return _transformer_config(cfg, tensor_parallel_size, params_dtype or cfg.torch_dtype,
+                                   torch.device(device).type == "cuda")
 
 
-def _transformer_config(cfg: ModelConfig, tensor_parallel_size: int, params_dtype: torch.dtype) -> TransformerConfig:
+def _transformer_config(cfg: ModelConfig, tensor_parallel_size: int, params_dtype: torch.dtype,
+                        cuda: bool) -> TransformerConfig:
+    fusions = {"bias_dropout_fusion": cuda, "bias_activation_fusion": cuda and cfg.swiglu,
+               "cross_entropy_loss_fusion": cuda}
     return TransformerConfig(
         num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         ffn_hidden_size=cfg.ffn_hidden_size, normalization=cfg.normalization,
         gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else F.gelu,
         add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.init_std,
         tensor_model_parallel_size=tensor_parallel_size, params_dtype=params_dtype,
-        use_cpu_initialization=True, bias_activation_fusion=False, bias_dropout_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
+        use_cpu_initialization=True, masked_softmax_fusion=False,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False, **fusions,
     )
 
 
 def build_gpt(cfg: ModelConfig, scaling: ScalingConfig | None = None, tensor_parallel_size: int = 1,
-              params_dtype: torch.dtype = torch.float32) -> GPTModel:
-    """A megatron-core GPTModel with PrecisionLinear layers (all starting in BF16). Needs ``init_parallel``."""
+              params_dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> GPTModel:
+    """A megatron-core GPTModel with PrecisionLinear layers (all starting in BF16) on ``device``. Needs
+    ``init_parallel``. Initialised on the CPU and then moved, so a seed gives the same weights everywhere."""
     if not parallel_state.model_parallel_is_initialized():
         raise RuntimeError("call precisionrt.megatron.init_parallel(...) before building a model")
-    return GPTModel(
-        config=transformer_config(cfg, tensor_parallel_size, params_dtype),
+    model = GPTModel(
+        config=transformer_config(cfg, tensor_parallel_size, params_dtype, device),
         transformer_layer_spec=precision_layer_spec(scaling),
         vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
         position_embedding_type=cfg.position_embedding,
         share_embeddings_and_output_weights=False,
     )
+    if torch.device(device).type != "cpu":
+        model.to(device)
+        for layer in precision_layers(model).values():   # numerics state follows its layer's weight
+            layer.numerics = type(layer.numerics)(layer.numerics.scaling_config, layer.weight.device)
+    return model
+
+
+def resolve_device(name: str) -> torch.device:
+    """``run.device``: ``auto`` is CUDA when a GPU is visible, else CPU. Under torchrun each rank takes the
+    GPU of its ``LOCAL_RANK``. Asking for ``cuda`` without a GPU is an error that says so."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device: {name!r} is not one of ['auto', 'cpu', 'cuda']")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("run.device: 'cuda' was asked for but torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use run.device=\"cpu\" or \"auto\"")
+    index = int(os.environ.get("LOCAL_RANK", 0))
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"LOCAL_RANK {index} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
 
 
 def _free_localhost_port() -> int:
@@ -167,14 +203,14 @@ def _free_localhost_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(tensor_parallel_size: int = 1, seed: int = 0) -> None:
-    """Bring up torch.distributed (gloo on CPU, nccl on CUDA) and Megatron's parallel state.
+def init_parallel(tensor_parallel_size: int = 1, seed: int = 0, device: str | torch.device = "cpu") -> None:
+    """Bring up torch.distributed (gloo for ``device`` CPU, nccl for CUDA) and Megatron's parallel state.
 
     Under ``torchrun`` the launcher's rendezvous is used; a plain process becomes a world of one bound to
     localhost. Idempotent for the same tensor-parallel size.
     """
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             torch.distributed.init_process_group(backend=backend)
         else:
@@ -190,7 +226,7 @@ def init_parallel(tensor_parallel_size: int = 1, seed: int = 0) -> None:
         else:
             return
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
-    if torch.cuda.is_available():
+    if torch.device(device).type == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)

@@ -39,7 +39,7 @@ from precisionrt.linear import GRAD_INDEX, PrecisionLinearMixin
 
 SIGNALS = ("overflow", "headroom", "amax_jump", "underflow", "nonfinite", "quant_error", "grad_rel_err",
            "grad_cos", "grad_norm_z")
-_FMT_MAX = torch.tensor([E4M3.max, E4M3.max, E5M2.max])   # input, weight, grad_output
+_FMT_MAX = (E4M3.max, E4M3.max, E5M2.max)   # input, weight, grad_output
 # Columns of the packed buffer (all reduce by MAX across ranks).
 COLUMNS = ("overflow", "headroom", "underflow", "nonfinite_fwd", "nonfinite_grad", "quant_error", "amax_input", "amax_grad",
            "grad_rel_err", "grad_cos_gap", "shadow_count", "grad_norm", "full_steps", "control")
@@ -78,14 +78,15 @@ def pack(layers: list[PrecisionLinearMixin], control: torch.Tensor) -> torch.Ten
     stats = torch.stack([d[0] for d in drained])         # [L, roles, fields]
     grad = torch.stack([d[1] for d in drained])          # [L, grad fields]
     col = lambda name: stats[..., STAT_INDEX[name]]      # noqa: E731 - [L, roles]
-    fmt_max = _FMT_MAX.to(stats.device)
+    # one scaled_amax column per role, each divided by its format's max: no host tensor copied to the device
+    headroom = torch.stack([col("scaled_amax")[:, r] / _FMT_MAX[r] for r in range(len(_FMT_MAX))], dim=1)
     shadow_ref = grad[:, GRAD_INDEX["shadow_ref_sq"]]
     cos = _safe_div(grad[:, GRAD_INDEX["shadow_dot"]],
                     (shadow_ref * grad[:, GRAD_INDEX["shadow_fp8_sq"]]).sqrt())
     has_shadow = grad[:, GRAD_INDEX["shadow_count"]] > 0
     packed = torch.stack([
         _safe_div(col("saturated"), col("numel")).amax(1),
-        (col("scaled_amax") / fmt_max).amax(1),
+        headroom.amax(1),
         _safe_div(col("underflow"), col("nonzero")).amax(1),
         col("nonfinite")[:, :2].sum(1),
         col("nonfinite")[:, 2],
@@ -97,16 +98,17 @@ def pack(layers: list[PrecisionLinearMixin], control: torch.Tensor) -> torch.Ten
         grad[:, GRAD_INDEX["shadow_count"]],
         grad[:, GRAD_INDEX["wgrad_sq"]].sqrt(),
         (col("numel").sum(1) > 0).float(),
-        control.to(stats.device, torch.float32),
+        control,
     ], dim=1)
     return packed.nan_to_num(nan=0.0, posinf=1e30)
 
 
-def reduce_and_fetch(packed: torch.Tensor, group=None) -> np.ndarray:
-    """The check step's one collective and one device->host copy."""
+def reduce(packed: torch.Tensor, group=None) -> torch.Tensor:
+    """The check step's one collective (MAX: every column is a worst case), in place."""
     if torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX, group=group)
-    return packed.cpu().numpy()
+    return packed
+
 
 
 @dataclass

@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from precisionrt.config import ConfigError
 
@@ -16,6 +17,7 @@ from precisionrt.config import ConfigError
 class RunConfig:
     dir: str = ""     # empty: runs/<name>-<timestamp>
     name: str = "run"
+    device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when a GPU is visible (one per torchrun rank)
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True) -> Path:

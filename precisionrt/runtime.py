@@ -56,6 +56,7 @@ class RuntimeConfig:
     observe: bool = False                # static modes: run the monitors and log stats, decide nothing
     control_file: str = "precision_control.json"   # in the run dir; "" disables operator control
     skip_nonfinite_steps: bool = True
+    fused_kernels: bool = True           # CUDA: fused quantization kernels (False: the eager reference path)
 
 
 class PrecisionRuntime:
@@ -68,6 +69,7 @@ class PrecisionRuntime:
         self.names = list(self.layers)
         for layer in self.layers.values():
             layer.numerics = LayerNumerics(config.scaling, layer.weight.device)
+            layer.numerics.fused = config.fused_kernels
         self.pinned: dict[str, str] = {}
         for name in match_layers(model, config.pin_bf16, "precision.pin_bf16 pattern"):
             self.pinned[name] = "bf16"
@@ -92,6 +94,8 @@ class PrecisionRuntime:
         self._flops_at_last_step = self._flop_totals()
         self._step_fraction = self.fp8_flop_fraction()
         self._force_check = False
+        self._pending_skips: list[tuple[int, torch.Tensor]] = []   # (step, device flag) not yet fetched
+        self._skipped: list[int] = []
         self._shadow_cursor = 0
         self._control_seen: float | None = None
         self.control_rejected: list[str] = []
@@ -201,6 +205,44 @@ class PrecisionRuntime:
         self._force_check |= skip
         return skip
 
+    def skip_on_device(self, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """``should_skip_step`` without a host synchronisation, for CUDA: the nonfinite flag (reduced across
+        ranks) is handed to a fused Adam/AdamW as ``optimizer.found_inf`` (the protocol of torch's GradScaler),
+        which skips the update on the device. The flags are fetched with the next check's one transfer and
+        reported by ``take_skipped``; the layer where NaN/Inf entered is promoted at that check (on the host
+        path, at once)."""
+        if not self.config.skip_nonfinite_steps:
+            return
+        if not getattr(optimizer, "_step_supports_amp_scaling", False):
+            raise ValueError("skip_on_device needs an optimizer that honours found_inf, e.g. "
+                             "torch.optim.AdamW(..., fused=True); use should_skip_step otherwise")
+        bad = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        optimizer.found_inf = bad
+        self._pending_skips.append((step, bad))
+
+    def take_skipped(self, flush: bool = False) -> list[int]:
+        """Steps skipped on the device (``skip_on_device``) that the last check learnt of; clears them.
+        ``flush`` fetches the flags not yet fetched first (one transfer: at the end of a run)."""
+        if flush and self._pending_skips:
+            self._fetch_pending_skips(None)
+        out, self._skipped = self._skipped, []
+        return out
+
+    def _fetch_pending_skips(self, packed: torch.Tensor | None):
+        """One device->host transfer of ``packed`` (the check's buffer) together with the pending skip flags."""
+        steps = [s for s, _ in self._pending_skips]
+        flags = [f.reshape(1) for _, f in self._pending_skips]
+        self._pending_skips = []
+        parts = ([packed.reshape(-1)] if packed is not None else []) + flags
+        if not parts:
+            return None
+        host = torch.cat(parts).cpu().numpy() if len(parts) > 1 else parts[0].cpu().numpy()
+        n_flags = len(flags)
+        self._skipped += [s for s, f in zip(steps, host[len(host) - n_flags:]) if f > 0]
+        return host[: len(host) - n_flags].reshape(packed.shape) if packed is not None else None
+
     def end_step(self, step: int) -> list[SwitchEvent]:
         """Close optimizer step ``step`` (counted from 1, as metrics count): account FLOPs; on check steps
         (``step % monitor.check_interval == 0``, or at once after a skipped nonfinite step) monitor, decide and
@@ -210,11 +252,15 @@ class PrecisionRuntime:
         self._step_fraction = d_fp8 / (d_fp8 + d_bf16) if d_fp8 + d_bf16 else self._step_fraction
         self._flops_at_last_step = totals
         self._schedule_sampling(step + 1)
-        check = self.monitoring and (step % self.config.monitor.check_interval == 0 or self._force_check)
+        on_interval = step % self.config.monitor.check_interval == 0
+        check = self.monitoring and (on_interval or self._force_check)
         if not check:
+            if on_interval and self._pending_skips:   # static modes: report device-side skips all the same
+                self._fetch_pending_skips(None)
             return []
         self._force_check = False
-        host = monitors.reduce_and_fetch(monitors.pack(list(self.layers.values()), self._control_tensor()))
+        packed = monitors.reduce(monitors.pack(list(self.layers.values()), self._control_tensor()))
+        host = self._fetch_pending_skips(packed)
         signals = monitors.signals_from(host, self.names, self.monitor_state, self.config.monitor)
         order = sorted(self.names, key=lambda n: self.layers[n].forward_seq)
         monitors.mark_nonfinite_origins(signals, host, self.names, order)
@@ -251,10 +297,16 @@ class PrecisionRuntime:
         """Rank 0 reads the control file when it changed and encodes it per layer; other ranks send zeros.
         The MAX all-reduce of the packed buffer then delivers rank 0's codes to every rank."""
         device = next(iter(self.layers.values())).weight.device
-        codes = torch.zeros(len(self.names))
+        requests = {}
         if self.rank == 0 and self.run_dir is not None and self.config.control_file:
-            for name, action in self._read_control().items():
-                codes[self.names.index(name)] = CONTROL_CODES[action]
+            requests = self._read_control()
+        if not requests:   # the usual case: zeros made on the device, nothing copied from the host
+            return torch.zeros(len(self.names), dtype=torch.float32, device=device)
+        codes = torch.zeros(len(self.names), dtype=torch.float32)
+        for name, action in requests.items():
+            codes[self.names.index(name)] = CONTROL_CODES[action]
+        if device.type == "cuda":   # from pinned memory, asynchronously: no synchronisation with the host
+            return codes.pin_memory().to(device, non_blocking=True)
         return codes.to(device)
 
     def _read_control(self) -> dict[str, str]:

@@ -24,7 +24,7 @@ from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.data import ByteCorpus, DataConfig
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
-from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
+from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
 
@@ -84,8 +84,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    positions = torch.arange(inputs.shape[1]).unsqueeze(0).expand_as(inputs)
+    positions = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0).expand_as(inputs)
     return model(inputs, positions, None, labels=labels).float().mean()  # per-token losses -> mean
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch on ``device``; to CUDA through pinned memory, asynchronously (no host synchronisation)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; fused on CUDA, where it also skips a nonfinite step on the device (``found_inf``)."""
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                             fused=device.type == "cuda" or None)
 
 
 @torch.no_grad()
@@ -111,7 +124,8 @@ def allreduce_grads(model, group) -> None:
 
 
 def train(cfg: LMConfig) -> dict:
-    init_parallel(cfg.parallel.tensor_model_parallel_size, seed=cfg.train.seed)
+    device = resolve_device(cfg.run.device)
+    init_parallel(cfg.parallel.tensor_model_parallel_size, seed=cfg.train.seed, device=device)
     rank = torch.distributed.get_rank()
     dp_group = parallel_state.get_data_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -119,7 +133,7 @@ def train(cfg: LMConfig) -> dict:
     if cfg.model.vocab_size != ByteCorpus.vocab_size:
         raise ConfigError(f"model.vocab_size must be {ByteCorpus.vocab_size} for the byte corpus")
     torch.manual_seed(cfg.train.seed)
-    model = build_gpt(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size)
+    model = build_gpt(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, device=device)
     runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
     injector = FaultInjector(cfg.inject, model, rank)
     corpus = ByteCorpus(cfg.data)
@@ -128,8 +142,7 @@ def train(cfg: LMConfig) -> dict:
     torch.distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
     if is_main:
         write_json(run_dir / "config.json", to_dict(cfg))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(model, cfg.train, device)
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
     if is_main and cfg.wandb.enabled:
         logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
@@ -149,7 +162,8 @@ def train(cfg: LMConfig) -> dict:
             save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
                                             "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict()})
 
-    heldout = corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)
+    heldout = [to_device(b, device) for b in
+               corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)]
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_length
     t_start, t_window, eval_loss, loss_val = time.time(), time.time(), math.nan, math.nan
     switches, skipped = [], []
@@ -159,12 +173,16 @@ def train(cfg: LMConfig) -> dict:
             group["lr"] = cfg.train.lr * lr_at(step, cfg.train)
         done = step + 1  # steps are numbered from 1 in metrics, switch log and checkpoints
         injector.before_step(step)
-        batch = corpus.train_batch(step, cfg.train.batch_size, cfg.model.seq_length, cfg.train.seed, dp_rank)
+        batch = to_device(corpus.train_batch(step, cfg.train.batch_size, cfg.model.seq_length, cfg.train.seed,
+                                             dp_rank), device)
         loss = lm_loss(model, batch)
         loss.backward()
         allreduce_grads(model, dp_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        if runtime.should_skip_step(grad_norm):
+        if device.type == "cuda":   # decided on the device: no host synchronisation on ordinary steps
+            runtime.skip_on_device(grad_norm, optimizer, done)
+            optimizer.step()
+        elif runtime.should_skip_step(grad_norm):
             skipped.append(done)
             if is_main:
                 print(f"step {done}: nonfinite gradients, optimizer step skipped", flush=True)
@@ -172,6 +190,10 @@ def train(cfg: LMConfig) -> dict:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         events = runtime.end_step(done)
+        for s in runtime.take_skipped():   # device-side skips, learnt at this check
+            skipped.append(s)
+            if is_main:
+                print(f"step {s}: nonfinite gradients, optimizer step skipped", flush=True)
         switches += events
         logger.log_switches(done, [{**e.summary(), "signals": e.signals} for e in events])
         if is_main:
@@ -198,6 +220,7 @@ def train(cfg: LMConfig) -> dict:
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
             checkpoint(done)
 
+    skipped += runtime.take_skipped(flush=True)
     if start < end and not (cfg.train.checkpoint_every and end % cfg.train.checkpoint_every == 0):
         checkpoint(end)
     wall = time.time() - t_start
