@@ -37,7 +37,8 @@ _P_AMAX, _P_NONFINITE, _P_SAT, _P_UNDER, _P_NONZERO, _P_ERR, _P_SIG = range(7)
 _P_COLS = 8
 # Scale modes of the cast kernel.
 _SCALE_CURRENT, _SCALE_DELAYED, _SCALE_GIVEN = 0, 1, 2
-_TILE = 64
+_TILE_M, _TILE_N, _WARPS = 64, 64, 4   # cast kernel tile (rows, columns) and warps per program
+_PROGRAMS_PER_SM = 4
 _AMAX_BLOCK = 4096
 
 
@@ -54,19 +55,23 @@ def _triton():
         if HAS_SKIP:
             if tl.load(skip_ptr) > 0:   # delayed scaling with a filled history: the amax is not needed
                 return
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        a = tl.abs(tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-        finite = a < float("inf")   # NaN compares false
-        amax = tl.max(tl.where(finite, a, 0.0), axis=0)
-        nonfinite = tl.sum((~finite).to(tl.int32), axis=0)
+        v_amax = tl.zeros([BLOCK], tl.float32)
+        v_nonfinite = tl.zeros([BLOCK], tl.int32)
+        for block in range(tl.program_id(0), tl.cdiv(n, BLOCK), tl.num_programs(0)):   # persistent
+            offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+            a = tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
+            finite = a < float("inf")   # NaN compares false
+            v_amax = tl.maximum(v_amax, tl.where(finite, a, 0.0))
+            v_nonfinite += (~finite).to(tl.int32)
+        amax = tl.max(v_amax, axis=0)
+        nonfinite = tl.sum(v_nonfinite, axis=0)
         tl.atomic_max(ws_ptr, amax.to(tl.int32, bitcast=True))
         tl.atomic_add(ws_ptr + 1, nonfinite)
 
     @triton.jit
     def cast_kernel(x_ptr, M, N, stride_m, ws_ptr, prev_scale_ptr, filled_ptr, scale_out_ptr, scale_inv_out_ptr,
                     q_ptr, qt_ptr, M_PAD, part_ptr, Q_DTYPE: tl.constexpr,
-                    FMT_MAX: tl.constexpr, SAT_BOUND: tl.constexpr, MARGIN_INV: tl.constexpr,
+                    FMT_MAX: tl.constexpr, AMAX_MIN: tl.constexpr, SAT_BOUND: tl.constexpr, MARGIN_INV: tl.constexpr,
                     SCALE_MODE: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_T: tl.constexpr, STATS: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr):
         prev = tl.load(prev_scale_ptr)
@@ -75,52 +80,81 @@ def _triton():
         else:
             # fp8.compute_scale: reciprocal(amax) * max / 2**margin where amax is finite and > 0, else prev;
             # clamped to the largest fp32 so a tiny amax cannot give an infinite scale.
+            # No infinity is ever formed (the compiler may assume there are none): an amax below AMAX_MIN is
+            # one whose reciprocal times FMT_MAX overflows, i.e. whose reference scale clamps to the fp32 max.
             amax = tl.load(ws_ptr).to(tl.float32, bitcast=True)
             usable = (tl.load(ws_ptr + 1) == 0) & (amax > 0)
-            safe = tl.where(usable, amax, 1.0)
-            cur = tl.math.div_rn(1.0, safe) * FMT_MAX
+            in_range = amax >= AMAX_MIN
+            cur = tl.math.div_rn(1.0, tl.where(usable & in_range, amax, 1.0)) * FMT_MAX
             if MARGIN_INV != 1.0:
                 cur = cur * MARGIN_INV
-            cur = tl.minimum(cur, 3.4028234663852886e38)
+            cur = tl.where(in_range, cur, 3.4028234663852886e38)
             scale = tl.where(usable, cur, prev)
             if SCALE_MODE == 1:
                 scale = tl.where(tl.load(filled_ptr) > 0, prev, scale)
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        if (pid_m == 0) & (pid_n == 0):
+        pid = tl.program_id(0)
+        if pid == 0:
             tl.store(scale_out_ptr, scale)
             tl.store(scale_inv_out_ptr, tl.math.div_rn(1.0, scale))
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        inside = (rm[:, None] < M) & (rn[None, :] < N)
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_m + rn[None, :], mask=inside, other=0.0)
-        x = x.to(tl.float32)
-        xs = x * scale
-        clamped = tl.minimum(tl.maximum(xs, -FMT_MAX), FMT_MAX)
-        clamped = tl.where(xs != xs, xs, clamped)   # NaN stays NaN, as torch.clamp keeps it
-        q = clamped.to(Q_DTYPE)
-        if WRITE_Q:
-            tl.store(q_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], q, mask=inside)
-        if WRITE_T:   # rows M..M_PAD hold zeros: padding that leaves the wgrad reduction unchanged
-            t_mask = (rn[:, None] < N) & (rm[None, :] < M_PAD)
-            tl.store(qt_ptr + rn[:, None].to(tl.int64) * M_PAD + rm[None, :], tl.trans(q), mask=t_mask)
+        # Persistent: each program walks tiles pid, pid + programs, ... and keeps its statistics in per-row
+        # registers, so the partials are one row per program, not per tile.
+        v_amax = tl.zeros([BM], tl.float32)
+        v_nonfinite = tl.zeros([BM], tl.float32)
+        v_sat = tl.zeros([BM], tl.float32)
+        v_under = tl.zeros([BM], tl.float32)
+        v_nonzero = tl.zeros([BM], tl.float32)
+        v_err = tl.zeros([BM], tl.float32)
+        v_sig = tl.zeros([BM], tl.float32)
+        tiles_n = tl.cdiv(N, BN)
+        n_tiles = tl.cdiv(tl.maximum(M, M_PAD), BM) * tiles_n
+        for tile in range(pid, n_tiles, tl.num_programs(0)):
+            rm = (tile // tiles_n) * BM + tl.arange(0, BM)
+            rn = (tile % tiles_n) * BN + tl.arange(0, BN)
+            inside = (rm[:, None] < M) & (rn[None, :] < N)
+            x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_m + rn[None, :], mask=inside, other=0.0)
+            x = x.to(tl.float32)
+            xs = x * scale
+            clamped = tl.minimum(tl.maximum(xs, -FMT_MAX), FMT_MAX)
+            clamped = tl.where(xs != xs, xs, clamped)   # NaN stays NaN, as torch.clamp keeps it
+            q = clamped.to(Q_DTYPE)
+            if WRITE_Q:
+                tl.store(q_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], q, mask=inside)
+            if WRITE_T:
+                # The transposed tile is read again in transposed order (from cache) and cast again: the same
+                # bytes. tl.trans of the tile above garbled some rows (Triton 3.6, float32 input). Rows
+                # M..M_PAD are zeros: padding that leaves the wgrad reduction unchanged.
+                xt = tl.load(x_ptr + rm[None, :].to(tl.int64) * stride_m + rn[:, None],
+                             mask=(rn[:, None] < N) & (rm[None, :] < M), other=0.0).to(tl.float32)
+                xts = xt * scale
+                ct = tl.minimum(tl.maximum(xts, -FMT_MAX), FMT_MAX)
+                ct = tl.where(xts != xts, xts, ct)
+                tl.store(qt_ptr + rn[:, None].to(tl.int64) * M_PAD + rm[None, :], ct.to(Q_DTYPE),
+                         mask=(rn[:, None] < N) & (rm[None, :] < M_PAD))
+            if STATS > 0:
+                a = tl.abs(x)
+                finite = a < float("inf")
+                v_amax = tl.maximum(v_amax, tl.max(tl.where(finite, a, 0.0), axis=1))
+                v_nonfinite += tl.sum((~finite).to(tl.float32), axis=1)
+                if STATS == 2:
+                    xf = tl.where(finite, x, 0.0)
+                    qf = q.to(tl.float32)
+                    nonzero = finite & (x != 0.0)
+                    err = tl.where(finite, xf - qf / scale, 0.0)
+                    v_sat += tl.sum((finite & (tl.abs(xs) > SAT_BOUND)).to(tl.float32), axis=1)
+                    v_under += tl.sum((nonzero & (qf == 0.0)).to(tl.float32), axis=1)
+                    v_nonzero += tl.sum(nonzero.to(tl.float32), axis=1)
+                    v_err += tl.sum(err * err, axis=1)
+                    v_sig += tl.sum(xf * xf, axis=1)
         if STATS > 0:
-            a = tl.abs(x)
-            finite = a < float("inf")
-            row = part_ptr + (pid_m * tl.num_programs(1) + pid_n) * 8
-            tl.store(row + 0, tl.max(tl.max(tl.where(finite, a, 0.0), axis=1), axis=0))
-            tl.store(row + 1, tl.sum(tl.sum((~finite).to(tl.float32), axis=1), axis=0))
+            row = part_ptr + pid * 8
+            tl.store(row + 0, tl.max(v_amax, axis=0))
+            tl.store(row + 1, tl.sum(v_nonfinite, axis=0))
             if STATS == 2:
-                xf = tl.where(finite, x, 0.0)
-                qf = q.to(tl.float32)
-                nonzero = finite & (x != 0.0)
-                sat = finite & (tl.abs(xs) > SAT_BOUND)
-                err = tl.where(finite, xf - qf / scale, 0.0)
-                tl.store(row + 2, tl.sum(tl.sum(sat.to(tl.float32), axis=1), axis=0))
-                tl.store(row + 3, tl.sum(tl.sum((nonzero & (qf == 0.0)).to(tl.float32), axis=1), axis=0))
-                tl.store(row + 4, tl.sum(tl.sum(nonzero.to(tl.float32), axis=1), axis=0))
-                tl.store(row + 5, tl.sum(tl.sum(err * err, axis=1), axis=0))
-                tl.store(row + 6, tl.sum(tl.sum(xf * xf, axis=1), axis=0))
+                tl.store(row + 2, tl.sum(v_sat, axis=0))
+                tl.store(row + 3, tl.sum(v_under, axis=0))
+                tl.store(row + 4, tl.sum(v_nonzero, axis=0))
+                tl.store(row + 5, tl.sum(v_err, axis=0))
+                tl.store(row + 6, tl.sum(v_sig, axis=0))
 
     @triton.jit
     def finalize_kernel(part_ptr, P, ws_ptr, scale_ptr, acc_ptr, amax_out_ptr, numel,
@@ -210,6 +244,31 @@ def _tl_dtype(fmt: FP8Format):
     return {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}[fmt.dtype]
 
 
+@functools.cache
+def _amax_min(fmt_max: float) -> float:
+    """The smallest float32 amax whose scale ``float32(float32(1 / amax) * fmt_max)`` is finite (below it the
+    reference clamps the scale to the fp32 maximum). Found by bisection over float32 bit patterns, with
+    numpy's IEEE float32 arithmetic."""
+    import numpy as np
+
+    def finite(bits: int) -> bool:
+        a = np.array([bits], dtype=np.uint32).view(np.float32)[0]
+        with np.errstate(over="ignore", divide="ignore"):
+            return bool(np.isfinite(np.float32(np.float32(1.0) / a) * np.float32(fmt_max)))
+
+    lo, hi = 1, 0x7F7FFFFF
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if finite(mid) else (mid + 1, hi)
+    return float(np.array([lo], dtype=np.uint32).view(np.float32)[0])
+
+
+@functools.cache
+def _programs(device: torch.device) -> int:
+    """Programs of the persistent cast kernel: a few per multiprocessor."""
+    return _PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 _LEVELS = {"none": _NONE, "cheap": _AMAX, "full": _FULL}
 
 
@@ -218,8 +277,9 @@ def _launch_amax(x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
     ws = torch.zeros(2, dtype=torch.int32, device=x.device)
     n = x.numel()
     if n:
-        amax_kernel[(triton.cdiv(n, _AMAX_BLOCK),)](x, n, ws, skip if skip is not None else ws,
-                                                    HAS_SKIP=skip is not None, BLOCK=_AMAX_BLOCK, num_warps=8)
+        grid = (max(1, min(triton.cdiv(n, _AMAX_BLOCK), _programs(x.device))),)
+        amax_kernel[grid](x, n, ws, skip if skip is not None else ws, HAS_SKIP=skip is not None,
+                          BLOCK=_AMAX_BLOCK, num_warps=8)
     return ws
 
 
@@ -271,8 +331,9 @@ def quantize(x: torch.Tensor, fmt: FP8Format, state: ScalingState | None, *, upd
     q = torch.empty((M, N), dtype=fmt.dtype, device=dev) if write_q else None
     q_t = torch.empty((N, transpose_rows), dtype=fmt.dtype, device=dev) if transpose_rows is not None else None
     rows = max(M, transpose_rows or 0)
-    grid = (triton.cdiv(rows, _TILE), triton.cdiv(N, _TILE))
-    parts = torch.empty((grid[0] * grid[1], _P_COLS), dtype=torch.float32, device=dev) if stats else None
+    tiles = triton.cdiv(rows, _TILE_M) * triton.cdiv(N, _TILE_N)
+    grid = (max(1, min(tiles, _programs(dev))),)
+    parts = torch.empty((grid[0], _P_COLS), dtype=torch.float32, device=dev) if stats else None
     scale_out = torch.empty((), dtype=torch.float32, device=dev)
     scale_inv = torch.empty((), dtype=torch.float32, device=dev)
     if rows and N:
@@ -280,20 +341,20 @@ def quantize(x: torch.Tensor, fmt: FP8Format, state: ScalingState | None, *, upd
             x, M, N, x.stride(0), ws, prev, filled, scale_out, scale_inv,
             q if q is not None else scale_out, q_t if q_t is not None else scale_out, transpose_rows or M,
             parts if parts is not None else scale_out, Q_DTYPE=_tl_dtype(fmt),
-            FMT_MAX=fmt.max, SAT_BOUND=fmt.saturation_bound, MARGIN_INV=2.0 ** -margin if state is None
+            FMT_MAX=fmt.max, AMAX_MIN=_amax_min(fmt.max), SAT_BOUND=fmt.saturation_bound, MARGIN_INV=2.0 ** -margin if state is None
             else 2.0 ** -state.config.margin, SCALE_MODE=mode, WRITE_Q=q is not None, WRITE_T=q_t is not None,
-            STATS=stats, BM=_TILE, BN=_TILE, num_warps=4,
+            STATS=stats, BM=_TILE_M, BN=_TILE_N, num_warps=_WARPS,
         )
     else:   # an empty tensor: the scale is what compute_scale gives for amax 0 (the previous one)
         scale_out.copy_(prev)
         scale_inv.copy_(prev.reciprocal())
-    if lvl > _NONE or (update and state is not None and mode != _SCALE_GIVEN):
+    # The statistics kernel runs when statistics are asked for, or when a delayed history needs this amax.
+    if lvl > _NONE or (update and mode == _SCALE_DELAYED):
         amax = _finalize(parts, ws, scale_out, acc, M * N, lvl, from_parts=stats > _NONE)
-        if update and state is not None and mode != _SCALE_GIVEN:
-            if mode == _SCALE_CURRENT:
-                state.scale = scale_out   # what ScalingState.update computes under current scaling
-            else:
-                state.update(amax)
+        if update and mode == _SCALE_DELAYED:
+            state.update(amax)
+    if update and mode == _SCALE_CURRENT and state is not None:
+        state.scale = scale_out   # what ScalingState.update computes under current scaling
     return q, q_t, scale_out, scale_inv
 
 

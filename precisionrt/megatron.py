@@ -173,6 +173,9 @@ def build_gpt(cfg: ModelConfig, scaling: ScalingConfig | None = None, tensor_par
         position_embedding_type=cfg.position_embedding,
         share_embeddings_and_output_weights=False,
     )
+    # Megatron's torch norms are created in fp32 whatever params_dtype says; a bf16 model must not run its
+    # norms (and, through type promotion, every activation after them) in fp32.
+    model.to(dtype=params_dtype or cfg.torch_dtype)
     if torch.device(device).type != "cpu":
         model.to(device)
         for layer in precision_layers(model).values():   # numerics state follows its layer's weight

@@ -111,6 +111,8 @@ class PrecisionRuntime:
         """Open the switch log in ``run_dir`` (rank 0 writes) and record run_start with the layer table.
         A resumed run appends to the existing log; its unreadable lines are counted and reported, not fatal."""
         self.run_dir, self.rank = Path(run_dir), rank
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / EVENTS_FILE
         if rank == 0 and resumed_from is not None and path.exists():
             existing = read_log(path)

@@ -1,0 +1,190 @@
+"""CUDA only (skipped without a GPU): the fused kernels against the eager reference, bit for bit, and the
+host-synchronisation budget of a dynamic training step (0 on ordinary steps, 1 on check steps)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+if torch.cuda.is_available():
+    from precisionrt import fp8, kernels
+    from precisionrt.fp8 import E4M3, E5M2, NUM_STATS, STAT_INDEX, ScalingConfig, ScalingState
+    from precisionrt.linear import LayerNumerics, PrecisionLinearFunction
+
+DEV = "cuda"
+COUNT_FIELDS = ("saturated", "underflow", "nonfinite", "numel", "nonzero")
+
+
+def _operands(seed: int):
+    """Tensors that exercise every branch: Gaussian, odd shapes, outliers, NaN/Inf, zeros, a tiny amax,
+    subnormal-range values."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    out = {
+        "gauss": torch.randn(512, 256, generator=g, device=DEV, dtype=torch.bfloat16),
+        "odd": torch.randn(37, 48, generator=g, device=DEV, dtype=torch.bfloat16) * 3,
+        "wide_range": (torch.randn(128, 64, generator=g, device=DEV) *
+                       torch.logspace(-12, 3, 64, device=DEV)).to(torch.bfloat16),
+        "tiny_amax": torch.full((16, 32), 1e-36, device=DEV),          # scale clamps to the fp32 max
+        "amax_at_clamp_edge": torch.full((16, 32), 1.3165537626040637e-36, device=DEV),
+        "zeros": torch.zeros(64, 32, device=DEV, dtype=torch.bfloat16),
+        "fp32": torch.randn(96, 80, generator=g, device=DEV) * 1e-3,
+    }
+    bad = torch.randn(64, 64, generator=g, device=DEV, dtype=torch.bfloat16)
+    bad[3, 5], bad[7, 1], bad[9, 9] = float("nan"), float("inf"), -float("inf")
+    out["nonfinite"] = bad
+    outlier = torch.randn(256, 128, generator=g, device=DEV, dtype=torch.bfloat16)
+    outlier[:, 0] *= 1e5
+    out["outlier"] = outlier
+    return out
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("margin", [0, 2])
+def test_fused_quantize_is_bit_identical_to_eager(fmt, margin):
+    f = fp8.get_format(fmt)
+    for name, x in _operands(seed=margin).items():
+        cfg = ScalingConfig(recipe="current", margin=margin)
+        ref_state, fused_state = ScalingState(f, cfg, DEV), ScalingState(f, cfg, DEV)
+        q_ref, s_ref, st_ref = fp8.quantize_tensor(x, ref_state, update=True, stats="full")
+        acc = torch.zeros(NUM_STATS, device=DEV)
+        m_pad = x.shape[0] + (-x.shape[0] % 16)
+        q, q_t, s, s_inv = kernels.quantize(x, f, fused_state, update=True, level="full", acc=acc,
+                                            transpose_rows=m_pad)
+        assert torch.equal(_bytes(q), _bytes(q_ref)), f"{name}: fp8 bytes differ"
+        assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32)), f"{name}: scale differs"
+        assert torch.equal(s_inv.view(torch.int32), s_ref.reciprocal().view(torch.int32)), name
+        assert torch.equal(fused_state.scale.view(torch.int32), ref_state.scale.view(torch.int32)), name
+        expect_t = torch.zeros(x.shape[1], m_pad, dtype=torch.uint8, device=DEV)
+        expect_t[:, : x.shape[0]] = _bytes(q_ref).t()
+        assert torch.equal(_bytes(q_t), expect_t), f"{name}: transposed bytes differ"
+        for field in STAT_FIELDS_CHECKED:
+            i = STAT_INDEX[field]
+            if field in COUNT_FIELDS or field in ("amax", "scaled_amax"):
+                assert acc[i].item() == st_ref[i].item(), f"{name}: {field} {acc[i].item()} != {st_ref[i].item()}"
+            else:
+                torch.testing.assert_close(acc[i], st_ref[i], rtol=1e-5, atol=1e-30, msg=f"{name}: {field}")
+
+
+STAT_FIELDS_CHECKED = fp8.STAT_FIELDS if torch.cuda.is_available() else ()
+
+
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+def test_fused_delayed_scaling_follows_eager_history(algo):
+    cfg = ScalingConfig(recipe="delayed", amax_history_len=4, amax_compute_algo=algo)
+    ref, fused = ScalingState(E4M3, cfg, DEV), ScalingState(E4M3, cfg, DEV)
+    g = torch.Generator(device=DEV).manual_seed(1)
+    for step in range(9):
+        x = torch.randn(64, 64, generator=g, device=DEV) * (10.0 ** (step % 4 - 1))
+        if step == 2:
+            x.zero_()                 # an unusable amax: the history must not take it
+        if step == 5:
+            x[0, 0] = float("nan")
+        q_ref, s_ref, cheap_ref = fp8.quantize_tensor(x, ref, update=True, stats="cheap")
+        acc = torch.zeros(NUM_STATS, device=DEV)
+        q, _, s, _ = kernels.quantize(x, E4M3, fused, update=True, level="cheap", acc=acc)
+        assert torch.equal(_bytes(q), _bytes(q_ref)), step
+        assert torch.equal(s, s_ref), step
+        assert torch.equal(fused.amax_history, ref.amax_history), step
+        assert torch.equal(fused.scale, ref.scale), step
+        assert torch.equal(acc, cheap_ref), step
+
+
+def test_fused_dry_run_and_amax_stats_match_eager():
+    for name, x in _operands(seed=3).items():
+        acc = torch.zeros(NUM_STATS, device=DEV)
+        kernels.quantize(x, E5M2, None, update=False, level="full", acc=acc, write_q=False, margin=1)
+        ref = fp8.dry_run_stats(x, E5M2, margin=1)
+        torch.testing.assert_close(acc, ref, rtol=1e-5, atol=1e-30, msg=name)
+        acc.zero_()
+        kernels.amax_stats(x, acc)
+        assert torch.equal(acc, fp8.cheap_stats(fp8.abs_max(x), None)), name
+
+
+@pytest.mark.parametrize("tokens", [64, 37])
+@pytest.mark.parametrize("level", ["none", "cheap", "full"])
+def test_fused_layer_equals_eager_layer(tokens, level):
+    """The whole FP8 linear (forward, dgrad, wgrad) through the fused path gives the eager path's results
+    bit for bit, and the same statistics."""
+    g = torch.Generator(device=DEV).manual_seed(tokens)
+    x0 = torch.randn(tokens, 96, generator=g, device=DEV, dtype=torch.bfloat16)
+    w0 = torch.randn(160, 96, generator=g, device=DEV, dtype=torch.bfloat16) * 0.05
+    dy = torch.randn(tokens, 160, generator=g, device=DEV, dtype=torch.bfloat16)
+    results = []
+    for fused in (False, True):
+        numerics = LayerNumerics(ScalingConfig(), DEV)
+        numerics.fused, numerics.collect, numerics.full_stats = fused, level != "none", level == "full"
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        y = PrecisionLinearFunction.apply(x, w, None, numerics, "fp8", False, False, None)
+        y.backward(dy)
+        results.append((y.detach(), x.grad, w.grad, numerics.stats.clone()))
+    (y_e, dx_e, dw_e, st_e), (y_f, dx_f, dw_f, st_f) = results
+    assert torch.equal(y_f, y_e) and torch.equal(dx_f, dx_e) and torch.equal(dw_f, dw_e)
+    torch.testing.assert_close(st_f, st_e, rtol=1e-5, atol=1e-30)
+
+
+def _count_syncs(fn) -> list[str]:
+    """Where ``fn`` made a synchronising CUDA call (one entry per call)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+
+
+def test_dynamic_step_host_syncs(tmp_path):
+    """0 host synchronisations on an ordinary dynamic step, exactly 1 on a check step, for any layer count."""
+    from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
+    from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+    from precisionrt.train import TrainConfig, lm_loss, make_optimizer, to_device
+
+    init_parallel(1, device=DEV)
+    counts = {}
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        model = build_gpt(ModelConfig(num_layers=layers, hidden_size=128, num_attention_heads=4,
+                                      ffn_hidden_size=256, seq_length=64, params_dtype="bfloat16"), device=DEV)
+        rt = PrecisionRuntime(model, RuntimeConfig(mode="dynamic"), run_dir=tmp_path / f"l{layers}")
+        opt = make_optimizer(model, TrainConfig(), torch.device(DEV))
+        batch = torch.randint(0, 256, (4, 65))
+
+        def step(n: int) -> None:
+            loss = lm_loss(model, to_device(batch, torch.device(DEV)))
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            rt.skip_on_device(norm, opt, n)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rt.end_step(n)
+
+        for n in range(1, 11):   # warm up: compilation, allocator, the first check
+            step(n)
+        _count_syncs(lambda: None)   # the first switch into "warn" mode reports itself once
+        ordinary = []
+        for n in range(11, 20):
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")   # any synchronising call raises, with its traceback
+            try:
+                step(n)
+                ordinary.append([])
+            except RuntimeError as e:
+                ordinary.append([str(e)[:200]])
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        check = _count_syncs(lambda: step(20))
+        counts[layers] = (ordinary, check)
+        rt.close(20)
+    for layers, (ordinary, check) in counts.items():
+        assert ordinary == [[]] * 9, f"{layers} layers: syncs on ordinary steps at {ordinary}"
+        assert len(check) == 1, f"{layers} layers: {len(check)} syncs on a check step, at {check}"
