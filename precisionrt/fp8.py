@@ -117,6 +117,9 @@ STAT_FIELDS = (
     "nonzero",       # finite nonzero values (the denominator of the underflow fraction)
     "err_sq",        # sum (x - dequant(q))^2 over finite values
     "signal_sq",     # sum x^2 over finite values
+    "flushed_energy",   # sum w * x^2 over nonzero values that quantized to 0, w the GEMM partner's weight for
+                        # x's column (see tensor_stats); with no partner, w = 1
+    "weighted_signal",  # sum w * x^2 over finite values: the denominator of the flushed-energy share
 )
 STAT_INDEX = {name: i for i, name in enumerate(STAT_FIELDS)}
 NUM_STATS = len(STAT_FIELDS)
@@ -148,10 +151,18 @@ def cheap_stats(amax: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return torch.stack([fields[name] for name in STAT_FIELDS])
 
 
-def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale: torch.Tensor | None
-                 ) -> torch.Tensor:
+def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale: torch.Tensor | None,
+                 col_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Exact statistics of quantizing ``x`` to ``q`` with ``scale``: a device tensor of ``NUM_STATS`` fp32
     values (several passes over ``x``: the runtime asks for them on sampled steps only).
+
+    ``col_weight`` (one value per column of 2-D ``x``) weighs each element's energy by how much its column
+    reaches the GEMM's output: for the input of ``y = x W^T`` the squared column norms of ``W``, for the
+    weight those of ``x``, for the output gradient (dgrad ``dY W``) the squared row norms of ``W``. The
+    flushed-energy share then measures the share of the product that flushing removes. It is what separates a
+    harmless flush (many tiny gradient values, no energy) from a compensated outlier (channel 0 of ``x`` times
+    1e6 and column 0 of ``W`` divided by it: every other channel flushes, and they carry most of ``y``, but
+    almost none of ``x``'s own energy).
 
     With ``q=None`` (a layer running BF16) only amax, nonfinite and numel are filled.
     """
@@ -176,15 +187,19 @@ def tensor_stats(x: torch.Tensor, q: torch.Tensor | None, fmt: FP8Format, scale:
         err = torch.where(finite, xf_finite - qf / scale, zero)
         fields["err_sq"] = err.square().sum()
         fields["signal_sq"] = absx.square().sum()
+        energy = absx.square() if col_weight is None else absx.square() * col_weight.float()
+        fields["flushed_energy"] = torch.where((qf == 0) & nonzero, energy, zero).sum()
+        fields["weighted_signal"] = energy.sum()
     return torch.stack([fields[name] for name in STAT_FIELDS])
 
 
-def dry_run_stats(x: torch.Tensor, fmt: FP8Format, margin: int = 0) -> torch.Tensor:
+def dry_run_stats(x: torch.Tensor, fmt: FP8Format, margin: int = 0,
+                  col_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``tensor_stats`` of quantizing ``x`` with fresh current scaling, the result thrown away: what a tensor
     that a BF16 layer multiplies unquantized would look like in FP8 (the pre-flight check before a return)."""
     amax = abs_max(x)
     scale = compute_scale(amax, fmt, margin, torch.ones_like(amax))
-    return tensor_stats(x, quantize(x, fmt, scale), fmt, scale)
+    return tensor_stats(x, quantize(x, fmt, scale), fmt, scale, col_weight)
 
 
 def combine_stats(acc: torch.Tensor, new: torch.Tensor) -> None:
@@ -350,7 +365,7 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_inv_a: torch.Tensor, scale
 
 
 def quantize_tensor(x: torch.Tensor, state: ScalingState, update: bool = True,
-                    stats: Literal["none", "cheap", "full"] = "full"
+                    stats: Literal["none", "cheap", "full"] = "full", col_weight: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``x`` under ``state``'s recipe: returns ``(q, scale, stats)``, all on device (``stats`` is None
     for ``"none"``). With ``update`` the amax joins the history; evaluation passes ``update=False`` so it never
@@ -360,7 +375,7 @@ def quantize_tensor(x: torch.Tensor, state: ScalingState, update: bool = True,
     q = quantize(x, state.fmt, scale)
     out = None
     if stats == "full":
-        out = tensor_stats(x, q, state.fmt, scale)
+        out = tensor_stats(x, q, state.fmt, scale, col_weight)
     elif stats == "cheap":
         out = cheap_stats(amax, scale)
     if update:

@@ -32,9 +32,9 @@ __all__ = ["available", "quantize", "amax_stats"]
 
 # Stat levels: what the cast kernel gathers per tile.
 _NONE, _AMAX, _FULL = 0, 1, 2
-# Columns of the per-tile partials.
-_P_AMAX, _P_NONFINITE, _P_SAT, _P_UNDER, _P_NONZERO, _P_ERR, _P_SIG = range(7)
-_P_COLS = 8
+# Columns of the per-program partials: amax, nonfinite, saturated, underflow, nonzero, err_sq, signal_sq,
+# flushed_energy, weighted_signal.
+_P_COLS = 10
 # Scale modes of the cast kernel.
 _SCALE_CURRENT, _SCALE_DELAYED, _SCALE_GIVEN = 0, 1, 2
 _TILE_M, _TILE_N, _WARPS = 64, 64, 4   # cast kernel tile (rows, columns) and warps per program
@@ -70,7 +70,8 @@ def _triton():
 
     @triton.jit
     def cast_kernel(x_ptr, M, N, stride_m, ws_ptr, prev_scale_ptr, filled_ptr, scale_out_ptr, scale_inv_out_ptr,
-                    q_ptr, qt_ptr, M_PAD, part_ptr, Q_DTYPE: tl.constexpr,
+                    q_ptr, qt_ptr, M_PAD, part_ptr, cw_ptr, HAS_CW: tl.constexpr, P_COLS: tl.constexpr,
+                    Q_DTYPE: tl.constexpr,
                     FMT_MAX: tl.constexpr, AMAX_MIN: tl.constexpr, SAT_BOUND: tl.constexpr, MARGIN_INV: tl.constexpr,
                     SCALE_MODE: tl.constexpr, WRITE_Q: tl.constexpr, WRITE_T: tl.constexpr, STATS: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr):
@@ -105,6 +106,8 @@ def _triton():
         v_nonzero = tl.zeros([BM], tl.float32)
         v_err = tl.zeros([BM], tl.float32)
         v_sig = tl.zeros([BM], tl.float32)
+        v_flushed = tl.zeros([BM], tl.float32)
+        v_wsig = tl.zeros([BM], tl.float32)
         tiles_n = tl.cdiv(N, BN)
         n_tiles = tl.cdiv(tl.maximum(M, M_PAD), BM) * tiles_n
         for tile in range(pid, n_tiles, tl.num_programs(0)):
@@ -145,8 +148,13 @@ def _triton():
                     v_nonzero += tl.sum(nonzero.to(tl.float32), axis=1)
                     v_err += tl.sum(err * err, axis=1)
                     v_sig += tl.sum(xf * xf, axis=1)
+                    energy = xf * xf
+                    if HAS_CW:
+                        energy = energy * tl.load(cw_ptr + rn, mask=rn < N, other=0.0)[None, :]
+                    v_flushed += tl.sum(tl.where(nonzero & (qf == 0.0), energy, 0.0), axis=1)
+                    v_wsig += tl.sum(energy, axis=1)
         if STATS > 0:
-            row = part_ptr + pid * 8
+            row = part_ptr + pid * P_COLS
             tl.store(row + 0, tl.max(v_amax, axis=0))
             tl.store(row + 1, tl.sum(v_nonfinite, axis=0))
             if STATS == 2:
@@ -155,9 +163,11 @@ def _triton():
                 tl.store(row + 4, tl.sum(v_nonzero, axis=0))
                 tl.store(row + 5, tl.sum(v_err, axis=0))
                 tl.store(row + 6, tl.sum(v_sig, axis=0))
+                tl.store(row + 7, tl.sum(v_flushed, axis=0))
+                tl.store(row + 8, tl.sum(v_wsig, axis=0))
 
     @triton.jit
-    def finalize_kernel(part_ptr, P, ws_ptr, scale_ptr, acc_ptr, amax_out_ptr, numel,
+    def finalize_kernel(part_ptr, P, ws_ptr, scale_ptr, acc_ptr, amax_out_ptr, numel, P_COLS: tl.constexpr,
                         FROM_PARTS: tl.constexpr, LEVEL: tl.constexpr, HAS_SCALE: tl.constexpr,
                         BLOCK: tl.constexpr):
         # Totals of the partials (float64: counts stay exact beyond 2**24), then the statistics vector of
@@ -170,10 +180,12 @@ def _triton():
             v_nonzero = tl.zeros([BLOCK], tl.float64)
             v_err = tl.zeros([BLOCK], tl.float64)
             v_sig = tl.zeros([BLOCK], tl.float64)
+            v_flushed = tl.zeros([BLOCK], tl.float64)
+            v_wsig = tl.zeros([BLOCK], tl.float64)
             for start in range(0, P, BLOCK):
                 offs = start + tl.arange(0, BLOCK)
                 m = offs < P
-                base = part_ptr + offs * 8
+                base = part_ptr + offs * P_COLS
                 v_amax = tl.maximum(v_amax, tl.load(base + 0, mask=m, other=0.0))
                 v_nonfinite += tl.load(base + 1, mask=m, other=0.0).to(tl.float64)
                 if LEVEL == 2:
@@ -182,6 +194,8 @@ def _triton():
                     v_nonzero += tl.load(base + 4, mask=m, other=0.0).to(tl.float64)
                     v_err += tl.load(base + 5, mask=m, other=0.0).to(tl.float64)
                     v_sig += tl.load(base + 6, mask=m, other=0.0).to(tl.float64)
+                    v_flushed += tl.load(base + 7, mask=m, other=0.0).to(tl.float64)
+                    v_wsig += tl.load(base + 8, mask=m, other=0.0).to(tl.float64)
             amax = tl.max(v_amax, axis=0)
             nonfinite = tl.sum(v_nonfinite, axis=0)
             sat = tl.sum(v_sat, axis=0)
@@ -189,6 +203,8 @@ def _triton():
             nonzero = tl.sum(v_nonzero, axis=0)
             err = tl.sum(v_err, axis=0)
             sig = tl.sum(v_sig, axis=0)
+            flushed = tl.sum(v_flushed, axis=0)
+            wsig = tl.sum(v_wsig, axis=0)
         else:
             amax = tl.load(ws_ptr).to(tl.float32, bitcast=True)
             nonfinite = tl.load(ws_ptr + 1).to(tl.float64)
@@ -212,6 +228,8 @@ def _triton():
                     tl.store(acc_ptr + 6, tl.load(acc_ptr + 6) + nonzero.to(tl.float32))
                     tl.store(acc_ptr + 7, tl.load(acc_ptr + 7) + err.to(tl.float32))
                     tl.store(acc_ptr + 8, tl.load(acc_ptr + 8) + sig.to(tl.float32))
+                    tl.store(acc_ptr + 9, tl.load(acc_ptr + 9) + flushed.to(tl.float32))
+                    tl.store(acc_ptr + 10, tl.load(acc_ptr + 10) + wsig.to(tl.float32))
 
     return triton, amax_kernel, cast_kernel, finalize_kernel
 
@@ -219,7 +237,7 @@ def _triton():
 def _check_layout() -> None:
     # The kernels write the statistics vector by position: fail loudly if fp8.STAT_FIELDS is reordered.
     expected = ("amax", "scaled_amax", "saturated", "underflow", "nonfinite", "numel", "nonzero", "err_sq",
-                "signal_sq")
+                "signal_sq", "flushed_energy", "weighted_signal")
     if tuple(sorted(STAT_INDEX, key=STAT_INDEX.get)) != expected or NUM_STATS != len(expected):
         raise RuntimeError("precisionrt.kernels is out of date with fp8.STAT_FIELDS")
 
@@ -289,21 +307,22 @@ def _finalize(parts, ws, scale, acc, numel: int, level: int, from_parts: bool) -
     dummy = ws if parts is None else parts
     finalize_kernel[(1,)](dummy, 0 if parts is None else parts.shape[0], ws,
                           scale if scale is not None else ws, acc if acc is not None else amax_out, amax_out,
-                          float(numel), FROM_PARTS=from_parts, LEVEL=level if acc is not None else 0,
+                          float(numel), P_COLS=_P_COLS, FROM_PARTS=from_parts, LEVEL=level if acc is not None else 0,
                           HAS_SCALE=scale is not None, BLOCK=1024, num_warps=4)
     return amax_out
 
 
 def quantize(x: torch.Tensor, fmt: FP8Format, state: ScalingState | None, *, update: bool, level: str,
              acc: torch.Tensor | None, write_q: bool = True, transpose_rows: int | None = None,
-             scale: torch.Tensor | None = None, margin: int = 0):
+             scale: torch.Tensor | None = None, margin: int = 0, col_weight: torch.Tensor | None = None):
     """Quantize 2-D ``x`` ``[M, N]`` and return ``(q, q_t, scale, scale_inv)``.
 
     ``q`` is ``[M, N]`` row-major (None unless ``write_q``); ``q_t`` is ``[N, transpose_rows]`` row-major,
     the transposed bytes with columns ``M..transpose_rows`` zero (None when ``transpose_rows`` is None).
     The scale comes from ``state``'s recipe, or is ``scale`` as given (then ``state`` is not consulted), or,
     with neither, fresh current scaling with ``margin`` (the pre-flight dry run). Statistics at ``level``
-    (``none`` | ``cheap`` | ``full``, the meanings of ``fp8.quantize_tensor``) are folded into ``acc``.
+    (``none`` | ``cheap`` | ``full``, the meanings of ``fp8.quantize_tensor``; ``col_weight`` as in
+    ``fp8.tensor_stats``) are folded into ``acc``.
     With ``update`` the amax joins ``state``'s history.
     """
     triton, _, cast_kernel, _ = _triton()
@@ -313,6 +332,8 @@ def quantize(x: torch.Tensor, fmt: FP8Format, state: ScalingState | None, *, upd
         x = x.contiguous()
     M, N = x.shape
     dev = x.device
+    if col_weight is not None:
+        col_weight = col_weight.float().contiguous()
     lvl = _LEVELS[level] if acc is not None else _NONE
     if scale is not None:
         mode, ws, prev, filled = _SCALE_GIVEN, scale, scale, scale
@@ -340,7 +361,8 @@ def quantize(x: torch.Tensor, fmt: FP8Format, state: ScalingState | None, *, upd
         cast_kernel[grid](
             x, M, N, x.stride(0), ws, prev, filled, scale_out, scale_inv,
             q if q is not None else scale_out, q_t if q_t is not None else scale_out, transpose_rows or M,
-            parts if parts is not None else scale_out, Q_DTYPE=_tl_dtype(fmt),
+            parts if parts is not None else scale_out, col_weight if col_weight is not None else scale_out,
+            HAS_CW=col_weight is not None, P_COLS=_P_COLS, Q_DTYPE=_tl_dtype(fmt),
             FMT_MAX=fmt.max, AMAX_MIN=_amax_min(fmt.max), SAT_BOUND=fmt.saturation_bound, MARGIN_INV=2.0 ** -margin if state is None
             else 2.0 ** -state.config.margin, SCALE_MODE=mode, WRITE_Q=q is not None, WRITE_T=q_t is not None,
             STATS=stats, BM=_TILE_M, BN=_TILE_N, num_warps=_WARPS,

@@ -95,7 +95,19 @@ class LayerNumerics:
     def stats_level(self) -> str:
         return "none" if not self.recording else ("full" if self.full_stats else "cheap")
 
-    def record_bf16(self, x: torch.Tensor, role: str) -> None:
+    def partner_weights(self, x2d: torch.Tensor | None, weight: torch.Tensor, role: str) -> torch.Tensor | None:
+        """How much each column of ``role``'s tensor reaches the GEMM output (``fp8.tensor_stats``'s
+        ``col_weight``), on full-statistics steps only: squared column norms of the weight for the input,
+        of the input for the weight, squared row norms of the weight for the output gradient."""
+        if self.stats_level != "full":
+            return None
+        if role == "input":
+            return weight.detach().float().square().sum(0)
+        if role == "weight":
+            return x2d.detach().float().square().sum(0)
+        return weight.detach().float().square().sum(1)
+
+    def record_bf16(self, x: torch.Tensor, role: str, col_weight: torch.Tensor | None = None) -> None:
         """Statistics of a tensor that a BF16 layer multiplies unquantized. On full-statistics steps they come
         from a dry-run quantization with fresh scaling, so the policy can tell whether the layer would be
         healthy back in FP8 before it returns it (pre-flight)."""
@@ -106,11 +118,11 @@ class LayerNumerics:
         if self.use_fused(x):
             if level == "full":
                 kernels.quantize(x, fmt, None, update=False, level="full", acc=self.acc(role), write_q=False,
-                                 margin=self.scaling_config.margin)
+                                 margin=self.scaling_config.margin, col_weight=col_weight)
             else:
                 kernels.amax_stats(x, self.acc(role))
         elif level == "full":
-            self.record(role, fp8.dry_run_stats(x, fmt, self.scaling_config.margin))
+            self.record(role, fp8.dry_run_stats(x, fmt, self.scaling_config.margin, col_weight))
         else:
             self.record(role, fp8.cheap_stats(fp8.abs_max(x), None))
 
@@ -186,19 +198,22 @@ class PrecisionLinearFunction(torch.autograd.Function):
             return _fused_forward(ctx, x2d, weight, bias, numerics, out_dtype, input.dtype, total_input.shape)
         if precision == "fp8":
             level = numerics.stats_level
-            xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"], numerics.training, level)
-            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"], numerics.training, level)
+            xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"], numerics.training, level,
+                                               numerics.partner_weights(x2d, weight, "input"))
+            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"], numerics.training, level,
+                                               numerics.partner_weights(x2d, weight, "weight"))
             numerics.record("input", st_x)
             numerics.record("weight", st_w)
             # Fast (reduced-precision) accumulation only in forward, as Transformer Engine does on Hopper.
             y = fp8.scaled_mm(xq, wq.t(), sx.reciprocal(), sw.reciprocal(), out_dtype, use_fast_accum=True)
             # A shadow step keeps the high-precision operands too, for the BF16 reference gradients.
             ctx.shadow = numerics.shadow and numerics.training
-            ctx.save_for_backward(xq, wq, sx, sw, *((x2d, weight) if ctx.shadow else ()))
+            # the weight parameter itself costs no memory: the gradient's statistics weigh by its rows
+            ctx.save_for_backward(xq, wq, sx, sw, weight, *((x2d,) if ctx.shadow else ()))
         else:
-            numerics.record_bf16(x2d, "input")
+            numerics.record_bf16(x2d, "input", numerics.partner_weights(x2d, weight, "input"))
             if numerics.stats_level == "full":  # the weight's amax alone tells nothing: only the dry run
-                numerics.record_bf16(weight, "weight")
+                numerics.record_bf16(weight, "weight", numerics.partner_weights(x2d, weight, "weight"))
             y = (x2d.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
             ctx.save_for_backward(x2d, weight)
 
@@ -217,16 +232,17 @@ class PrecisionLinearFunction(torch.autograd.Function):
         if ctx.precision == "fp8" and ctx.fused:
             return _fused_backward(ctx, g2d)
         if ctx.precision == "fp8":
-            xq, wq, sx, sw, *shadow_operands = ctx.saved_tensors
+            xq, wq, sx, sw, weight, *shadow_input = ctx.saved_tensors
             gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"], numerics.training,
-                                               numerics.stats_level)
+                                               numerics.stats_level,
+                                               numerics.partner_weights(None, weight, "grad_output"))
             numerics.record("grad_output", st_g)
             sg_inv = sg.reciprocal()
             grad_input = fp8.scaled_mm(gq, fp8.column_major(wq), sg_inv, sw.reciprocal(),
                                        _gemm_out_dtype(ctx.input_dtype))
         else:
             x2d, weight = ctx.saved_tensors
-            numerics.record_bf16(g2d, "grad_output")
+            numerics.record_bf16(g2d, "grad_output", numerics.partner_weights(None, weight, "grad_output"))
             g_bf16 = g2d.to(torch.bfloat16)
             grad_input = (g_bf16 @ weight.to(torch.bfloat16)).to(_gemm_out_dtype(ctx.input_dtype))
         grad_input = grad_input.to(ctx.input_dtype).reshape(ctx.total_input_shape)
@@ -249,7 +265,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
         if grad_weight is not None and numerics.stats_level == "full":
             numerics.record_grad({"wgrad_sq": grad_weight.detach().float().square().sum()})
         if shadow:
-            _record_shadow(numerics, g2d, *shadow_operands, local_dgrad, grad_weight)
+            _record_shadow(numerics, g2d, shadow_input[0], weight, local_dgrad, grad_weight)
 
         if handle is not None:
             handle.wait()
@@ -280,9 +296,11 @@ def _fused_forward(ctx, x2d, weight, bias, numerics: LayerNumerics, out_dtype, i
     scale, and re-cast transposed in backward with that same scale, which gives the same bytes."""
     level, training = numerics.stats_level, numerics.training
     xq, xq_t, _, sx_inv = kernels.quantize(x2d, E4M3, numerics.scaling["input"], update=training, level=level,
-                                           acc=numerics.acc("input"), transpose_rows=_padded(x2d.shape[0]))
+                                           acc=numerics.acc("input"), transpose_rows=_padded(x2d.shape[0]),
+                                           col_weight=numerics.partner_weights(x2d, weight, "input"))
     wq, _, sw, sw_inv = kernels.quantize(weight, E4M3, numerics.scaling["weight"], update=training,
-                                         level=level, acc=numerics.acc("weight"))
+                                         level=level, acc=numerics.acc("weight"),
+                                         col_weight=numerics.partner_weights(x2d, weight, "weight"))
     y = fp8.scaled_mm(xq, wq.t(), sx_inv, sw_inv, out_dtype, use_fast_accum=True)
     del xq, wq
     ctx.fused = True
@@ -298,7 +316,8 @@ def _fused_backward(ctx, g2d):
     rows = g2d.shape[0]
     gq, gq_t, _, sg_inv = kernels.quantize(g2d, E5M2, numerics.scaling["grad_output"], update=numerics.training,
                                            level=numerics.stats_level, acc=numerics.acc("grad_output"),
-                                           transpose_rows=_padded(rows))
+                                           transpose_rows=_padded(rows),
+                                           col_weight=numerics.partner_weights(None, weight, "grad_output"))
     _, wq_t, _, _ = kernels.quantize(weight, E4M3, None, update=False, level="none", acc=None, write_q=False,
                                      transpose_rows=weight.shape[0], scale=sw)
     grad_input = fp8.scaled_mm(gq, wq_t.t(), sg_inv, sw_inv, _gemm_out_dtype(ctx.input_dtype))

@@ -12,7 +12,10 @@ Signals (per layer; the worst tensor role unless said otherwise):
 overflow           fraction of values saturated at +-max
 headroom           max |x| * scale / fmt.max: above 1, the (delayed) scale was stale
 amax_jump          this window's max input/grad amax over its EMA across earlier checks (host-side)
-underflow          fraction of nonzero values flushed to zero
+underflow          fraction of nonzero values flushed to zero (logged; a count says nothing of harm)
+underflow_energy_* share of the GEMM product's energy that flushing removes (``fp8.tensor_stats``:
+                   flushed w·x² over w·x², w the partner operand's squared column norms): ``_fwd`` for the
+                   E4M3 forward operands (input, weight), ``_grad`` for the E5M2 output gradient
 nonfinite          NaN/Inf values seen in the input, weight or output gradient (count); ``nonfinite_origin``
                    marks the layer where they entered (see ``mark_nonfinite_origins``)
 quant_error        relative RMS error ||x - dq(q(x))|| / ||x||  (SQNR = -20 log10 of it)
@@ -37,12 +40,14 @@ import torch
 from precisionrt.fp8 import E4M3, E5M2, STAT_INDEX
 from precisionrt.linear import GRAD_INDEX, PrecisionLinearMixin
 
-SIGNALS = ("overflow", "headroom", "amax_jump", "underflow", "nonfinite", "quant_error", "grad_rel_err",
+SIGNALS = ("overflow", "headroom", "amax_jump", "underflow", "underflow_energy_fwd", "underflow_energy_grad",
+           "nonfinite", "quant_error", "grad_rel_err",
            "grad_cos", "grad_norm_z")
 _FMT_MAX = (E4M3.max, E4M3.max, E5M2.max)   # input, weight, grad_output
 # Columns of the packed buffer (all reduce by MAX across ranks).
 COLUMNS = ("overflow", "headroom", "underflow", "nonfinite_fwd", "nonfinite_grad", "quant_error", "amax_input", "amax_grad",
-           "grad_rel_err", "grad_cos_gap", "shadow_count", "grad_norm", "full_steps", "control")
+           "grad_rel_err", "grad_cos_gap", "shadow_count", "grad_norm", "full_steps", "control",
+           "underflow_energy_fwd", "underflow_energy_grad")
 
 
 @dataclass
@@ -84,6 +89,7 @@ def pack(layers: list[PrecisionLinearMixin], control: torch.Tensor) -> torch.Ten
     cos = _safe_div(grad[:, GRAD_INDEX["shadow_dot"]],
                     (shadow_ref * grad[:, GRAD_INDEX["shadow_fp8_sq"]]).sqrt())
     has_shadow = grad[:, GRAD_INDEX["shadow_count"]] > 0
+    flushed_share = _safe_div(col("flushed_energy"), col("weighted_signal"))   # [L, roles]
     packed = torch.stack([
         _safe_div(col("saturated"), col("numel")).amax(1),
         headroom.amax(1),
@@ -99,6 +105,8 @@ def pack(layers: list[PrecisionLinearMixin], control: torch.Tensor) -> torch.Ten
         grad[:, GRAD_INDEX["wgrad_sq"]].sqrt(),
         (col("numel").sum(1) > 0).float(),
         control,
+        flushed_share[:, :2].amax(1),
+        flushed_share[:, 2],
     ], dim=1)
     return packed.nan_to_num(nan=0.0, posinf=1e30)
 
@@ -171,6 +179,8 @@ def signals_from(host: np.ndarray, names: list[str], state: MonitorState, cfg: M
         out[name] = {
             "overflow": known("overflow"), "headroom": float(row[c["headroom"]]), "amax_jump": float(jump),
             "underflow": known("underflow"),
+            "underflow_energy_fwd": known("underflow_energy_fwd"),
+            "underflow_energy_grad": known("underflow_energy_grad"),
             "nonfinite": float(row[c["nonfinite_fwd"]] + row[c["nonfinite_grad"]]),
             "quant_error": known("quant_error"),
             "grad_rel_err": float(row[c["grad_rel_err"]]) if shadow else None,

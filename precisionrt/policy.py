@@ -26,7 +26,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 # signal -> reason recorded in the switch log
-REASON_OF = {"overflow": "overflow", "headroom": "overflow", "underflow": "underflow", "quant_error": "quant_error",
+REASON_OF = {"overflow": "overflow", "headroom": "overflow", "underflow": "underflow",
+             "underflow_energy_fwd": "underflow", "underflow_energy_grad": "underflow", "quant_error": "quant_error",
              "amax_jump": "overflow", "grad_rel_err": "grad_sensitivity", "grad_norm_z": "grad_sensitivity"}
 
 
@@ -40,7 +41,10 @@ class PolicyConfig:
     overflow: float = 1e-3         # fraction of values saturated (over the check window)
     headroom: float = 16.0         # max |x| * scale / fmt.max: a scale stale by this factor (delayed scaling);
                                    # current scaling keeps it at 1, healthy delayed runs stay under ~8
-    underflow: float = 0.05        # fraction of nonzero values flushed to zero
+    underflow: float = 0.0         # fraction of nonzero values flushed (off: many tiny gradient values flush
+                                   # harmlessly; logged, and the energy signals below judge the harm)
+    underflow_energy_fwd: float = 0.01    # share of the forward GEMM's energy flushed (E4M3 input and weight)
+    underflow_energy_grad: float = 0.01   # share of the dgrad GEMM's energy flushed (E5M2 output gradient)
     quant_error: float = 0.2       # relative RMS quantization error (healthy E4M3 ~0.03, E5M2 ~0.06)
     amax_jump: float = 0.0         # amax over its EMA (off by default: overflow catches its harm)
     grad_rel_err: float = 0.35     # shadow: ||g_fp8 - g_bf16|| / ||g_bf16||
@@ -56,10 +60,11 @@ class PolicyConfig:
     preflight: bool = True         # return a layer to FP8 only when its dry-run FP8 statistics are clean
 
     def __post_init__(self) -> None:
-        for name in ("overflow", "headroom", "underflow", "quant_error", "amax_jump", "grad_rel_err", "grad_norm_z"):
+        for name in ("overflow", "headroom", "underflow", "underflow_energy_fwd", "underflow_energy_grad",
+                     "quant_error", "amax_jump", "grad_rel_err", "grad_norm_z"):
             if getattr(self, name) < 0:
                 raise ValueError(f"threshold {name} must be >= 0 (0 disables it), got {getattr(self, name)}")
-        for name in ("overflow", "underflow"):
+        for name in ("overflow", "underflow", "underflow_energy_fwd", "underflow_energy_grad"):
             if getattr(self, name) > 1:
                 raise ValueError(f"threshold {name} is a fraction and must be <= 1, got {getattr(self, name)}")
         if not 0 <= self.grad_cos <= 1:
@@ -119,7 +124,7 @@ class Policy:
 
     def preflight_passes(self, s: dict) -> bool:
         """Would the layer be healthy in FP8? Its dry-run statistics must be known and under threshold."""
-        quantization = ("overflow", "underflow", "quant_error")
+        quantization = ("overflow", "underflow", "underflow_energy_fwd", "underflow_energy_grad", "quant_error")
         if any(s.get(k) is None for k in quantization):
             return False
         return not self.exceeded({k: s[k] for k in quantization})

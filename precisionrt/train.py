@@ -137,6 +137,9 @@ def train(cfg: LMConfig) -> dict:
     runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
     injector = FaultInjector(cfg.inject, model, rank)
     corpus = ByteCorpus(cfg.data)
+    if is_main:
+        print(f"corpus: {corpus.num_bytes:,} bytes of {cfg.data.source!r} Python sources "
+              f"({len(corpus.heldout):,} held out)", flush=True)
 
     run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
     torch.distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
@@ -228,7 +231,8 @@ def train(cfg: LMConfig) -> dict:
         "steps": end, "resumed_from": start, "wall_s": wall,
         "steps_per_s": (end - start) / wall if wall > 0 else math.nan,
         "final_train_loss": loss_val, "final_eval_loss": eval_loss,
-        "unigram_baseline_loss": corpus.unigram_loss(), "precision_mode": cfg.precision.mode,
+        "unigram_baseline_loss": corpus.unigram_loss(), "corpus_bytes": corpus.num_bytes,
+        "precision_mode": cfg.precision.mode,
         "fp8_flop_fraction": runtime.fp8_flop_fraction(), "precisions": runtime.precisions(),
         "switches": [e.summary() for e in switches], "skipped_steps": skipped,
         "control_rejected": runtime.control_rejected,

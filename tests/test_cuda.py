@@ -53,11 +53,12 @@ def test_fused_quantize_is_bit_identical_to_eager(fmt, margin):
     for name, x in _operands(seed=margin).items():
         cfg = ScalingConfig(recipe="current", margin=margin)
         ref_state, fused_state = ScalingState(f, cfg, DEV), ScalingState(f, cfg, DEV)
-        q_ref, s_ref, st_ref = fp8.quantize_tensor(x, ref_state, update=True, stats="full")
+        col_weight = torch.rand(x.shape[1], device=DEV) * 4   # a GEMM partner's squared column norms
+        q_ref, s_ref, st_ref = fp8.quantize_tensor(x, ref_state, update=True, stats="full", col_weight=col_weight)
         acc = torch.zeros(NUM_STATS, device=DEV)
         m_pad = x.shape[0] + (-x.shape[0] % 16)
         q, q_t, s, s_inv = kernels.quantize(x, f, fused_state, update=True, level="full", acc=acc,
-                                            transpose_rows=m_pad)
+                                            transpose_rows=m_pad, col_weight=col_weight)
         assert torch.equal(_bytes(q), _bytes(q_ref)), f"{name}: fp8 bytes differ"
         assert torch.equal(s.view(torch.int32), s_ref.view(torch.int32)), f"{name}: scale differs"
         assert torch.equal(s_inv.view(torch.int32), s_ref.reciprocal().view(torch.int32)), name

@@ -7,10 +7,12 @@ from precisionrt.policy import Policy, PolicyConfig
 
 LAYERS = ["a", "b", "c"]
 FLOPS = {"a": 100, "b": 200, "c": 700}
-OK = {"overflow": 0.0, "underflow": 0.0, "quant_error": 0.03, "nonfinite": 0.0}
+OK = {"overflow": 0.0, "underflow": 0.0, "underflow_energy_fwd": 0.0, "underflow_energy_grad": 0.0,
+      "quant_error": 0.03, "nonfinite": 0.0}
 
 
 def make(**cfg):
+    cfg.setdefault("underflow", 0.05)   # these tests drive the state machine with the count signal
     return Policy(PolicyConfig(**cfg), LAYERS, pinned={}, initial={n: "fp8" for n in LAYERS})
 
 
@@ -78,7 +80,7 @@ def test_grad_sensitivity_triggers_on_error_or_cosine():
 
 
 def test_pinned_and_held_layers_do_not_move():
-    p = Policy(PolicyConfig(patience=1), LAYERS, pinned={"a": "fp8"}, initial={n: "fp8" for n in LAYERS})
+    p = Policy(PolicyConfig(patience=1, underflow=0.05), LAYERS, pinned={"a": "fp8"}, initial={n: "fp8" for n in LAYERS})
     p.hold("b", "fp8")
     assert check(p, a={"underflow": 0.5}, b={"underflow": 0.5}) == []
     p.hold("b", None)

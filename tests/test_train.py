@@ -91,3 +91,13 @@ def test_cli_entry_point_runs(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step     4/4" in proc.stdout and (tmp_path / "cli" / "summary.json").is_file()
+
+
+def test_python_corpus_extends_the_stdlib_deterministically():
+    from precisionrt.data import python_corpus
+
+    stdlib = python_corpus(10**9, "stdlib")
+    more = python_corpus(len(stdlib) + 500_000, "python")
+    assert more[: len(stdlib)] == stdlib, "the standard library comes first, in the same order"
+    assert len(more) == len(stdlib) + 500_000, "installed packages add sources beyond it"
+    assert python_corpus(len(stdlib) + 500_000, "python") == more, "same machine, same bytes"

@@ -10,7 +10,10 @@ Prints, per arm: held-out loss per seed and its mean, the mean paired gap to BF1
 the FP8 share of GEMM FLOPs, and the promotions with their steps against the injection start and against the
 first check at which a signal of the injected layer crossed its threshold. Writes outlier_demo.json beside the
 run directories (``<out>/<arm>/seed<k>``). Four arms x 3 seeds of the tiny config take about 25 minutes on
-2 cores.
+2 cores. At scale, on a GPU (the rescue demo: five arms, two seeds, 1,000 steps of a 154M model):
+
+    python tools/outlier_demo.py --config configs/lm_150m_gpu.toml --seeds 0 1 \
+        --layer decoder.layers.6.mlp.linear_fc2 --start 700 --ramp 50 --out runs/outlier_demo_150m
 """
 
 import argparse
@@ -31,6 +34,7 @@ ARMS = {  # name: (overrides, injected)
     "fp8_healthy": (['precision.mode="fp8"'], False),
     "fp8": (['precision.mode="fp8"', "precision.observe=true"], True),  # observe: signals logged, no decisions
     "dynamic": (['precision.mode="dynamic"'], True),
+    "dynamic_healthy": (['precision.mode="dynamic"'], False),   # false promotions, if any, show here
 }
 
 
@@ -95,13 +99,16 @@ def main() -> int:
     p.add_argument("--ramp", type=int, default=50)
     p.add_argument("--factor", type=float, default=1e6)
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                   help="arms to run (bf16 and dynamic are always run: the gaps and crossings need them)")
     args = p.parse_args()
+    arms = {n: a for n, a in ARMS.items() if n in {*args.arms, "bf16", "dynamic"}}
     out = fresh_dir(args.out)
     inject = ['inject.kind="outlier"', f'inject.layer="{args.layer}"', f"inject.start_step={args.start}",
               f"inject.ramp_steps={args.ramp}", f"inject.factor={args.factor}"]
-    runs: dict[str, dict[int, dict]] = {name: {} for name in ARMS}
+    runs: dict[str, dict[int, dict]] = {name: {} for name in arms}
     for seed in args.seeds:  # seed-major: an interrupted demo still has whole seeds
-        for name, (extra, injected) in ARMS.items():
+        for name, (extra, injected) in arms.items():
             overrides = [*extra, *(inject if injected else []), f"train.seed={seed}", *args.overrides]
             runs[name][seed] = run_arm(args.config, out / name / f"seed{seed}", overrides)
     base = runs["bf16"]

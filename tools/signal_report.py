@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from precisionrt.events import iter_records  # noqa: E402
 from precisionrt.policy import PolicyConfig  # noqa: E402
 
-SIGNALS = ("overflow", "headroom", "underflow", "nonfinite", "quant_error", "amax_jump", "grad_rel_err",
+SIGNALS = ("overflow", "headroom", "underflow", "underflow_energy_fwd", "underflow_energy_grad", "nonfinite", "quant_error", "amax_jump", "grad_rel_err",
            "grad_cos", "grad_norm_z")
 LOWER_IS_WORSE = {"grad_cos"}
 
