@@ -101,11 +101,13 @@ class LayerNumerics:
         of the input for the weight, squared row norms of the weight for the output gradient."""
         if self.stats_level != "full":
             return None
+        # vector_norm accumulates in fp32 inside one reduction pass: no fp32 copy of the operand
+        norm = lambda t, dim: torch.linalg.vector_norm(t.detach(), dim=dim, dtype=torch.float32).square()  # noqa: E731
         if role == "input":
-            return weight.detach().float().square().sum(0)
+            return norm(weight, 0)
         if role == "weight":
-            return x2d.detach().float().square().sum(0)
-        return weight.detach().float().square().sum(1)
+            return norm(x2d, 0)
+        return norm(weight, 1)
 
     def record_bf16(self, x: torch.Tensor, role: str, col_weight: torch.Tensor | None = None) -> None:
         """Statistics of a tensor that a BF16 layer multiplies unquantized. On full-statistics steps they come

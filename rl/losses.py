@@ -49,13 +49,26 @@ def tis_weights(logp_train: torch.Tensor, logp_infer: torch.Tensor, cap: float =
     return torch.exp(logp_train.detach() - logp_infer.detach()).clamp(max=cap)
 
 
-def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Group-normalised advantages: ``(r - mean_group) / (std_group + eps)``; rewards ordered group by group."""
+def flat_groups(rewards: torch.Tensor, group_size: int, tol: float = 1e-6) -> torch.Tensor:
+    """Per group, True where its rewards are all equal (within ``tol`` of the largest magnitude): such a group
+    has no GRPO signal. Rewards ordered group by group."""
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    r = rewards.float().view(-1, group_size)
+    r = rewards.double().view(-1, group_size)
+    spread = r.amax(dim=1) - r.amin(dim=1)
+    return spread <= tol * r.abs().amax(dim=1).clamp(min=1.0)
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages: ``(r - mean_group) / (std_group + eps)``; rewards ordered group by group.
+
+    Exactly 0 for a group whose rewards are equal: otherwise float rounding in the mean, divided by a std of
+    about 1e-8 + eps, leaves advantages of +-0.06 (eight rewards of 0.6, 0.8 or 2/3, the partial credits of a
+    task) that push the policy in a direction the rewards never said. Computed in float64."""
+    flat = flat_groups(rewards, group_size)
+    r = rewards.double().view(-1, group_size)
     adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return adv.view(-1)
+    return torch.where(flat[:, None], torch.zeros_like(adv), adv).float().view(-1)
 
 
 @dataclass

@@ -79,6 +79,9 @@ class RLConfig:
 
 
 def train(cfg: RLConfig) -> dict:
+    if cfg.run.device == "cuda":   # "auto" runs on the CPU, where the RL loop has been built and measured
+        raise ConfigError('run.device: rl.train runs on the CPU for now (its rollout engine and loss metrics '
+                          'still synchronise per token and per step); use run.device="cpu" or "auto"')
     init_parallel(1, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model)

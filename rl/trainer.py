@@ -21,7 +21,7 @@ import torch
 
 from precisionrt.runtime import PrecisionRuntime
 from rl.envs import Problem, ReverseDigits
-from rl.losses import LossConfig, LossInputs, grpo_advantages, ppo_loss
+from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, ppo_loss
 from rl.rollout import Completion, RolloutEngine, generate, logits_of
 from rl.staleness import StalenessConfig, StalenessController
 
@@ -170,7 +170,7 @@ class RLTrainer:
         logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
         # policy entropy on completion tokens: watched for collapse, optionally rewarded (rl.entropy_coef)
         entropy = -((logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
-        rewards = torch.tensor([r for g in batch for r in g.rewards])
+        rewards = torch.tensor([r for g in batch for r in g.rewards], dtype=torch.float64)
         adv = grpo_advantages(rewards, self.algo.group_size)
         return LossInputs(logp=logp * mask, logp_prox=(logp * mask).detach(), logp_infer=logp_infer,
                           advantages=adv, mask=mask), rewards, entropy
@@ -194,6 +194,7 @@ class RLTrainer:
             self._published = (version, _snapshot(self.model))
         events = self.runtime.end_step(step)
         return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "grad_norm": float(grad_norm),
+                "zero_variance_groups": float(flat_groups(rewards, self.algo.group_size).double().mean()),
                 "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0, **metrics}

@@ -172,3 +172,14 @@ def test_pad_rows_keeps_values_and_pads_zeros():
 def test_gemm_alignment_reason():
     assert fp8.fp8_gemm_unsupported_reason(64, 128) is None
     assert "in_features=60" in fp8.fp8_gemm_unsupported_reason(60, 128)
+
+
+@pytest.mark.parametrize("fmt", [E4M3, E5M2])
+def test_tiny_amax_gives_the_largest_finite_scale_not_inf(fmt):
+    """amax 1e-36: (max / amax) overflows fp32. The scale is clamped to the fp32 maximum, so the tensor
+    quantizes to finite values and reads as healthy, not as a nonfinite fault."""
+    x = torch.full((16, 16), 1e-36)
+    q, scale, stats = fp8.quantize_tensor(x, ScalingState(fmt, ScalingConfig()), stats="full")
+    assert torch.isfinite(scale) and scale.item() == torch.finfo(torch.float32).max
+    assert torch.isfinite(q.float()).all() and (q.float() > 0).all()
+    assert stats[STAT_INDEX["nonfinite"]] == 0

@@ -137,3 +137,21 @@ def test_unaligned_layer_refuses_fp8_with_reason(parallel):
         layer.precision = "fp8"
     y, _ = layer(torch.randn(5, 2, 24))  # runs in bf16
     assert y.shape == (5, 2, 40)
+
+
+@pytest.mark.parametrize("precision", ["fp8", "bf16"])
+def test_non_contiguous_output_gradient_reaches_the_gemms_in_their_layout(precision):
+    """A transposed output gradient (as a permute downstream can produce) must not reach scaled_mm as is."""
+    from precisionrt.linear import PrecisionLinearFunction
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 64, generator=g, requires_grad=True)
+    w = torch.randn(48, 64, generator=g, requires_grad=True)
+    y = PrecisionLinearFunction.apply(x, w, None, LayerNumerics(ScalingConfig(), "cpu"), precision, False, False,
+                                      None)
+    dy = torch.randn(48, 32, generator=g).t()      # [32, 48], column-major
+    assert not dy.is_contiguous()
+    y.backward(dy)
+    ref = dy.double() @ w.detach().double()
+    rel = ((x.grad.double() - ref).norm() / ref.norm()).item()
+    assert rel < (0.08 if precision == "fp8" else 0.01)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.losses import LossConfig, LossInputs, grpo_advantages, icepop_weights, ppo_loss, tis_weights
+from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, icepop_weights, ppo_loss, tis_weights
 
 # train/infer ratios: below the band, at its low end, inside, at its high end, above it
 RATIOS = [0.4, 0.5, 1.3, 2.0, 2.5]
@@ -94,6 +94,15 @@ def test_grpo_advantages_are_group_normalised():
     assert adv[4:].tolist() == [0, 0, 0, 0], "a group with equal rewards teaches nothing"
     with pytest.raises(ValueError, match="groups of 3"):
         grpo_advantages(torch.zeros(8), 3)
+
+
+@pytest.mark.parametrize("credit", [0.6, 0.8, 2 / 3, 1e-3, 7.0])
+def test_grpo_advantages_of_equal_rewards_are_exactly_zero(credit):
+    rewards = torch.tensor([credit] * 8 + [0.0, 1.0] * 4)
+    adv = grpo_advantages(rewards, group_size=8)
+    assert adv[:8].tolist() == [0.0] * 8, "rounding in the mean must not become an advantage"
+    assert adv[8:].abs().tolist() == pytest.approx([1.0] * 8, abs=1e-5)
+    assert flat_groups(rewards, 8).tolist() == [True, False]
 
 
 @pytest.mark.parametrize("band", [(2.0, 0.5), (1.0, 1.0), (0.0, 2.0)])
