@@ -95,6 +95,7 @@ class PrecisionRuntime:
         self._step_fraction = self.fp8_flop_fraction()
         self._force_check = False
         self._pending_skips: list[tuple[int, torch.Tensor]] = []   # (step, device flag) not yet fetched
+        self._last_step = 0
         self._skipped: list[int] = []
         self._shadow_cursor = 0
         self._control_seen: float | None = None
@@ -249,6 +250,7 @@ class PrecisionRuntime:
         """Close optimizer step ``step`` (counted from 1, as metrics count): account FLOPs; on check steps
         (``step % monitor.check_interval == 0``, or at once after a skipped nonfinite step) monitor, decide and
         apply. Returns the switches made; they take effect at the next forward."""
+        self._last_step = step
         totals = self._flop_totals()
         d_fp8, d_bf16 = (t - p for t, p in zip(totals, self._flops_at_last_step))
         self._step_fraction = d_fp8 / (d_fp8 + d_bf16) if d_fp8 + d_bf16 else self._step_fraction
@@ -375,6 +377,14 @@ class PrecisionRuntime:
             "shadow_cursor": self._shadow_cursor,
             "shadow_next": [n for n, l in self.layers.items() if l.numerics.shadow],
             "run_id": self.run_id,
+            # The open check window: a checkpoint between two checks must carry what the next check will read.
+            "last_step": self._last_step,
+            "force_check": self._force_check,
+            "step_fraction": self._step_fraction,
+            "window": {n: {"stats": l.numerics.stats.detach().cpu().clone(),
+                           "grad_stats": l.numerics.grad_stats.detach().cpu().clone()}
+                       for n, l in self.layers.items()},
+            "pending_skips": [[s, float(f)] for s, f in self._pending_skips] + [[s, 1.0] for s in self._skipped],
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -394,4 +404,15 @@ class PrecisionRuntime:
         for name, layer in self.layers.items():
             layer.numerics.shadow = name in sd["shadow_next"]
         self._flops_at_last_step = self._flop_totals()
+        if "window" in sd:   # checkpoints from before the open window was saved resume at check boundaries only
+            self._last_step = int(sd["last_step"])
+            self._force_check = bool(sd["force_check"])
+            self._step_fraction = float(sd["step_fraction"])
+            for name, layer in self.layers.items():
+                layer.numerics.stats.copy_(sd["window"][name]["stats"])
+                layer.numerics.grad_stats.copy_(sd["window"][name]["grad_stats"])
+                # the sampling schedule of the next step, as end_step(last_step) set it
+                layer.numerics.full_stats = (self._last_step + 1) % self.config.monitor.full_stats_every == 0
+            self._pending_skips = []
+            self._skipped = [int(s) for s, flag in sd["pending_skips"] if flag > 0]
 

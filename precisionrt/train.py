@@ -150,9 +150,10 @@ def train(cfg: LMConfig) -> dict:
     if is_main and cfg.wandb.enabled:
         logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
 
-    start = 0
+    start, earlier = 0, {"switches": [], "skipped_steps": []}   # what a resumed run did before its checkpoint
     if cfg.train.resume and (found := load_latest_checkpoint(run_dir)) is not None:
         start, state = found
+        earlier = state.get("history", earlier)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         runtime.load_state_dict(state["runtime"])
@@ -163,7 +164,13 @@ def train(cfg: LMConfig) -> dict:
     def checkpoint(step: int) -> None:
         if is_main:
             save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
-                                            "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict()})
+                                            "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict(),
+                                            "history": history()})
+
+    def history() -> dict:
+        """The run's switches and skipped steps so far, so that a resumed run's summary covers the whole run."""
+        return {"switches": earlier["switches"] + [e.summary() for e in switches],
+                "skipped_steps": earlier["skipped_steps"] + skipped}
 
     heldout = [to_device(b, device) for b in
                corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)]
@@ -234,7 +241,7 @@ def train(cfg: LMConfig) -> dict:
         "unigram_baseline_loss": corpus.unigram_loss(), "corpus_bytes": corpus.num_bytes,
         "precision_mode": cfg.precision.mode,
         "fp8_flop_fraction": runtime.fp8_flop_fraction(), "precisions": runtime.precisions(),
-        "switches": [e.summary() for e in switches], "skipped_steps": skipped,
+        **history(),
         "control_rejected": runtime.control_rejected,
     }
     runtime.close(end)

@@ -105,7 +105,7 @@ def train(cfg: RLConfig) -> dict:
     engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout)
     offset = cfg.train.warm_start_steps  # optimizer steps before RL: the switch log counts all of them
     found = load_latest_checkpoint(run_dir) if cfg.train.resume else None
-    start, masked = 0, []
+    start, masked, earlier_switches = 0, [], []   # switches before a resumed run's checkpoint
     if found is None:
         runtime.start_log(run_dir, to_dict(cfg))
         warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
@@ -118,6 +118,7 @@ def train(cfg: RLConfig) -> dict:
         runtime.load_state_dict(state["runtime"])
         runtime.start_log(run_dir, to_dict(cfg), resumed_from=offset + start)
         masked, warm_loss = state["rl"]["masked"], math.nan
+        earlier_switches = state["rl"].get("switches", [])
     trainer = RLTrainer(model, runtime, optimizer, engine, task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,
                         max_new, cfg.rollout.temperature)
     if found is None:
@@ -134,7 +135,8 @@ def train(cfg: RLConfig) -> dict:
         save_checkpoint(run_dir, step, {
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "runtime": runtime.state_dict(),
-            "rl": {"trainer": trainer.state_dict(), "reward_initial": reward_initial, "masked": masked}})
+            "rl": {"trainer": trainer.state_dict(), "reward_initial": reward_initial, "masked": masked,
+                   "switches": earlier_switches + [e.summary() for e in switches]}})
 
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     switches, reward_final = [], reward_initial
@@ -186,7 +188,7 @@ def train(cfg: RLConfig) -> dict:
         "samples_per_s": (acct.trained - trained_before) / rl_wall,
         "trainer_idle_ratio": c.trainer_wait / rl_wall, "rollout_idle_ratio": c.rollout_wait / rl_wall,
         "rollout_errors": c.errors[:10], "fp8_flop_fraction": runtime.fp8_flop_fraction(),
-        "switches": [e.summary() for e in switches], "executor": to_dict(cfg.executor),
+        "switches": earlier_switches + [e.summary() for e in switches], "executor": to_dict(cfg.executor),
         "rollout_precision": cfg.rollout.precision, "correction": cfg.rl.correction,
     }
     runtime.close(offset + end)

@@ -53,6 +53,27 @@ def test_resume_is_exact(tmp_path, parallel):
     assert resumed["final_eval_loss"] == full["final_eval_loss"]
 
 
+@pytest.mark.parametrize("stop", [5, 7])
+def test_resume_is_exact_between_checks(tmp_path, parallel, stop):
+    """Stopped in the middle of a check window (checks every 4 steps, exact statistics and shadow gradients
+    every 3, a one-step spike at step 6): the resumed run must see the window's statistics and the sampling
+    schedule the uninterrupted run saw, and switch the same layers at the same steps."""
+    spike = ['precision.scaling.recipe="delayed"', "precision.scaling.amax_history_len=4",
+             "precision.monitor.check_interval=4", "precision.monitor.full_stats_every=3",
+             "precision.monitor.shadow_every=3", "precision.policy.cooldown_checks=1",
+             'inject.kind="spike"', 'inject.layer="decoder.layers.1.mlp.linear_fc1"', "inject.start_step=5",
+             "inject.factor=1000"]
+    full = train(tiny(tmp_path / "full", *spike))
+    assert full["switches"], "the scenario must switch something, or it tests nothing"
+    train(tiny(tmp_path / "split", *spike, f"train.stop_at_step={stop}"))
+    resumed = train(tiny(tmp_path / "split", *spike, "train.resume=true"))
+    assert resumed["resumed_from"] == stop
+    assert resumed["final_train_loss"] == full["final_train_loss"]
+    assert resumed["final_eval_loss"] == full["final_eval_loss"]
+    assert [sw for sw in full["switches"] if sw["step"] > stop], "switches after the stop: the window matters"
+    assert resumed["switches"] == full["switches"], "the summary describes the whole run, not the segment"
+
+
 def test_truncated_checkpoint_falls_back_to_previous(tmp_path, parallel, capsys):
     train(tiny(tmp_path / "r", "train.steps=8", "train.checkpoint_every=4"))
     newest = tmp_path / "r" / "checkpoints" / "step_000008.pt"
