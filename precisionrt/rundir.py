@@ -35,8 +35,11 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True) -> Path:
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Write atomically: readers never see half a file."""
+    """Write atomically and durably: readers never see half a file, a crash never leaves an empty one."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    with open(tmp, "w") as fh:
+        fh.write(json.dumps(obj, indent=2, default=str) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())   # durable before it replaces the previous version
     os.replace(tmp, path)

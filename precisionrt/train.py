@@ -42,6 +42,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
+    keep_checkpoints: int = 3    # the newest N checkpoints are kept (0: all)
     checkpoint_every: int = 0    # 0: only at the end
     resume: bool = False
     stop_at_step: int = 0        # stop early (with a checkpoint) after this step, e.g. to fit a job's time limit;
@@ -51,6 +52,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
         if self.stop_at_step < 0:
             raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -165,7 +168,7 @@ def train(cfg: LMConfig) -> dict:
         if is_main:
             save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
                                             "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict(),
-                                            "history": history()})
+                                            "history": history()}, keep=cfg.train.keep_checkpoints)
 
     def history() -> dict:
         """The run's switches and skipped steps so far, so that a resumed run's summary covers the whole run."""

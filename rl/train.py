@@ -43,6 +43,7 @@ class RLTrainConfig:
     warm_start_lr: float = 3e-3
     log_every: int = 10
     eval_every: int = 50
+    keep_checkpoints: int = 3    # the newest N checkpoints are kept (0: all)
     checkpoint_every: int = 0      # 0: only at the end
     resume: bool = False           # continue from the newest checkpoint in run.dir (RL steps; no warm start)
     stop_at_step: int = 0          # stop early, with a checkpoint, after this RL step (0: run to `steps`)
@@ -52,6 +53,8 @@ class RLTrainConfig:
             raise ValueError("steps, log_every and eval_every must be >= 1, warm_start_steps >= 0")
         if self.stop_at_step < 0:
             raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
 
 
 @dataclass
@@ -136,7 +139,8 @@ def train(cfg: RLConfig) -> dict:
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "runtime": runtime.state_dict(),
             "rl": {"trainer": trainer.state_dict(), "reward_initial": reward_initial, "masked": masked,
-                   "switches": earlier_switches + [e.summary() for e in switches]}})
+                   "switches": earlier_switches + [e.summary() for e in switches]}},
+            keep=cfg.train.keep_checkpoints)
 
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     switches, reward_final = [], reward_initial

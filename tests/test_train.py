@@ -80,7 +80,7 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path, parallel, capsys)
     newest.write_bytes(newest.read_bytes()[:1000])
     resumed = train(tiny(tmp_path / "r", "train.steps=8", "train.resume=true"))
     assert resumed["resumed_from"] == 4
-    assert "step_000008.pt is unreadable" in capsys.readouterr().err
+    assert "step_000008.pt is truncated or damaged" in capsys.readouterr().err
     assert newest.exists(), "nothing is deleted"
 
 
@@ -122,3 +122,38 @@ def test_python_corpus_extends_the_stdlib_deterministically():
     assert more[: len(stdlib)] == stdlib, "the standard library comes first, in the same order"
     assert len(more) == len(stdlib) + 500_000, "installed packages add sources beyond it"
     assert python_corpus(len(stdlib) + 500_000, "python") == more, "same machine, same bytes"
+
+
+def test_checkpoints_rotate_and_a_failed_write_leaves_nothing_behind(tmp_path):
+    import torch
+
+    from precisionrt.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((3,), float(step))}, keep=2)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [6, 8], "only the newest two are kept"
+    assert load_latest_checkpoint(tmp_path)[1]["step"] == 8
+
+    class Unwritable:   # torch.save fails on it mid-write, as a full disk would
+        def __reduce__(self):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(RuntimeError, match=r"step_000010\.pt.*No space left"):
+        save_checkpoint(tmp_path, 10, {"x": Unwritable()})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000006.pt", "step_000008.pt"]
+
+
+class Opaque:
+    """An arbitrary pickled object, which weights_only loading must refuse."""
+
+
+def test_a_checkpoint_that_weights_only_refuses_is_an_error_not_a_fallback(tmp_path):
+    import torch
+
+    from precisionrt.checkpoint import checkpoint_path, load_latest_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path, 2, {"step": 2})
+    path = checkpoint_path(tmp_path, 4)
+    torch.save({"step": 4, "obj": Opaque()}, path)   # a pickled object: weights_only=True refuses it
+    with pytest.raises(RuntimeError, match="step_000004.pt holds objects"):
+        load_latest_checkpoint(tmp_path)
