@@ -37,9 +37,11 @@ def test_tp2_matches_tp1(tmp_path, precision):
     ref, tp2 = launch(1, tmp_path, precision), launch(2, tmp_path, precision)
     loss_tol, grad_tol = TOL[precision]
     assert abs(tp2["loss"] - ref["loss"]) / ref["loss"] <= loss_tol
+    # the clipping norm is the whole model's on every rank (each rank alone sees about 80% of it)
+    assert abs(tp2["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"] <= grad_tol / 2
     assert set(ref) == set(tp2) and len(ref) > 5
     for name in ref:
-        if name == "loss":
+        if name in ("loss", "grad_norm"):
             continue
         assert tp2[name].shape == ref[name].shape, name
         err = ((tp2[name] - ref[name]).norm() / ref[name].norm()).item()

@@ -8,7 +8,7 @@ import torch
 from conftest import SMALL
 from precisionrt.linear import precision_layers
 from precisionrt.megatron import build_gpt, init_parallel
-from precisionrt.train import lm_loss
+from precisionrt.train import clip_grad_norm_, lm_loss
 
 
 def gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -30,7 +30,9 @@ def main(out_dir: str, precision: str) -> None:
     tokens = torch.randint(0, 256, (4, SMALL.seq_length + 1), generator=torch.Generator().manual_seed(0))
     loss = lm_loss(model, tokens)
     loss.backward()
-    result = {"loss": loss.detach()}
+    # the model's gradient norm as the training loop clips by it (no clipping at this max_norm)
+    norm = clip_grad_norm_(model, 1e9, group)
+    result = {"loss": loss.detach(), "grad_norm": norm.detach()}
     for name, p in model.named_parameters():
         if "layernorm" in name or "position_embeddings" in name:
             result[name] = p.grad
