@@ -78,6 +78,7 @@ class RLTrainer:
         self.temperature = temperature if temperature > 0 else 1.0
         self.queue: queue.Queue[Group] = queue.Queue()
         self.counters = Counters()
+        self.skipped_steps: list[int] = []   # optimizer steps skipped for nonfinite gradients
         self._rng = random.Random(seed)
         self._gen = torch.Generator().manual_seed(seed)
         self._weights_lock = threading.Lock()
@@ -188,10 +189,16 @@ class RLTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         staleness = [self.ctrl.staleness(g.version) for g in batch]
-        self.ctrl.trained([g.version for g in batch for _ in g.completions])
-        version = self.ctrl.advance()
-        with self._weights_lock:
-            self._published = (version, _snapshot(self.model))
+        if skipped:
+            # nothing was learnt from these samples and the weights did not change: the samples are dropped
+            # with their reason, the policy version stays, and no weights are published
+            self.ctrl.drop(sum(len(g.completions) for g in batch), "skipped_step")
+            self.skipped_steps.append(step)
+        else:
+            self.ctrl.trained([g.version for g in batch for _ in g.completions])
+            version = self.ctrl.advance()
+            with self._weights_lock:
+                self._published = (version, _snapshot(self.model))
         events = self.runtime.end_step(step)
         return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "grad_norm": float(grad_norm),
                 "zero_variance_groups": float(flat_groups(rewards, self.algo.group_size).double().mean()),
@@ -206,12 +213,14 @@ class RLTrainer:
         return {"version": self.ctrl.version, "rng": list(self._rng.getstate()[1]), "rng_version":
                 self._rng.getstate()[0], "gen": self._gen.get_state(),
                 "acct": {"generated": a.generated, "trained": a.trained, "dropped": dict(a.dropped),
-                         "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained)}}
+                         "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained)},
+                "skipped_steps": list(self.skipped_steps)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume: samples that were in flight when the checkpoint was taken are gone with the old process;
         they are counted as dropped (``lost_on_restart``) so the accounting stays whole."""
         self._rng.setstate((sd["rng_version"], tuple(sd["rng"]), None))
+        self.skipped_steps = list(sd.get("skipped_steps", []))
         self._gen.set_state(sd["gen"])
         a, acct = self.ctrl.acct, sd["acct"]
         a.generated, a.trained, a.in_flight = acct["generated"], acct["trained"], 0

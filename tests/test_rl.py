@@ -180,3 +180,17 @@ def test_entropy_is_logged_and_its_bonus_changes_the_update(tmp_path, monkeypatc
     assert s0["steps"] == s1["steps"] == 6
     assert any(not torch.equal(w0[k], w1[k]) for k in w0 if isinstance(w0[k], torch.Tensor)), \
         "same data and seeds: only the entropy bonus can make the weights differ"
+
+
+def test_a_skipped_step_trains_nothing_and_keeps_the_version(tmp_path):
+    """NaN in one RL step's gradients: the optimizer step is skipped, its samples are dropped with reason
+    skipped_step (not counted as trained), and the policy version does not move."""
+    layer = "decoder.layers.1.mlp.linear_fc1"
+    s = run(tmp_path, 'executor.mode="sync"', 'inject.kind="nonfinite"', f'inject.layer="{layer}"',
+            "inject.start_step=7")   # the 3rd RL step, after 5 warm-start steps
+    acct = s["samples"]
+    assert s["skipped_steps"] == [8]
+    assert acct["dropped"] == {"skipped_step": 8} and acct["trained"] == 5 * 8
+    assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
+    state = torch.load(next((tmp_path / "run" / "checkpoints").iterdir()), weights_only=True)
+    assert state["rl"]["trainer"]["version"] == 5, "six RL steps, one skipped"
