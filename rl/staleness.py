@@ -59,6 +59,11 @@ class StalenessController:
         self.acct = Accounting()
         self._lock = threading.Lock()
 
+    @property
+    def lock(self) -> threading.Lock:
+        """Held by every counter update: hold it to read the counters consistently."""
+        return self._lock
+
     def try_admit(self, n: int) -> bool:
         """Reserve ``n`` rollouts if admission control allows it (never partially)."""
         with self._lock:

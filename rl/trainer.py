@@ -196,9 +196,11 @@ class RLTrainer:
             self.skipped_steps.append(step)
         else:
             self.ctrl.trained([g.version for g in batch for _ in g.completions])
-            version = self.ctrl.advance()
+            # publish first, then advance: a rollout admitted by the new version must find its weights
+            weights = _snapshot(self.model)
             with self._weights_lock:
-                self._published = (version, _snapshot(self.model))
+                self._published = (self.ctrl.version + 1, weights)
+            self.ctrl.advance()
         events = self.runtime.end_step(step)
         return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "grad_norm": float(grad_norm),
                 "zero_variance_groups": float(flat_groups(rewards, self.algo.group_size).double().mean()),
@@ -209,11 +211,13 @@ class RLTrainer:
     # ----------------------------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict:
-        a = self.ctrl.acct
-        return {"version": self.ctrl.version, "rng": list(self._rng.getstate()[1]), "rng_version":
-                self._rng.getstate()[0], "gen": self._gen.get_state(),
-                "acct": {"generated": a.generated, "trained": a.trained, "dropped": dict(a.dropped),
-                         "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained)},
+        with self.ctrl.lock:   # the rollout worker updates the counters concurrently
+            a = self.ctrl.acct
+            version = self.ctrl.version
+            acct = {"generated": a.generated, "trained": a.trained, "dropped": dict(a.dropped),
+                    "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained)}
+        return {"version": version, "rng": list(self._rng.getstate()[1]), "rng_version":
+                self._rng.getstate()[0], "gen": self._gen.get_state(), "acct": acct,
                 "skipped_steps": list(self.skipped_steps)}
 
     def load_state_dict(self, sd: dict) -> None:

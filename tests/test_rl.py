@@ -194,3 +194,27 @@ def test_a_skipped_step_trains_nothing_and_keeps_the_version(tmp_path):
     assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
     state = torch.load(next((tmp_path / "run" / "checkpoints").iterdir()), weights_only=True)
     assert state["rl"]["trainer"]["version"] == 5, "six RL steps, one skipped"
+
+
+def test_weights_are_published_before_the_version_advances(tmp_path, monkeypatch):
+    """A rollout admitted because the version moved on must find that version's weights: the trainer
+    publishes them first (otherwise it generates with the old ones and its samples arrive staler)."""
+    from rl.staleness import StalenessController
+
+    seen = []
+    advance = StalenessController.advance
+
+    def checked_advance(ctrl):
+        seen.append(RLTrainer.current._published[0] == ctrl.version + 1)
+        return advance(ctrl)
+
+    init = RLTrainer.__init__
+
+    def remember(self, *a, **k):
+        init(self, *a, **k)
+        RLTrainer.current = self
+
+    monkeypatch.setattr(RLTrainer, "__init__", remember)
+    monkeypatch.setattr(StalenessController, "advance", checked_advance)
+    run(tmp_path, 'executor.mode="sync"', "train.steps=3")
+    assert seen == [True, True, True]
