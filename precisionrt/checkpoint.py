@@ -1,6 +1,10 @@
-"""Checkpoints of a run directory: ``checkpoints/step_000123.pt``, written atomically and durably (fsync of
-the file and of its directory before and after the rename), read with ``weights_only=True``. A truncated or
-corrupt newest file is reported by name and the previous one is used; only the newest ``keep`` are kept."""
+"""Checkpoints of a run directory: ``checkpoints/step_000123.pt`` (one process or tensor-parallel size 1) or,
+under tensor parallelism, one file per TP rank, ``step_000123.tp0.pt``, ``step_000123.tp1.pt``, ... (each rank
+holds its own shard of the weights, of the optimizer state and of the FP8 scaling state; data-parallel
+replicas are identical, so the processes of data-parallel rank 0 write). Files are written atomically and
+durably (fsync of the file and of its directory), read with ``weights_only=True``, and only the newest
+``keep`` steps are kept. A truncated or corrupt newest checkpoint is reported by name and the previous one is
+used, the same step on every rank. A checkpoint written at another TP size is refused with both sizes named."""
 
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ from pathlib import Path
 
 import torch
 
-_NAME = re.compile(r"^step_(\d{6,})\.pt$")
+_NAME = re.compile(r"^step_(\d{6,})(?:\.tp(\d+))?\.pt$")
 # What torch.load raises for a file that was cut short or damaged (a zip archive that does not read back).
 _DAMAGED = (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError)
 
 
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:06d}.pt"
+def checkpoint_path(run_dir: str | Path, step: int, tp_rank: int | None = None) -> Path:
+    """The file of ``step`` (of TP rank ``tp_rank`` under tensor parallelism; None: the unsharded file)."""
+    shard = "" if tp_rank is None else f".tp{tp_rank}"
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}{shard}.pt"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -30,11 +36,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0) -> Path:
-    """Write ``state`` as the checkpoint of ``step``; then delete all but the newest ``keep`` (0: keep all).
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0, tp_rank: int | None = None) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` (this TP rank's shard when ``tp_rank`` is given); then
+    delete all but the newest ``keep`` of this rank's (0: keep all).
 
     A failed write (a full disk) removes its partial ``.tmp`` and raises an error naming the path."""
-    path = checkpoint_path(run_dir, step)
+    path = checkpoint_path(run_dir, step, tp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
     try:
@@ -48,33 +55,82 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0) 
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"could not write checkpoint {path}: {type(e).__name__}: {e}") from e
     if keep > 0:
-        for _, old in list_checkpoints(run_dir)[:-keep]:
+        for _, old in list_checkpoints(run_dir, tp_rank)[:-keep]:
             old.unlink(missing_ok=True)
     return path
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+def list_checkpoints(run_dir: str | Path, tp_rank: int | None = None) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoints of one layout (unsharded, or TP rank ``tp_rank``), oldest first."""
+    want = None if tp_rank is None else str(tp_rank)
+    return sorted((step, p) for step, shard, p in _all_files(run_dir) if shard == want)
+
+
+def _all_files(run_dir: str | Path) -> list[tuple[int, str | None, Path]]:
     d = Path(run_dir) / "checkpoints"
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
-    return sorted(found)
+    return [(int(m.group(1)), m.group(2), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
 
 
-def load_latest_checkpoint(run_dir: str | Path) -> tuple[int, dict] | None:
-    """The newest readable checkpoint as ``(step, state)``, or None if the run has none."""
-    found = list_checkpoints(run_dir)
-    for step, path in reversed(found):
-        try:
-            return step, torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if "weights only" in str(e).lower():   # readable, but holds objects weights_only refuses: no fallback
-                raise RuntimeError(f"checkpoint {path} holds objects that weights_only loading refuses: {e}") from e
-            print(f"warning: checkpoint {path} is damaged ({type(e).__name__}: {e}); trying an older one",
-                  file=sys.stderr)
-        except _DAMAGED as e:   # truncated or corrupt: report it by name and fall back to an older one
-            print(f"warning: checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}); "
-                  "trying an older one", file=sys.stderr)
-    if found:
-        raise RuntimeError(f"no readable checkpoint among {len(found)} in {Path(run_dir) / 'checkpoints'}")
+def _load(path: Path) -> dict | None:
+    """The state in ``path``; None (reported by name) if it is truncated or damaged."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():   # readable, but holds objects weights_only refuses: no fallback
+            raise RuntimeError(f"checkpoint {path} holds objects that weights_only loading refuses: {e}") from e
+        print(f"warning: checkpoint {path} is damaged ({type(e).__name__}: {e}); trying an older one",
+              file=sys.stderr)
+    except _DAMAGED as e:   # truncated or corrupt: report it by name and fall back to an older one
+        print(f"warning: checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}); "
+              "trying an older one", file=sys.stderr)
+    return None
+
+
+def _distributed(group) -> bool:
+    return group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1
+
+
+def _all_ranks_agree(ok: bool, group) -> bool:
+    if not _distributed(group):
+        return ok
+    device = "cuda" if torch.distributed.get_backend(group) == "nccl" else "cpu"
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _common_steps(steps: set[int], group) -> set[int]:
+    """Steps every rank has a file for (a crash can leave one rank's newest shard unwritten)."""
+    if not _distributed(group):
+        return steps
+    everyone: list = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(everyone, sorted(steps), group=group)
+    return set.intersection(*(set(s) for s in everyone))
+
+
+def load_latest_checkpoint(run_dir: str | Path, tp_rank: int | None = None, tp_size: int = 1,
+                           group=None) -> tuple[int, dict] | None:
+    """The newest checkpoint readable on every rank of ``group``, as ``(step, this rank's state)``, or None if
+    the run has none. ``tp_rank``/``tp_size`` name this process's shard (``tp_rank`` None: unsharded); files of
+    another layout are refused with an error naming both tensor-parallel sizes."""
+    files = _all_files(run_dir)
+    mine = list_checkpoints(run_dir, tp_rank)
+    if files and not mine:
+        shards = {shard for _, shard, _ in files}
+        theirs = 1 if shards == {None} else len(shards - {None})
+        raise ValueError(f"checkpoints in {Path(run_dir) / 'checkpoints'} were written at "
+                         f"tensor_model_parallel_size {theirs}; this run uses {tp_size}")
+    # every rank walks the same candidate steps, newest first, and all must read a step for it to be taken
+    for step in sorted(_common_steps({step for step, _ in mine}, group), reverse=True):
+        state = _load(checkpoint_path(run_dir, step, tp_rank))
+        if _all_ranks_agree(state is not None, group):
+            saved = state.get("parallel", {}).get("tensor_model_parallel_size", tp_size)
+            if saved != tp_size:
+                raise ValueError(f"checkpoint {checkpoint_path(run_dir, step, tp_rank)} was written at "
+                                 f"tensor_model_parallel_size {saved}; this run uses {tp_size}")
+            return step, state
+    if mine:
+        raise RuntimeError(f"no readable checkpoint among {len(mine)} in {Path(run_dir) / 'checkpoints'}")
     return None

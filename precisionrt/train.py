@@ -172,15 +172,21 @@ def train(cfg: LMConfig) -> dict:
 
     run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
     torch.distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
-    if is_main:
-        write_json(run_dir / "config.json", to_dict(cfg))
     optimizer = make_optimizer(model, cfg.train, device)
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
     if is_main and cfg.wandb.enabled:
         logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
 
     start, earlier = 0, {"switches": [], "skipped_steps": []}   # what a resumed run did before its checkpoint
-    if cfg.train.resume and (found := load_latest_checkpoint(run_dir)) is not None:
+    tp_size = cfg.parallel.tensor_model_parallel_size
+    tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp_size > 1 else None   # None: unsharded files
+    found = None
+    if cfg.train.resume:
+        try:
+            found = load_latest_checkpoint(run_dir, tp_rank, tp_size, group=torch.distributed.group.WORLD)
+        except ValueError as e:   # another tensor-parallel size: a configuration problem, named as one
+            raise ConfigError(f"train.resume: {e}") from None
+    if found is not None:
         start, state = found
         earlier = state.get("history", earlier)
         model.load_state_dict(state["model"])
@@ -188,13 +194,18 @@ def train(cfg: LMConfig) -> dict:
         runtime.load_state_dict(state["runtime"])
         if is_main:
             print(f"resumed from step {start} in {run_dir}", flush=True)
+    if is_main:   # only once the checkpoint is known to fit this configuration
+        write_json(run_dir / "config.json", to_dict(cfg))
     runtime.start_log(run_dir, to_dict(cfg), rank, resumed_from=start if cfg.train.resume else None)
 
     def checkpoint(step: int) -> None:
-        if is_main:
+        # every TP rank of data-parallel rank 0 writes its own shard (data-parallel replicas are identical)
+        if dp_rank == 0:
             save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
                                             "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict(),
-                                            "history": history()}, keep=cfg.train.keep_checkpoints)
+                                            "history": history(),
+                                            "parallel": {"tensor_model_parallel_size": tp_size}},
+                            keep=cfg.train.keep_checkpoints, tp_rank=tp_rank)
 
     def history() -> dict:
         """The run's switches and skipped steps so far, so that a resumed run's summary covers the whole run."""
