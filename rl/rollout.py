@@ -58,7 +58,11 @@ def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens and their log-probabilities under the sampling distribution (temperature 0: greedy)."""
+    """Next tokens (from the top-p nucleus when ``top_p < 1``; temperature 0: greedy) and their
+    log-probabilities under the full softmax at ``temperature``: the distribution the trainer scores the same
+    tokens with. Scoring them under the renormalised nucleus instead would put the kept mass (log of it, up to
+    -log 0.9 per token at top_p 0.9) into every train/inference ratio, and IcePop would mask whole sequences
+    for a difference of sampling rule, not of numerics."""
     if temperature == 0:
         logp = torch.log_softmax(logits, dim=-1)
         tok = logits.argmax(dim=-1)
@@ -70,7 +74,6 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
         probs = probs / probs.sum(-1, keepdim=True)
-        logp = torch.log(probs.clamp_min(1e-30))
     tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 

@@ -44,7 +44,10 @@ def test_run_accounts_for_every_sample(tmp_path, mode):
         assert (tmp_path / "run" / f).is_file()
 
 
-def test_identical_precisions_on_policy_give_unit_ratios(tmp_path, monkeypatch):
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_identical_precisions_on_policy_give_unit_ratios(tmp_path, monkeypatch, top_p):
+    """Same weights, same precision, no staleness: every token's ratio is 1, also when sampling is truncated
+    to a top-p nucleus (the behaviour log-prob is scored under the full softmax, as the trainer scores it)."""
     seen = []
     original = RLTrainer.train_step
 
@@ -54,7 +57,7 @@ def test_identical_precisions_on_policy_give_unit_ratios(tmp_path, monkeypatch):
         return m
     monkeypatch.setattr(RLTrainer, "train_step", spy)
     run(tmp_path, 'precision.mode="bf16"', 'rollout.precision="bf16"', "rl.max_staleness=0",
-        'executor.mode="sync"')
+        'executor.mode="sync"', f"rollout.top_p={top_p}")
     for m in seen:
         assert m["ratio_min"] == pytest.approx(1, abs=1e-4) and m["ratio_max"] == pytest.approx(1, abs=1e-4)
         assert m["masked_fraction"] == 0 and abs(m["mismatch_kl_k3"]) < 1e-8
@@ -218,3 +221,13 @@ def test_weights_are_published_before_the_version_advances(tmp_path, monkeypatch
     monkeypatch.setattr(StalenessController, "advance", checked_advance)
     run(tmp_path, 'executor.mode="sync"', "train.steps=3")
     assert seen == [True, True, True]
+
+
+def test_top_p_samples_from_the_nucleus_and_scores_under_the_full_softmax():
+    from rl.rollout import sample_next
+
+    logits = torch.tensor([[3.0, 2.5, 0.0, -1.0, -2.0]]).repeat(400, 1)
+    tok, logp = sample_next(logits, 1.0, 0.8, torch.Generator().manual_seed(0))
+    full = torch.log_softmax(logits[0], -1)
+    assert set(tok.tolist()) <= {0, 1}, "only the nucleus (the two tokens holding 80% of the mass) is sampled"
+    assert torch.equal(logp, full[tok])
