@@ -14,6 +14,7 @@ import queue
 import random
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,6 +39,7 @@ class RLAlgoConfig:
     group_size: int = 8
     prompts_per_step: int = 16
     entropy_coef: float = 0.0      # bonus on the policy's entropy over completion tokens (against collapse)
+    max_consecutive_rollout_failures: int = 20   # the run ends with the last error after this many in a row
 
     def loss_config(self) -> LossConfig:
         return LossConfig(clip_eps=self.clip_eps, correction=self.correction, icepop_band=tuple(self.icepop_band),
@@ -46,8 +48,17 @@ class RLAlgoConfig:
     def __post_init__(self) -> None:
         self.loss_config()  # validates band, correction, clip
         StalenessConfig(self.max_staleness)
+        if self.max_consecutive_rollout_failures < 1:
+            raise ValueError("max_consecutive_rollout_failures must be >= 1")
         if self.group_size < 2 or self.prompts_per_step < 1:
             raise ValueError("group_size must be >= 2 (GRPO normalises within a group) and prompts_per_step >= 1")
+
+
+_KEPT_ERRORS = 100   # the newest rollout errors kept for reports (the count is in the accounting)
+
+
+class RolloutFailure(RuntimeError):
+    """Rollouts cannot go on: too many failed in a row, or the rollout worker died."""
 
 
 @dataclass
@@ -85,6 +96,8 @@ class RLTrainer:
         self._published = (0, _snapshot(model))
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
+        self._worker_error: tuple[BaseException, str] | None = None
+        self.consecutive_failures = 0
         engine.load_weights(self._published[1], 0)
 
     # -------------------------------------------------------------------------------------- rollouts
@@ -106,11 +119,17 @@ class RLTrainer:
         try:
             comps = self.engine.generate([p.prompt for p in problems for _ in range(g)], self.max_new_tokens,
                                          self._gen)
-        except Exception as e:  # noqa: BLE001 - a failed rollout is counted, recorded and survived
+        except Exception as e:  # noqa: BLE001 - a failed rollout is counted, recorded and survived ...
             self.ctrl.returned(self.batch_samples)
             self.ctrl.drop(self.batch_samples, "rollout_error")
             self.counters.errors.append(f"{type(e).__name__}: {e}")
+            del self.counters.errors[:-_KEPT_ERRORS]
+            self.consecutive_failures += 1
+            if self.consecutive_failures >= self.algo.max_consecutive_rollout_failures:   # ... up to a limit
+                raise RolloutFailure(f"{self.consecutive_failures} rollouts in a row failed; the last: "
+                                     f"{type(e).__name__}: {e}") from e
             return True
+        self.consecutive_failures = 0
         self.ctrl.returned(self.batch_samples)
         for i, problem in enumerate(problems):
             group = comps[i * g:(i + 1) * g]
@@ -128,11 +147,19 @@ class RLTrainer:
         return True
 
     def _worker_loop(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
-            if not self.rollout_once():
-                time.sleep(0.002)
-                self.counters.rollout_wait += time.perf_counter() - t0
+        try:
+            while not self._stop.is_set():
+                t0 = time.perf_counter()
+                if not self.rollout_once():
+                    time.sleep(0.002)
+                    self.counters.rollout_wait += time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - not swallowed: handed to the trainer, which raises it
+            self._worker_error = (e, traceback.format_exc())
+
+    def _raise_if_worker_died(self) -> None:
+        if self._worker_error is not None:
+            e, tb = self._worker_error
+            raise RolloutFailure(f"the rollout worker died: {type(e).__name__}: {e}\n{tb}") from e
 
     # --------------------------------------------------------------------------------------- training
 
@@ -143,10 +170,15 @@ class RLTrainer:
                 if not self.rollout_once():
                     raise RuntimeError("sync mode: admission control refused a rollout (accounting is broken)")
             t0 = time.perf_counter()
-            try:
-                group = self.queue.get(timeout=timeout)
-            except queue.Empty:
-                raise RuntimeError(f"no rollouts for {timeout:.0f} s; rollout errors: {self.counters.errors[-3:]}")
+            group = None
+            while group is None:   # short waits: a dead worker is reported at once, not after the timeout
+                self._raise_if_worker_died()
+                try:
+                    group = self.queue.get(timeout=0.05)
+                except queue.Empty:
+                    if time.perf_counter() - t0 > timeout:
+                        raise RuntimeError(f"no rollouts for {timeout:.0f} s; rollout errors: "
+                                           f"{self.counters.errors[-3:]}") from None
             self.counters.trainer_wait += time.perf_counter() - t0
             if self.ctrl.is_stale(group.version):
                 self.ctrl.drop(len(group.completions), "stale")

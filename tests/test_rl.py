@@ -231,3 +231,40 @@ def test_top_p_samples_from_the_nucleus_and_scores_under_the_full_softmax():
     full = torch.log_softmax(logits[0], -1)
     assert set(tok.tolist()) <= {0, 1}, "only the nucleus (the two tokens holding 80% of the mass) is sampled"
     assert torch.equal(logp, full[tok])
+
+
+def test_rollouts_that_keep_failing_end_the_run_with_the_error(tmp_path, monkeypatch):
+    """Sync mode used to spin forever (10,000 failed rollouts counted as generated): now the run ends after
+    max_consecutive_rollout_failures with the underlying error."""
+    from rl.rollout import RolloutEngine
+    from rl.trainer import RolloutFailure
+
+    def broken(self, *a, **k):
+        raise ConnectionError("inference server unreachable")
+
+    monkeypatch.setattr(RolloutEngine, "generate", broken)
+    with pytest.raises(RolloutFailure, match="3 rollouts in a row failed.*ConnectionError: inference server"):
+        run(tmp_path, 'executor.mode="sync"', "train.warm_start_steps=0", "rl.max_consecutive_rollout_failures=3")
+
+
+class RaisingRewards(ReverseDigits):
+    def reward(self, problem, completion):
+        import threading
+
+        if threading.current_thread().name == "rollout-worker":   # held-out evaluation scores as usual
+            raise KeyError("reward service lost the problem")
+        return super().reward(problem, completion)
+
+
+def test_a_dead_rollout_worker_is_reported_at_once_with_its_traceback(tmp_path, monkeypatch):
+    """An exception outside generation (reward scoring) used to kill the worker thread silently; the trainer
+    then waited 120 s. Now it raises at its next wait, with the worker's traceback."""
+    import time
+
+    from rl.trainer import RolloutFailure
+
+    monkeypatch.setattr("rl.train.ReverseDigits", RaisingRewards)
+    t0 = time.perf_counter()
+    with pytest.raises(RolloutFailure, match=r"(?s)rollout worker died: KeyError.*reward service.*Traceback"):
+        run(tmp_path, 'executor.mode="async"', "train.warm_start_steps=0")
+    assert time.perf_counter() - t0 < 60
