@@ -8,7 +8,11 @@ A sample's staleness is ``trainer_version_at_consumption - version_that_generate
   before its version moves past what the sample could tolerate, so rollouts beyond it could only arrive stale;
 * a sample that still arrives with staleness > eta is dropped with reason ``stale`` (or, with
   ``on_stale = "wait"``, never happens because the trainer waits: admission keeps it inside the bound);
-* accounting: ``generated == trained + sum(dropped.values()) + in_flight``, checked at the end of every run.
+* accounting: each sample is counted where it really happens: ``generated`` when its completion exists,
+  ``trained`` or ``dropped[reason]`` where that happens. At the end of a run the samples still in flight are
+  counted *physically* (what is left in the queue) and ``generated == trained + dropped + present`` is
+  checked: a sample lost anywhere breaks it. Admissions whose generation failed produced no sample; they are
+  counted apart (``failed_rollouts``).
 
 The controller is thread-safe: rollout workers and the trainer share it.
 """
@@ -31,18 +35,20 @@ class StalenessConfig:
 
 @dataclass
 class Accounting:
-    generated: int = 0
+    generated: int = 0             # samples whose completion exists
     trained: int = 0
     dropped: Counter = field(default_factory=Counter)
-    in_flight: int = 0
     staleness_trained: Counter = field(default_factory=Counter)
+    failed_rollouts: int = 0       # admitted samples whose generation failed: no sample exists
+
+    @property
+    def in_flight(self) -> int:
+        """Generated samples neither trained nor dropped, by the counters (``check`` counts them physically)."""
+        return self.generated - self.trained - sum(self.dropped.values())
 
     def as_dict(self) -> dict:
         return {"generated": self.generated, "trained": self.trained, "dropped": dict(self.dropped),
-                "in_flight": self.in_flight}
-
-    def balanced(self) -> bool:
-        return self.generated == self.trained + sum(self.dropped.values()) + self.in_flight
+                "in_flight": self.in_flight, "failed_rollouts": self.failed_rollouts}
 
 
 class StalenessController:
@@ -72,14 +78,23 @@ class StalenessController:
                 return False
             self.accepted += n
             self.running += n
-            self.acct.in_flight += n
-            self.acct.generated += n
             return True
 
     def returned(self, n: int) -> None:
-        """``n`` admitted rollouts finished generating (they stay in flight until trained or dropped)."""
+        """``n`` admitted rollouts finished generating, or failed to."""
         with self._lock:
             self.running -= n
+
+    def created(self, n: int) -> None:
+        """``n`` samples now exist (their completions were generated): in flight until trained or dropped."""
+        with self._lock:
+            self.acct.generated += n
+
+    def failed(self, n: int) -> None:
+        """``n`` admitted rollouts produced no sample: their admission slots are free again."""
+        with self._lock:
+            self.acct.failed_rollouts += n
+            self.accepted -= n
 
     def staleness(self, sample_version: int) -> int:
         return self.version - sample_version
@@ -90,13 +105,11 @@ class StalenessController:
     def drop(self, n: int, reason: str) -> None:
         """``n`` samples will never train: count them and free their admission slots."""
         with self._lock:
-            self.acct.in_flight -= n
             self.acct.dropped[reason] += n
             self.accepted -= n
 
     def trained(self, versions: list[int]) -> None:
         with self._lock:
-            self.acct.in_flight -= len(versions)
             self.acct.trained += len(versions)
             for v in versions:
                 self.acct.staleness_trained[self.version - v] += 1
@@ -107,9 +120,11 @@ class StalenessController:
             self.version += 1
             return self.version
 
-    def check(self) -> None:
-        """The accounting invariant; raises naming the numbers if anything was lost."""
+    def check(self, present: int) -> None:
+        """The accounting invariant against ``present``, the samples physically still in flight (counted by
+        the caller, e.g. what is left in the queue): raises naming the numbers if any sample was lost."""
         a = self.acct
-        if not a.balanced():
+        if a.generated != a.trained + sum(a.dropped.values()) + present:
             raise RuntimeError(f"sample accounting broken: generated {a.generated} != trained {a.trained} + "
-                               f"dropped {dict(a.dropped)} + in flight {a.in_flight}")
+                               f"dropped {dict(a.dropped)} + present {present} "
+                               f"({a.generated - a.trained - sum(a.dropped.values()) - present} unaccounted)")

@@ -179,7 +179,7 @@ def train(cfg: RLConfig) -> dict:
         trainer.stop()
         engine.close()
     rl_wall = time.time() - t_rl
-    trainer.ctrl.check()
+    trainer.ctrl.check(trainer.present_samples())
     checkpoint(end)
     acct = trainer.ctrl.acct
     c = trainer.counters

@@ -121,7 +121,7 @@ class RLTrainer:
                                          self._gen)
         except Exception as e:  # noqa: BLE001 - a failed rollout is counted, recorded and survived ...
             self.ctrl.returned(self.batch_samples)
-            self.ctrl.drop(self.batch_samples, "rollout_error")
+            self.ctrl.failed(self.batch_samples)
             self.counters.errors.append(f"{type(e).__name__}: {e}")
             del self.counters.errors[:-_KEPT_ERRORS]
             self.consecutive_failures += 1
@@ -131,6 +131,7 @@ class RLTrainer:
             return True
         self.consecutive_failures = 0
         self.ctrl.returned(self.batch_samples)
+        self.ctrl.created(len(comps))
         for i, problem in enumerate(problems):
             group = comps[i * g:(i + 1) * g]
             reason = None
@@ -240,6 +241,10 @@ class RLTrainer:
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0, **metrics}
 
+    def present_samples(self) -> int:
+        """Samples physically in flight: what the queue holds (call with the rollout worker stopped)."""
+        return sum(len(g.completions) for g in list(self.queue.queue))
+
     # ----------------------------------------------------------------------------------- checkpoint
 
     def state_dict(self) -> dict:
@@ -247,7 +252,8 @@ class RLTrainer:
             a = self.ctrl.acct
             version = self.ctrl.version
             acct = {"generated": a.generated, "trained": a.trained, "dropped": dict(a.dropped),
-                    "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained)}
+                    "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained),
+                    "failed_rollouts": a.failed_rollouts}
         return {"version": version, "rng": list(self._rng.getstate()[1]), "rng_version":
                 self._rng.getstate()[0], "gen": self._gen.get_state(), "acct": acct,
                 "skipped_steps": list(self.skipped_steps)}
@@ -259,7 +265,8 @@ class RLTrainer:
         self.skipped_steps = list(sd.get("skipped_steps", []))
         self._gen.set_state(sd["gen"])
         a, acct = self.ctrl.acct, sd["acct"]
-        a.generated, a.trained, a.in_flight = acct["generated"], acct["trained"], 0
+        a.generated, a.trained = acct["generated"], acct["trained"]
+        a.failed_rollouts = acct.get("failed_rollouts", 0)
         a.dropped.update(acct["dropped"])
         a.staleness_trained.update({int(k): v for k, v in acct["staleness_trained"].items()})
         if acct["in_flight"]:

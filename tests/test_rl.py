@@ -78,14 +78,20 @@ def test_admission_control_bounds_what_can_be_in_flight():
     assert ctrl.try_admit(4) and ctrl.try_admit(4)
     assert not ctrl.try_admit(1), "(eta + version + 1) * batch = 8 admitted: a slow trainer stops the worker"
     ctrl.returned(8)
+    ctrl.created(8)
     ctrl.trained([0] * 4)
     ctrl.advance()
     assert ctrl.try_admit(4) and not ctrl.try_admit(4)
+    ctrl.returned(4)
+    ctrl.created(4)
     ctrl.advance(), ctrl.advance()
     assert ctrl.version == 3 and ctrl.is_stale(1) and not ctrl.is_stale(2)
     ctrl.drop(4, "stale")
-    ctrl.check()
-    assert ctrl.acct.as_dict() == {"generated": 12, "trained": 4, "dropped": {"stale": 4}, "in_flight": 4}
+    ctrl.check(present=4)
+    with pytest.raises(RuntimeError, match="1 unaccounted"):
+        ctrl.check(present=3)   # one sample lost: the balance breaks
+    assert ctrl.acct.as_dict() == {"generated": 12, "trained": 4, "dropped": {"stale": 4}, "in_flight": 4,
+                                   "failed_rollouts": 0}
     assert ctrl.try_admit(4), "a dropped sample frees its admission slot"
 
 
@@ -268,3 +274,21 @@ def test_a_dead_rollout_worker_is_reported_at_once_with_its_traceback(tmp_path, 
     with pytest.raises(RolloutFailure, match=r"(?s)rollout worker died: KeyError.*reward service.*Traceback"):
         run(tmp_path, 'executor.mode="async"', "train.warm_start_steps=0")
     assert time.perf_counter() - t0 < 60
+
+
+def test_a_lost_sample_breaks_the_accounting(tmp_path, monkeypatch):
+    """The end-of-run check counts what is physically in flight, so losing a group anywhere (here: a batch
+    that silently forgets one) fails the run instead of balancing by construction."""
+    original = RLTrainer.next_batch
+
+    def leaky(self, *a, **k):
+        batch = original(self, *a, **k)
+        if not getattr(self, "_leaked", False):
+            self._leaked = True
+            extra = self.queue.get(timeout=30)   # taken from the queue, never trained nor dropped
+            del extra
+        return batch
+
+    monkeypatch.setattr(RLTrainer, "next_batch", leaky)
+    with pytest.raises(RuntimeError, match="sample accounting broken.*4 unaccounted"):
+        run(tmp_path, 'executor.mode="async"')
