@@ -22,8 +22,6 @@ optional.
 
 from __future__ import annotations
 
-import fnmatch
-import json
 import sys
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -33,6 +31,7 @@ from typing import Literal
 import torch
 
 from precisionrt import monitors
+from precisionrt.control import CODE_NAMES, CONTROL_CODES, ControlFile
 from precisionrt.events import EventLog, SwitchEvent, json_safe, read_log
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
@@ -41,8 +40,6 @@ from precisionrt.monitors import MonitorConfig, MonitorState
 from precisionrt.policy import Policy, PolicyConfig
 
 EVENTS_FILE = "precision_events.jsonl"
-CONTROL_CODES = {"fp8": 1, "bf16": 2, "auto": 3}
-_CODE_NAMES = {v: k for k, v in CONTROL_CODES.items()}
 
 
 @dataclass
@@ -98,7 +95,7 @@ class PrecisionRuntime:
         self._last_step = 0
         self._skipped: list[int] = []
         self._shadow_cursor = 0
-        self._control_seen: float | None = None
+        self._control: ControlFile | None = None   # opened with the switch log's run directory
         self.control_rejected: list[str] = []
         self.run_dir: Path | None = None
         self.run_id = uuid.uuid4().hex[:12]
@@ -303,7 +300,9 @@ class PrecisionRuntime:
         device = next(iter(self.layers.values())).weight.device
         requests = {}
         if self.rank == 0 and self.run_dir is not None and self.config.control_file:
-            requests = self._read_control()
+            if self._control is None:
+                self._control = ControlFile(self.run_dir / self.config.control_file, self.names, self._reject)
+            requests = self._control.read()
         if not requests:   # the usual case: zeros made on the device, nothing copied from the host
             return torch.zeros(len(self.names), dtype=torch.float32, device=device)
         codes = torch.zeros(len(self.names), dtype=torch.float32)
@@ -313,33 +312,6 @@ class PrecisionRuntime:
             return codes.pin_memory().to(device, non_blocking=True)
         return codes.to(device)
 
-    def _read_control(self) -> dict[str, str]:
-        path = self.run_dir / self.config.control_file
-        try:
-            mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return {}
-        if mtime == self._control_seen:
-            return {}
-        self._control_seen = mtime
-        try:
-            spec = json.loads(path.read_text())
-            if not isinstance(spec, dict):
-                raise ValueError("expected a JSON object {layer-or-pattern: 'fp8' | 'bf16' | 'auto'}")
-        except ValueError as e:
-            self._reject(f"{path}: {e}")
-            return {}
-        out: dict[str, str] = {}
-        for pattern, action in spec.items():
-            hits = [n for n in self.names if fnmatch.fnmatchcase(n, str(pattern))]
-            if action not in CONTROL_CODES:
-                self._reject(f"{path}: {pattern!r}: action {action!r} is not one of {sorted(CONTROL_CODES)}")
-            elif not hits:
-                self._reject(f"{path}: {pattern!r} matches no managed layer")
-            else:
-                out.update({n: action for n in hits})
-        return out
-
     def _reject(self, message: str) -> None:
         self.control_rejected.append(message)
         print(f"precisionrt: control file entry rejected: {message}", file=sys.stderr, flush=True)
@@ -347,7 +319,7 @@ class PrecisionRuntime:
     def _apply_control(self, codes: list[int], step: int) -> list[SwitchEvent]:
         events = []
         for name, code in zip(self.names, codes):
-            action = _CODE_NAMES.get(code)
+            action = CODE_NAMES.get(code)
             if action is None:
                 continue
             if action == "auto":

@@ -186,7 +186,7 @@ def train(cfg: RLConfig) -> dict:
     summary = {
         "steps": end, "resumed_from": start, "wall_s": time.time() - t_start, "rl_wall_s": rl_wall,
         "reward_initial": reward_initial, "reward_final": reward_final, "samples": acct.as_dict(),
-        "skipped_steps": trainer.skipped_steps,
+        "skipped_steps": trainer.skipped_steps, "control_rejected": runtime.control_rejected,
         "max_staleness_trained": max(acct.staleness_trained, default=0),
         "staleness_histogram": {str(k): v for k, v in sorted(acct.staleness_trained.items())},
         "icepop_masked_fraction": sum(masked) / len(masked) if masked else math.nan,
