@@ -58,6 +58,10 @@ class TrainConfig:
             raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
+        if self.grad_clip <= 0:   # 0 never learns, a negative clip multiplies gradients by < 0: ascent
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError("weight_decay and warmup_steps must be >= 0")
 
 
 @dataclass

@@ -104,6 +104,8 @@ class LossConfig:
             raise ValueError(f"correction must be icepop, tis or none, got {self.correction!r}")
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
+        if self.tis_cap <= 0:
+            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
 
 
 def behaviour_weights(inp: LossInputs, cfg: LossConfig) -> torch.Tensor:

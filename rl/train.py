@@ -51,6 +51,11 @@ class RLTrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.log_every < 1 or self.eval_every < 1 or self.warm_start_steps < 0:
             raise ValueError("steps, log_every and eval_every must be >= 1, warm_start_steps >= 0")
+        if self.warm_start_batch < 1:
+            raise ValueError(f"warm_start_batch must be >= 1, got {self.warm_start_batch}")
+        for name in ("lr", "warm_start_lr", "grad_clip"):   # 0 never learns; a negative clip ascends
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.stop_at_step < 0:
             raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
         if self.keep_checkpoints < 0:

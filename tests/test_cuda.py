@@ -3,8 +3,6 @@ host-synchronisation budget of a dynamic training step (0 on ordinary steps, 1 o
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -14,6 +12,7 @@ if torch.cuda.is_available():
     from precisionrt import fp8, kernels
     from precisionrt.fp8 import E4M3, E5M2, NUM_STATS, STAT_INDEX, ScalingConfig, ScalingState
     from precisionrt.linear import LayerNumerics, PrecisionLinearFunction
+    from precisionrt.syncs import host_syncs
 
 DEV = "cuda"
 COUNT_FIELDS = ("saturated", "underflow", "nonfinite", "numel", "nonzero")
@@ -131,19 +130,6 @@ def test_fused_layer_equals_eager_layer(tokens, level):
     torch.testing.assert_close(st_f, st_e, rtol=1e-5, atol=1e-30)
 
 
-def _count_syncs(fn) -> list[str]:
-    """Where ``fn`` made a synchronising CUDA call (one entry per call)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
-
-
 def test_dynamic_step_host_syncs(tmp_path):
     """0 host synchronisations on an ordinary dynamic step, exactly 1 on a check step, for any layer count."""
     from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
@@ -171,7 +157,7 @@ def test_dynamic_step_host_syncs(tmp_path):
 
         for n in range(1, 11):   # warm up: compilation, allocator, the first check
             step(n)
-        _count_syncs(lambda: None)   # the first switch into "warn" mode reports itself once
+        host_syncs(lambda: None)   # the first switch into "warn" mode reports itself once
         ordinary = []
         for n in range(11, 20):
             torch.cuda.synchronize()
@@ -183,7 +169,7 @@ def test_dynamic_step_host_syncs(tmp_path):
                 ordinary.append([str(e)[:200]])
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        check = _count_syncs(lambda: step(20))
+        check = host_syncs(lambda: step(20))
         counts[layers] = (ordinary, check)
         rt.close(20)
     for layers, (ordinary, check) in counts.items():

@@ -1,6 +1,7 @@
 """The asynchronous RL trainer end to end on a tiny policy: accounting, staleness, IcePop metrics, bad input."""
 
 import math
+import re
 import random
 
 import pytest
@@ -291,3 +292,19 @@ def test_a_lost_sample_breaks_the_accounting(tmp_path, monkeypatch):
     monkeypatch.setattr(RLTrainer, "next_batch", leaky)
     with pytest.raises(RuntimeError, match="sample accounting broken.*4 unaccounted"):
         run(tmp_path, 'executor.mode="async"')
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rl.icepop_band=[0.5, inf]", "rl.icepop_band[1]: must be a finite number"),
+    ("rollout.temperature=nan", "rollout.temperature: must be a finite number"),
+    ("train.lr=0", "lr must be > 0"),
+    ("train.lr=-1e-3", "lr must be > 0"),
+    ("rl.tis_cap=0", "tis_cap must be > 0"),
+    ("train.warm_start_batch=0", "warm_start_batch must be >= 1"),
+])
+def test_meaningless_rl_values_are_refused_before_anything_is_written(tmp_path, override, message):
+    from precisionrt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(tmp_path, override)
+    assert not (tmp_path / "run").exists()

@@ -90,6 +90,10 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path, parallel, capsys)
     ("precision.mode=\"fp16\"", "precision.mode: 'fp16' is not one of"),
     ("precision.scaling.margin=-1", "margin must be an integer >= 0"),
     ("precision.pin_bf16=[\"decoder.layers.7.*\"]", "'decoder.layers.7.*' matches no managed layer"),
+    ("train.lr=inf", "train.lr: must be a finite number"),
+    ("precision.policy.overflow=nan", "precision.policy.overflow: must be a finite number"),
+    ("train.grad_clip=-1", "grad_clip must be > 0"),
+    ("train.grad_clip=0", "grad_clip must be > 0"),
 ])
 def test_bad_config_is_named(tmp_path, parallel, capsys, override, message):
     argv = ["--config", str(ROOT / "configs/lm_tiny_cpu.toml"), *sum((["--set", s] for s in TINY), []),

@@ -21,7 +21,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -137,17 +136,10 @@ def model_step_fn(model, rt, opt, batch):
 
 
 def count_syncs(fn) -> tuple[int, list[str]]:
-    """Synchronising CUDA calls made by ``fn`` and where (file:line of each warning)."""
-    torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    return len(syncs), [f"{w.filename}:{w.lineno}" for w in syncs]
+    from precisionrt.syncs import host_syncs
+
+    where = host_syncs(fn)
+    return len(where), where
 
 
 def model_steps(args, run_dir: Path) -> dict:
