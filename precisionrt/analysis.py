@@ -156,14 +156,21 @@ def summarize(paths: Iterable[str | Path]) -> dict:
 
 
 def main_run(path: str | Path) -> RunState:
-    """The run a single-log command looks at: the longest one in the file (a log may hold several ids)."""
-    runs, _ = collect([path])
-    return max(runs.values(), key=lambda r: r.last_step) if runs else RunState("?")
+    """The run a single-log command looks at: the longest one in the file (a log may hold several ids).
+    A log without one readable run (empty, binary, all lines damaged) is an error that says so."""
+    runs, skipped = collect([path])
+    if not runs:
+        raise ValueError(f"{path}: no readable run in it ({skipped.count} unreadable line(s) skipped)")
+    return max(runs.values(), key=lambda r: r.last_step)
 
 
 def compare(path_a: str | Path, path_b: str | Path) -> dict:
     """Which layers' precision timelines differ between two logs, and from which step."""
     a, b = main_run(path_a), main_run(path_b)
+    if set(a.layers) != set(b.layers):
+        only_a, only_b = sorted(set(a.layers) - set(b.layers)), sorted(set(b.layers) - set(a.layers))
+        raise ValueError(f"cannot compare runs of different models: {len(only_a)} layer(s) only in {path_a} "
+                         f"(e.g. {only_a[:2]}), {len(only_b)} only in {path_b} (e.g. {only_b[:2]})")
     sa, sb = set(a.switches), set(b.switches)
     layers = sorted(set(a.layers) | set(b.layers))
     diff = {}

@@ -45,6 +45,10 @@ def cmd_summarize(args) -> int:
             print(analysis.dumps(result), flush=True)
         else:
             _print_summary(result)
+        if not result["runs"] and not args.follow:
+            print(f"precisionrt-log: no readable run in {args.paths} ({result['skipped_lines']} unreadable "
+                  "line(s) skipped)", file=sys.stderr)
+            return 1
         if not args.follow or all(r["ended"] for r in result["runs"]):
             return 0
         time.sleep(args.interval)
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.func(args)
-    except FileNotFoundError as err:
+    except (OSError, ValueError) as err:   # a missing file, a log without a run, logs that cannot be compared
         print(f"precisionrt-log: {err}", file=sys.stderr)
         return 2
 

@@ -98,15 +98,48 @@ class ReadResult:
     skipped_examples: list[str]
 
 
+MAX_STEP = 2**53   # steps are integers a float can hold exactly; beyond that a "step" is garbage
+
+
+def _is_step(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -1 <= v < MAX_STEP
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _valid_layer_entry(e) -> bool:
+    return (isinstance(e, dict) and isinstance(e.get("name"), str) and _is_step(e.get("index"))
+            and _is_number(e.get("gemm_flops_per_token")) and e["gemm_flops_per_token"] >= 0)
+
+
+# Per kind, what a record must hold beyond v/kind/run/time, with its type: readers rely on every field below.
+_FIELDS = {
+    "run_start": lambda r: isinstance(r.get("layers"), list) and all(map(_valid_layer_entry, r["layers"]))
+    and isinstance(r.get("config"), dict) and ("resumed_from" not in r or _is_step(r["resumed_from"])),
+    "switch": lambda r: _is_step(r.get("step")) and isinstance(r.get("layer"), str)
+    and r.get("from") in ("fp8", "bf16") and r.get("to") in ("fp8", "bf16") and isinstance(r.get("reason"), str)
+    and isinstance(r.get("signals", {}), dict),
+    "stats": lambda r: _is_step(r.get("step")) and isinstance(r.get("layers"), dict)
+    and all(isinstance(k, str) and isinstance(v, dict) for k, v in r["layers"].items()),
+    "run_end": lambda r: _is_step(r.get("step")),
+}
+
+
 def parse_line(raw: bytes | str) -> dict | None:
-    """One log line as a record, or None if it is not a JSON object of a known kind and schema version."""
+    """One log line as a record, or None if it is not a JSON object of a known kind and schema version with
+    every field its kind needs, of the right type (a step an integer in [-1, 2**53)). A record that fails is
+    skipped and counted by the readers, never fatal."""
     try:
         rec = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if isinstance(rec, dict) and rec.get("v") == SCHEMA_VERSION and rec.get("kind") in KINDS:
-        return rec
-    return None
+    if not (isinstance(rec, dict) and rec.get("v") == SCHEMA_VERSION and rec.get("kind") in KINDS):
+        return None
+    if not isinstance(rec.get("run"), str) or not _is_number(rec.get("time")):
+        return None
+    return rec if _FIELDS[rec["kind"]](rec) else None
 
 
 def iter_records(path: str | Path, skipped: list[str] | None = None) -> Iterator[dict]:

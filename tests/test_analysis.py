@@ -136,3 +136,48 @@ def test_follow_rereads_until_the_run_ends(spike_run, tmp_path):
         fh.write(lines[-1])
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "(no run_end yet)" in out and out.rstrip().count("run ") >= 2
+
+
+def _mutants(line: dict) -> list[dict]:
+    """Wrongly typed copies of a switch record, each of which a reader must skip (and count), not die on."""
+    out = []
+    for field, bad in [("step", "12"), ("step", None), ("step", 1e300), ("step", True), ("run", ["x"]),
+                       ("layer", 3), ("from", "fp16"), ("signals", 5), ("time", "now")]:
+        out.append({**line, field: bad})
+    out.append({k: v for k, v in line.items() if k != "layer"})
+    return out
+
+
+def test_wrongly_typed_records_are_skipped_and_counted(spike_run, tmp_path, capsys):
+    run, _ = spike_run
+    lines = (run / "precision_events.jsonl").read_text().splitlines()
+    switch = next(json.loads(l) for l in lines if json.loads(l)["kind"] == "switch")
+    stats = next(json.loads(l) for l in lines if json.loads(l)["kind"] == "stats")
+    bad = [*_mutants(switch), {**stats, "layers": 7}, {**stats, "layers": {"a": 1}},
+           {"v": 1, "kind": "run_start", "run": switch["run"], "time": 1.0, "layers": 3, "config": {}}]
+    log = tmp_path / "precision_events.jsonl"
+    log.write_text("\n".join([*lines, *(json.dumps(b) for b in bad)]) + "\n")
+    assert cli(["summarize", str(log), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["skipped_lines"] == len(bad)
+    r = result["runs"][0]
+    assert r["steps"] == 20 and r["promotions"] == 1 and r["demotions"] == 1, "the good records still count"
+    assert cli(["export", str(log), "-o", str(tmp_path / "flat.csv")]) == 0
+    assert cli(["timeline", str(log), "-o", str(tmp_path / "t.png")]) == 0
+
+
+def test_empty_binary_and_unrelated_logs_are_refused_by_name(spike_run, tmp_path, capsys):
+    run, _ = spike_run
+    empty, binary = tmp_path / "empty.jsonl", tmp_path / "binary.jsonl"
+    empty.write_text("")
+    binary.write_bytes(bytes(range(256)) * 8)
+    assert cli(["summarize", str(empty)]) == 1
+    assert "no readable run" in capsys.readouterr().err
+    assert cli(["timeline", str(binary), "-o", str(tmp_path / "t.png")]) == 2
+    assert "binary.jsonl: no readable run" in capsys.readouterr().err
+    assert cli(["compare", str(empty), str(binary)]) == 2
+    capsys.readouterr()
+    other = tmp_path / "other.jsonl"   # the same log with its layers renamed: another model
+    other.write_text((run / "precision_events.jsonl").read_text().replace("decoder.layers.", "encoder.blocks."))
+    assert cli(["compare", str(run / "precision_events.jsonl"), str(other)]) == 2
+    assert "cannot compare runs of different models" in capsys.readouterr().err
