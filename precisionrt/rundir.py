@@ -24,14 +24,52 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True) -> Path:
     """Resolve and create the run directory. Refuses to write a new run over a finished or started one
     (``train.resume = true`` continues it instead)."""
     path = Path(cfg.dir) if cfg.dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    started = (path / "config.json").exists()
-    if started and not resume:
-        raise ConfigError(
-            f"run.dir {str(path)!r} already holds a run; set train.resume=true to continue it or choose another run.dir"
-        )
+    taken = ConfigError(
+        f"run.dir {str(path)!r} already holds a run; set train.resume=true to continue it or choose another run.dir")
+    if (path / "config.json").exists() and not resume:
+        raise taken
     if is_main:
         path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            # claim the directory atomically: of two launches into it, exactly one creates config.json (a
+            # placeholder until the resolved configuration replaces it) and the other is refused
+            try:
+                os.close(os.open(path / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                raise taken from None
     return path
+
+
+def truncate_metrics(path: str | Path, step: int) -> int:
+    """Drop the rows of ``metrics.jsonl`` logged after ``step``: a run resumed from the checkpoint of
+    ``step`` logs those steps again, and readers must never see a step twice. A torn last line (a crash
+    mid-write) goes too; other unreadable lines are kept. Returns the number of rows dropped."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    lines = path.read_text(errors="replace").splitlines()
+    keep, dropped = [], 0
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                dropped += 1
+            else:
+                keep.append(line)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > step:
+            dropped += 1
+        else:
+            keep.append(line)
+    if dropped:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w") as fh:
+            fh.write("".join(line + "\n" for line in keep))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -9,10 +9,12 @@ checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,7 +28,7 @@ from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
+from precisionrt.rundir import RunConfig, prepare_run_dir, truncate_metrics, write_json
 
 
 @dataclass
@@ -174,12 +176,10 @@ def train(cfg: LMConfig) -> dict:
         print(f"corpus: {corpus.num_bytes:,} bytes of {cfg.data.source!r} Python sources "
               f"({len(corpus.heldout):,} held out)", flush=True)
 
+    held_a_run = cfg.train.resume and (Path(cfg.run.dir) / "config.json").exists() if cfg.run.dir else False
     run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
     torch.distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
     optimizer = make_optimizer(model, cfg.train, device)
-    logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
-    if is_main and cfg.wandb.enabled:
-        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
 
     start, earlier = 0, {"switches": [], "skipped_steps": []}   # what a resumed run did before its checkpoint
     tp_size = cfg.parallel.tensor_model_parallel_size
@@ -196,8 +196,24 @@ def train(cfg: LMConfig) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         runtime.load_state_dict(state["runtime"])
+    elif held_a_run:
+        raise ConfigError(f"train.resume: {str(run_dir)!r} holds a run but no checkpoint to resume from; "
+                          "choose another run.dir to start afresh")
+    end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    if found is not None and start >= end:   # a finished run: resuming it changes nothing
         if is_main:
-            print(f"resumed from step {start} in {run_dir}", flush=True)
+            print(f"{run_dir} already reached step {start} (train.steps {cfg.train.steps}, stop_at_step "
+                  f"{cfg.train.stop_at_step}): nothing to do; raise train.steps to continue it", flush=True)
+        done = run_dir / "summary.json"
+        return json.loads(done.read_text()) if done.exists() else {"steps": start, "resumed_from": start}
+    if found is not None and is_main:
+        dropped = truncate_metrics(run_dir / "metrics.jsonl", start)
+        print(f"resumed from step {start} in {run_dir}"
+              + (f" ({dropped} metrics row(s) after it dropped: they are logged again)" if dropped else ""),
+              flush=True)
+    logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
+    if is_main and cfg.wandb.enabled:
+        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
     if is_main:   # only once the checkpoint is known to fit this configuration
         write_json(run_dir / "config.json", to_dict(cfg))
     runtime.start_log(run_dir, to_dict(cfg), rank, resumed_from=start if cfg.train.resume else None)
@@ -221,7 +237,6 @@ def train(cfg: LMConfig) -> dict:
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_length
     t_start, t_window, eval_loss, loss_val = time.time(), time.time(), math.nan, math.nan
     switches, skipped = [], []
-    end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = cfg.train.lr * lr_at(step, cfg.train)

@@ -1,5 +1,6 @@
 """The asynchronous RL trainer end to end on a tiny policy: accounting, staleness, IcePop metrics, bad input."""
 
+import json
 import math
 import re
 import random
@@ -160,6 +161,11 @@ def test_resume_continues_and_keeps_the_accounting_whole(tmp_path):
     from precisionrt.events import read_log
     starts = [r for r in read_log(tmp_path / "run" / "precision_events.jsonl").records if r["kind"] == "run_start"]
     assert [s.get("resumed_from") for s in starts] == [None, 5 + 3]
+    # resuming the finished run changes nothing (it used to rewrite summary.json with wrong figures)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    again = run(tmp_path, "train.resume=true")
+    assert again == json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
 def test_ray_executor_generates_in_an_actor(tmp_path, monkeypatch):

@@ -161,3 +161,44 @@ def test_a_checkpoint_that_weights_only_refuses_is_an_error_not_a_fallback(tmp_p
     torch.save({"step": 4, "obj": Opaque()}, path)   # a pickled object: weights_only=True refuses it
     with pytest.raises(RuntimeError, match="step_000004.pt holds objects"):
         load_latest_checkpoint(tmp_path)
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, parallel):
+    first = train(tiny(tmp_path / "r", "train.steps=4"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    again = train(tiny(tmp_path / "r", "train.steps=4", "train.resume=true"))
+    after = {p.name: p.read_bytes() for p in (tmp_path / "r").rglob("*") if p.is_file()}
+    assert after == before, "no file rewritten, appended to or added"
+    assert again["final_eval_loss"] == first["final_eval_loss"]
+
+
+def test_resume_without_a_checkpoint_in_a_started_run_is_refused(tmp_path, parallel):
+    run = tmp_path / "r"
+    train(tiny(run, "train.steps=4"))
+    for ckpt in (run / "checkpoints").iterdir():
+        ckpt.unlink()
+    with pytest.raises(ConfigError, match="holds a run but no checkpoint"):
+        train(tiny(run, "train.steps=8", "train.resume=true"))
+
+
+def test_steps_replayed_after_a_crash_are_logged_once(tmp_path, parallel):
+    """A run killed after its step-8 checkpoint but after logging step 12 resumes from 8: metrics.jsonl must
+    then hold every step once, the replayed ones with the resumed run's values."""
+    run = tmp_path / "r"
+    train(tiny(run, "train.checkpoint_every=4", "train.keep_checkpoints=0"))   # steps 4, 8, 12 logged
+    (run / "checkpoints" / "step_000012.pt").unlink()                          # as if killed before it
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 13, "train/lo')                                     # and mid-write
+    resumed = train(tiny(run, "train.steps=12", "train.resume=true"))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8, 12]
+    assert rows[-1]["train/loss"] == resumed["final_train_loss"]
+
+
+def test_two_launches_into_one_directory_cannot_both_start(tmp_path):
+    from precisionrt.rundir import RunConfig, prepare_run_dir
+
+    cfg = RunConfig(dir=str(tmp_path / "r"))
+    prepare_run_dir(cfg, resume=False)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        prepare_run_dir(cfg, resume=False)
