@@ -26,17 +26,18 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True) -> Path:
     path = Path(cfg.dir) if cfg.dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     taken = ConfigError(
         f"run.dir {str(path)!r} already holds a run; set train.resume=true to continue it or choose another run.dir")
+    if not is_main:   # rank 0 alone checks and claims (the others would see its claim as a taken directory)
+        return path
     if (path / "config.json").exists() and not resume:
         raise taken
-    if is_main:
-        path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            # claim the directory atomically: of two launches into it, exactly one creates config.json (a
-            # placeholder until the resolved configuration replaces it) and the other is refused
-            try:
-                os.close(os.open(path / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                raise taken from None
+    path.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        # claim the directory atomically: of two launches into it, exactly one creates config.json (a
+        # placeholder until the resolved configuration replaces it) and the other is refused
+        try:
+            os.close(os.open(path / "config.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            raise taken from None
     return path
 
 

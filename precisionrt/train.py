@@ -178,7 +178,11 @@ def train(cfg: LMConfig) -> dict:
 
     held_a_run = cfg.train.resume and (Path(cfg.run.dir) / "config.json").exists() if cfg.run.dir else False
     run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
-    torch.distributed.barrier()  # every rank has checked the directory before rank 0 writes into it
+    # rank 0's directory for every rank (a default name carries a timestamp that may differ between ranks);
+    # the broadcast also waits until rank 0 has checked and claimed it
+    shared = [str(run_dir)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    run_dir = Path(shared[0])
     optimizer = make_optimizer(model, cfg.train, device)
 
     start, earlier = 0, {"switches": [], "skipped_steps": []}   # what a resumed run did before its checkpoint
