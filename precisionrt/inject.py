@@ -6,7 +6,8 @@
   ``ramp_steps`` and stays there (the slow outlier growth of long FP8 runs).
 * ``spike``: the same function-preserving scaling applied to every channel, for ``max(1, ramp_steps)`` steps
   from ``start_step``: a burst that a delayed-scaling history has not seen.
-* ``nonfinite``: at ``start_step`` one element of the layer's output gradient becomes NaN (or ``inf``).
+* ``nonfinite``: one element of the layer's output gradient becomes NaN (or ``inf``), for
+  ``max(1, ramp_steps)`` steps from ``start_step`` (like a spike: one step unless said otherwise).
 
 ``ranks`` limits the injection to those global ranks (default: every rank). Channel indices are local to a
 rank's shard of the layer's input.
@@ -80,7 +81,7 @@ class FaultInjector:
             return
         kind = self.config.kind
         if kind == "nonfinite":
-            self._poison = step == self.config.start_step
+            self._poison = self.config.start_step <= step < self.config.start_step + max(1, self.config.ramp_steps)
             return
         f = self.factor_at(step)
         if f == 1.0:

@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.data import ByteCorpus, DataConfig
+from precisionrt.harness import check_skipped
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
@@ -45,6 +46,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 8
     keep_checkpoints: int = 3    # the newest N checkpoints are kept (0: all)
+    max_skipped_fraction: float = 0.5   # stop when more than this share of the steps (and 5 or more) were
+                                        # skipped for nonfinite gradients: such a run trains on nothing
     checkpoint_every: int = 0    # 0: only at the end
     resume: bool = False
     stop_at_step: int = 0        # stop early (with a checkpoint) after this step, e.g. to fit a job's time limit;
@@ -56,6 +59,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
+        if not 0 < self.max_skipped_fraction <= 1:
+            raise ValueError(f"max_skipped_fraction must be in (0, 1], got {self.max_skipped_fraction}")
         if self.stop_at_step < 0:
             raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
@@ -268,6 +273,7 @@ def train(cfg: LMConfig) -> dict:
             if is_main:
                 print(f"step {s}: nonfinite gradients, optimizer step skipped", flush=True)
         switches += events
+        check_skipped(len(skipped), done - start, cfg.train.max_skipped_fraction)
         logger.log_switches(done, [{**e.summary(), "signals": e.signals} for e in events])
         if is_main:
             for e in events:

@@ -26,6 +26,7 @@ from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
+from precisionrt.harness import check_skipped
 from precisionrt.rundir import RunConfig, prepare_run_dir, truncate_metrics, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from rl.envs import ReverseDigits, ReverseTaskConfig
@@ -46,6 +47,7 @@ class RLTrainConfig:
     log_every: int = 10
     eval_every: int = 50
     keep_checkpoints: int = 3    # the newest N checkpoints are kept (0: all)
+    max_skipped_fraction: float = 0.5   # stop when more than this share of RL steps (and 5 or more) were skipped
     checkpoint_every: int = 0      # 0: only at the end
     resume: bool = False           # continue from the newest checkpoint in run.dir (RL steps; no warm start)
     stop_at_step: int = 0          # stop early, with a checkpoint, after this RL step (0: run to `steps`)
@@ -60,6 +62,8 @@ class RLTrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.stop_at_step < 0:
             raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
+        if not 0 < self.max_skipped_fraction <= 1:
+            raise ValueError(f"max_skipped_fraction must be in (0, 1], got {self.max_skipped_fraction}")
         if self.keep_checkpoints < 0:
             raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
 
@@ -172,6 +176,10 @@ def train(cfg: RLConfig) -> dict:
             injector.before_step(offset + step - 1)
             m = trainer.train_step(offset + step, cfg.train.grad_clip)
             switches += m["events"]
+            if m["skipped"]:
+                print(f"step {step}: nonfinite gradients, optimizer step skipped (its samples dropped)", flush=True)
+            check_skipped(sum(s > offset + start for s in trainer.skipped_steps), step - start,
+                          cfg.train.max_skipped_fraction)
             logger.log_switches(step, [{**e.summary(), "signals": e.signals} for e in m["events"]])
             masked.append(m["masked_fraction"])
             for e in m["events"]:

@@ -314,3 +314,13 @@ def test_meaningless_rl_values_are_refused_before_anything_is_written(tmp_path, 
     with pytest.raises(ConfigError, match=re.escape(message)):
         run(tmp_path, override)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_skips_most_steps_stops_with_a_clear_error(tmp_path):
+    """NaN gradients from the 2nd RL step on (after 5 warm-start steps): every later step is skipped. Such
+    a run used to end rc 0, its reward at 0, with nothing saying why."""
+    from precisionrt.harness import TooManySkippedSteps
+
+    with pytest.raises(TooManySkippedSteps, match=r"5 of 6 optimizer steps were skipped.*max_skipped_fraction"):
+        run(tmp_path, 'executor.mode="sync"', "train.steps=12", 'inject.kind="nonfinite"',
+            'inject.layer="decoder.layers.1.mlp.linear_fc1"', "inject.start_step=6", "inject.ramp_steps=100")

@@ -202,3 +202,11 @@ def test_two_launches_into_one_directory_cannot_both_start(tmp_path):
     prepare_run_dir(cfg, resume=False)
     with pytest.raises(ConfigError, match="already holds a run"):
         prepare_run_dir(cfg, resume=False)
+
+
+def test_a_language_model_run_that_skips_most_steps_stops(tmp_path, parallel):
+    from precisionrt.harness import TooManySkippedSteps
+
+    with pytest.raises(TooManySkippedSteps, match="5 of 6 optimizer steps were skipped"):
+        train(tiny(tmp_path / "r", 'inject.kind="nonfinite"', 'inject.layer="decoder.layers.1.mlp.linear_fc1"',
+                   "inject.start_step=1", "inject.ramp_steps=100"))
