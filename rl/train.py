@@ -137,8 +137,9 @@ def train(cfg: RLConfig) -> dict:
     if found is None:
         runtime.start_log(run_dir, to_dict(cfg))
         warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
-        warm_loss = supervised_warm_start(model, warm_opt, task, cfg.train.warm_start_steps,
-                                          cfg.train.warm_start_batch, cfg.train.seed, runtime)
+        warm = supervised_warm_start(model, warm_opt, task, cfg.train.warm_start_steps, cfg.train.warm_start_batch,
+                                     cfg.train.seed, runtime, before_step=injector.before_step)
+        warm_loss, earlier_switches = warm.loss, [e.summary() for e in warm.switches]
     else:
         start, state = found
         model.load_state_dict(state["model"])
@@ -150,6 +151,7 @@ def train(cfg: RLConfig) -> dict:
     trainer = RLTrainer(model, runtime, optimizer, engine, task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,
                         max_new, cfg.rollout.temperature)
     if found is None:
+        trainer.skipped_steps = list(warm.skipped_steps)   # numbered 1..warm_start_steps, before the RL steps
         reward_initial = trainer.evaluate(heldout)
         print(f"warm start: {cfg.train.warm_start_steps} steps, loss {warm_loss:.3f}; held-out reward "
               f"{reward_initial:.3f}", flush=True)

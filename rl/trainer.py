@@ -299,14 +299,26 @@ def _snapshot(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
+@dataclass
+class WarmStart:
+    loss: float
+    skipped_steps: list[int]
+    switches: list
+
+
 def supervised_warm_start(model, optimizer, task: ReverseDigits, steps: int, batch_size: int, seed: int,
-                          runtime: PrecisionRuntime) -> float:
+                          runtime: PrecisionRuntime, before_step=None) -> WarmStart:
     """A short supervised start on correct answers (prompt, reversed digits, stop byte), stopped early: the
     model learns the format and a little of the task (held-out reward ~0.2-0.3 after ~50 steps); RL does the
-    rest. The standard SFT-then-RL recipe, kept short so that the RL phase has most of the way to go."""
+    rest. The standard SFT-then-RL recipe, kept short so that the RL phase has most of the way to go.
+
+    Its steps are optimizer steps like any other: ``before_step(step - 1)`` (fault injection) runs before each,
+    a step with nonfinite gradients is skipped and reported, and the runtime's switches are returned."""
     rng = random.Random(seed)
-    loss_val = math.nan
+    loss_val, skipped, switches = math.nan, [], []
     for step in range(1, steps + 1):
+        if before_step is not None:
+            before_step(step - 1)
         examples = []
         for _ in range(batch_size):
             p = task.sample(rng)
@@ -322,9 +334,13 @@ def supervised_warm_start(model, optimizer, task: ReverseDigits, steps: int, bat
         logp = torch.log_softmax(logits_of(model, tokens[:, :-1]), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if runtime.should_skip_step(norm):
+            skipped.append(step)
+            print(f"warm start step {step}: nonfinite gradients, optimizer step skipped", flush=True)
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        runtime.end_step(step)
+        switches += runtime.end_step(step)
         loss_val = float(loss.detach())
-    return loss_val
+    return WarmStart(loss_val, skipped, switches)

@@ -324,3 +324,12 @@ def test_a_run_that_skips_most_steps_stops_with_a_clear_error(tmp_path):
     with pytest.raises(TooManySkippedSteps, match=r"5 of 6 optimizer steps were skipped.*max_skipped_fraction"):
         run(tmp_path, 'executor.mode="sync"', "train.steps=12", 'inject.kind="nonfinite"',
             'inject.layer="decoder.layers.1.mlp.linear_fc1"', "inject.start_step=6", "inject.ramp_steps=100")
+
+
+def test_a_nonfinite_gradient_in_the_warm_start_is_skipped_and_promotes(tmp_path):
+    """Fault injection used to never fire during the warm start, silently."""
+    layer = "decoder.layers.1.mlp.linear_fc1"
+    s = run(tmp_path, 'executor.mode="sync"', 'inject.kind="nonfinite"', f'inject.layer="{layer}"',
+            "inject.start_step=2")   # the 3rd warm-start step
+    assert s["skipped_steps"] == [3]
+    assert [(w["step"], w["layer"], w["reason"]) for w in s["switches"]][:1] == [(3, layer, "nonfinite")]
