@@ -1,0 +1,35 @@
+"""precisionrt: dynamic per-layer FP8/BF16 precision for megatron-core training.
+
+The public API (everything else is internal and may change):
+
+* ``convert_layer_spec(spec, filter_fn=None, cpu_attention=False)``: a megatron-core layer spec with
+  precisionrt's switchable linears (``precisionrt.convert``).
+* ``PrecisionRuntime(model, RuntimeConfig(...), run_dir=...)``: monitors, policy, switch log, operator control
+  and checkpoint state around a model built from such a spec (``precisionrt.runtime``).
+* ``RuntimeConfig`` and its parts ``ScalingConfig`` (the one place the scaling recipe is set), ``MonitorConfig``
+  and ``PolicyConfig``.
+
+Names are imported on first use, so ``import precisionrt`` (and the offline log tools, which need neither
+torch nor megatron) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["convert_layer_spec", "PrecisionRuntime", "RuntimeConfig", "ScalingConfig", "MonitorConfig",
+           "PolicyConfig"]
+
+_HOME = {"convert_layer_spec": "precisionrt.convert", "PrecisionRuntime": "precisionrt.runtime",
+         "RuntimeConfig": "precisionrt.runtime", "ScalingConfig": "precisionrt.fp8",
+         "MonitorConfig": "precisionrt.monitors", "PolicyConfig": "precisionrt.policy"}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'precisionrt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -56,10 +56,17 @@ class RuntimeConfig:
     fused_kernels: bool = True           # CUDA: fused quantization kernels (False: the eager reference path)
 
 
+def _default_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
 class PrecisionRuntime:
     def __init__(self, model: torch.nn.Module, config: RuntimeConfig, run_dir: str | Path | None = None,
-                 run_config: dict | None = None, rank: int = 0):
+                 run_config: dict | None = None, rank: int | None = None):
+        """``rank`` defaults to this process's rank in ``torch.distributed`` (0 when it is not initialised):
+        rank 0 writes the switch log and reads the control file."""
         self.config = config
+        rank = _default_rank() if rank is None else rank
         self.layers = precision_layers(model)
         if not self.layers:
             raise ValueError("model has no PrecisionLinear layers: build it with precisionrt.megatron.precision_layer_spec")
@@ -104,11 +111,11 @@ class PrecisionRuntime:
             self.start_log(run_dir, run_config, rank)
         self._schedule_sampling(1)
 
-    def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int = 0,
+    def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int | None = None,
                   resumed_from: int | None = None) -> None:
         """Open the switch log in ``run_dir`` (rank 0 writes) and record run_start with the layer table.
         A resumed run appends to the existing log; its unreadable lines are counted and reported, not fatal."""
-        self.run_dir, self.rank = Path(run_dir), rank
+        self.run_dir, self.rank = Path(run_dir), _default_rank() if rank is None else rank
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / EVENTS_FILE
