@@ -254,6 +254,7 @@ class ScalingState:
         self.fmt = fmt
         self.config = config
         self.device = torch.device(device)
+        self.defer = False   # set by the runtime for delayed scaling under tensor parallelism (see update)
         self.reset()
 
     def reset(self) -> None:
@@ -263,6 +264,7 @@ class ScalingState:
         self.scale = torch.ones((), dtype=torch.float32, device=self.device)
         self.history_filled = torch.zeros((), dtype=torch.int64, device=self.device)
         self._cursor = 0  # host-side position in the ring buffer: advances identically on every rank
+        self.pending: torch.Tensor | None = None
 
     def _history_amax(self) -> torch.Tensor:
         if self.config.amax_compute_algo == "most_recent":
@@ -277,7 +279,23 @@ class ScalingState:
         return torch.where(self.history_filled > 0, self.scale, current)
 
     def update(self, amax: torch.Tensor) -> None:
-        """Record the amax of the tensor just quantized and derive the next delayed scale."""
+        """Record the amax of the tensor just quantized and derive the next delayed scale.
+
+        With ``defer`` (delayed scaling under tensor parallelism) the amax is only kept (the max of the step's
+        amaxes) until the runtime reduces every state's pending amax across the TP group in one collective and
+        calls ``apply_pending``: then all TP ranks share one history and one scale per logical tensor."""
+        if self.defer and self.config.recipe == "delayed":
+            a = torch.nan_to_num(amax.detach().float().reshape(()), nan=float("inf"))   # NaN: unusable, as inf
+            self.pending = a if self.pending is None else torch.maximum(self.pending, a)
+            return
+        self._apply(amax)
+
+    def apply_pending(self, reduced_amax: torch.Tensor) -> None:
+        """The deferred update with the amax reduced across ranks (see ``update``)."""
+        self.pending = None
+        self._apply(reduced_amax)
+
+    def _apply(self, amax: torch.Tensor) -> None:
         if self.config.recipe == "current":
             self.scale = compute_scale(amax, self.fmt, self.config.margin, self.scale)
             return

@@ -56,6 +56,16 @@ class RuntimeConfig:
     fused_kernels: bool = True           # CUDA: fused quantization kernels (False: the eager reference path)
 
 
+def _tensor_parallel_group():
+    """Megatron's tensor-parallel group when it has more than one rank, else None."""
+    from megatron.core import parallel_state
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_tensor_model_parallel_group()
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
 def _default_rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -74,6 +84,14 @@ class PrecisionRuntime:
         for layer in self.layers.values():
             layer.numerics = LayerNumerics(config.scaling, layer.weight.device)
             layer.numerics.fused = config.fused_kernels
+        # Delayed scaling under tensor parallelism: every rank quantizes a shard of the same logical tensor, so
+        # the amax histories are reduced across the TP group (one collective per step, in end_step), as
+        # Transformer Engine does; otherwise each rank would scale its shard differently.
+        self._tp_group = _tensor_parallel_group()
+        if config.scaling.recipe == "delayed" and self._tp_group is not None:
+            for layer in self.layers.values():
+                for state in layer.numerics.scaling.values():
+                    state.defer = True
         self.pinned: dict[str, str] = {}
         for name in match_layers(model, config.pin_bf16, "precision.pin_bf16 pattern"):
             self.pinned[name] = "bf16"
@@ -255,6 +273,7 @@ class PrecisionRuntime:
         (``step % monitor.check_interval == 0``, or at once after a skipped nonfinite step) monitor, decide and
         apply. Returns the switches made; they take effect at the next forward."""
         self._last_step = step
+        self._reduce_pending_amax()
         totals = self._flop_totals()
         d_fp8, d_bf16 = (t - p for t, p in zip(totals, self._flops_at_last_step))
         self._step_fraction = d_fp8 / (d_fp8 + d_bf16) if d_fp8 + d_bf16 else self._step_fraction
@@ -284,6 +303,17 @@ class PrecisionRuntime:
                                          "preflight_holds": self.policy.layers[n].preflight_holds,
                                          **{k: json_safe(v) for k, v in s.items()}} for n, s in signals.items()})
         return events
+
+    def _reduce_pending_amax(self) -> None:
+        """Apply this step's deferred delayed-scaling updates with amaxes reduced (MAX) over the TP group."""
+        states = [st for layer in self.layers.values() for st in layer.numerics.scaling.values()
+                  if st.pending is not None]
+        if not states:
+            return
+        amax = torch.stack([st.pending for st in states])
+        torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=self._tp_group)
+        for st, a in zip(states, amax.unbind()):
+            st.apply_pending(a)
 
     def _schedule_sampling(self, step: int) -> None:
         """For upcoming step ``step``: exact statistics every ``full_stats_every`` steps, and a BF16 shadow

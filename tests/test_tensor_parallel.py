@@ -106,3 +106,20 @@ def test_tp2_resume_loads_each_ranks_own_shard(tmp_path):
     assert wrong.returncode == 2
     assert "tensor_model_parallel_size 2; this run uses 1" in wrong.stderr
     assert (tmp_path / "split" / "config.json").read_text() == config, "a refused resume writes nothing"
+
+
+@pytest.mark.slow
+def test_delayed_scaling_shares_one_scale_across_tp_ranks(tmp_path):
+    """Delayed scaling reduces the amax histories over the TP group (one collective per step), so both ranks
+    quantize a logical tensor with the same scale; without the reduction the weight shards' scales differ."""
+    for mode in ("reduced", "local"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+               f"--master-port={free_port()}", str(HERE / "tp_delayed_worker.py"), str(tmp_path), mode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    reduced = torch.load(tmp_path / "delayed_reduced.pt", weights_only=True)
+    local = torch.load(tmp_path / "delayed_local.pt", weights_only=True)
+    differ = [k for k, v in reduced.items() if not torch.equal(v[0], v[1])]
+    assert not differ, f"scales differ across TP ranks: {differ[:3]}"
+    assert any(not torch.equal(v[0], v[1]) for k, v in local.items() if k.endswith(".weight")), \
+        "without the reduction the weight shards' scales differ (else this test could not fail)"
