@@ -133,7 +133,8 @@ class PrecisionRuntime:
                   resumed_from: int | None = None) -> None:
         """Open the switch log in ``run_dir`` (rank 0 writes) and record run_start with the layer table.
         A resumed run appends to the existing log; its unreadable lines are counted and reported, not fatal."""
-        self.run_dir, self.rank = Path(run_dir), _default_rank() if rank is None else rank
+        rank = _default_rank() if rank is None else rank
+        self.run_dir, self.rank = Path(run_dir), rank
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / EVENTS_FILE
