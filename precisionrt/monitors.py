@@ -1,7 +1,7 @@
 """Monitors: per-layer health signals from the statistics the GEMMs gather on the device.
 
 Between checks every layer accumulates, on its device, the quantization statistics of its three tensor roles
-(``fp8.STAT_FIELDS`` for input, weight, output gradient) and its gradient statistics (``linear.GRAD_FIELDS``).
+(``fp8.STAT_FIELDS`` for input, weight, output gradient) and its gradient statistics (``numerics.GRAD_FIELDS``).
 On a check step ``collect`` turns them into per-layer signals with tensor ops, packs all layers into one
 ``[layers, columns]`` buffer, reduces it with **one** all-reduce (MAX: every column is a worst case) over the
 whole model's group, and copies it to the host **once**. Nothing here ever syncs per layer.
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from precisionrt.fp8 import E4M3, E5M2, STAT_INDEX
-from precisionrt.linear import GRAD_INDEX, PrecisionLinearMixin
+from precisionrt.numerics import GRAD_INDEX
 
 SIGNALS = ("overflow", "headroom", "amax_jump", "underflow", "underflow_energy_fwd", "underflow_energy_grad",
            "nonfinite", "quant_error", "grad_rel_err",
@@ -77,7 +77,7 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(b > 0, a / b.clamp_min(1e-30), torch.zeros_like(a))
 
 
-def pack(layers: list[PrecisionLinearMixin], control: torch.Tensor) -> torch.Tensor:
+def pack(layers: list, control: torch.Tensor) -> torch.Tensor:
     """Drain every layer's statistics into one ``[len(layers), len(COLUMNS)]`` fp32 device tensor."""
     drained = [layer.numerics.drain_stats() for layer in layers]
     stats = torch.stack([d[0] for d in drained])         # [L, roles, fields]

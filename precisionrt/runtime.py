@@ -34,7 +34,8 @@ from precisionrt import monitors
 from precisionrt.control import CODE_NAMES, CONTROL_CODES, ControlFile
 from precisionrt.events import EventLog, SwitchEvent, json_safe, read_log
 from precisionrt.fp8 import ScalingConfig
-from precisionrt.linear import LayerNumerics, precision_layers
+from precisionrt.linear import precision_layers
+from precisionrt.numerics import LayerNumerics
 from precisionrt.megatron import match_layers
 from precisionrt.monitors import MonitorConfig, MonitorState
 from precisionrt.policy import Policy, PolicyConfig
