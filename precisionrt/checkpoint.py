@@ -8,6 +8,7 @@ used, the same step on every rank. A checkpoint written at another TP size is re
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -44,11 +45,15 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0, 
     path = checkpoint_path(run_dir, step, tp_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
+    digest = _digest_path(path)
     try:
         with open(tmp, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        # the checksum first: a checkpoint never exists without its digest (bytes damaged later, which a zip
+        # archive can still load as wrong numbers, are then caught at load time)
+        digest.write_text(_sha256(tmp) + "\n")
         os.replace(tmp, path)  # a crash mid-write leaves the .tmp, never a truncated step_*.pt
         _fsync_dir(path.parent)
     except (OSError, RuntimeError) as e:
@@ -57,7 +62,20 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0, 
     if keep > 0:
         for _, old in list_checkpoints(run_dir, tp_rank)[:-keep]:
             old.unlink(missing_ok=True)
+            _digest_path(old).unlink(missing_ok=True)
     return path
+
+
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def list_checkpoints(run_dir: str | Path, tp_rank: int | None = None) -> list[tuple[int, Path]]:
@@ -74,7 +92,13 @@ def _all_files(run_dir: str | Path) -> list[tuple[int, str | None, Path]]:
 
 
 def _load(path: Path) -> dict | None:
-    """The state in ``path``; None (reported by name) if it is truncated or damaged."""
+    """The state in ``path``; None (reported by name) if it is truncated or damaged (its bytes no longer match
+    the checksum written beside it, or it does not read back)."""
+    digest = _digest_path(path)
+    if digest.exists() and digest.read_text().strip() != _sha256(path):
+        print(f"warning: checkpoint {path} is damaged (its sha256 does not match {digest.name}); trying an older "
+              "one", file=sys.stderr)
+        return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -94,7 +94,7 @@ def test_tp2_resume_loads_each_ranks_own_shard(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
     split = lm(tmp_path / "split", 2, "train.stop_at_step=3")
     assert split.returncode == 0, split.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == [
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").glob("*.pt")) == [
         "step_000003.tp0.pt", "step_000003.tp1.pt"]
     resumed = lm(tmp_path / "split", 2, "train.resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

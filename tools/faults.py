@@ -1,0 +1,241 @@
+"""The fault suite: each scenario is a real run of the training commands (small configs, CPU) with a fault,
+and a check of what came out. Nothing may be lost: samples, switch-log records, checkpoints.
+
+    python tools/faults.py [--out runs/faults] [--only NAME ...] [--seed 0]
+
+Prints a table (scenario, outcome, lost) and writes faults.json. A scenario passes when its check holds;
+``lost`` counts what went missing (samples, records) and must be 0. ``tests/test_faults.py`` runs a CI-sized
+subset through the same functions.
+
+Scenarios: a NaN gradient in one layer; an outlier ramp; an amax spike under delayed scaling; kill -9 of a
+language-model run and of an async RL run at a random checkpointed step, then resume (LM: losses and switches
+equal to an uninterrupted run; RL: every sample accounted for); a truncated and a corrupted newest
+checkpoint; corrupt lines in the switch log; bad config values; a control file naming an unknown layer; a
+rollout path that keeps failing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LM = [sys.executable, "-m", "precisionrt.train", "--config", str(ROOT / "configs/lm_tiny_cpu.toml")]
+RL = [sys.executable, "-m", "rl.train", "--config", str(ROOT / "configs/rl_tiny_cpu.toml")]
+LM_TINY = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128", "model.seq_length=32",
+           "train.batch_size=4", "train.log_every=4", "train.eval_every=24", "train.eval_batches=2",
+           "train.warmup_steps=2", "data.max_bytes=200000", "train.steps=24"]
+RL_TINY = ["train.warm_start_steps=5", "train.warm_start_batch=8", "train.log_every=2", "train.eval_every=100",
+           "rl.group_size=4", "rl.prompts_per_step=2", "task.heldout_size=8", "model.hidden_size=32",
+           "model.ffn_hidden_size=64", "model.num_attention_heads=2", "train.steps=24"]
+LAYER = "decoder.layers.1.mlp.linear_fc1"
+
+
+def _cmd(base: list[str], sets: list[str]) -> list[str]:
+    return base + sum((["--set", s] for s in sets), [])
+
+
+def _run(base, sets, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(base, sets), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _ok(cond: bool, outcome: str, lost: int = 0, **extra) -> dict:
+    return {"passed": bool(cond) and lost == 0, "outcome": outcome, "lost": lost, **extra}
+
+
+# ------------------------------------------------------------------------------------------- scenarios
+
+def nan_gradient(out: Path, rng: random.Random) -> dict:
+    p = _run(LM, [*LM_TINY, f'run.dir="{out}"', 'inject.kind="nonfinite"', f'inject.layer="{LAYER}"',
+                  "inject.start_step=5"])
+    s = _summary(out) if p.returncode == 0 else {}
+    promoted = [(w["layer"], w["reason"]) for w in s.get("switches", [])]
+    return _ok(s.get("skipped_steps") == [6] and (LAYER, "nonfinite") in promoted,
+               f"step 6 skipped; promoted {promoted}")
+
+
+def outlier_ramp(out: Path, rng: random.Random) -> dict:
+    p = _run(LM, [*LM_TINY, f'run.dir="{out}"', "precision.monitor.check_interval=4",
+                  "precision.monitor.full_stats_every=4", 'inject.kind="outlier"', f'inject.layer="{LAYER}"',
+                  "inject.start_step=6", "inject.ramp_steps=4", "inject.factor=1e6"])
+    s = _summary(out) if p.returncode == 0 else {}
+    promoted = [(w["step"], w["layer"], w["reason"]) for w in s.get("switches", []) if w["to"] == "bf16"]
+    return _ok(bool(promoted) and promoted[0][1] == LAYER and promoted[0][2] == "underflow",
+               f"promoted {promoted}")
+
+
+def amax_spike(out: Path, rng: random.Random) -> dict:
+    p = _run(LM, [*LM_TINY, f'run.dir="{out}"', 'precision.scaling.recipe="delayed"',
+                  "precision.scaling.amax_history_len=4", "precision.monitor.check_interval=4",
+                  'inject.kind="spike"', f'inject.layer="{LAYER}"', "inject.start_step=9", "inject.factor=1000"])
+    s = _summary(out) if p.returncode == 0 else {}
+    moves = [(w["step"], w["to"], w["reason"]) for w in s.get("switches", []) if w["layer"] == LAYER]
+    return _ok(bool(moves) and moves[0][1:] == ("bf16", "overflow"), f"switches of the layer {moves}")
+
+
+def _kill_at_checkpoint(base, sets, run_dir: Path, at_least: int) -> int:
+    """Start a run, SIGKILL it (its own PID) once a checkpoint of step >= at_least exists; returns that step."""
+    proc = subprocess.Popen(_cmd(base, sets), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            steps = [int(p.name[5:11]) for p in (run_dir / "checkpoints").glob("step_*.pt")] \
+                if (run_dir / "checkpoints").is_dir() else []
+            if steps and max(steps) >= at_least:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return max(steps)
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    raise RuntimeError(f"no checkpoint >= {at_least} appeared in {run_dir} before the run ended")
+
+
+def kill_lm_and_resume(out: Path, rng: random.Random) -> dict:
+    sets = [*LM_TINY, "train.checkpoint_every=2", "train.keep_checkpoints=0", "precision.monitor.check_interval=3",
+            'inject.kind="spike"', f'inject.layer="{LAYER}"', "inject.start_step=7", "inject.factor=1000",
+            'precision.scaling.recipe="delayed"', "precision.scaling.amax_history_len=4"]
+    full = _run(LM, [*sets, f'run.dir="{out / "full"}"'])
+    killed_at = _kill_at_checkpoint(LM, [*sets, f'run.dir="{out / "killed"}"'], out / "killed", rng.randint(4, 16))
+    resumed = _run(LM, [*sets, f'run.dir="{out / "killed"}"', "train.resume=true"])
+    if full.returncode or resumed.returncode:
+        return _ok(False, f"a run failed: {(full.stderr or resumed.stderr)[-300:]}")
+    a, b = _summary(out / "full"), _summary(out / "killed")
+    same = (a["final_train_loss"], a["final_eval_loss"], a["switches"]) == \
+        (b["final_train_loss"], b["final_eval_loss"], b["switches"])
+    rows = [json.loads(x)["step"] for x in (out / "killed" / "metrics.jsonl").read_text().splitlines()]
+    duplicated = len(rows) - len(set(rows))
+    return _ok(same and duplicated == 0, f"killed after the step-{killed_at} checkpoint; resumed run "
+               f"{'equals' if same else 'DIFFERS from'} the uninterrupted one", lost=duplicated,
+               killed_at=killed_at)
+
+
+def kill_rl_and_resume(out: Path, rng: random.Random) -> dict:
+    sets = [*RL_TINY, "train.checkpoint_every=2", "train.keep_checkpoints=0", f'run.dir="{out}"']
+    killed_at = _kill_at_checkpoint(RL, sets, out, rng.randint(4, 14))
+    resumed = _run(RL, [*sets, "train.resume=true"])
+    if resumed.returncode:
+        return _ok(False, f"resume failed: {resumed.stderr[-300:]}")
+    acct = _summary(out)["samples"]
+    lost = acct["generated"] - acct["trained"] - sum(acct["dropped"].values()) - acct["in_flight"]
+    return _ok(acct["trained"] == 24 * 8, f"killed after the step-{killed_at} checkpoint; {acct}", lost=lost,
+               killed_at=killed_at)
+
+
+def damaged_checkpoints(out: Path, rng: random.Random) -> dict:
+    outcomes = []
+    for damage in ("truncated", "corrupted"):
+        d = out / damage
+        first = _run(LM, [*LM_TINY, f'run.dir="{d}"', "train.checkpoint_every=4", "train.stop_at_step=12"])
+        newest = d / "checkpoints" / "step_000012.pt"
+        data = newest.read_bytes()
+        newest.write_bytes(data[: len(data) // 2] if damage == "truncated" else
+                           data[:100] + bytes(rng.randrange(256) for _ in range(4096)) + data[4196:])
+        resumed = _run(LM, [*LM_TINY, f'run.dir="{d}"', "train.resume=true"])
+        ok = first.returncode == 0 and resumed.returncode == 0 and _summary(d)["resumed_from"] == 8 \
+            and "step_000012.pt" in resumed.stderr
+        outcomes.append(ok)
+    return _ok(all(outcomes), "resumed from step 8 after naming the damaged step-12 file (truncated, corrupted)")
+
+
+def corrupt_log_lines(out: Path, rng: random.Random) -> dict:
+    _run(LM, [*LM_TINY, f'run.dir="{out}"', "precision.monitor.check_interval=4"])
+    log = out / "precision_events.jsonl"
+    lines = log.read_text().splitlines()
+    bad = ['{"v":1,"kind":"switch"', "\x00\x01garbage", '{"v":1,"kind":"stats","run":"x","time":1,"step":"7"}']
+    log.write_text("\n".join(lines[:3] + bad + lines[3:]) + "\n")
+    p = subprocess.run([sys.executable, "-m", "precisionrt.cli", "summarize", str(log), "--json"],
+                       capture_output=True, text=True, cwd=ROOT)
+    result = json.loads(p.stdout) if p.returncode == 0 else {}
+    good = sum(1 for line in lines if line.strip())
+    return _ok(result.get("skipped_lines") == len(bad), f"{result.get('skipped_lines')} of {len(bad)} bad lines "
+               f"skipped and counted; {good} good records read")
+
+
+def bad_config(out: Path, rng: random.Random) -> dict:
+    cases = {"train.lr=inf": "must be a finite number", "train.grad_clip=-1": "grad_clip must be > 0",
+             "precision.modee=\"fp8\"": "unknown config key", 'precision.mode="fp16"': "is not one of"}
+    results = []
+    for i, (override, message) in enumerate(cases.items()):
+        d = out / str(i)
+        p = _run(LM, [*LM_TINY, f'run.dir="{d}"', override])
+        results.append(p.returncode == 2 and message in p.stderr and not d.exists())
+    return _ok(all(results), f"{sum(results)} of {len(cases)} refused with the key named, nothing written")
+
+
+def control_unknown_layer(out: Path, rng: random.Random) -> dict:
+    out.mkdir(parents=True)
+    (out / "precision_control.json").write_text(json.dumps({"decoder.layers.9.*": "bf16", LAYER: "bf16"}))
+    p = _run(LM, [*LM_TINY, f'run.dir="{out}"', "precision.monitor.check_interval=4"])
+    s = _summary(out) if p.returncode == 0 else {}
+    rejected = s.get("control_rejected", [])
+    return _ok(len(rejected) == 1 and "matches no managed layer" in rejected[0] and s["precisions"][LAYER] == "bf16",
+               f"unknown pattern rejected ({len(rejected)}), the valid entry applied, run completed")
+
+
+def failing_rollouts(out: Path, rng: random.Random) -> dict:
+    """The rollout engine raises on every call (an unreachable inference server): the run must end with that
+    error after rl.max_consecutive_rollout_failures, not spin."""
+    argv = ["--config", "configs/rl_tiny_cpu.toml", *_cmd([], [*RL_TINY, f'run.dir="{out}"',
+                                                               'executor.mode="sync"',
+                                                               "rl.max_consecutive_rollout_failures=3"])]
+    code = ("import sys, rl.rollout as r\n"
+            "def boom(*a, **k):\n    raise ConnectionError('inference server unreachable')\n"
+            "r.RolloutEngine.generate = boom\n"
+            f"from rl.train import main\nsys.exit(main({argv!r}))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    ended = p.returncode != 0 and "3 rollouts in a row failed" in p.stderr and "inference server" in p.stderr
+    return _ok(ended, "ended with the last rollout error" if ended else f"did not end as expected: {p.stderr[-200:]}")
+
+
+SCENARIOS = {f.__name__: f for f in (nan_gradient, outlier_ramp, amax_spike, kill_lm_and_resume, kill_rl_and_resume,
+                                     damaged_checkpoints, corrupt_log_lines, bad_config, control_unknown_layer,
+                                     failing_rollouts)}
+
+
+def run_scenarios(names: list[str], out: Path, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    results = {}
+    for name in names:
+        t0 = time.time()
+        try:
+            r = SCENARIOS[name](out / name, rng)
+        except Exception as e:  # noqa: BLE001 - a scenario that breaks is a failed scenario, reported as such
+            r = _ok(False, f"{type(e).__name__}: {e}")
+        r["seconds"] = round(time.time() - t0, 1)
+        results[name] = r
+        print(f"{name:<24} {'pass' if r['passed'] else 'FAIL':<5} lost {r['lost']:<3} {r['outcome']}", flush=True)
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/faults")
+    ap.add_argument("--only", nargs="+", choices=list(SCENARIOS))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    if out.exists():
+        raise SystemExit(f"{out} exists: choose another --out")
+    results = run_scenarios(args.only or list(SCENARIOS), out, args.seed)
+    (out / "faults.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{sum(r['passed'] for r in results.values())} of {len(results)} scenarios passed; "
+          f"lost {sum(r['lost'] for r in results.values())}; written {out / 'faults.json'}")
+    return 0 if all(r["passed"] for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
