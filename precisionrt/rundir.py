@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from precisionrt.config import ConfigError
+from precisionrt.events import json_safe
 
 
 @dataclass
@@ -73,12 +74,22 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     return dropped
 
 
+def _strict(obj):
+    """``obj`` with every nonfinite float replaced as ``events.json_safe`` does: the file stays valid JSON."""
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return json_safe(obj)
+
+
 def write_json(path: str | Path, obj) -> None:
-    """Write atomically and durably: readers never see half a file, a crash never leaves an empty one."""
+    """Write atomically and durably: readers never see half a file, a crash never leaves an empty one. NaN
+    becomes null and +-inf "inf"/"-inf": a strict JSON reader reads every summary."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as fh:
-        fh.write(json.dumps(obj, indent=2, default=str) + "\n")
+        fh.write(json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())   # durable before it replaces the previous version
     os.replace(tmp, path)
