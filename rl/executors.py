@@ -31,8 +31,18 @@ class _Actor:
         return self.engine.generate(prompts, max_new_tokens, torch.Generator().manual_seed(seed))
 
 
+class RolloutActorLost(RuntimeError):
+    """The Ray rollout actor died during a call; the engine has started a new one (the call's rollouts are
+    lost: the trainer counts them as failed and goes on)."""
+
+
 class RayRolloutEngine:
-    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, object_store_mib: int = 256):
+    """The rollout engine in a Ray actor. An actor that dies (killed, out of memory, crashed) is noticed at
+    the call that fails, not after a timeout: the engine starts a fresh actor with the last weights, up to
+    ``max_restarts`` times, and raises ``RolloutActorLost`` for that call."""
+
+    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, object_store_mib: int = 256,
+                 max_restarts: int = 3):
         try:
             import ray
         except ImportError:
@@ -42,14 +52,36 @@ class RayRolloutEngine:
             ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=object_store_mib * 2**20, log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        self.actor = ray.remote(num_cpus=1)(_Actor).remote(model_cfg, cfg)
+        self.cfg, self.max_restarts, self.restarts = cfg, max_restarts, 0
+        self._weights: tuple[dict, int] | None = None
+        self.actor = self._start_actor()
+
+    def _start_actor(self):
+        return self.ray.remote(num_cpus=1)(_Actor).remote(self.model_cfg, self.cfg)
+
+    def _call(self, method: str, *args):
+        from ray.exceptions import RayActorError
+
+        try:
+            return self.ray.get(getattr(self.actor, method).remote(*args))
+        except RayActorError as e:
+            if self.restarts >= self.max_restarts:
+                raise RolloutActorLost(f"the rollout actor died {self.restarts + 1} times; no restart left: "
+                                       f"{e}") from e
+            self.restarts += 1
+            self.actor = self._start_actor()
+            if self._weights is not None:
+                self.ray.get(self.actor.load_weights.remote(*self._weights))
+            raise RolloutActorLost(f"the rollout actor died during {method} (restart {self.restarts} of "
+                                   f"{self.max_restarts}): {type(e).__name__}") from e
 
     def load_weights(self, state: dict, version: int) -> None:
-        self.version = self.ray.get(self.actor.load_weights.remote(state, version))
+        self._weights = (state, version)
+        self.version = self._call("load_weights", state, version)
 
     def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        return self.ray.get(self.actor.generate.remote(prompts, max_new_tokens, seed))
+        return self._call("generate", prompts, max_new_tokens, seed)
 
     def close(self) -> None:
         self.ray.kill(self.actor)

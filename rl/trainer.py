@@ -113,10 +113,10 @@ class RLTrainer:
         t0 = time.perf_counter()
         if not self.ctrl.try_admit(self.batch_samples):
             return False
-        self._sync_weights()
         problems = [self.task.sample(self._rng) for _ in range(self.algo.prompts_per_step)]
         g = self.algo.group_size
         try:
+            self._sync_weights()   # inside: a rollout actor that dies while loading weights is a failed rollout
             comps = self.engine.generate([p.prompt for p in problems for _ in range(g)], self.max_new_tokens,
                                          self._gen)
         except Exception as e:  # noqa: BLE001 - a failed rollout is counted, recorded and survived ...

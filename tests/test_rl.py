@@ -333,3 +333,26 @@ def test_a_nonfinite_gradient_in_the_warm_start_is_skipped_and_promotes(tmp_path
             "inject.start_step=2")   # the 3rd warm-start step
     assert s["skipped_steps"] == [3]
     assert [(w["step"], w["layer"], w["reason"]) for w in s["switches"]][:1] == [(3, layer, "nonfinite")]
+
+
+def test_a_killed_ray_rollout_actor_is_replaced_and_the_run_completes(tmp_path, monkeypatch):
+    """The rollout actor is killed mid-run: the failing call is noticed at once, a new actor takes the last
+    weights, the lost rollouts are counted, and every sample is still accounted for."""
+    pytest.importorskip("ray")
+    from rl.executors import RayRolloutEngine
+
+    calls = []
+    original = RayRolloutEngine.generate
+
+    def kill_on_third(self, *a):
+        calls.append(1)
+        if len(calls) == 3:
+            self.ray.kill(self.actor)
+        return original(self, *a)
+
+    monkeypatch.setattr(RayRolloutEngine, "generate", kill_on_third)
+    s = run(tmp_path, 'executor.kind="ray"', 'executor.mode="sync"')
+    acct = s["samples"]
+    assert acct["trained"] == 48 and acct["failed_rollouts"] == 8
+    assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
+    assert any("rollout actor died during generate (restart 1 of 3)" in e for e in s["rollout_errors"])
