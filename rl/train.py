@@ -96,6 +96,8 @@ def train(cfg: RLConfig) -> dict:
     if cfg.run.device == "cuda":   # "auto" runs on the CPU, where the RL loop has been built and measured
         raise ConfigError('run.device: rl.train runs on the CPU for now (its rollout engine and loss metrics '
                           'still synchronise per token and per step); use run.device="cpu" or "auto"')
+    if cfg.model.vocab_size != 256:   # tokens are bytes: a smaller vocabulary fails at the first rollout
+        raise ConfigError(f"model.vocab_size must be 256 (byte tokens), got {cfg.model.vocab_size}")
     init_parallel(1, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model)

@@ -307,6 +307,8 @@ def test_a_lost_sample_breaks_the_accounting(tmp_path, monkeypatch):
     ("train.lr=-1e-3", "lr must be > 0"),
     ("rl.tis_cap=0", "tis_cap must be > 0"),
     ("train.warm_start_batch=0", "warm_start_batch must be >= 1"),
+    ("model.vocab_size=10", "model.vocab_size must be 256"),
+    ("task.heldout_size=60000", "heldout_size 60000 needs more than half of the 111000 distinct problems"),
 ])
 def test_meaningless_rl_values_are_refused_before_anything_is_written(tmp_path, override, message):
     from precisionrt.config import ConfigError

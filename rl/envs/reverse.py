@@ -40,6 +40,13 @@ class ReverseTaskConfig:
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
         if self.heldout_size < 1:
             raise ValueError("heldout_size must be >= 1")
+        if self.max_digits > 18:
+            raise ValueError(f"max_digits must be <= 18 (the answer must fit the context), got {self.max_digits}")
+        distinct = sum(10**n for n in range(self.min_digits, self.max_digits + 1))
+        if self.heldout_size > distinct // 2:   # held-out problems are drawn until distinct: more would hang,
+            raise ValueError(                    # and training needs the rest
+                f"heldout_size {self.heldout_size} needs more than half of the {distinct} distinct problems of "
+                f"{self.min_digits}-{self.max_digits} digits; lower task.heldout_size or widen the digit range")
 
 
 class ReverseDigits:
