@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from precisionrt.config import ConfigError
+from precisionrt.rundir import truncate_metrics
+
 
 class TooManySkippedSteps(RuntimeError):
     """Most optimizer steps were skipped for nonfinite gradients: the run is not training."""
@@ -15,3 +21,34 @@ def check_skipped(skipped: int, done: int, max_fraction: float, minimum: int = 5
             f"{skipped} of {done} optimizer steps were skipped for nonfinite gradients (more than "
             f"train.max_skipped_fraction = {max_fraction}): the run is training on nothing. Lower train.lr, "
             "check the data, or look at the switch log for the layer where NaN/Inf entered")
+
+
+def holds_run(run_dir: str, resume: bool) -> bool:
+    """True when a resume goes into a directory that already holds a run (its ``config.json`` exists): a
+    missing checkpoint is then an error (``require_checkpoint``), not a silent fresh start."""
+    return bool(run_dir) and resume and (Path(run_dir) / "config.json").exists()
+
+
+def require_checkpoint(found, held_a_run: bool, run_dir: Path) -> None:
+    if found is None and held_a_run:
+        raise ConfigError(f"train.resume: {str(run_dir)!r} holds a run but no checkpoint to resume from; "
+                          "choose another run.dir to start afresh")
+
+
+def finished_summary(run_dir: Path, step: int, end: int, announce: bool) -> dict | None:
+    """A run whose checkpoint is at or past ``end`` is finished, and resuming it changes nothing: its
+    ``summary.json`` (or the least that describes it). None when the run has steps left."""
+    if step < end:
+        return None
+    if announce:
+        print(f"{run_dir} already reached step {step} (the run ends at {end}): nothing to do; raise "
+              "train.steps to continue it", flush=True)
+    done = run_dir / "summary.json"
+    return json.loads(done.read_text()) if done.exists() else {"steps": step, "resumed_from": step}
+
+
+def drop_replayed_metrics(run_dir: Path, step: int) -> None:
+    """Before a resumed run logs again from ``step``: the rows an earlier segment logged after it go."""
+    dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
+    if dropped:
+        print(f"{dropped} metrics row(s) after step {step} dropped: they are logged again", flush=True)

@@ -9,7 +9,6 @@ checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -24,12 +23,13 @@ from megatron.core import parallel_state
 from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.data import ByteCorpus, DataConfig
-from precisionrt.harness import check_skipped
+from precisionrt.harness import (check_skipped, drop_replayed_metrics, finished_summary, holds_run,
+                                 require_checkpoint)
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from precisionrt.rundir import RunConfig, prepare_run_dir, truncate_metrics, write_json
+from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
 
 
 @dataclass
@@ -181,7 +181,7 @@ def train(cfg: LMConfig) -> dict:
         print(f"corpus: {corpus.num_bytes:,} bytes of {cfg.data.source!r} Python sources "
               f"({len(corpus.heldout):,} held out)", flush=True)
 
-    held_a_run = cfg.train.resume and (Path(cfg.run.dir) / "config.json").exists() if cfg.run.dir else False
+    held_a_run = holds_run(cfg.run.dir, cfg.train.resume)
     run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
     # rank 0's directory for every rank (a default name carries a timestamp that may differ between ranks);
     # the broadcast also waits until rank 0 has checked and claimed it
@@ -205,21 +205,13 @@ def train(cfg: LMConfig) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         runtime.load_state_dict(state["runtime"])
-    elif held_a_run:
-        raise ConfigError(f"train.resume: {str(run_dir)!r} holds a run but no checkpoint to resume from; "
-                          "choose another run.dir to start afresh")
+    require_checkpoint(found, held_a_run, run_dir)
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
-    if found is not None and start >= end:   # a finished run: resuming it changes nothing
-        if is_main:
-            print(f"{run_dir} already reached step {start} (train.steps {cfg.train.steps}, stop_at_step "
-                  f"{cfg.train.stop_at_step}): nothing to do; raise train.steps to continue it", flush=True)
-        done = run_dir / "summary.json"
-        return json.loads(done.read_text()) if done.exists() else {"steps": start, "resumed_from": start}
+    if found is not None and (done := finished_summary(run_dir, start, end, announce=is_main)) is not None:
+        return done
     if found is not None and is_main:
-        dropped = truncate_metrics(run_dir / "metrics.jsonl", start)
-        print(f"resumed from step {start} in {run_dir}"
-              + (f" ({dropped} metrics row(s) after it dropped: they are logged again)" if dropped else ""),
-              flush=True)
+        print(f"resumed from step {start} in {run_dir}", flush=True)
+        drop_replayed_metrics(run_dir, start)
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
     if is_main and cfg.wandb.enabled:
         logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))

@@ -10,12 +10,10 @@ checkpoints/).
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -26,8 +24,9 @@ from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
-from precisionrt.harness import check_skipped
-from precisionrt.rundir import RunConfig, prepare_run_dir, truncate_metrics, write_json
+from precisionrt.harness import (check_skipped, drop_replayed_metrics, finished_summary, holds_run,
+                                 require_checkpoint)
+from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from rl.envs import ReverseDigits, ReverseTaskConfig
 from rl.executors import make_engine
@@ -109,22 +108,15 @@ def train(cfg: RLConfig) -> dict:
     if longest_prompt + max_new > cfg.model.seq_length:
         raise ConfigError(f"model.seq_length {cfg.model.seq_length} is shorter than the longest prompt "
                           f"({longest_prompt}) plus the answer budget ({max_new})")
-    held_a_run = bool(cfg.run.dir) and cfg.train.resume and (Path(cfg.run.dir) / "config.json").exists()
+    held_a_run = holds_run(cfg.run.dir, cfg.train.resume)
     run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume)
     found = load_latest_checkpoint(run_dir) if cfg.train.resume else None
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
-    if found is None and held_a_run:
-        raise ConfigError(f"train.resume: {str(run_dir)!r} holds a run but no checkpoint to resume from; "
-                          "choose another run.dir to start afresh")
-    if found is not None and found[0] >= end:   # a finished run: resuming it changes nothing
-        print(f"{run_dir} already reached RL step {found[0]} (train.steps {cfg.train.steps}): nothing to do; "
-              "raise train.steps to continue it", flush=True)
-        done = run_dir / "summary.json"
-        return json.loads(done.read_text()) if done.exists() else {"steps": found[0]}
+    require_checkpoint(found, held_a_run, run_dir)
+    if found is not None and (done := finished_summary(run_dir, found[0], end, announce=True)) is not None:
+        return done
     if found is not None:
-        dropped = truncate_metrics(run_dir / "metrics.jsonl", found[0])
-        if dropped:
-            print(f"{dropped} metrics row(s) after RL step {found[0]} dropped: they are logged again", flush=True)
+        drop_replayed_metrics(run_dir, found[0])
     write_json(run_dir / "config.json", to_dict(cfg))
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")])
     if cfg.wandb.enabled:
