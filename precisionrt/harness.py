@@ -52,3 +52,19 @@ def drop_replayed_metrics(run_dir: Path, step: int) -> None:
     dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
     if dropped:
         print(f"{dropped} metrics row(s) after step {step} dropped: they are logged again", flush=True)
+
+
+def check_model_fits(model, saved: dict, source: str) -> None:
+    """Refuse a checkpoint whose weights do not fit ``model`` (another model size or layout), naming the
+    first parameter that differs and how, before anything is loaded or written."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in saved]
+    unknown = [k for k in saved if k not in own]
+    if missing or unknown:
+        raise ConfigError(f"train.resume: {source} does not fit this model: parameters missing from it "
+                          f"{missing[:2]}, unknown to the model {unknown[:2]}")
+    for key, value in own.items():
+        theirs = saved[key]
+        if hasattr(theirs, "shape") and tuple(theirs.shape) != tuple(value.shape):
+            raise ConfigError(f"train.resume: {source} holds {key} of shape {tuple(theirs.shape)}, this model "
+                              f"{tuple(value.shape)}: was it written with other model.* settings?")

@@ -23,8 +23,8 @@ from megatron.core import parallel_state
 from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.data import ByteCorpus, DataConfig
-from precisionrt.harness import (check_skipped, drop_replayed_metrics, finished_summary, holds_run,
-                                 require_checkpoint)
+from precisionrt.harness import (check_model_fits, check_skipped, drop_replayed_metrics, finished_summary,
+                                 holds_run, require_checkpoint)
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
@@ -202,6 +202,7 @@ def train(cfg: LMConfig) -> dict:
     if found is not None:
         start, state = found
         earlier = state.get("history", earlier)
+        check_model_fits(model, state["model"], f"the step-{start} checkpoint in {run_dir}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         runtime.load_state_dict(state["runtime"])

@@ -24,8 +24,8 @@ from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.inject import FaultInjector, InjectConfig
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
-from precisionrt.harness import (check_skipped, drop_replayed_metrics, finished_summary, holds_run,
-                                 require_checkpoint)
+from precisionrt.harness import (check_model_fits, check_skipped, drop_replayed_metrics, finished_summary,
+                                 holds_run, require_checkpoint)
 from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from rl.envs import ReverseDigits, ReverseTaskConfig
@@ -113,6 +113,8 @@ def train(cfg: RLConfig) -> dict:
     found = load_latest_checkpoint(run_dir) if cfg.train.resume else None
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     require_checkpoint(found, held_a_run, run_dir)
+    if found is not None:   # before anything is written: a checkpoint of another model is a named error
+        check_model_fits(model, found[1]["model"], f"the step-{found[0]} checkpoint in {run_dir}")
     if found is not None and (done := finished_summary(run_dir, found[0], end, announce=True)) is not None:
         return done
     if found is not None:

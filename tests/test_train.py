@@ -231,3 +231,13 @@ def test_a_corrupted_checkpoint_that_still_loads_is_caught_by_its_checksum(tmp_p
     assert torch.load(path, weights_only=True)["w"].isnan().any(), "torch.load alone reads the damage back"
     step, state = load_latest_checkpoint(tmp_path)
     assert step == 2 and torch.equal(state["w"], torch.zeros(4096))
+
+
+def test_a_checkpoint_of_another_model_size_is_refused_by_key_and_writes_nothing(tmp_path, parallel):
+    run = tmp_path / "r"
+    train(tiny(run, "train.steps=4"))
+    config = (run / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"holds embedding\.word_embeddings\.weight of shape \(256, 64\), this "
+                                          r"model \(256, 96\)"):
+        train(tiny(run, "train.steps=8", "train.resume=true", "model.hidden_size=96"))
+    assert (run / "config.json").read_text() == config, "the refused resume changed nothing"
