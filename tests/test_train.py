@@ -197,11 +197,14 @@ def test_steps_replayed_after_a_crash_are_logged_once(tmp_path, parallel):
     assert rows[-1]["train/loss"] == resumed["final_train_loss"]
 
 
-def test_two_launches_into_one_directory_cannot_both_start(tmp_path):
+def test_two_launches_into_one_directory_cannot_both_start(tmp_path, monkeypatch):
+    """Two launches that both pass the "already holds a run" check (a race): the atomic claim still lets
+    only the first one start."""
     from precisionrt.rundir import RunConfig, prepare_run_dir
 
     cfg = RunConfig(dir=str(tmp_path / "r"))
     prepare_run_dir(cfg, resume=False)
+    monkeypatch.setattr(Path, "exists", lambda self: False)   # the second launch checked before the first wrote
     with pytest.raises(ConfigError, match="already holds a run"):
         prepare_run_dir(cfg, resume=False)
 
