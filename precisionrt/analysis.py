@@ -16,11 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from precisionrt.events import parse_line
+from precisionrt.events import EVENTS_FILE, STATS_PREFIX, parse_line
 
-EVENTS_FILE = "precision_events.jsonl"
-# Our writer emits compact JSON with this prefix; such stats lines are checked cheaply instead of parsed.
-_STATS_PREFIX = b'{"v":1,"kind":"stats",'
 _STEP = re.compile(rb'"step":(-?\d+)')
 
 
@@ -51,7 +48,7 @@ def stream(path: Path, skipped: Skipped, want_stats: bool = False) -> Iterator[d
     ``want_stats``: full parsing is the cost of a stats-heavy log."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            if not want_stats and raw.startswith(_STATS_PREFIX):
+            if not want_stats and raw.startswith(STATS_PREFIX):
                 m = _STEP.search(raw, 0, 120)
                 if raw.rstrip().endswith(b"}") and m:
                     yield {"kind": "stats", "step": int(m.group(1))}

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import logging
 import re
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{6,})(?:\.tp(\d+))?\.pt$")
 # What torch.load raises for a file that was cut short or damaged (a zip archive that does not read back).
@@ -96,19 +98,18 @@ def _load(path: Path) -> dict | None:
     the checksum written beside it, or it does not read back)."""
     digest = _digest_path(path)
     if digest.exists() and digest.read_text().strip() != _sha256(path):
-        print(f"warning: checkpoint {path} is damaged (its sha256 does not match {digest.name}); trying an older "
-              "one", file=sys.stderr)
+        log.warning("warning: checkpoint %s is damaged (its sha256 does not match %s); trying an older one",
+                    path, digest.name)
         return None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():   # readable, but holds objects weights_only refuses: no fallback
             raise RuntimeError(f"checkpoint {path} holds objects that weights_only loading refuses: {e}") from e
-        print(f"warning: checkpoint {path} is damaged ({type(e).__name__}: {e}); trying an older one",
-              file=sys.stderr)
+        log.warning("warning: checkpoint %s is damaged (%s: %s); trying an older one", path, type(e).__name__, e)
     except _DAMAGED as e:   # truncated or corrupt: report it by name and fall back to an older one
-        print(f"warning: checkpoint {path} is truncated or damaged ({type(e).__name__}: {e}); "
-              "trying an older one", file=sys.stderr)
+        log.warning("warning: checkpoint %s is truncated or damaged (%s: %s); trying an older one", path,
+                    type(e).__name__, e)
     return None
 
 

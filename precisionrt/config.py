@@ -139,9 +139,17 @@ def to_dict(cfg: Any) -> dict:
 
 def run_cli(prog: str, description: str, config_cls: type[T], run, argv: list[str] | None = None) -> int:
     """The shape every training command shares (contract C5): ``--config FILE [--set dotted.key=value ...]``.
-    A configuration error prints one line naming the problem and exits 2, having written nothing."""
+    A configuration error prints one line naming the problem and exits 2, having written nothing. The library
+    reports through ``logging`` (logger ``precisionrt``); a command shows its INFO and above on stderr."""
     import argparse
+    import logging
     import sys
+
+    for name in ("precisionrt", "rl"):   # the library's loggers only: other libraries' INFO stays quiet
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not logger.handlers:
+            logger.addHandler(logging.StreamHandler(sys.stderr))
 
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--config", help="TOML run configuration")

@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import logging
 import os
 import stat
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
 
 CONTROL_CODES = {"fp8": 1, "bf16": 2, "auto": 3}
 CODE_NAMES = {v: k for k, v in CONTROL_CODES.items()}
@@ -90,3 +95,51 @@ class ControlFile:
         self._seen = version
         self.reject(f"{self.path} {problem}; ignored until it changes")
         return {}
+
+
+class OperatorControl:
+    """The control file as the runtime uses it: rank 0 reads and encodes it per layer for the check's packed
+    all-reduce (other ranks send zeros; the MAX reduction delivers rank 0's codes everywhere), and every rank
+    applies the codes it receives through the runtime's ``set_precision`` and ``release``."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.file: ControlFile | None = None   # rank 0 with a run directory reads one
+        self.rejected: list[str] = []
+
+    def open(self, path: Path) -> None:
+        self.file = ControlFile(path, self.names, self.reject)
+
+    def reject(self, message: str) -> None:
+        self.rejected.append(message)
+        log.warning("precisionrt: control file entry rejected: %s", message)
+
+    def codes(self, device: torch.device) -> torch.Tensor:
+        """Per-layer request codes (0: none), on ``device``."""
+        requests = self.file.read() if self.file is not None else {}
+        if not requests:   # the usual case: zeros made on the device, nothing copied from the host
+            return torch.zeros(len(self.names), dtype=torch.float32, device=device)
+        codes = torch.zeros(len(self.names), dtype=torch.float32)
+        for name, action in requests.items():
+            codes[self.names.index(name)] = CONTROL_CODES[action]
+        if device.type == "cuda":   # from pinned memory, asynchronously: no synchronisation with the host
+            return codes.pin_memory().to(device, non_blocking=True)
+        return codes.to(device)
+
+    def apply(self, codes: list[int], step: int, set_precision: Callable, release: Callable[[str], None]) -> list:
+        """Carry out received codes: a switch and hold, or ``auto`` (release). A request the runtime refuses
+        (a pinned layer, a layer that cannot run FP8) is rejected; the run goes on."""
+        events = []
+        for name, code in zip(self.names, codes):
+            action = CODE_NAMES.get(code)
+            if action is None:
+                continue
+            if action == "auto":
+                release(name)
+                continue
+            try:
+                if (e := set_precision(name, action, reason="manual", step=step)):
+                    events.append(e)
+            except ValueError as err:
+                self.reject(str(err))
+        return events

@@ -17,6 +17,10 @@ from typing import Iterator
 
 SCHEMA_VERSION = 1
 KINDS = ("run_start", "switch", "stats", "run_end")
+EVENTS_FILE = "precision_events.jsonl"   # the log's name in a run directory
+# Every record is compact JSON opening with the version and kind (``_write``), so a reader can recognise our
+# stats lines, the bulk of a log, by this prefix and check them cheaply instead of parsing them.
+STATS_PREFIX = b'{"v":%d,"kind":"stats",' % SCHEMA_VERSION
 
 
 def json_safe(v):
@@ -42,7 +46,7 @@ class SwitchEvent:
 
 
 class EventLog:
-    """Append-only writer of ``precision_events.jsonl``. A no-op unless ``enabled`` (rank 0 writes)."""
+    """Append-only writer of the switch log (``EVENTS_FILE``). A no-op unless ``enabled`` (rank 0 writes)."""
 
     def __init__(self, path: str | Path, run_id: str, enabled: bool = True):
         self.path = Path(path)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from precisionrt.config import ConfigError
 from precisionrt.rundir import truncate_metrics
+
+log = logging.getLogger(__name__)
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -41,8 +44,8 @@ def finished_summary(run_dir: Path, step: int, end: int, announce: bool) -> dict
     if step < end:
         return None
     if announce:
-        print(f"{run_dir} already reached step {step} (the run ends at {end}): nothing to do; raise "
-              "train.steps to continue it", flush=True)
+        log.info("%s already reached step %d (the run ends at %d): nothing to do; raise train.steps to "
+                 "continue it", run_dir, step, end)
     done = run_dir / "summary.json"
     return json.loads(done.read_text()) if done.exists() else {"steps": step, "resumed_from": step}
 
@@ -51,7 +54,7 @@ def drop_replayed_metrics(run_dir: Path, step: int) -> None:
     """Before a resumed run logs again from ``step``: the rows an earlier segment logged after it go."""
     dropped = truncate_metrics(run_dir / "metrics.jsonl", step)
     if dropped:
-        print(f"{dropped} metrics row(s) after step {step} dropped: they are logged again", flush=True)
+        log.info("%d metrics row(s) after step %d dropped: they are logged again", dropped, step)
 
 
 def check_model_fits(model, saved: dict, source: str) -> None:

@@ -3,14 +3,18 @@ logged step, always with ``"step"``); others (W&B) sit beside it. Only rank 0 lo
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from precisionrt.events import json_safe
+from precisionrt.config import ConfigError
+from precisionrt.events import EVENTS_FILE, json_safe
+
+log = logging.getLogger(__name__)
 
 
 class MetricLogger(Protocol):
@@ -44,6 +48,23 @@ class WandbConfig:
     project: str = "precisionrt"
     mode: str = "offline"
     timeline_every: int = 10     # logged steps between refreshes of the precision-timeline image
+    layer_panels: list[str] | None = None
+    """fnmatch patterns of the layers that get per-layer panels (``precision/<layer>/<signal>``). None: every
+    layer of a model with at most ``MAX_DEFAULT_PANEL_LAYERS``, none beyond (a 500-layer model would make
+    5,000 series); the aggregates (worst layer per signal, layers in BF16, FP8 FLOP share) are always logged."""
+
+
+MAX_DEFAULT_PANEL_LAYERS = 64
+
+
+def panel_layers(cfg: WandbConfig, layers: list[str]) -> set[str]:
+    """The layers whose per-layer metrics go to W&B."""
+    if cfg.layer_panels is None:
+        return set(layers) if len(layers) <= MAX_DEFAULT_PANEL_LAYERS else set()
+    for pattern in cfg.layer_panels:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in layers):
+            raise ConfigError(f"wandb.layer_panels pattern {pattern!r} matches no managed layer; e.g. {layers[:3]}")
+    return {n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in cfg.layer_panels)}
 
 
 class WandbLogger:
@@ -51,7 +72,9 @@ class WandbLogger:
     the layer x step timeline is refreshed as an image. A failure to reach W&B is reported once and turns the
     logger off: training never stops for it."""
 
-    def __init__(self, cfg: WandbConfig, run_dir: Path, run_name: str, config: dict):
+    def __init__(self, cfg: WandbConfig, run_dir: Path, run_name: str, config: dict, layers: list[str] = ()):
+        """``layers``: the managed layer names, of which ``cfg.layer_panels`` picks those with panels."""
+        self._all_layers, self._panels = set(layers), panel_layers(cfg, list(layers))
         try:
             import wandb
         except ImportError:
@@ -81,16 +104,15 @@ class WandbLogger:
             fn()
         except Exception as e:  # noqa: BLE001 - reported once below, and the run goes on without W&B
             self.error = f"{what}: {type(e).__name__}: {e}"
-            print(f"precisionrt: W&B logging failed and is off for the rest of the run ({self.error})",
-                  file=sys.stderr, flush=True)
+            log.error("precisionrt: W&B logging failed and is off for the rest of the run (%s)", self.error)
 
     def _has_matplotlib(self) -> bool:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             if not getattr(self, "_warned_matplotlib", False):
-                print("precisionrt: no matplotlib, so no precision timeline image in W&B "
-                      "(pip install -e '.[analysis]')", file=sys.stderr)
+                log.warning("precisionrt: no matplotlib, so no precision timeline image in W&B "
+                            "(pip install -e '.[analysis]')")
                 self._warned_matplotlib = True
             return False
         return True
@@ -99,6 +121,10 @@ class WandbLogger:
         """Numbers as scalars; a list of numbers (e.g. per-sample staleness) as a histogram."""
         row = {"step": step}
         for k, v in metrics.items():
+            parts = k.split("/")
+            if len(parts) == 3 and parts[0] == "precision" and parts[1] in self._all_layers \
+                    and parts[1] not in self._panels:
+                continue   # a per-layer series of a layer without panels
             if isinstance(v, (int, float)) and v is not None:
                 row[k] = v
             elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
@@ -124,7 +150,7 @@ class WandbLogger:
     def log_timeline(self, step: int) -> None:
         from precisionrt import analysis
 
-        log = self.run_dir / analysis.EVENTS_FILE
+        log = self.run_dir / EVENTS_FILE
 
         def image():
             png = analysis.timeline(log, self.run_dir / "precision_timeline.png")
@@ -136,7 +162,7 @@ class WandbLogger:
         """Long format (step, layer, precision, is_fp8) at every check, for custom charts."""
         from precisionrt import analysis
 
-        log = self.run_dir / analysis.EVENTS_FILE
+        log = self.run_dir / EVENTS_FILE
 
         def table():
             rows = []

@@ -190,6 +190,25 @@ def signals_from(host: np.ndarray, names: list[str], state: MonitorState, cfg: M
     return out
 
 
+# Signals where a low value is the bad one (margin before overflow, agreement with the BF16 gradient).
+WORSE_WHEN_LOW = frozenset({"headroom", "grad_cos"})
+
+
+def worst(signals: dict[str, dict], names: list[str]) -> dict[str, float]:
+    """Per signal, the worst value over the layers and that layer's index in ``names``: the aggregates a
+    dashboard shows whatever the model size (``precision/worst/<signal>``, ``precision/worst_layer/<signal>``)."""
+    out: dict[str, float] = {}
+    keys = dict.fromkeys(k for sig in signals.values() for k, v in sig.items() if isinstance(v, float))
+    for key in keys:
+        values = [(v, n) for n, sig in signals.items() if isinstance(v := sig.get(key), float) and math.isfinite(v)]
+        if not values:
+            continue
+        value, name = (min if key in WORSE_WHEN_LOW else max)(values)
+        out[f"precision/worst/{key}"] = value
+        out[f"precision/worst_layer/{key}"] = names.index(name)
+    return out
+
+
 def mark_nonfinite_origins(signals: dict[str, dict], host: np.ndarray, names: list[str],
                            forward_order: list[str]) -> None:
     """Set ``nonfinite_origin`` on the layers where NaN/Inf entered, not every layer it flowed through.

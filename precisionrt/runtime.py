@@ -1,5 +1,6 @@
-"""PrecisionRuntime (contract C2): wires managed layers, monitors and policy; owns the switch log, FLOP
-accounting, operator overrides and the runtime's checkpoint state.
+"""PrecisionRuntime (contract C2): the wiring of managed layers, monitors, policy, switch log, FLOP accounting
+(``flops.py``), sampling schedule (``sampling.py``), nonfinite step skipping (``skips.py``) and operator
+control (``control.py``), and the runtime's checkpoint state.
 
     rt = PrecisionRuntime(model, RuntimeConfig(mode="dynamic"), run_dir="runs/x")
     for step in ...:
@@ -22,7 +23,7 @@ optional.
 
 from __future__ import annotations
 
-import sys
+import logging
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,16 +32,19 @@ from typing import Literal
 import torch
 
 from precisionrt import monitors
-from precisionrt.control import CODE_NAMES, CONTROL_CODES, ControlFile
-from precisionrt.events import EventLog, SwitchEvent, json_safe, read_log
+from precisionrt.control import OperatorControl
+from precisionrt.events import EVENTS_FILE, EventLog, SwitchEvent, json_safe, read_log
+from precisionrt.flops import FlopAccounting
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import precision_layers
-from precisionrt.numerics import LayerNumerics
 from precisionrt.megatron import match_layers
 from precisionrt.monitors import MonitorConfig, MonitorState
+from precisionrt.numerics import LayerNumerics
 from precisionrt.policy import Policy, PolicyConfig
+from precisionrt.sampling import SamplingSchedule
+from precisionrt.skips import NonfiniteSkips
 
-EVENTS_FILE = "precision_events.jsonl"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -114,21 +118,17 @@ class PrecisionRuntime:
             layer.numerics.collect = self.monitoring
         self.last_signals: dict[str, dict] = {}
         self.rank = rank
-        self._flops_at_last_step = self._flop_totals()
-        self._step_fraction = self.fp8_flop_fraction()
-        self._force_check = False
-        self._pending_skips: list[tuple[int, torch.Tensor]] = []   # (step, device flag) not yet fetched
+        self.flops = FlopAccounting(self.layers)
+        self.sampling = SamplingSchedule(self.layers, config.monitor, self.monitoring)
+        self.skips = NonfiniteSkips(config.skip_nonfinite_steps)
+        self.control = OperatorControl(self.names)   # reads a file once the run directory is known
         self._last_step = 0
-        self._skipped: list[int] = []
-        self._shadow_cursor = 0
-        self._control: ControlFile | None = None   # opened with the switch log's run directory
-        self.control_rejected: list[str] = []
         self.run_dir: Path | None = None
         self.run_id = uuid.uuid4().hex[:12]
         self.events: EventLog | None = None
         if run_dir is not None:
             self.start_log(run_dir, run_config, rank)
-        self._schedule_sampling(1)
+        self.sampling.plan(1)
 
     def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int | None = None,
                   resumed_from: int | None = None) -> None:
@@ -142,8 +142,10 @@ class PrecisionRuntime:
         if rank == 0 and resumed_from is not None and path.exists():
             existing = read_log(path)
             if existing.skipped_lines:
-                print(f"precisionrt: {path}: {existing.skipped_lines} unreadable line(s) skipped, e.g. "
-                      f"{existing.skipped_examples[0]}", file=sys.stderr, flush=True)
+                log.warning("precisionrt: %s: %d unreadable line(s) skipped, e.g. %s", path,
+                            existing.skipped_lines, existing.skipped_examples[0])
+        if rank == 0 and self.config.control_file:
+            self.control.open(self.run_dir / self.config.control_file)
         self.events = EventLog(path, self.run_id, enabled=rank == 0)
         self.events.run_start(self.layer_table(), run_config or {"precision": asdict(self.config)}, resumed_from)
 
@@ -161,29 +163,22 @@ class PrecisionRuntime:
             for i, (name, layer) in enumerate(self.layers.items())
         ]
 
-    def _flop_totals(self) -> tuple[int, int]:
-        return (sum(l.flops.fp8 for l in self.layers.values()), sum(l.flops.bf16 for l in self.layers.values()))
-
     def fp8_flop_fraction(self, window: Literal["run", "step"] = "run") -> float:
-        """Share of the managed layers' GEMM FLOPs that ran in FP8, over the run or over the last step.
+        """Share of the managed layers' GEMM FLOPs that ran in FP8, over the run or the last step (``flops.py``)."""
+        return self.flops.fraction(window)
 
-        Counted from tensor shapes on the host. Attention score GEMMs, the embedding and the output head are
-        not managed layers and are not in the denominator. Before any forward: the share of FLOPs per token
-        currently assigned to FP8.
-        """
-        if window == "step":
-            return self._step_fraction
-        fp8, bf16 = self._flop_totals()
-        if fp8 + bf16 == 0:
-            per_token = {n: l.gemm_flops_per_token for n, l in self.layers.items()}
-            return sum(f for n, f in per_token.items() if self.layers[n].precision == "fp8") / sum(per_token.values())
-        return fp8 / (fp8 + bf16)
+    @property
+    def control_rejected(self) -> list[str]:
+        """Operator control entries rejected so far, each with its reason."""
+        return self.control.rejected
 
     def metrics(self) -> dict:
-        """Run-level and (after a check) per-layer metrics for the loggers."""
+        """Run-level metrics, the worst layer per signal, and (after a check) per-layer metrics
+        (``precision/<layer>/<signal>``; a W&B logger shows those of ``wandb.layer_panels`` only)."""
         out = {"precision/fp8_flop_fraction": self.fp8_flop_fraction(),
-               "precision/fp8_flop_fraction_step": self._step_fraction,
-               "precision/bf16_layers": sum(p == "bf16" for p in self.precisions().values())}
+               "precision/fp8_flop_fraction_step": self.flops.step_fraction,
+               "precision/bf16_layers": sum(p == "bf16" for p in self.precisions().values()),
+               **monitors.worst(self.last_signals, self.names)}
         for name, sig in self.last_signals.items():
             out[f"precision/{name}/is_fp8"] = int(self.layers[name].precision == "fp8")
             out.update({f"precision/{name}/{k}": v for k, v in sig.items() if isinstance(v, float)})
@@ -223,52 +218,18 @@ class PrecisionRuntime:
     def should_skip_step(self, grad_norm: torch.Tensor) -> bool:
         """True when the gradients are not finite on any rank: skip the optimizer step. The next ``end_step``
         then checks at once, so the layer where NaN/Inf entered is promoted before the next forward."""
-        if not self.config.skip_nonfinite_steps:
-            return False
-        bad = (~torch.isfinite(grad_norm.detach().float())).float().reshape(1)
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        skip = bool(bad.item())
-        self._force_check |= skip
-        return skip
+        return self.skips.check(grad_norm)
 
     def skip_on_device(self, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """``should_skip_step`` without a host synchronisation, for CUDA: the nonfinite flag (reduced across
-        ranks) is handed to a fused Adam/AdamW as ``optimizer.found_inf`` (the protocol of torch's GradScaler),
-        which skips the update on the device. The flags are fetched with the next check's one transfer and
-        reported by ``take_skipped``; the layer where NaN/Inf entered is promoted at that check (on the host
-        path, at once)."""
-        if not self.config.skip_nonfinite_steps:
-            return
-        if not getattr(optimizer, "_step_supports_amp_scaling", False):
-            raise ValueError("skip_on_device needs an optimizer that honours found_inf, e.g. "
-                             "torch.optim.AdamW(..., fused=True); use should_skip_step otherwise")
-        bad = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        optimizer.found_inf = bad
-        self._pending_skips.append((step, bad))
+        """``should_skip_step`` without a host synchronisation, for CUDA: the nonfinite flag goes to a fused
+        Adam/AdamW as ``optimizer.found_inf``, which skips the update on the device. The skipped steps are
+        learnt at the next check (``take_skipped``), where the layer where NaN/Inf entered is promoted."""
+        self.skips.on_device(grad_norm, optimizer, step)
 
     def take_skipped(self, flush: bool = False) -> list[int]:
-        """Steps skipped on the device (``skip_on_device``) that the last check learnt of; clears them.
-        ``flush`` fetches the flags not yet fetched first (one transfer: at the end of a run)."""
-        if flush and self._pending_skips:
-            self._fetch_pending_skips(None)
-        out, self._skipped = self._skipped, []
-        return out
-
-    def _fetch_pending_skips(self, packed: torch.Tensor | None):
-        """One device->host transfer of ``packed`` (the check's buffer) together with the pending skip flags."""
-        steps = [s for s, _ in self._pending_skips]
-        flags = [f.reshape(1) for _, f in self._pending_skips]
-        self._pending_skips = []
-        parts = ([packed.reshape(-1)] if packed is not None else []) + flags
-        if not parts:
-            return None
-        host = torch.cat(parts).cpu().numpy() if len(parts) > 1 else parts[0].cpu().numpy()
-        n_flags = len(flags)
-        self._skipped += [s for s, f in zip(steps, host[len(host) - n_flags:]) if f > 0]
-        return host[: len(host) - n_flags].reshape(packed.shape) if packed is not None else None
+        """Steps skipped on the device that the last check learnt of; clears them. ``flush`` fetches the flags
+        not yet fetched first (one transfer: at the end of a run)."""
+        return self.skips.take(flush)
 
     def end_step(self, step: int) -> list[SwitchEvent]:
         """Close optimizer step ``step`` (counted from 1, as metrics count): account FLOPs; on check steps
@@ -276,25 +237,23 @@ class PrecisionRuntime:
         apply. Returns the switches made; they take effect at the next forward."""
         self._last_step = step
         self._reduce_pending_amax()
-        totals = self._flop_totals()
-        d_fp8, d_bf16 = (t - p for t, p in zip(totals, self._flops_at_last_step))
-        self._step_fraction = d_fp8 / (d_fp8 + d_bf16) if d_fp8 + d_bf16 else self._step_fraction
-        self._flops_at_last_step = totals
-        self._schedule_sampling(step + 1)
+        self.flops.end_step()
+        self.sampling.plan(step + 1)
         on_interval = step % self.config.monitor.check_interval == 0
-        check = self.monitoring and (on_interval or self._force_check)
+        check = self.monitoring and (on_interval or self.skips.check_next)
         if not check:
-            if on_interval and self._pending_skips:   # static modes: report device-side skips all the same
-                self._fetch_pending_skips(None)
+            if on_interval and self.skips.pending:   # static modes: report device-side skips all the same
+                self.skips.fetch(None)
             return []
-        self._force_check = False
-        packed = monitors.reduce(monitors.pack(list(self.layers.values()), self._control_tensor()))
-        host = self._fetch_pending_skips(packed)
+        self.skips.check_next = False
+        device = next(iter(self.layers.values())).weight.device
+        packed = monitors.reduce(monitors.pack(list(self.layers.values()), self.control.codes(device)))
+        host = self.skips.fetch(packed)
         signals = monitors.signals_from(host, self.names, self.monitor_state, self.config.monitor)
         order = sorted(self.names, key=lambda n: self.layers[n].forward_seq)
         monitors.mark_nonfinite_origins(signals, host, self.names, order)
         self.last_signals = signals
-        events = self._apply_control(monitors.control_codes(host), step)
+        events = self.control.apply(monitors.control_codes(host), step, self.set_precision, self.release)
         if self.config.mode == "dynamic":
             flops = {n: l.gemm_flops_per_token for n, l in self.layers.items()}
             for d in self.policy.decide(signals, flops):
@@ -317,60 +276,6 @@ class PrecisionRuntime:
         for st, a in zip(states, amax.unbind()):
             st.apply_pending(a)
 
-    def _schedule_sampling(self, step: int) -> None:
-        """For upcoming step ``step``: exact statistics every ``full_stats_every`` steps, and a BF16 shadow
-        backward for the next few FP8 layers (round-robin, the same on every rank) every ``shadow_every``."""
-        m = self.config.monitor
-        for layer in self.layers.values():
-            layer.numerics.shadow = False
-            layer.numerics.full_stats = step % m.full_stats_every == 0
-        if not self.monitoring or m.shadow_every == 0 or step % m.shadow_every:
-            return
-        candidates = [n for n in self.names if self.layers[n].precision == "fp8"]
-        for i in range(min(m.shadow_layers, len(candidates))):
-            self.layers[candidates[(self._shadow_cursor + i) % len(candidates)]].numerics.shadow = True
-        self._shadow_cursor += m.shadow_layers
-
-    # ---------------------------------------------------------------------------- operator control file
-
-    def _control_tensor(self) -> torch.Tensor:
-        """Rank 0 reads the control file when it changed and encodes it per layer; other ranks send zeros.
-        The MAX all-reduce of the packed buffer then delivers rank 0's codes to every rank."""
-        device = next(iter(self.layers.values())).weight.device
-        requests = {}
-        if self.rank == 0 and self.run_dir is not None and self.config.control_file:
-            if self._control is None:
-                self._control = ControlFile(self.run_dir / self.config.control_file, self.names, self._reject)
-            requests = self._control.read()
-        if not requests:   # the usual case: zeros made on the device, nothing copied from the host
-            return torch.zeros(len(self.names), dtype=torch.float32, device=device)
-        codes = torch.zeros(len(self.names), dtype=torch.float32)
-        for name, action in requests.items():
-            codes[self.names.index(name)] = CONTROL_CODES[action]
-        if device.type == "cuda":   # from pinned memory, asynchronously: no synchronisation with the host
-            return codes.pin_memory().to(device, non_blocking=True)
-        return codes.to(device)
-
-    def _reject(self, message: str) -> None:
-        self.control_rejected.append(message)
-        print(f"precisionrt: control file entry rejected: {message}", file=sys.stderr, flush=True)
-
-    def _apply_control(self, codes: list[int], step: int) -> list[SwitchEvent]:
-        events = []
-        for name, code in zip(self.names, codes):
-            action = CODE_NAMES.get(code)
-            if action is None:
-                continue
-            if action == "auto":
-                self.release(name)
-                continue
-            try:
-                if (e := self.set_precision(name, action, reason="manual", step=step)):
-                    events.append(e)
-            except ValueError as err:  # pinned, or cannot run fp8: refuse this entry, keep running
-                self._reject(str(err))
-        return events
-
     def close(self, step: int) -> None:
         if self.events is not None:
             self.events.run_end(step)
@@ -382,20 +287,17 @@ class PrecisionRuntime:
         return {
             "precisions": self.precisions(),
             "numerics": {n: l.numerics.state_dict() for n, l in self.layers.items()},
-            "flops": {n: [l.flops.fp8, l.flops.bf16] for n, l in self.layers.items()},
+            **self.flops.state_dict(),      # flops, step_fraction
             "policy": self.policy.state_dict(),
             "monitor": self.monitor_state.state_dict(),
-            "shadow_cursor": self._shadow_cursor,
-            "shadow_next": [n for n, l in self.layers.items() if l.numerics.shadow],
+            **self.sampling.state_dict(),   # shadow_cursor, shadow_next
             "run_id": self.run_id,
             # The open check window: a checkpoint between two checks must carry what the next check will read.
             "last_step": self._last_step,
-            "force_check": self._force_check,
-            "step_fraction": self._step_fraction,
+            **self.skips.state_dict(),      # force_check, pending_skips
             "window": {n: {"stats": l.numerics.stats.detach().cpu().clone(),
                            "grad_stats": l.numerics.grad_stats.detach().cpu().clone()}
                        for n, l in self.layers.items()},
-            "pending_skips": [[s, float(f)] for s, f in self._pending_skips] + [[s, 1.0] for s in self._skipped],
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -407,23 +309,16 @@ class PrecisionRuntime:
         for name, layer in self.layers.items():
             layer.precision = sd["precisions"][name]
             layer.numerics.load_state_dict(sd["numerics"][name])
-            layer.flops.fp8, layer.flops.bf16 = sd["flops"][name]
+        self.flops.load_state_dict(sd)
         self.policy.load_state_dict(sd["policy"])
         self.monitor_state.load_state_dict(sd["monitor"])
-        self._shadow_cursor = int(sd["shadow_cursor"])
         self.run_id = sd["run_id"]  # a resumed run continues the same run in the switch log
-        for name, layer in self.layers.items():
-            layer.numerics.shadow = name in sd["shadow_next"]
-        self._flops_at_last_step = self._flop_totals()
-        if "window" in sd:   # checkpoints from before the open window was saved resume at check boundaries only
+        windowed = "window" in sd   # checkpoints from before the open window was saved resume at checks only
+        self.sampling.load_state_dict(sd, int(sd["last_step"]) + 1 if windowed else None)
+        if windowed:
             self._last_step = int(sd["last_step"])
-            self._force_check = bool(sd["force_check"])
-            self._step_fraction = float(sd["step_fraction"])
+            self.skips.load_state_dict(sd)
             for name, layer in self.layers.items():
                 layer.numerics.stats.copy_(sd["window"][name]["stats"])
                 layer.numerics.grad_stats.copy_(sd["window"][name]["grad_stats"])
-                # the sampling schedule of the next step, as end_step(last_step) set it
-                layer.numerics.full_stats = (self._last_step + 1) % self.config.monitor.full_stats_every == 0
-            self._pending_skips = []
-            self._skipped = [int(s) for s, flag in sd["pending_skips"] if flag > 0]
 

@@ -26,7 +26,7 @@ from precisionrt.data import ByteCorpus, DataConfig
 from precisionrt.harness import (check_model_fits, check_skipped, drop_replayed_metrics, finished_summary,
                                  holds_run, require_checkpoint)
 from precisionrt.inject import FaultInjector, InjectConfig
-from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
+from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
@@ -175,6 +175,7 @@ def train(cfg: LMConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, device=device)
     runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
+    panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
     injector = FaultInjector(cfg.inject, model, rank)
     corpus = ByteCorpus(cfg.data)
     if is_main:
@@ -215,7 +216,7 @@ def train(cfg: LMConfig) -> dict:
         drop_replayed_metrics(run_dir, start)
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
     if is_main and cfg.wandb.enabled:
-        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
+        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg), layers=runtime.names))
     if is_main:   # only once the checkpoint is known to fit this configuration
         write_json(run_dir / "config.json", to_dict(cfg))
     runtime.start_log(run_dir, to_dict(cfg), rank, resumed_from=start if cfg.train.resume else None)

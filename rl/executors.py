@@ -1,8 +1,7 @@
 """Where rollouts run: ``local`` (the engine in the trainer's process, driven by a worker thread) or ``ray``
 (the engine in a Ray actor on a local cluster bound to 127.0.0.1, so generation runs in its own process).
 
-Both offer the RolloutEngine interface the trainer uses: ``version``, ``model_cfg``, ``load_weights(state,
-version)``, ``generate(prompts, max_new_tokens, generator)`` and ``close()``.
+Both implement ``rl.engine.InferenceEngine``, the interface the trainer uses.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from precisionrt.megatron import ModelConfig
+from rl.engine import InferenceEngine, WorkerLost
 from rl.rollout import Completion, RolloutConfig, RolloutEngine
 
 
@@ -31,7 +31,7 @@ class _Actor:
         return self.engine.generate(prompts, max_new_tokens, torch.Generator().manual_seed(seed))
 
 
-class RolloutActorLost(RuntimeError):
+class RolloutActorLost(WorkerLost):
     """The Ray rollout actor died during a call; the engine has started a new one (the call's rollouts are
     lost: the trainer counts them as failed and goes on)."""
 
@@ -88,7 +88,7 @@ class RayRolloutEngine:
         self.ray.shutdown()
 
 
-def make_engine(kind: str, model_cfg: ModelConfig, cfg: RolloutConfig):
+def make_engine(kind: str, model_cfg: ModelConfig, cfg: RolloutConfig) -> InferenceEngine:
     if kind == "ray":
         return RayRolloutEngine(model_cfg, cfg)
     return RolloutEngine(model_cfg, cfg)

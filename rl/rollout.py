@@ -126,8 +126,8 @@ class RolloutEngine:
             layer.precision = cfg.precision if layer.fp8_capable else "bf16"
         self.version = -1
 
-    def load_weights(self, state_dict: dict, version: int) -> None:
-        self.model.load_state_dict(state_dict)
+    def load_weights(self, state: dict, version: int) -> None:
+        self.model.load_state_dict(state)
         self.version = version
 
     def close(self) -> None:

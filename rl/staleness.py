@@ -12,7 +12,7 @@ A sample's staleness is ``trainer_version_at_consumption - version_that_generate
   ``trained`` or ``dropped[reason]`` where that happens. At the end of a run the samples still in flight are
   counted *physically* (what is left in the queue) and ``generated == trained + dropped + present`` is
   checked: a sample lost anywhere breaks it. Admissions whose generation failed produced no sample; they are
-  counted apart (``failed_rollouts``).
+  counted apart (``failed_rollouts``; ``worker_lost`` those that died with a rollout worker).
 
 The controller is thread-safe: rollout workers and the trainer share it.
 """
@@ -40,6 +40,7 @@ class Accounting:
     dropped: Counter = field(default_factory=Counter)
     staleness_trained: Counter = field(default_factory=Counter)
     failed_rollouts: int = 0       # admitted samples whose generation failed: no sample exists
+    worker_lost: int = 0           # of those, lost with a rollout worker that died while holding them
 
     @property
     def in_flight(self) -> int:
@@ -48,7 +49,8 @@ class Accounting:
 
     def as_dict(self) -> dict:
         return {"generated": self.generated, "trained": self.trained, "dropped": dict(self.dropped),
-                "in_flight": self.in_flight, "failed_rollouts": self.failed_rollouts}
+                "in_flight": self.in_flight, "failed_rollouts": self.failed_rollouts,
+                "worker_lost": self.worker_lost}
 
 
 class StalenessController:
@@ -90,10 +92,12 @@ class StalenessController:
         with self._lock:
             self.acct.generated += n
 
-    def failed(self, n: int) -> None:
-        """``n`` admitted rollouts produced no sample: their admission slots are free again."""
+    def failed(self, n: int, worker_lost: bool = False) -> None:
+        """``n`` admitted rollouts produced no sample: their admission slots are free again. ``worker_lost``:
+        they were in flight in a rollout worker that died."""
         with self._lock:
             self.acct.failed_rollouts += n
+            self.acct.worker_lost += n if worker_lost else 0
             self.accepted -= n
 
     def staleness(self, sample_version: int) -> int:

@@ -22,7 +22,7 @@ import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.inject import FaultInjector, InjectConfig
-from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger
+from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.harness import (check_model_fits, check_skipped, drop_replayed_metrics, finished_summary,
                                  holds_run, require_checkpoint)
@@ -101,6 +101,7 @@ def train(cfg: RLConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model)
     runtime = PrecisionRuntime(model, cfg.precision)
+    panel_layers(cfg.wandb, runtime.names)   # a W&B layer pattern that matches nothing: refused before writing
     injector = FaultInjector(cfg.inject, model)
     task = ReverseDigits(cfg.task)
     max_new = task.max_completion_tokens
@@ -122,7 +123,7 @@ def train(cfg: RLConfig) -> dict:
     write_json(run_dir / "config.json", to_dict(cfg))
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")])
     if cfg.wandb.enabled:
-        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg)))
+        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg), layers=runtime.names))
     t_start = time.time()
 
     heldout = task.heldout()

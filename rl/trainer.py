@@ -1,30 +1,33 @@
 """The RL trainer: GRPO with IcePop on a Megatron policy whose layers are managed by the precision runtime.
 
-``mode = "async"``: a rollout worker thread generates with its own (possibly FP8, possibly stale) policy copy
-while the trainer trains; samples flow through a queue bounded by admission control (rl/staleness.py);
-weights flow back as versioned snapshots after every optimizer step. ``mode = "sync"`` generates, then
-trains, alternately: the baseline. Every generated sample is trained on, dropped with a reason, or still in
+``mode = "async"``: the rollout worker (``rl/worker.py``) generates on its own thread with its engine's
+(possibly FP8, possibly stale) policy copy while the trainer trains; samples flow through a queue bounded by
+admission control (``rl/staleness.py``); weights flow back as versioned snapshots after every optimizer
+step. ``mode = "sync"`` generates, then trains, alternately: the baseline. Every generated sample is trained on, dropped with a reason, or still in
 flight at the end; the run checks that balance.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import random
-import threading
 import time
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from precisionrt.runtime import PrecisionRuntime
+from rl.engine import InferenceEngine
 from rl.envs import Problem, ReverseDigits
 from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, ppo_loss
-from rl.rollout import Completion, RolloutEngine, generate, logits_of
+from rl.rollout import generate, logits_of
 from rl.staleness import StalenessConfig, StalenessController
+from rl.worker import Group, RolloutWorker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class RLAlgoConfig:
     prompts_per_step: int = 16
     entropy_coef: float = 0.0      # bonus on the policy's entropy over completion tokens (against collapse)
     max_consecutive_rollout_failures: int = 20   # the run ends with the last error after this many in a row
+    max_failed_rollout_fraction: float = 0.5     # ... or when more than this share of all rollouts failed
 
     def loss_config(self) -> LossConfig:
         return LossConfig(clip_eps=self.clip_eps, correction=self.correction, icepop_band=tuple(self.icepop_band),
@@ -50,35 +54,14 @@ class RLAlgoConfig:
         StalenessConfig(self.max_staleness)
         if self.max_consecutive_rollout_failures < 1:
             raise ValueError("max_consecutive_rollout_failures must be >= 1")
+        if not 0 < self.max_failed_rollout_fraction <= 1:
+            raise ValueError(f"max_failed_rollout_fraction must be in (0, 1], got {self.max_failed_rollout_fraction}")
         if self.group_size < 2 or self.prompts_per_step < 1:
             raise ValueError("group_size must be >= 2 (GRPO normalises within a group) and prompts_per_step >= 1")
 
 
-_KEPT_ERRORS = 100   # the newest rollout errors kept for reports (the count is in the accounting)
-
-
-class RolloutFailure(RuntimeError):
-    """Rollouts cannot go on: too many failed in a row, or the rollout worker died."""
-
-
-@dataclass
-class Group:
-    problem: Problem
-    completions: list[Completion]
-    rewards: list[float]
-    version: int
-
-
-@dataclass
-class Counters:
-    rollout_wait: float = 0.0      # rollout worker blocked by admission control
-    rollout_busy: float = 0.0
-    trainer_wait: float = 0.0      # trainer waiting for samples
-    errors: list = field(default_factory=list)
-
-
 class RLTrainer:
-    def __init__(self, model, runtime: PrecisionRuntime, optimizer, engine: RolloutEngine, task: ReverseDigits,
+    def __init__(self, model, runtime: PrecisionRuntime, optimizer, engine: InferenceEngine, task: ReverseDigits,
                  algo: RLAlgoConfig, mode: str, seed: int, max_new_tokens: int, temperature: float):
         self.model, self.runtime, self.optimizer, self.engine, self.task = model, runtime, optimizer, engine, task
         self.algo, self.mode = algo, mode
@@ -87,80 +70,9 @@ class RLTrainer:
         self.loss_cfg = algo.loss_config()
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature if temperature > 0 else 1.0
-        self.queue: queue.Queue[Group] = queue.Queue()
-        self.counters = Counters()
         self.skipped_steps: list[int] = []   # optimizer steps skipped for nonfinite gradients
-        self._rng = random.Random(seed)
-        self._gen = torch.Generator().manual_seed(seed)
-        self._weights_lock = threading.Lock()
-        self._published = (0, _snapshot(model))
-        self._stop = threading.Event()
-        self._worker: threading.Thread | None = None
-        self._worker_error: tuple[BaseException, str] | None = None
-        self.consecutive_failures = 0
-        engine.load_weights(self._published[1], 0)
-
-    # -------------------------------------------------------------------------------------- rollouts
-
-    def _sync_weights(self) -> None:
-        with self._weights_lock:
-            version, weights = self._published
-        if version > self.engine.version:
-            self.engine.load_weights(weights, version)
-
-    def rollout_once(self) -> bool:
-        """Admit, generate, score and enqueue one batch of groups. False if admission refused."""
-        t0 = time.perf_counter()
-        if not self.ctrl.try_admit(self.batch_samples):
-            return False
-        problems = [self.task.sample(self._rng) for _ in range(self.algo.prompts_per_step)]
-        g = self.algo.group_size
-        try:
-            self._sync_weights()   # inside: a rollout actor that dies while loading weights is a failed rollout
-            comps = self.engine.generate([p.prompt for p in problems for _ in range(g)], self.max_new_tokens,
-                                         self._gen)
-        except Exception as e:  # noqa: BLE001 - a failed rollout is counted, recorded and survived ...
-            self.ctrl.returned(self.batch_samples)
-            self.ctrl.failed(self.batch_samples)
-            self.counters.errors.append(f"{type(e).__name__}: {e}")
-            del self.counters.errors[:-_KEPT_ERRORS]
-            self.consecutive_failures += 1
-            if self.consecutive_failures >= self.algo.max_consecutive_rollout_failures:   # ... up to a limit
-                raise RolloutFailure(f"{self.consecutive_failures} rollouts in a row failed; the last: "
-                                     f"{type(e).__name__}: {e}") from e
-            return True
-        self.consecutive_failures = 0
-        self.ctrl.returned(self.batch_samples)
-        self.ctrl.created(len(comps))
-        for i, problem in enumerate(problems):
-            group = comps[i * g:(i + 1) * g]
-            reason = None
-            if any(len(c.tokens) == 0 for c in group):
-                reason = "empty_completion"
-            rewards = [self.task.reward(problem, c.text) for c in group]
-            if any(not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r <= 1 for r in rewards):
-                reason = "bad_reward"
-            if reason:
-                self.ctrl.drop(g, reason)
-            else:
-                self.queue.put(Group(problem, group, [float(r) for r in rewards], group[0].version))
-        self.counters.rollout_busy += time.perf_counter() - t0
-        return True
-
-    def _worker_loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                t0 = time.perf_counter()
-                if not self.rollout_once():
-                    time.sleep(0.002)
-                    self.counters.rollout_wait += time.perf_counter() - t0
-        except BaseException as e:  # noqa: BLE001 - not swallowed: handed to the trainer, which raises it
-            self._worker_error = (e, traceback.format_exc())
-
-    def _raise_if_worker_died(self) -> None:
-        if self._worker_error is not None:
-            e, tb = self._worker_error
-            raise RolloutFailure(f"the rollout worker died: {type(e).__name__}: {e}\n{tb}") from e
+        self.worker = RolloutWorker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model))
+        self.queue, self.counters = self.worker.queue, self.worker.counters
 
     # --------------------------------------------------------------------------------------- training
 
@@ -168,12 +80,12 @@ class RLTrainer:
         batch: list[Group] = []
         while len(batch) < self.algo.prompts_per_step:
             while self.mode == "sync" and self.queue.empty():  # every group of a batch may have been dropped
-                if not self.rollout_once():
+                if not self.worker.rollout_once():
                     raise RuntimeError("sync mode: admission control refused a rollout (accounting is broken)")
             t0 = time.perf_counter()
             group = None
             while group is None:   # short waits: a dead worker is reported at once, not after the timeout
-                self._raise_if_worker_died()
+                self.worker.raise_if_died()
                 try:
                     group = self.queue.get(timeout=0.05)
                 except queue.Empty:
@@ -230,9 +142,7 @@ class RLTrainer:
         else:
             self.ctrl.trained([g.version for g in batch for _ in g.completions])
             # publish first, then advance: a rollout admitted by the new version must find its weights
-            weights = _snapshot(self.model)
-            with self._weights_lock:
-                self._published = (self.ctrl.version + 1, weights)
+            self.worker.publish(self.ctrl.version + 1, _snapshot(self.model))
             self.ctrl.advance()
         events = self.runtime.end_step(step)
         return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "grad_norm": float(grad_norm),
@@ -243,7 +153,7 @@ class RLTrainer:
 
     def present_samples(self) -> int:
         """Samples physically in flight: what the queue holds (call with the rollout worker stopped)."""
-        return sum(len(g.completions) for g in list(self.queue.queue))
+        return self.worker.present_samples()
 
     # ----------------------------------------------------------------------------------- checkpoint
 
@@ -253,45 +163,38 @@ class RLTrainer:
             version = self.ctrl.version
             acct = {"generated": a.generated, "trained": a.trained, "dropped": dict(a.dropped),
                     "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained),
-                    "failed_rollouts": a.failed_rollouts}
-        return {"version": version, "rng": list(self._rng.getstate()[1]), "rng_version":
-                self._rng.getstate()[0], "gen": self._gen.get_state(), "acct": acct,
-                "skipped_steps": list(self.skipped_steps)}
+                    "failed_rollouts": a.failed_rollouts, "worker_lost": a.worker_lost}
+        return {"version": version, **self.worker.state_dict(), "acct": acct, "skipped_steps": list(self.skipped_steps)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume: samples that were in flight when the checkpoint was taken are gone with the old process;
         they are counted as dropped (``lost_on_restart``) so the accounting stays whole."""
-        self._rng.setstate((sd["rng_version"], tuple(sd["rng"]), None))
         self.skipped_steps = list(sd.get("skipped_steps", []))
-        self._gen.set_state(sd["gen"])
         a, acct = self.ctrl.acct, sd["acct"]
         a.generated, a.trained = acct["generated"], acct["trained"]
         a.failed_rollouts = acct.get("failed_rollouts", 0)
+        a.worker_lost = acct.get("worker_lost", 0)
         a.dropped.update(acct["dropped"])
         a.staleness_trained.update({int(k): v for k, v in acct["staleness_trained"].items()})
         if acct["in_flight"]:
             a.dropped["lost_on_restart"] += acct["in_flight"]
         self.ctrl.version = sd["version"]
         self.ctrl.accepted, self.ctrl.running = a.trained, 0
-        self._published = (self.ctrl.version, _snapshot(self.model))
-        self.engine.load_weights(self._published[1], self.ctrl.version)
+        self.worker.load_state_dict(sd, self.ctrl.version, _snapshot(self.model))
 
     # ----------------------------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         if self.mode == "async":
-            self._worker = threading.Thread(target=self._worker_loop, name="rollout-worker", daemon=True)
-            self._worker.start()
+            self.worker.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._worker is not None:
-            self._worker.join(timeout=120)
+        self.worker.stop()
 
     def evaluate(self, problems: list[Problem]) -> float:
         """Mean held-out reward of the trainer's policy, greedy decoding."""
         comps = generate(self.model, [p.prompt for p in problems], self.max_new_tokens,
-                         self.engine.model_cfg.seq_length, 0.0, 1.0, self._gen)
+                         self.engine.model_cfg.seq_length, 0.0, 1.0, torch.Generator())   # greedy: draws nothing
         return sum(self.task.reward(p, c.text) for p, c in zip(problems, comps)) / len(problems)
 
 
@@ -337,7 +240,7 @@ def supervised_warm_start(model, optimizer, task: ReverseDigits, steps: int, bat
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if runtime.should_skip_step(norm):
             skipped.append(step)
-            print(f"warm start step {step}: nonfinite gradients, optimizer step skipped", flush=True)
+            log.warning("warm start step %d: nonfinite gradients, optimizer step skipped", step)
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -181,3 +181,13 @@ def test_empty_binary_and_unrelated_logs_are_refused_by_name(spike_run, tmp_path
     other.write_text((run / "precision_events.jsonl").read_text().replace("decoder.layers.", "encoder.blocks."))
     assert cli(["compare", str(run / "precision_events.jsonl"), str(other)]) == 2
     assert "cannot compare runs of different models" in capsys.readouterr().err
+
+
+def test_the_writers_stats_lines_open_with_the_prefix_the_reader_trusts(spike_run):
+    """The reader checks stats lines by a prefix instead of parsing them: a writer that reordered its keys
+    would make every stats line skipped as unreadable. Both sides take the prefix from events.py."""
+    from precisionrt.events import EVENTS_FILE, STATS_PREFIX
+
+    lines = (spike_run[0] / EVENTS_FILE).read_bytes().splitlines()
+    stats = [line for line in lines if b'"kind":"stats"' in line]
+    assert stats and all(line.startswith(STATS_PREFIX) for line in stats)

@@ -94,14 +94,14 @@ def test_resume_reproduces_the_precision_timeline(tmp_path, parallel):
     assert [s.get("resumed_from") for s in starts] == [None, 8] and starts[0]["run"] == starts[1]["run"]
 
 
-def test_corrupt_switch_log_line_on_resume_is_reported_and_skipped(tmp_path, parallel, capsys):
+def test_corrupt_switch_log_line_on_resume_is_reported_and_skipped(tmp_path, parallel, caplog):
     run(tmp_path, "r", "train.steps=8", "train.stop_at_step=4")
     log = tmp_path / "r" / "precision_events.jsonl"
     with open(log, "a") as fh:
         fh.write('{"v":1,"kind":"switch","step":')   # a crash mid-record: no newline
     resumed = run(tmp_path, "r", "train.steps=8", "train.resume=true")
     assert resumed["resumed_from"] == 4
-    assert "1 unreadable line(s) skipped" in capsys.readouterr().err
+    assert "1 unreadable line(s) skipped" in caplog.text
     result = read_log(log)
     assert result.skipped_lines == 1 and [r["kind"] for r in result.records][-1] == "run_end"
     assert sum(r["kind"] == "run_start" for r in result.records) == 2

@@ -9,7 +9,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
 from faults import run_scenarios  # noqa: E402
 
-SUBSET = ["kill_lm_and_resume", "kill_rl_and_resume", "failing_rollouts", "corrupt_log_lines"]
+SUBSET = ["kill_lm_and_resume", "kill_rl_and_resume", "failing_rollouts", "corrupt_log_lines", "resume_lifecycle",
+          "hostile_control_file"]
 
 
 @pytest.mark.slow

@@ -93,7 +93,7 @@ def test_admission_control_bounds_what_can_be_in_flight():
     with pytest.raises(RuntimeError, match="1 unaccounted"):
         ctrl.check(present=3)   # one sample lost: the balance breaks
     assert ctrl.acct.as_dict() == {"generated": 12, "trained": 4, "dropped": {"stale": 4}, "in_flight": 4,
-                                   "failed_rollouts": 0}
+                                   "failed_rollouts": 0, "worker_lost": 0}
     assert ctrl.try_admit(4), "a dropped sample frees its admission slot"
 
 
@@ -221,7 +221,7 @@ def test_weights_are_published_before_the_version_advances(tmp_path, monkeypatch
     advance = StalenessController.advance
 
     def checked_advance(ctrl):
-        seen.append(RLTrainer.current._published[0] == ctrl.version + 1)
+        seen.append(RLTrainer.current.worker._published[0] == ctrl.version + 1)
         return advance(ctrl)
 
     init = RLTrainer.__init__
@@ -250,7 +250,7 @@ def test_rollouts_that_keep_failing_end_the_run_with_the_error(tmp_path, monkeyp
     """Sync mode used to spin forever (10,000 failed rollouts counted as generated): now the run ends after
     max_consecutive_rollout_failures with the underlying error."""
     from rl.rollout import RolloutEngine
-    from rl.trainer import RolloutFailure
+    from rl.worker import RolloutFailure
 
     def broken(self, *a, **k):
         raise ConnectionError("inference server unreachable")
@@ -258,6 +258,35 @@ def test_rollouts_that_keep_failing_end_the_run_with_the_error(tmp_path, monkeyp
     monkeypatch.setattr(RolloutEngine, "generate", broken)
     with pytest.raises(RolloutFailure, match="3 rollouts in a row failed.*ConnectionError: inference server"):
         run(tmp_path, 'executor.mode="sync"', "train.warm_start_steps=0", "rl.max_consecutive_rollout_failures=3")
+
+
+def test_rollouts_failing_most_of_the_time_end_the_run(tmp_path, monkeypatch):
+    """Failures that are never 3 in a row but two calls of three (a policy blown up by lr=1e30 samples from NaN
+    probabilities most of the time: found by the fault suite, where such a run ended rc 0 at reward 0) end the
+    run once they exceed rl.max_failed_rollout_fraction; one failure in three does not."""
+    from rl.rollout import RolloutEngine
+    from rl.worker import RolloutFailure
+
+    original, calls = RolloutEngine.generate, []
+
+    def flaky(every):
+        def generate(self, *a, **k):
+            calls.append(1)
+            if len(calls) % 3 < every:
+                raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+            return original(self, *a, **k)
+        return generate
+
+    monkeypatch.setattr(RolloutEngine, "generate", flaky(2))
+    with pytest.raises(RolloutFailure, match=r"of \d+ rollouts failed \(more than rl.max_failed_rollout_fraction"):
+        run(tmp_path / "most", 'executor.mode="sync"', "train.warm_start_steps=0",
+            "rl.max_consecutive_rollout_failures=3")
+    calls.clear()
+    monkeypatch.setattr(RolloutEngine, "generate", flaky(1))
+    s = run(tmp_path / "some", 'executor.mode="sync"', "train.warm_start_steps=0",
+            "rl.max_consecutive_rollout_failures=3", "train.steps=18")
+    failed, made = s["samples"]["failed_rollouts"], s["samples"]["generated"]
+    assert failed >= 5 * 8 and failed / (failed + made) <= 1 / 3 and s["samples"]["trained"] == 18 * 8
 
 
 class RaisingRewards(ReverseDigits):
@@ -274,7 +303,7 @@ def test_a_dead_rollout_worker_is_reported_at_once_with_its_traceback(tmp_path, 
     then waited 120 s. Now it raises at its next wait, with the worker's traceback."""
     import time
 
-    from rl.trainer import RolloutFailure
+    from rl.worker import RolloutFailure
 
     monkeypatch.setattr("rl.train.ReverseDigits", RaisingRewards)
     t0 = time.perf_counter()
@@ -355,6 +384,25 @@ def test_a_killed_ray_rollout_actor_is_replaced_and_the_run_completes(tmp_path, 
     monkeypatch.setattr(RayRolloutEngine, "generate", kill_on_third)
     s = run(tmp_path, 'executor.kind="ray"', 'executor.mode="sync"')
     acct = s["samples"]
-    assert acct["trained"] == 48 and acct["failed_rollouts"] == 8
+    assert acct["trained"] == 48 and acct["failed_rollouts"] == 8 and acct["worker_lost"] == 8
     assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
     assert any("rollout actor died during generate (restart 1 of 3)" in e for e in s["rollout_errors"])
+
+
+def test_both_engines_implement_the_engine_protocol(parallel):
+    """The trainer sees engines only through rl.engine.InferenceEngine: the local engine is one at run time,
+    and the Ray engine's methods take the same parameters (checked without starting a cluster)."""
+    import inspect
+
+    from conftest import SMALL
+    from rl.engine import InferenceEngine, WorkerLost
+    from rl.executors import RayRolloutEngine, RolloutActorLost
+    from rl.rollout import RolloutConfig, RolloutEngine
+
+    local = RolloutEngine(SMALL, RolloutConfig())
+    assert isinstance(local, InferenceEngine) and local.version == -1
+    for method in ("load_weights", "generate", "close"):
+        want = list(inspect.signature(getattr(InferenceEngine, method)).parameters)
+        for engine in (RolloutEngine, RayRolloutEngine):
+            assert list(inspect.signature(getattr(engine, method)).parameters) == want, (engine, method)
+    assert issubclass(RolloutActorLost, WorkerLost), "a dead actor's rollouts count as worker_lost"

@@ -75,13 +75,13 @@ def test_resume_is_exact_between_checks(tmp_path, parallel, stop):
     assert resumed["switches"] == full["switches"], "the summary describes the whole run, not the segment"
 
 
-def test_truncated_checkpoint_falls_back_to_previous(tmp_path, parallel, capsys):
+def test_truncated_checkpoint_falls_back_to_previous(tmp_path, parallel, caplog):
     train(tiny(tmp_path / "r", "train.steps=8", "train.checkpoint_every=4"))
     newest = tmp_path / "r" / "checkpoints" / "step_000008.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     resumed = train(tiny(tmp_path / "r", "train.steps=8", "train.resume=true"))
     assert resumed["resumed_from"] == 4
-    assert re.search(r"step_000008\.pt is (truncated or )?damaged", capsys.readouterr().err)
+    assert re.search(r"step_000008\.pt is (truncated or )?damaged", caplog.text)
     assert newest.exists(), "nothing is deleted"
 
 

@@ -77,11 +77,53 @@ def test_offline_run_has_switch_table_and_layer_panels(tmp_path, parallel, clean
 
 
 def test_wandb_failure_is_reported_once_and_training_goes_on(tmp_path, parallel, clean_wandb_env, monkeypatch,
-                                                             capsys):
+                                                             caplog):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "no-such-mode")
     summary = train(load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml",
                                 [*TINY, "train.steps=4", "wandb.enabled=true", f'run.dir="{tmp_path / "r"}"']))
-    err = capsys.readouterr().err
-    assert err.count("W&B logging failed") == 1 and summary["steps"] == 4
+    assert caplog.text.count("W&B logging failed") == 1 and summary["steps"] == 4
     assert (tmp_path / "r" / "metrics.jsonl").read_text().count('"step"') >= 1
+
+
+def test_layer_panels_pick_the_per_layer_series_and_aggregates_are_always_there(tmp_path, parallel,
+                                                                                clean_wandb_env):
+    """``wandb.layer_panels`` patterns choose which layers get per-layer series; the worst layer per signal,
+    the BF16 layer count and the FP8 FLOP share are logged whatever the choice."""
+    pytest.importorskip("wandb")
+    run = tmp_path / "run"
+    train(load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml",
+                      [*TINY, *SPIKE, "train.steps=8", "wandb.enabled=true", 'wandb.layer_panels=["*.layers.0.*"]',
+                       f'run.dir="{run}"']))
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    keys = history_keys(next(offline.glob("run-*.wandb")))
+    layers = {k.split("/")[1] for k in keys if k.count("/") == 2 and k.split("/")[1].startswith("decoder.")}
+    assert layers and all(name.startswith("decoder.layers.0.") for name in layers), layers
+    assert {"precision/worst/nonfinite", "precision/worst_layer/nonfinite", "precision/worst/headroom",
+            "precision/bf16_layers", "precision/fp8_flop_fraction"} <= keys
+    # the JSONL file keeps every layer
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any(f"precision/{LAYER}/headroom" in r for r in rows)
+
+
+def test_default_panels_stop_at_64_layers_and_a_pattern_must_match():
+    from precisionrt.config import ConfigError
+    from precisionrt.loggers import WandbConfig, panel_layers
+
+    names = [f"decoder.layers.{i}.mlp.linear_fc1" for i in range(65)]
+    assert panel_layers(WandbConfig(), names[:64]) == set(names[:64])
+    assert panel_layers(WandbConfig(), names) == set(), "a 65-layer model gets aggregates only by default"
+    assert panel_layers(WandbConfig(layer_panels=["*.layers.6?.*"]), names) == set(names[60:65])
+    with pytest.raises(ConfigError, match="'attention' matches no managed layer"):
+        panel_layers(WandbConfig(layer_panels=["attention"]), names)
+
+
+def test_worst_layer_per_signal_takes_the_bad_direction():
+    from precisionrt.monitors import worst
+
+    signals = {"a": {"overflow": 0.1, "headroom": 8.0, "grad_cos": None},
+               "b": {"overflow": 0.3, "headroom": 2.0, "grad_cos": 0.9}}
+    out = worst(signals, ["a", "b"])
+    assert out["precision/worst/overflow"] == 0.3 and out["precision/worst_layer/overflow"] == 1
+    assert out["precision/worst/headroom"] == 2.0, "low headroom is the bad value"
+    assert out["precision/worst/grad_cos"] == 0.9 and out["precision/worst_layer/grad_cos"] == 1

@@ -32,7 +32,7 @@ import numpy as np
 from _arms import fresh_dir, run_arm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from precisionrt.events import iter_records  # noqa: E402
+from precisionrt.events import EVENTS_FILE, iter_records  # noqa: E402
 from precisionrt.policy import PolicyConfig  # noqa: E402
 
 # Signals a threshold acts on (others are logged only), and the one where lower is worse.
@@ -54,7 +54,7 @@ def collect(runs: list[Path]) -> tuple[dict[str, dict[str, list[float]]], int]:
     values: dict[str, dict[str, list[float]]] = {}
     skipped: list[str] = []
     for run in runs:
-        for rec in iter_records(run / "precision_events.jsonl", skipped):
+        for rec in iter_records(run / EVENTS_FILE, skipped):
             if rec.get("kind") != "stats":
                 continue
             for layer, sig in rec["layers"].items():

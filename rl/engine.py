@@ -1,0 +1,38 @@
+"""The rollout engine interface: what the RL trainer needs from whatever generates its samples.
+
+Two engines implement it: ``rl.rollout.RolloutEngine`` (a policy copy in the trainer's process) and
+``rl.executors.RayRolloutEngine`` (the same copy in a Ray actor). A user's own inference server fits by
+implementing these five members. An engine whose worker died while holding a call raises ``WorkerLost``:
+the trainer counts that call's rollouts as ``worker_lost`` and goes on.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from precisionrt.megatron import ModelConfig
+    from rl.rollout import Completion
+
+
+class WorkerLost(RuntimeError):
+    """The engine's worker (a process, an actor, a server) died during a call; the call's rollouts are lost.
+    The engine may have replaced the worker: the next call is tried as usual."""
+
+
+@runtime_checkable
+class InferenceEngine(Protocol):
+    version: int             # the policy version of the weights loaded; -1 before any
+    model_cfg: ModelConfig   # the policy's architecture (sequence length for generation)
+
+    def load_weights(self, state: dict, version: int) -> None:
+        """Replace the policy's weights with ``state`` (a state dict of CPU tensors) of ``version``."""
+
+    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
+        """One completion per prompt, each with its tokens, their log-probabilities under the full softmax at
+        the sampling temperature, and the version that made it."""
+
+    def close(self) -> None:
+        """Release the worker; the engine is not used again."""
