@@ -66,8 +66,10 @@ def stream(path: Path, skipped: Skipped, want_stats: bool = False) -> Iterator[d
 @dataclass
 class RunState:
     run: str
-    layers: dict = field(default_factory=dict)        # name -> {"flops": F, "initial": P}
-    switches: list = field(default_factory=list)      # (step, layer, from, to, reason)
+    layers: dict = field(default_factory=dict)
+    """Name -> {"flops": F, "initial": P}."""
+    switches: list = field(default_factory=list)
+    """(step, layer, from, to, reason)"""
     first_step: int | None = None
     last_step: int = 0
     ended: bool = False

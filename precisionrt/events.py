@@ -13,8 +13,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Literal, get_args
 
+Precision = Literal["fp8", "bf16"]
+Reason = Literal["overflow", "underflow", "quant_error", "grad_sensitivity", "nonfinite",   # promotions
+                 "probation", "budget",                                                      # returns to FP8
+                 "manual"]                                                                   # operator
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+REASONS: tuple[str, ...] = get_args(Reason)
 SCHEMA_VERSION = 1
 KINDS = ("run_start", "switch", "stats", "run_end")
 EVENTS_FILE = "precision_events.jsonl"   # the log's name in a run directory
@@ -35,10 +41,15 @@ def json_safe(v):
 class SwitchEvent:
     step: int
     layer: str
-    from_: str
-    to: str
-    reason: str
+    from_: Precision
+    to: Precision
+    reason: Reason
     signals: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:   # a new reason or precision must enter the schema above first
+        if self.from_ not in PRECISIONS or self.to not in PRECISIONS or self.reason not in REASONS:
+            raise ValueError(f"switch {self.from_!r} -> {self.to!r} ({self.reason!r}) is outside the log schema: "
+                             f"precisions {PRECISIONS}, reasons {REASONS}")
 
     def summary(self) -> dict:
         """The C7 summary form: ``{step, layer, from, to, reason}``."""

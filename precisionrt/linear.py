@@ -27,10 +27,10 @@ from megatron.core.tensor_parallel.layers import (
 )
 
 from precisionrt import fp8, kernels
+from precisionrt.events import PRECISIONS
 from precisionrt.fp8 import E4M3, E5M2, ScalingConfig
 from precisionrt.numerics import GRAD_FIELDS, GRAD_INDEX, ROLES, LayerNumerics  # noqa: F401  (re-exported)
 
-PRECISIONS = ("fp8", "bf16")
 _FORWARD_SEQ = itertools.count()  # host-side order of forwards: recovers execution order of layers
 _GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

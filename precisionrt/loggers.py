@@ -47,7 +47,8 @@ class WandbConfig:
     enabled: bool = False
     project: str = "precisionrt"
     mode: str = "offline"
-    timeline_every: int = 10     # logged steps between refreshes of the precision-timeline image
+    timeline_every: int = 10
+    """Logged steps between refreshes of the precision-timeline image."""
     layer_panels: list[str] | None = None
     """fnmatch patterns of the layers that get per-layer panels (``precision/<layer>/<signal>``). None: every
     layer of a model with at most ``MAX_DEFAULT_PANEL_LAYERS``, none beyond (a 500-layer model would make

@@ -54,13 +54,19 @@ COLUMNS = ("overflow", "headroom", "underflow", "nonfinite_fwd", "nonfinite_grad
 class MonitorConfig:
     """When statistics are looked at. Thresholds live in PolicyConfig."""
 
-    check_interval: int = 10      # steps between checks (one packed all-reduce + one host copy each)
-    full_stats_every: int = 10    # steps between exact-statistics steps (saturation, underflow, error counts);
-                                  # other steps keep only amax, headroom and a nonfinite indicator
-    shadow_every: int = 10        # steps between BF16 shadow gradient recomputations; 0 turns them off
-    shadow_layers: int = 2        # layers per shadow step, round-robin over the FP8 layers
-    ema_decay: float = 0.8        # for amax_jump and grad_norm_z baselines (per check)
-    warmup_checks: int = 3        # checks before amax_jump and grad_norm_z have a baseline
+    check_interval: int = 10
+    """Steps between checks (one packed all-reduce + one host copy each)"""
+    full_stats_every: int = 10
+    """Steps between exact-statistics steps (saturation, underflow, error counts); other steps keep only amax,
+    headroom and a nonfinite indicator."""
+    shadow_every: int = 10
+    """Steps between BF16 shadow gradient recomputations; 0 turns them off."""
+    shadow_layers: int = 2
+    """Layers per shadow step, round-robin over the FP8 layers."""
+    ema_decay: float = 0.8
+    """For amax_jump and grad_norm_z baselines (per check)"""
+    warmup_checks: int = 3
+    """Checks before amax_jump and grad_norm_z have a baseline."""
 
     def __post_init__(self) -> None:
         if self.check_interval < 1:

@@ -24,6 +24,11 @@ The policy is pure host logic over the reduced signals, so every rank computes t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from precisionrt.events import Precision, Reason
+
+PolicyState = Literal["fp8", "bf16", "probation"]   # probation: back in FP8, watched more closely
 
 # signal -> reason recorded in the switch log
 REASON_OF = {"overflow": "overflow", "headroom": "overflow", "underflow": "underflow",
@@ -38,26 +43,43 @@ class PolicyConfig:
     Defaults were calibrated on healthy runs of configs/lm_tiny_cpu.toml (see README): the worst healthy
     values are far below them."""
 
-    overflow: float = 1e-3         # fraction of values saturated (over the check window)
-    headroom: float = 16.0         # max |x| * scale / fmt.max: a scale stale by this factor (delayed scaling);
-                                   # current scaling keeps it at 1, healthy delayed runs stay under ~8
-    underflow: float = 0.0         # fraction of nonzero values flushed (off: many tiny gradient values flush
-                                   # harmlessly; logged, and the energy signals below judge the harm)
-    underflow_energy_fwd: float = 0.01    # share of the forward GEMM's energy flushed (E4M3 input and weight)
-    underflow_energy_grad: float = 0.01   # share of the dgrad GEMM's energy flushed (E5M2 output gradient)
-    quant_error: float = 0.2       # relative RMS quantization error (healthy E4M3 ~0.03, E5M2 ~0.06)
-    amax_jump: float = 0.0         # amax over its EMA (off by default: overflow catches its harm)
-    grad_rel_err: float = 0.35     # shadow: ||g_fp8 - g_bf16|| / ||g_bf16||
-    grad_cos: float = 0.9          # shadow: promote when cosine similarity falls below this (0: off)
-    grad_norm_z: float = 0.0       # weight-gradient norm z-score (off by default: noisy early in training)
-    patience: int = 2              # consecutive checks over a threshold before a promotion
-    immediate_ratio: float = 10.0  # a signal this many times over its threshold acts at once (as nonfinite)
-    cooldown_checks: int = 10      # checks in BF16 before the first return to FP8 is tried
-    backoff: float = 2.0           # cooldown multiplier per further failure
+    overflow: float = 1e-3
+    """Fraction of values saturated (over the check window)"""
+    headroom: float = 16.0
+    """Max |x| * scale / fmt.max: a scale stale by this factor (delayed scaling); current scaling keeps it at 1,
+    healthy delayed runs stay under ~8."""
+    underflow: float = 0.0
+    """Fraction of nonzero values flushed (off: many tiny gradient values flush harmlessly; logged, and the energy
+    signals below judge the harm)"""
+    underflow_energy_fwd: float = 0.01
+    """Share of the forward GEMM's energy flushed (E4M3 input and weight)"""
+    underflow_energy_grad: float = 0.01
+    """Share of the dgrad GEMM's energy flushed (E5M2 output gradient)"""
+    quant_error: float = 0.2
+    """Relative RMS quantization error (healthy E4M3 ~0.03, E5M2 ~0.06)"""
+    amax_jump: float = 0.0
+    """Amax over its EMA (off by default: overflow catches its harm)"""
+    grad_rel_err: float = 0.35
+    """Shadow: ||g_fp8 - g_bf16|| / ||g_bf16||."""
+    grad_cos: float = 0.9
+    """Shadow: promote when cosine similarity falls below this (0: off)"""
+    grad_norm_z: float = 0.0
+    """Weight-gradient norm z-score (off by default: noisy early in training)"""
+    patience: int = 2
+    """Consecutive checks over a threshold before a promotion."""
+    immediate_ratio: float = 10.0
+    """A signal this many times over its threshold acts at once (as nonfinite)"""
+    cooldown_checks: int = 10
+    """Checks in BF16 before the first return to FP8 is tried."""
+    backoff: float = 2.0
+    """Cooldown multiplier per further failure."""
     max_cooldown_checks: int = 1000
-    probation_checks: int = 5      # clean checks before a returned layer counts as healthy again
-    max_bf16_flop_fraction: float = 1.0   # budget: largest share of GEMM FLOPs allowed in BF16
-    preflight: bool = True         # return a layer to FP8 only when its dry-run FP8 statistics are clean
+    probation_checks: int = 5
+    """Clean checks before a returned layer counts as healthy again."""
+    max_bf16_flop_fraction: float = 1.0
+    """Budget: largest share of GEMM FLOPs allowed in BF16."""
+    preflight: bool = True
+    """Return a layer to FP8 only when its dry-run FP8 statistics are clean."""
 
     def __post_init__(self) -> None:
         for name in ("overflow", "headroom", "underflow", "underflow_energy_fwd", "underflow_energy_grad",
@@ -81,20 +103,22 @@ class PolicyConfig:
 
 @dataclass
 class LayerState:
-    state: str = "fp8"                 # fp8 | bf16 | probation
+    state: PolicyState = "fp8"
     strikes: dict = field(default_factory=dict)
     checks_in_state: int = 0
     failures: int = 0
     sensitivity: float = 0.0
-    hold: str | None = None            # manual hold: "fp8" | "bf16"
-    preflight_holds: int = 0           # checks on which a due return waited for clean dry-run statistics
+    hold: Precision | None = None
+    """A manual hold."""
+    preflight_holds: int = 0
+    """Checks on which a due return waited for clean dry-run statistics."""
 
 
 @dataclass(frozen=True)
 class Decision:
     layer: str
-    to: str
-    reason: str
+    to: Precision
+    reason: Reason
     signals: dict
 
 

@@ -16,7 +16,8 @@ from precisionrt.events import json_safe
 
 @dataclass
 class RunConfig:
-    dir: str = ""     # empty: runs/<name>-<timestamp>
+    dir: str = ""
+    """Empty: runs/<name>-<timestamp>."""
     name: str = "run"
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when a GPU is visible (one per torchrun rank)
 

@@ -33,7 +33,7 @@ import torch
 
 from precisionrt import monitors
 from precisionrt.control import OperatorControl
-from precisionrt.events import EVENTS_FILE, EventLog, SwitchEvent, json_safe, read_log
+from precisionrt.events import EVENTS_FILE, PRECISIONS, EventLog, Precision, Reason, SwitchEvent, json_safe, read_log
 from precisionrt.flops import FlopAccounting
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import precision_layers
@@ -50,15 +50,19 @@ log = logging.getLogger(__name__)
 @dataclass
 class RuntimeConfig:
     mode: Literal["dynamic", "fp8", "bf16"] = "dynamic"
-    pin_bf16: list[str] = field(default_factory=list)   # fnmatch patterns over managed layer names
+    pin_bf16: list[str] = field(default_factory=list)
+    """Fnmatch patterns over managed layer names."""
     pin_fp8: list[str] = field(default_factory=list)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
-    observe: bool = False                # static modes: run the monitors and log stats, decide nothing
-    control_file: str = "precision_control.json"   # in the run dir; "" disables operator control
+    observe: bool = False
+    """Static modes: run the monitors and log stats, decide nothing."""
+    control_file: str = "precision_control.json"
+    """In the run dir; "" disables operator control."""
     skip_nonfinite_steps: bool = True
-    fused_kernels: bool = True           # CUDA: fused quantization kernels (False: the eager reference path)
+    fused_kernels: bool = True
+    """CUDA: fused quantization kernels (False: the eager reference path)"""
 
 
 def _tensor_parallel_group():
@@ -186,13 +190,15 @@ class PrecisionRuntime:
 
     # ---------------------------------------------------------------------------------------- changes
 
-    def set_precision(self, name: str, precision: str, reason: str = "manual", step: int = -1,
+    def set_precision(self, name: str, precision: Precision, reason: Reason = "manual", step: int = -1,
                       signals: dict | None = None) -> SwitchEvent | None:
         """Switch one layer (effective from its next forward) and log it. Returns the event, or None if the
         layer already runs at ``precision``. A manual switch holds the layer there until ``release``.
         Unknown layers and impossible requests raise ValueError."""
         if name not in self.layers:
             raise ValueError(f"unknown layer {name!r}; managed layers: {self.names[:4]} ... ({len(self.names)})")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         layer = self.layers[name]
         if reason == "manual":
             if name in self.pinned and self.pinned[name] != precision:

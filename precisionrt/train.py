@@ -45,13 +45,17 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
-    keep_checkpoints: int = 3    # the newest N checkpoints are kept (0: all)
-    max_skipped_fraction: float = 0.5   # stop when more than this share of the steps (and 5 or more) were
-                                        # skipped for nonfinite gradients: such a run trains on nothing
-    checkpoint_every: int = 0    # 0: only at the end
+    keep_checkpoints: int = 3
+    """The newest N checkpoints are kept (0: all)"""
+    max_skipped_fraction: float = 0.5
+    """Stop when more than this share of the steps (and 5 or more) were skipped for nonfinite gradients: such a run
+    trains on nothing."""
+    checkpoint_every: int = 0
+    """0: only at the end."""
     resume: bool = False
-    stop_at_step: int = 0        # stop early (with a checkpoint) after this step, e.g. to fit a job's time limit;
-                                 # a resumed run continues the same schedule up to `steps`. 0: run to `steps`.
+    stop_at_step: int = 0
+    """Stop early (with a checkpoint) after this step, e.g. to fit a job's time limit; a resumed run continues the
+    same schedule up to `steps`. 0: run to `steps`."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):

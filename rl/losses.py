@@ -93,10 +93,14 @@ class LossInputs:
 @dataclass
 class LossConfig:
     clip_eps: float = 0.2
+    """PPO's clip range on the policy ratio pi_theta / pi_prox."""
     correction: Correction = "icepop"
+    """The detached behaviour weight on pi_prox / pi_infer: ``icepop`` (tokens whose ratio leaves
+    ``icepop_band`` give no gradient), ``tis`` (the ratio, capped at ``tis_cap``) or ``none``."""
     icepop_band: tuple[float, float] = (0.5, 2.0)
     tis_cap: float = 2.0
-    level: Literal["token", "sequence"] = "token"   # sequence: one weight per sequence (geometric mean ratio)
+    level: Literal["token", "sequence"] = "token"
+    """``sequence``: one weight per sequence, from the geometric mean of its token ratios."""
 
     def __post_init__(self) -> None:
         _check_band(*self.icepop_band)

@@ -6,8 +6,7 @@ A sample's staleness is ``trainer_version_at_consumption - version_that_generate
 * admission control (AReaL's rule): a new rollout may start only while
   ``accepted + running < (eta + version + 1) * batch_size``: the trainer cannot possibly consume more than that
   before its version moves past what the sample could tolerate, so rollouts beyond it could only arrive stale;
-* a sample that still arrives with staleness > eta is dropped with reason ``stale`` (or, with
-  ``on_stale = "wait"``, never happens because the trainer waits: admission keeps it inside the bound);
+* a sample that still arrives with staleness > eta is dropped with reason ``stale``;
 * accounting: each sample is counted where it really happens: ``generated`` when its completion exists,
   ``trained`` or ``dropped[reason]`` where that happens. At the end of a run the samples still in flight are
   counted *physically* (what is left in the queue) and ``generated == trained + dropped + present`` is
@@ -35,12 +34,15 @@ class StalenessConfig:
 
 @dataclass
 class Accounting:
-    generated: int = 0             # samples whose completion exists
+    generated: int = 0
+    """Samples whose completion exists."""
     trained: int = 0
     dropped: Counter = field(default_factory=Counter)
     staleness_trained: Counter = field(default_factory=Counter)
-    failed_rollouts: int = 0       # admitted samples whose generation failed: no sample exists
-    worker_lost: int = 0           # of those, lost with a rollout worker that died while holding them
+    failed_rollouts: int = 0
+    """Admitted samples whose generation failed: no sample exists."""
+    worker_lost: int = 0
+    """Of those, lost with a rollout worker that died while holding them."""
 
     @property
     def in_flight(self) -> int:

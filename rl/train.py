@@ -45,11 +45,16 @@ class RLTrainConfig:
     warm_start_lr: float = 3e-3
     log_every: int = 10
     eval_every: int = 50
-    keep_checkpoints: int = 3    # the newest N checkpoints are kept (0: all)
-    max_skipped_fraction: float = 0.5   # stop when more than this share of RL steps (and 5 or more) were skipped
-    checkpoint_every: int = 0      # 0: only at the end
-    resume: bool = False           # continue from the newest checkpoint in run.dir (RL steps; no warm start)
-    stop_at_step: int = 0          # stop early, with a checkpoint, after this RL step (0: run to `steps`)
+    keep_checkpoints: int = 3
+    """The newest N checkpoints are kept (0: all)"""
+    max_skipped_fraction: float = 0.5
+    """Stop when more than this share of RL steps (and 5 or more) were skipped."""
+    checkpoint_every: int = 0
+    """0: only at the end."""
+    resume: bool = False
+    """Continue from the newest checkpoint in run.dir (RL steps; no warm start)"""
+    stop_at_step: int = 0
+    """Stop early, with a checkpoint, after this RL step (0: run to `steps`)"""
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.log_every < 1 or self.eval_every < 1 or self.warm_start_steps < 0:
@@ -221,7 +226,7 @@ def train(cfg: RLConfig) -> dict:
         "trainer_idle_ratio": c.trainer_wait / rl_wall, "rollout_idle_ratio": c.rollout_wait / rl_wall,
         "rollout_errors": c.errors[:10], "fp8_flop_fraction": runtime.fp8_flop_fraction(),
         "switches": earlier_switches + [e.summary() for e in switches], "executor": to_dict(cfg.executor),
-        "rollout_precision": cfg.rollout.precision, "correction": cfg.rl.correction,
+        "rollout_precision": cfg.rollout.precision, "correction": cfg.rl.loss.correction,
     }
     runtime.close(offset + end)
     logger.close()

@@ -3,8 +3,8 @@
 ``mode = "async"``: the rollout worker (``rl/worker.py``) generates on its own thread with its engine's
 (possibly FP8, possibly stale) policy copy while the trainer trains; samples flow through a queue bounded by
 admission control (``rl/staleness.py``); weights flow back as versioned snapshots after every optimizer
-step. ``mode = "sync"`` generates, then trains, alternately: the baseline. Every generated sample is trained on, dropped with a reason, or still in
-flight at the end; the run checks that balance.
+step. ``mode = "sync"`` generates, then trains, alternately: the baseline. Every generated sample is
+trained on, dropped with a reason, or still in flight at the end; the run checks that balance.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import math
 import queue
 import random
 import time
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,25 +31,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RLAlgoConfig:
-    max_staleness: int = 2
-    on_stale: Literal["drop"] = "drop"
-    correction: Literal["icepop", "tis", "none"] = "icepop"
-    icepop_band: tuple[float, float] = (0.5, 2.0)
-    tis_cap: float = 2.0
-    clip_eps: float = 0.2
-    level: Literal["token", "sequence"] = "token"
-    group_size: int = 8
-    prompts_per_step: int = 16
-    entropy_coef: float = 0.0      # bonus on the policy's entropy over completion tokens (against collapse)
-    max_consecutive_rollout_failures: int = 20   # the run ends with the last error after this many in a row
-    max_failed_rollout_fraction: float = 0.5     # ... or when more than this share of all rollouts failed
+    """The ``[rl]`` table."""
 
-    def loss_config(self) -> LossConfig:
-        return LossConfig(clip_eps=self.clip_eps, correction=self.correction, icepop_band=tuple(self.icepop_band),
-                          tis_cap=self.tis_cap, level=self.level)
+    max_staleness: int = 2
+    """Samples more than this many policy versions old are never trained: admission control keeps them from
+    starting, and those that still arrive are dropped (``stale``). 0 is on-policy."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The ``[rl.loss]`` table: PPO clip, the train/inference mismatch correction (IcePop, TIS, none), level."""
+    group_size: int = 8
+    """Completions per prompt; GRPO normalises rewards within each group."""
+    prompts_per_step: int = 16
+    entropy_coef: float = 0.0
+    """Bonus on the policy's entropy over completion tokens (against collapse)."""
+    max_consecutive_rollout_failures: int = 20
+    """The run ends with the last error after this many failed rollouts in a row."""
+    max_failed_rollout_fraction: float = 0.5
+    """... or once more than this share of all rollouts failed (counted from five batches of failures on)."""
 
     def __post_init__(self) -> None:
-        self.loss_config()  # validates band, correction, clip
         StalenessConfig(self.max_staleness)
         if self.max_consecutive_rollout_failures < 1:
             raise ValueError("max_consecutive_rollout_failures must be >= 1")
@@ -67,7 +65,7 @@ class RLTrainer:
         self.algo, self.mode = algo, mode
         self.batch_samples = algo.prompts_per_step * algo.group_size
         self.ctrl = StalenessController(StalenessConfig(algo.max_staleness), self.batch_samples)
-        self.loss_cfg = algo.loss_config()
+        self.loss_cfg = algo.loss
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature if temperature > 0 else 1.0
         self.skipped_steps: list[int] = []   # optimizer steps skipped for nonfinite gradients

@@ -46,9 +46,11 @@ class Group:
 @dataclass
 class Counters:
     """Where time went, for the run's idle ratios (the trainer adds its own wait), and the rollout errors."""
-    rollout_wait: float = 0.0      # rollout worker blocked by admission control
+    rollout_wait: float = 0.0
+    """Rollout worker blocked by admission control."""
     rollout_busy: float = 0.0
-    trainer_wait: float = 0.0      # trainer waiting for samples
+    trainer_wait: float = 0.0
+    """Trainer waiting for samples."""
     errors: list = field(default_factory=list)
 
 

@@ -132,23 +132,32 @@ def _kill_at_checkpoint(base, sets, run_dir: Path, at_least: int, tree: bool = F
     raise RuntimeError(f"no checkpoint >= {at_least} appeared in {run_dir} before the run ended")
 
 
-def kill_lm_and_resume(out: Path, rng: random.Random) -> dict:
-    sets = [*LM_TINY, "train.checkpoint_every=2", "train.keep_checkpoints=0", "precision.monitor.check_interval=3",
-            'inject.kind="spike"', f'inject.layer="{LAYER}"', "inject.start_step=7", "inject.factor=1000",
-            'precision.scaling.recipe="delayed"', "precision.scaling.amax_history_len=4"]
-    full = _run(LM, [*sets, f'run.dir="{out / "full"}"'])
-    killed_at = _kill_at_checkpoint(LM, [*sets, f'run.dir="{out / "killed"}"'], out / "killed", rng.randint(4, 16))
-    resumed = _run(LM, [*sets, f'run.dir="{out / "killed"}"', "train.resume=true"])
+def _kill_resume_compare(launcher: list[str], sets: list[str], out: Path, rng: random.Random, what: str,
+                         tree: bool = False) -> dict:
+    """An uninterrupted run beside one SIGKILLed after a random checkpoint and resumed: equal losses and
+    switches, a resume from a checkpoint at or before the kill, and no metrics row logged twice."""
+    full = _run(launcher, [*sets, f'run.dir="{out / "full"}"'])
+    killed_at = _kill_at_checkpoint(launcher, [*sets, f'run.dir="{out / "killed"}"'], out / "killed",
+                                    rng.randint(4, 16), tree=tree)
+    resumed = _run(launcher, [*sets, f'run.dir="{out / "killed"}"', "train.resume=true"])
     if full.returncode or resumed.returncode:
-        return _ok(False, f"a run failed: {(full.stderr or resumed.stderr)[-300:]}")
+        return _ok(False, f"a run failed: {(full.stderr if full.returncode else resumed.stderr)[-300:]}")
     a, b = _summary(out / "full"), _summary(out / "killed")
     same = (a["final_train_loss"], a["final_eval_loss"], a["switches"]) == \
         (b["final_train_loss"], b["final_eval_loss"], b["switches"])
     rows = [json.loads(x)["step"] for x in (out / "killed" / "metrics.jsonl").read_text().splitlines()]
     duplicated = len(rows) - len(set(rows))
-    return _ok(same and duplicated == 0, f"killed after the step-{killed_at} checkpoint; resumed run "
-               f"{'equals' if same else 'DIFFERS from'} the uninterrupted one", lost=duplicated,
-               killed_at=killed_at)
+    resumed_from = b["resumed_from"]
+    return _ok(same and duplicated == 0 and 0 < resumed_from <= killed_at,
+               f"{what} killed after the step-{killed_at} checkpoint, resumed from {resumed_from}; "
+               f"{'equals' if same else 'DIFFERS from'} the uninterrupted run", lost=duplicated, killed_at=killed_at)
+
+
+def kill_lm_and_resume(out: Path, rng: random.Random) -> dict:
+    sets = [*LM_TINY, "train.checkpoint_every=2", "train.keep_checkpoints=0", "precision.monitor.check_interval=3",
+            'inject.kind="spike"', f'inject.layer="{LAYER}"', "inject.start_step=7", "inject.factor=1000",
+            'precision.scaling.recipe="delayed"', "precision.scaling.amax_history_len=4"]
+    return _kill_resume_compare(LM, sets, out, rng, "LM run")
 
 
 def kill_rl_and_resume(out: Path, rng: random.Random) -> dict:
@@ -244,22 +253,7 @@ def kill_lm_tp2_and_resume(out: Path, rng: random.Random) -> dict:
     sets = [*LM_TINY, "parallel.tensor_model_parallel_size=2", "train.checkpoint_every=2", "train.keep_checkpoints=0",
             "precision.monitor.check_interval=3", 'inject.kind="outlier"', f'inject.layer="{LAYER}"',
             "inject.start_step=7", "inject.factor=1e6"]
-    full = _run(_torchrun(2), [*sets, f'run.dir="{out / "full"}"'])
-    killed_at = _kill_at_checkpoint(_torchrun(2), [*sets, f'run.dir="{out / "killed"}"'], out / "killed",
-                                    rng.randint(4, 16), tree=True)
-    resumed = _run(_torchrun(2), [*sets, f'run.dir="{out / "killed"}"', "train.resume=true"])
-    if full.returncode or resumed.returncode:
-        return _ok(False, f"a run failed: {(full.stderr if full.returncode else resumed.stderr)[-300:]}")
-    a, b = _summary(out / "full"), _summary(out / "killed")
-    same = (a["final_train_loss"], a["final_eval_loss"], a["switches"]) == \
-        (b["final_train_loss"], b["final_eval_loss"], b["switches"])
-    rows = [json.loads(x)["step"] for x in (out / "killed" / "metrics.jsonl").read_text().splitlines()]
-    duplicated = len(rows) - len(set(rows))
-    resumed_from = b["resumed_from"]
-    return _ok(same and duplicated == 0 and 0 < resumed_from <= killed_at,
-               f"TP=2 killed after the step-{killed_at} checkpoint, resumed from {resumed_from}; "
-               f"{'equals' if same else 'DIFFERS from'} the uninterrupted run",
-               lost=duplicated, killed_at=killed_at)
+    return _kill_resume_compare(_torchrun(2), sets, out, rng, "TP=2 job", tree=True)
 
 
 def ray_actor_killed(out: Path, rng: random.Random) -> dict:
