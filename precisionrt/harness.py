@@ -1,13 +1,19 @@
-"""What the training commands (``precisionrt.train``, ``rl.train``) share around their loops."""
+"""What the training commands (``precisionrt.train``, ``rl.train``) share around their loops: opening the run
+(directory, resume checks, checkpoint, loggers: ``open_run``) and the skipped-step guard."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
-from precisionrt.config import ConfigError
-from precisionrt.rundir import truncate_metrics
+import torch
+
+from precisionrt.checkpoint import load_latest_checkpoint
+from precisionrt.config import ConfigError, to_dict
+from precisionrt.loggers import JsonlLogger, MultiLogger, WandbLogger
+from precisionrt.rundir import prepare_run_dir, truncate_metrics, write_json
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +77,49 @@ def check_model_fits(model, saved: dict, source: str) -> None:
         if hasattr(theirs, "shape") and tuple(theirs.shape) != tuple(value.shape):
             raise ConfigError(f"train.resume: {source} holds {key} of shape {tuple(theirs.shape)}, this model "
                               f"{tuple(value.shape)}: was it written with other model.* settings?")
+
+
+@dataclass
+class OpenedRun:
+    run_dir: Path
+    checkpoint: tuple[int, dict] | None
+    """(step, this rank's state) of the checkpoint a resumed run continues from; None for a fresh run."""
+    finished: dict | None
+    """A finished run's summary: resuming it changes nothing, and the command returns this."""
+    logger: MultiLogger | None
+
+
+def open_run(cfg, model, layers: list[str], end: int, is_main: bool = True, tp_rank: int | None = None,
+             tp_size: int = 1, group=None) -> OpenedRun:
+    """What both commands do before their first step: claim ``run.dir`` (or reopen it with ``train.resume``),
+    find the checkpoint to resume from and refuse what cannot be resumed (a held run without a checkpoint,
+    another tensor-parallel size, another model) before anything is written; then drop the metrics rows a
+    resumed run logs again, write ``config.json`` and open the loggers (rank 0)."""
+    held_a_run = holds_run(cfg.run.dir, cfg.train.resume)
+    run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # rank 0's directory for every rank (a default name carries a timestamp that may differ between ranks);
+        # the broadcast also waits until rank 0 has checked and claimed it
+        shared = [str(run_dir)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
+    found = None
+    if cfg.train.resume:
+        try:
+            found = load_latest_checkpoint(run_dir, tp_rank, tp_size, group=group)
+        except ValueError as e:   # another tensor-parallel size: a configuration problem, named as one
+            raise ConfigError(f"train.resume: {e}") from None
+    require_checkpoint(found, held_a_run, run_dir)
+    if found is not None:
+        check_model_fits(model, found[1]["model"], f"the step-{found[0]} checkpoint in {run_dir}")
+        if (done := finished_summary(run_dir, found[0], end, announce=is_main)) is not None:
+            return OpenedRun(run_dir, found, done, None)
+        if is_main:
+            log.info("resumed from step %d in %s", found[0], run_dir)
+            drop_replayed_metrics(run_dir, found[0])
+    logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
+    if is_main:   # only once the checkpoint is known to fit this configuration
+        write_json(run_dir / "config.json", to_dict(cfg))
+        if cfg.wandb.enabled:
+            logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg), layers=layers))
+    return OpenedRun(run_dir, found, None, logger)

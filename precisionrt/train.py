@@ -13,23 +13,21 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 
-from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
+from precisionrt.checkpoint import save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
 from precisionrt.data import ByteCorpus, DataConfig
-from precisionrt.harness import (check_model_fits, check_skipped, drop_replayed_metrics, finished_summary,
-                                 holds_run, require_checkpoint)
+from precisionrt.harness import check_skipped, open_run
 from precisionrt.inject import FaultInjector, InjectConfig
-from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger, panel_layers
+from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
+from precisionrt.rundir import RunConfig, write_json
 
 
 @dataclass
@@ -186,43 +184,21 @@ def train(cfg: LMConfig) -> dict:
         print(f"corpus: {corpus.num_bytes:,} bytes of {cfg.data.source!r} Python sources "
               f"({len(corpus.heldout):,} held out)", flush=True)
 
-    held_a_run = holds_run(cfg.run.dir, cfg.train.resume)
-    run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
-    # rank 0's directory for every rank (a default name carries a timestamp that may differ between ranks);
-    # the broadcast also waits until rank 0 has checked and claimed it
-    shared = [str(run_dir)]
-    torch.distributed.broadcast_object_list(shared, src=0)
-    run_dir = Path(shared[0])
-    optimizer = make_optimizer(model, cfg.train, device)
-
-    start, earlier = 0, {"switches": [], "skipped_steps": []}   # what a resumed run did before its checkpoint
     tp_size = cfg.parallel.tensor_model_parallel_size
     tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp_size > 1 else None   # None: unsharded files
-    found = None
-    if cfg.train.resume:
-        try:
-            found = load_latest_checkpoint(run_dir, tp_rank, tp_size, group=torch.distributed.group.WORLD)
-        except ValueError as e:   # another tensor-parallel size: a configuration problem, named as one
-            raise ConfigError(f"train.resume: {e}") from None
-    if found is not None:
-        start, state = found
+    end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    opened = open_run(cfg, model, runtime.names, end, is_main, tp_rank, tp_size, group=torch.distributed.group.WORLD)
+    if opened.finished is not None:
+        return opened.finished
+    run_dir, logger = opened.run_dir, opened.logger
+    optimizer = make_optimizer(model, cfg.train, device)
+    start, earlier = 0, {"switches": [], "skipped_steps": []}   # what a resumed run did before its checkpoint
+    if opened.checkpoint is not None:
+        start, state = opened.checkpoint
         earlier = state.get("history", earlier)
-        check_model_fits(model, state["model"], f"the step-{start} checkpoint in {run_dir}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         runtime.load_state_dict(state["runtime"])
-    require_checkpoint(found, held_a_run, run_dir)
-    end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
-    if found is not None and (done := finished_summary(run_dir, start, end, announce=is_main)) is not None:
-        return done
-    if found is not None and is_main:
-        print(f"resumed from step {start} in {run_dir}", flush=True)
-        drop_replayed_metrics(run_dir, start)
-    logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
-    if is_main and cfg.wandb.enabled:
-        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg), layers=runtime.names))
-    if is_main:   # only once the checkpoint is known to fit this configuration
-        write_json(run_dir / "config.json", to_dict(cfg))
     runtime.start_log(run_dir, to_dict(cfg), rank, resumed_from=start if cfg.train.resume else None)
 
     def checkpoint(step: int) -> None:

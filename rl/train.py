@@ -19,14 +19,13 @@ from typing import Literal
 import torch
 
 import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
-from precisionrt.checkpoint import load_latest_checkpoint, save_checkpoint
+from precisionrt.checkpoint import save_checkpoint
 from precisionrt.config import ConfigError, run_cli, to_dict
+from precisionrt.harness import check_skipped, open_run
 from precisionrt.inject import FaultInjector, InjectConfig
-from precisionrt.loggers import JsonlLogger, MultiLogger, WandbConfig, WandbLogger, panel_layers
+from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
-from precisionrt.harness import (check_model_fits, check_skipped, drop_replayed_metrics, finished_summary,
-                                 holds_run, require_checkpoint)
-from precisionrt.rundir import RunConfig, prepare_run_dir, write_json
+from precisionrt.rundir import RunConfig, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from rl.envs import ReverseDigits, ReverseTaskConfig
 from rl.executors import make_engine
@@ -114,21 +113,11 @@ def train(cfg: RLConfig) -> dict:
     if longest_prompt + max_new > cfg.model.seq_length:
         raise ConfigError(f"model.seq_length {cfg.model.seq_length} is shorter than the longest prompt "
                           f"({longest_prompt}) plus the answer budget ({max_new})")
-    held_a_run = holds_run(cfg.run.dir, cfg.train.resume)
-    run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume)
-    found = load_latest_checkpoint(run_dir) if cfg.train.resume else None
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
-    require_checkpoint(found, held_a_run, run_dir)
-    if found is not None:   # before anything is written: a checkpoint of another model is a named error
-        check_model_fits(model, found[1]["model"], f"the step-{found[0]} checkpoint in {run_dir}")
-    if found is not None and (done := finished_summary(run_dir, found[0], end, announce=True)) is not None:
-        return done
-    if found is not None:
-        drop_replayed_metrics(run_dir, found[0])
-    write_json(run_dir / "config.json", to_dict(cfg))
-    logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")])
-    if cfg.wandb.enabled:
-        logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg), layers=runtime.names))
+    opened = open_run(cfg, model, runtime.names, end)
+    if opened.finished is not None:
+        return opened.finished
+    run_dir, logger, found = opened.run_dir, opened.logger, opened.checkpoint
     t_start = time.time()
 
     heldout = task.heldout()
@@ -161,7 +150,6 @@ def train(cfg: RLConfig) -> dict:
     else:
         trainer.load_state_dict(state["rl"]["trainer"])
         reward_initial = state["rl"]["reward_initial"]
-        print(f"resumed from RL step {start} in {run_dir}", flush=True)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, {
