@@ -20,6 +20,8 @@ from typing import Literal
 
 import torch
 
+from rl import mismatch
+
 Correction = Literal["icepop", "tis", "none"]
 _EDGE_TOL = 1e-6
 
@@ -101,6 +103,12 @@ class LossConfig:
     tis_cap: float = 2.0
     level: Literal["token", "sequence"] = "token"
     """``sequence``: one weight per sequence, from the geometric mean of its token ratios."""
+    veto_threshold: float = 0.0
+    """Drop a whole sequence in which any token's pi_prox / pi_infer falls below this (verl and slime use
+    1e-4); 0: off. A guard beside the correction (``rl/mismatch.py``)."""
+    seq_max_k2: float = 0.0
+    """Drop a whole sequence whose largest token k2 = (log pi_prox / pi_infer)^2 / 2 exceeds this (verl's
+    ``seq_max_k2``); 0: off."""
 
     def __post_init__(self) -> None:
         _check_band(*self.icepop_band)
@@ -110,6 +118,9 @@ class LossConfig:
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
         if self.tis_cap <= 0:
             raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
+        if not 0 <= self.veto_threshold < 1 or self.seq_max_k2 < 0:
+            raise ValueError(f"veto_threshold must be in [0, 1) and seq_max_k2 >= 0 (0: off), got "
+                             f"{self.veto_threshold} and {self.seq_max_k2}")
 
 
 def behaviour_weights(inp: LossInputs, cfg: LossConfig) -> torch.Tensor:
@@ -127,32 +138,41 @@ def behaviour_weights(inp: LossInputs, cfg: LossConfig) -> torch.Tensor:
 
 
 def ppo_loss(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
-    """Decoupled PPO clipped surrogate with behaviour correction, averaged over masked tokens.
+    """Decoupled PPO clipped surrogate with behaviour correction and sequence guards, averaged over masked
+    tokens.
 
-    Returns the loss and detached metrics: masked token fraction (IcePop zeros), ratio mean/min/max of
-    pi_prox/pi_infer, mismatch KL estimators k1 and k3, mean |delta log p|, PPO clip fraction.
+    Returns the loss and detached metrics, fetched in one transfer: ``masked_fraction`` (tokens given no
+    gradient by the correction or the guards), ratio mean/min/max of pi_prox/pi_infer, the PPO clip fraction,
+    the guards' dropped shares (``rollout_corr/veto_fraction``, ``rollout_corr/seq_max_k2_fraction``, of
+    sequences) and the mismatch metrics of ``rl/mismatch.py`` under the names verl, slime and NeMo-RL use.
     """
     mask = inp.mask.float()
     n = mask.sum().clamp(min=1)
     ratio = torch.exp(inp.logp - inp.logp_prox.detach())
     clipped = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
     surrogate = torch.minimum(ratio * inp.advantages, clipped * inp.advantages)
-    weight = behaviour_weights(inp, cfg)
+    keep, vetoed, k2_masked = mismatch.sequence_keep(inp.logp_prox, inp.logp_infer, mask, cfg.veto_threshold,
+                                                     cfg.seq_max_k2)
+    weight = behaviour_weights(inp, cfg) * keep[:, None]
     loss = -(weight * surrogate * mask).sum() / n
 
     with torch.no_grad():
-        log_ratio = (inp.logp_prox - inp.logp_infer) * mask    # log pi_prox/pi_infer
         behave = torch.exp(inp.logp_prox - inp.logp_infer)
         on = mask > 0
-        metrics = {
-            "masked_fraction": float(((weight == 0) & on).sum() / n),
-            "ratio_mean": float((behave * mask).sum() / n),
-            "ratio_min": float(behave[on].min()) if on.any() else 1.0,
-            "ratio_max": float(behave[on].max()) if on.any() else 1.0,
-            # KL(pi_infer || pi_prox) estimated on samples from pi_infer (Schulman's k1 and k3)
-            "mismatch_kl_k1": float((-log_ratio).sum() / n),
-            "mismatch_kl_k3": float(((behave - 1 - log_ratio) * mask).sum() / n),
-            "abs_logp_diff": float(log_ratio.abs().sum() / n),
-            "clip_fraction": float((((ratio - 1).abs() > cfg.clip_eps) & on).sum() / n),
+        n_seq = (mask.sum(dim=1) > 0).sum().clamp(min=1)
+        big = torch.finfo(behave.dtype).max
+        stats = {
+            "masked_fraction": ((weight == 0) & on).sum() / n,
+            "ratio_mean": (behave * mask).sum() / n,
+            "ratio_min": torch.where(on, behave, torch.full_like(behave, big)).amin(),
+            "ratio_max": torch.where(on, behave, torch.full_like(behave, -big)).amax(),
+            "clip_fraction": (((ratio - 1).abs() > cfg.clip_eps) & on).sum() / n,
+            "rollout_corr/veto_fraction": vetoed.sum() / n_seq,
+            "rollout_corr/seq_max_k2_fraction": k2_masked.sum() / n_seq,
+            **mismatch.mismatch_metrics(inp.logp_prox, inp.logp_infer, mask, weight, cfg.tis_cap),
+            "tokens": mask.sum(),
         }
+        metrics = mismatch.to_host(stats)
+        if metrics.pop("tokens") == 0:   # no completion token: no extremes; report the neutral ratio
+            metrics["ratio_min"] = metrics["ratio_max"] = 1.0
     return loss, metrics

@@ -29,6 +29,7 @@ from precisionrt.rundir import RunConfig, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from rl.envs import ReverseDigits, ReverseTaskConfig
 from rl.executors import make_engine
+from rl.mismatch import FIELD_NAMES
 from rl.rollout import RolloutConfig
 from rl.trainer import RLAlgoConfig, RLTrainer, supervised_warm_start
 
@@ -176,7 +177,9 @@ def train(cfg: RLConfig) -> dict:
             masked.append(m["masked_fraction"])
             for e in m["events"]:
                 print(f"step {step}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
-            row = {f"rl/{k}": v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            # the field's own metric names (rollout_corr/..., tis_clipfrac, ...) as they are; ours under rl/
+            row = {k if "/" in k or k in FIELD_NAMES else f"rl/{k}": v for k, v in m.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
             elapsed = time.time() - t_rl
             row.update({"rl/staleness_histogram": m["staleness"],
                         "rl/trainer_idle_ratio": trainer.counters.trainer_wait / elapsed,
@@ -192,7 +195,7 @@ def train(cfg: RLConfig) -> dict:
                 logger.log(step, row)
                 print(f"step {step:>4}/{cfg.train.steps}  reward {m['reward']:.3f}  held-out {reward_final:.3f}  "
                       f"staleness {m['staleness_mean']:.1f}  icepop masked {m['masked_fraction']:.1%}  "
-                      f"kl {m['mismatch_kl_k3']:.2e}  fp8 {runtime.fp8_flop_fraction():.0%}", flush=True)
+                      f"k3 kl {m['rollout_corr/k3_kl']:.2e}  fp8 {runtime.fp8_flop_fraction():.0%}", flush=True)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != end:
                 checkpoint(step)
     finally:

@@ -125,8 +125,10 @@ class RLTrainer:
         inputs, rewards, entropy = self.loss_inputs(batch)
         loss, metrics = ppo_loss(inputs, self.loss_cfg)
         (loss - self.algo.entropy_coef * entropy).backward()
-        metrics["entropy"] = float(entropy.detach())
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        # one transfer for the step's scalars (the loss metrics came in one already)
+        loss_v, metrics["entropy"], norm_v = torch.stack([loss.detach().float(), entropy.detach().float(),
+                                                           grad_norm.detach().float()]).tolist()
         skipped = self.runtime.should_skip_step(grad_norm)
         if not skipped:
             self.optimizer.step()
@@ -143,7 +145,7 @@ class RLTrainer:
             self.worker.publish(self.ctrl.version + 1, _snapshot(self.model))
             self.ctrl.advance()
         events = self.runtime.end_step(step)
-        return {"loss": float(loss.detach()), "reward": float(rewards.mean()), "grad_norm": float(grad_norm),
+        return {"loss": loss_v, "reward": float(rewards.mean()), "grad_norm": norm_v,
                 "zero_variance_groups": float(flat_groups(rewards, self.algo.group_size).double().mean()),
                 "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,

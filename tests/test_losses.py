@@ -65,7 +65,7 @@ def test_identical_policies_give_unit_ratios_and_zero_mismatch():
                      advantages=torch.randn(3, dtype=torch.float64), mask=torch.ones(3, 7, dtype=torch.float64))
     _, m = ppo_loss(inp, LossConfig())
     assert m["ratio_min"] == m["ratio_max"] == 1.0 and m["masked_fraction"] == 0
-    assert m["mismatch_kl_k1"] == 0 and m["mismatch_kl_k3"] == 0 and m["abs_logp_diff"] == 0
+    assert m["rollout_corr/kl"] == 0 and m["rollout_corr/k3_kl"] == 0 and m["train_rollout_logprob_abs_diff"] == 0
 
 
 def test_mask_excludes_prompt_and_padding():

@@ -62,7 +62,7 @@ def test_identical_precisions_on_policy_give_unit_ratios(tmp_path, monkeypatch, 
         'executor.mode="sync"', f"rollout.top_p={top_p}")
     for m in seen:
         assert m["ratio_min"] == pytest.approx(1, abs=1e-4) and m["ratio_max"] == pytest.approx(1, abs=1e-4)
-        assert m["masked_fraction"] == 0 and abs(m["mismatch_kl_k3"]) < 1e-8
+        assert m["masked_fraction"] == 0 and abs(m["rollout_corr/k3_kl"]) < 1e-8
 
 
 def test_fp8_rollout_creates_a_measured_mismatch(tmp_path, monkeypatch):
@@ -71,7 +71,7 @@ def test_fp8_rollout_creates_a_measured_mismatch(tmp_path, monkeypatch):
     monkeypatch.setattr(RLTrainer, "train_step", lambda self, *a, **k: seen.append(original(self, *a, **k))
                         or seen[-1])
     run(tmp_path, 'precision.mode="bf16"', 'rollout.precision="fp8"', "rl.max_staleness=0", 'executor.mode="sync"')
-    assert all(m["mismatch_kl_k3"] > 0 and m["abs_logp_diff"] > 1e-4 for m in seen)
+    assert all(m["rollout_corr/k3_kl"] > 0 and m["train_rollout_logprob_abs_diff"] > 1e-4 for m in seen)
     assert all(0 <= m["masked_fraction"] <= 1 for m in seen)
 
 
