@@ -2,7 +2,7 @@
 
 Two engines implement it: ``rl.rollout.RolloutEngine`` (a policy copy in the trainer's process) and
 ``rl.executors.RayRolloutEngine`` (the same copy in a Ray actor). A user's own inference server fits by
-implementing these five members. An engine whose worker died while holding a call raises ``WorkerLost``:
+implementing these members. An engine whose worker died while holding a call raises ``WorkerLost``:
 the trainer counts that call's rollouts as ``worker_lost`` and goes on.
 """
 
@@ -25,14 +25,19 @@ class WorkerLost(RuntimeError):
 @runtime_checkable
 class InferenceEngine(Protocol):
     version: int             # the policy version of the weights loaded; -1 before any
+    map_version: int         # the version of the trainer's precision map last set; -1 before any
     model_cfg: ModelConfig   # the policy's architecture (sequence length for generation)
 
     def load_weights(self, state: dict, version: int) -> None:
         """Replace the policy's weights with ``state`` (a state dict of CPU tensors) of ``version``."""
 
+    def set_precisions(self, precisions: dict[str, str], map_version: int) -> None:
+        """The trainer's per-layer precisions (``{layer: "fp8" | "bf16"}``) of ``map_version``; an engine under
+        ``rollout.precision = "follow"`` runs each layer so, the others record the version only."""
+
     def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
         """One completion per prompt, each with its tokens, their log-probabilities under the full softmax at
-        the sampling temperature, and the version that made it."""
+        the sampling temperature, and the policy and precision-map versions that made it."""
 
     def close(self) -> None:
         """Release the worker; the engine is not used again."""

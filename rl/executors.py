@@ -27,6 +27,10 @@ class _Actor:
         self.engine.load_weights(state, version)
         return version
 
+    def set_precisions(self, precisions: dict[str, str], map_version: int) -> int:
+        self.engine.set_precisions(precisions, map_version)
+        return map_version
+
     def generate(self, prompts: list[bytes], max_new_tokens: int, seed: int) -> list[Completion]:
         return self.engine.generate(prompts, max_new_tokens, torch.Generator().manual_seed(seed))
 
@@ -47,13 +51,14 @@ class RayRolloutEngine:
             import ray
         except ImportError:
             raise ImportError("executor.kind = 'ray' needs ray: pip install -e '.[ray]'") from None
-        self.ray, self.model_cfg, self.version = ray, model_cfg, -1
+        self.ray, self.model_cfg, self.version, self.map_version = ray, model_cfg, -1, -1
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=object_store_mib * 2**20, log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         self.cfg, self.max_restarts, self.restarts = cfg, max_restarts, 0
         self._weights: tuple[dict, int] | None = None
+        self._map: tuple[dict, int] | None = None
         self.actor = self._start_actor()
 
     def _start_actor(self):
@@ -72,12 +77,18 @@ class RayRolloutEngine:
             self.actor = self._start_actor()
             if self._weights is not None:
                 self.ray.get(self.actor.load_weights.remote(*self._weights))
+            if self._map is not None:
+                self.ray.get(self.actor.set_precisions.remote(*self._map))
             raise RolloutActorLost(f"the rollout actor died during {method} (restart {self.restarts} of "
                                    f"{self.max_restarts}): {type(e).__name__}") from e
 
     def load_weights(self, state: dict, version: int) -> None:
         self._weights = (state, version)
         self.version = self._call("load_weights", state, version)
+
+    def set_precisions(self, precisions: dict[str, str], map_version: int) -> None:
+        self._map = (precisions, map_version)
+        self.map_version = self._call("set_precisions", precisions, map_version)
 
     def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))

@@ -23,11 +23,14 @@ from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import ModelConfig, build_gpt
 
 STOP = ord("\n")
+CHANNEL_SCALE = "channel_scale"   # published beside the weights: an injected fault's input-channel scaling
 
 
 @dataclass
 class RolloutConfig:
-    precision: Literal["fp8", "bf16"] = "fp8"
+    precision: Literal["fp8", "bf16", "follow"] = "fp8"
+    """The rollout copy's GEMMs: every FP8-capable layer in ``fp8`` or all in ``bf16``, or ``follow``: each layer
+    in the precision the trainer runs it in, from the versioned precision map published with the weights."""
     temperature: float = 1.0
     top_p: float = 1.0
 
@@ -45,6 +48,7 @@ class Completion:
     logp_infer: list[float]    # log pi_infer of each generated token
     version: int
     stopped: bool              # produced the stop byte within the budget
+    map_version: int = 0       # the trainer's precision map the engine held when it generated this
 
     @property
     def text(self) -> bytes:
@@ -80,7 +84,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 @torch.no_grad()
 def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, temperature: float, top_p: float,
-             generator: torch.Generator, version: int = -1) -> list[Completion]:
+             generator: torch.Generator, version: int = -1, map_version: int = 0) -> list[Completion]:
     """Batched sampling; prompts longer than the context raise ValueError naming the prompt."""
     was_training = model.training
     model.eval()
@@ -106,7 +110,7 @@ def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, tem
                 break
             seqs = torch.cat([seqs, tok[:, None]], dim=1)
         for j, i in enumerate(idx):
-            out[i] = Completion(prompts[i], gen[j], lps[j], version, stopped=STOP in gen[j])
+            out[i] = Completion(prompts[i], gen[j], lps[j], version, stopped=STOP in gen[j], map_version=map_version)
     model.train(was_training)
     return out  # type: ignore[return-value]
 
@@ -123,16 +127,38 @@ class RolloutEngine:
             # inference: every tensor scaled from its own amax, no statistics
             layer.numerics = LayerNumerics(ScalingConfig(recipe="current"), layer.weight.device)
             layer.numerics.collect = False
-            layer.precision = cfg.precision if layer.fp8_capable else "bf16"
+            layer.precision = "bf16" if cfg.precision == "bf16" or not layer.fp8_capable else "fp8"
         self.version = -1
+        self.map_version = -1
 
     def load_weights(self, state: dict, version: int) -> None:
-        self.model.load_state_dict(state)
+        """``state``: the policy's state dict, plus ``<layer>.channel_scale`` for a layer under an injected
+        channel scaling (absent: none)."""
+        scales = {k[: -len(CHANNEL_SCALE) - 1]: v for k, v in state.items() if k.endswith("." + CHANNEL_SCALE)}
+        self.model.load_state_dict({k: v for k, v in state.items() if not k.endswith("." + CHANNEL_SCALE)})
+        for name, layer in precision_layers(self.model).items():
+            layer.channel_scale = scales.get(name)
         self.version = version
+
+    def set_precisions(self, precisions: dict[str, str], map_version: int) -> None:
+        """The trainer's per-layer precisions, version ``map_version``: applied under ``precision = "follow"``
+        (a layer that cannot run FP8 stays BF16), recorded in every case."""
+        layers = precision_layers(self.model)
+        if set(precisions) != set(layers):
+            missing, unknown = sorted(set(layers) - set(precisions)), sorted(set(precisions) - set(layers))
+            raise ValueError(f"precision map {map_version} does not name this model's layers: missing "
+                             f"{missing[:3]}, unknown {unknown[:3]}")
+        if self.cfg.precision == "follow":
+            for name, layer in layers.items():
+                layer.precision = precisions[name] if layer.fp8_capable else "bf16"
+        self.map_version = map_version
+
+    def precisions(self) -> dict[str, str]:
+        return {name: layer.precision for name, layer in precision_layers(self.model).items()}
 
     def close(self) -> None:
         """Nothing to release in-process (the Ray engine stops its actor here)."""
 
     def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
         return generate(self.model, prompts, max_new_tokens, self.model_cfg.seq_length, self.cfg.temperature,
-                        self.cfg.top_p, generator, self.version)
+                        self.cfg.top_p, generator, self.version, self.map_version)

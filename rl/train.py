@@ -218,6 +218,11 @@ def train(cfg: RLConfig) -> dict:
         "rollout_errors": c.errors[:10], "fp8_flop_fraction": runtime.fp8_flop_fraction(),
         "switches": earlier_switches + [e.summary() for e in switches], "executor": to_dict(cfg.executor),
         "rollout_precision": cfg.rollout.precision, "correction": cfg.rl.loss.correction,
+        # the trainer's precision map: each change (map version, step, layers) and when the rollout engine took
+        # it (map version, with the weights of that policy version; resumed runs list this segment's)
+        "rollout_precision_changes": trainer.precision_changes,
+        "rollout_maps_applied": [list(x) for x in trainer.worker.maps_applied],
+        "trained_by_map_version": {str(k): v for k, v in sorted(trainer.trained_by_map.items())},
     }
     runtime.close(offset + end)
     logger.close()

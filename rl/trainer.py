@@ -14,15 +14,17 @@ import math
 import queue
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
+from precisionrt.linear import precision_layers
 from precisionrt.runtime import PrecisionRuntime
 from rl.engine import InferenceEngine
 from rl.envs import Problem, ReverseDigits
 from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, ppo_loss
-from rl.rollout import generate, logits_of
+from rl.rollout import CHANNEL_SCALE, generate, logits_of
 from rl.staleness import StalenessConfig, StalenessController
 from rl.worker import Group, RolloutWorker
 
@@ -69,7 +71,11 @@ class RLTrainer:
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature if temperature > 0 else 1.0
         self.skipped_steps: list[int] = []   # optimizer steps skipped for nonfinite gradients
-        self.worker = RolloutWorker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model))
+        # the trainer's precisions travel to the rollout engine as a versioned map, with the weights
+        self.map_version, self._map = 0, runtime.precisions()
+        self.precision_changes: list[dict] = []   # {map_version, step, layers: {name: precision}}
+        self.trained_by_map: Counter = Counter()   # trained samples by the map version that generated them
+        self.worker = RolloutWorker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model), self._map)
         self.queue, self.counters = self.worker.queue, self.worker.counters
 
     # --------------------------------------------------------------------------------------- training
@@ -134,6 +140,8 @@ class RLTrainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         staleness = [self.ctrl.staleness(g.version) for g in batch]
+        events = self.runtime.end_step(step)   # the switches apply at the next forward, on both sides:
+        self._publish_precisions(step)         # the map goes out first, the weights (if any) join it
         if skipped:
             # nothing was learnt from these samples and the weights did not change: the samples are dropped
             # with their reason, the policy version stays, and no weights are published
@@ -141,15 +149,26 @@ class RLTrainer:
             self.skipped_steps.append(step)
         else:
             self.ctrl.trained([g.version for g in batch for _ in g.completions])
+            self.trained_by_map.update(c.map_version for g in batch for c in g.completions)
             # publish first, then advance: a rollout admitted by the new version must find its weights
             self.worker.publish(self.ctrl.version + 1, _snapshot(self.model))
             self.ctrl.advance()
-        events = self.runtime.end_step(step)
         return {"loss": loss_v, "reward": float(rewards.mean()), "grad_norm": norm_v,
                 "zero_variance_groups": float(flat_groups(rewards, self.algo.group_size).double().mean()),
                 "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
-                "step_time": time.perf_counter() - t0, **metrics}
+                "step_time": time.perf_counter() - t0,
+                "map_version_oldest": min(c.map_version for g in batch for c in g.completions), **metrics}
+
+    def _publish_precisions(self, step: int) -> None:
+        precisions = self.runtime.precisions()
+        if precisions == self._map:
+            return
+        self.map_version += 1
+        changed = {n: p for n, p in precisions.items() if self._map[n] != p}
+        self.precision_changes.append({"map_version": self.map_version, "step": step, "layers": changed})
+        self._map = precisions
+        self.worker.publish_precisions(self.map_version, precisions)
 
     def present_samples(self) -> int:
         """Samples physically in flight: what the queue holds (call with the rollout worker stopped)."""
@@ -164,7 +183,9 @@ class RLTrainer:
             acct = {"generated": a.generated, "trained": a.trained, "dropped": dict(a.dropped),
                     "in_flight": a.in_flight, "staleness_trained": dict(a.staleness_trained),
                     "failed_rollouts": a.failed_rollouts, "worker_lost": a.worker_lost}
-        return {"version": version, **self.worker.state_dict(), "acct": acct, "skipped_steps": list(self.skipped_steps)}
+        return {"version": version, **self.worker.state_dict(), "acct": acct, "skipped_steps": list(self.skipped_steps),
+                "map_version": self.map_version, "precision_changes": self.precision_changes,
+                "trained_by_map": dict(self.trained_by_map)}
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume: samples that were in flight when the checkpoint was taken are gone with the old process;
@@ -180,7 +201,10 @@ class RLTrainer:
             a.dropped["lost_on_restart"] += acct["in_flight"]
         self.ctrl.version = sd["version"]
         self.ctrl.accepted, self.ctrl.running = a.trained, 0
-        self.worker.load_state_dict(sd, self.ctrl.version, _snapshot(self.model))
+        self.map_version, self._map = int(sd.get("map_version", 0)), self.runtime.precisions()
+        self.precision_changes = list(sd.get("precision_changes", []))
+        self.trained_by_map = Counter({int(k): v for k, v in sd.get("trained_by_map", {}).items()})
+        self.worker.load_state_dict(sd, self.ctrl.version, _snapshot(self.model), self.map_version, self._map)
 
     # ----------------------------------------------------------------------------------- lifecycle
 
@@ -199,7 +223,13 @@ class RLTrainer:
 
 
 def _snapshot(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    """The weights to publish. An injected fault's channel scaling (``inject.kind = "outlier"`` / ``"spike"``)
+    travels with them (``<layer>.channel_scale``): a real outlier lives in what both sides compute with."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for name, layer in precision_layers(model).items():
+        if layer.channel_scale is not None:
+            state[f"{name}.{CHANNEL_SCALE}"] = layer.channel_scale.detach().clone()
+    return state
 
 
 @dataclass

@@ -56,7 +56,7 @@ class Counters:
 
 class RolloutWorker:
     def __init__(self, engine: InferenceEngine, task, ctrl: StalenessController, algo, max_new_tokens: int,
-                 seed: int, weights: dict):
+                 seed: int, weights: dict, precisions: dict[str, str]):
         self.engine, self.task, self.ctrl, self.algo = engine, task, ctrl, algo
         self.max_new_tokens = max_new_tokens
         self.batch_samples = algo.prompts_per_step * algo.group_size
@@ -66,24 +66,34 @@ class RolloutWorker:
         self.rng = random.Random(seed)                    # which problems
         self.generator = torch.Generator().manual_seed(seed)   # which tokens
         self._weights_lock = threading.Lock()
-        self._published = (0, weights)
+        self._published = (0, weights, 0, precisions)   # policy version, weights, precision-map version, map
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: tuple[BaseException, str] | None = None
-        engine.load_weights(weights, 0)
+        self.maps_applied: list[tuple[int, int]] = []   # (map version, policy version) as the engine took them
+        self._pull_weights()
 
     # ------------------------------------------------------------------------------------ weights
 
     def publish(self, version: int, weights: dict) -> None:
         """The trainer's weights of ``version``; the engine loads them when it next starts a rollout."""
         with self._weights_lock:
-            self._published = (version, weights)
+            self._published = (version, weights, *self._published[2:])
+
+    def publish_precisions(self, map_version: int, precisions: dict[str, str]) -> None:
+        """The trainer's per-layer precisions, version ``map_version``; they travel with the weights (the engine
+        takes both from one snapshot, so a map never reaches it with weights of another version)."""
+        with self._weights_lock:
+            self._published = (*self._published[:2], map_version, dict(precisions))
 
     def _pull_weights(self) -> None:
         with self._weights_lock:
-            version, weights = self._published
+            version, weights, map_version, precisions = self._published
         if version > self.engine.version:
             self.engine.load_weights(weights, version)
+        if map_version > self.engine.map_version:
+            self.engine.set_precisions(precisions, map_version)
+            self.maps_applied.append((map_version, version))
 
     # ----------------------------------------------------------------------------------- rollouts
 
@@ -174,9 +184,12 @@ class RolloutWorker:
         return {"rng": list(self.rng.getstate()[1]), "rng_version": self.rng.getstate()[0],
                 "gen": self.generator.get_state()}
 
-    def load_state_dict(self, sd: dict, version: int, weights: dict) -> None:
-        """Resume: the RNGs, and the engine on the checkpoint's weights of ``version``."""
+    def load_state_dict(self, sd: dict, version: int, weights: dict, map_version: int,
+                        precisions: dict[str, str]) -> None:
+        """Resume: the RNGs, and the engine on the checkpoint's weights and precision map."""
         self.rng.setstate((sd["rng_version"], tuple(sd["rng"]), None))
         self.generator.set_state(sd["gen"])
-        self.publish(version, weights)
+        with self._weights_lock:
+            self._published = (version, weights, map_version, dict(precisions))
         self.engine.load_weights(weights, version)
+        self.engine.set_precisions(precisions, map_version)

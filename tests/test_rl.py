@@ -406,3 +406,67 @@ def test_both_engines_implement_the_engine_protocol(parallel):
         for engine in (RolloutEngine, RayRolloutEngine):
             assert list(inspect.signature(getattr(engine, method)).parameters) == want, (engine, method)
     assert issubclass(RolloutActorLost, WorkerLost), "a dead actor's rollouts count as worker_lost"
+
+
+@pytest.mark.parametrize("rollout_precision", ["follow", "fp8"])
+def test_the_precision_map_travels_with_the_weights(tmp_path, monkeypatch, rollout_precision):
+    """A NaN gradient promotes a layer in the 3rd RL step. The trainer's precision map moves to version 1; the
+    engine takes it from the same snapshot as the weights (the step was skipped, so with the same policy
+    version 2); under "follow" its layer runs BF16 from then on, under "fp8" it stays FP8 and the version is
+    recorded all the same. Every sample records the versions the engine held when it made it."""
+    from rl.rollout import RolloutEngine
+
+    layer = "decoder.layers.1.mlp.linear_fc1"
+    calls, original = [], RolloutEngine.generate
+
+    def spy(self, *a, **k):
+        out = original(self, *a, **k)
+        calls.append((self.version, self.map_version, self.precisions()[layer], {(c.version, c.map_version)
+                                                                                for c in out}))
+        return out
+
+    monkeypatch.setattr(RolloutEngine, "generate", spy)
+    s = run(tmp_path, 'executor.mode="sync"', f'rollout.precision="{rollout_precision}"', 'inject.kind="nonfinite"',
+            f'inject.layer="{layer}"', "inject.start_step=7")   # warm start steps 1-5, RL step 3 is step 8
+    assert s["skipped_steps"] == [8]
+    assert s["rollout_precision_changes"] == [{"map_version": 1, "step": 8, "layers": {layer: "bf16"}}]
+    assert s["rollout_maps_applied"] == [[0, 0], [1, 2]]
+    for version, map_version, precision, recorded in calls:
+        assert recorded == {(version, map_version)}, "a sample records the engine's versions when it was made"
+        assert precision == ("bf16" if map_version == 1 and rollout_precision == "follow" else "fp8")
+    assert {m for _, m, _, _ in calls} == {0, 1}
+    assert sum(s["trained_by_map_version"].values()) == s["samples"]["trained"]
+
+
+def test_a_precision_map_must_name_the_models_layers(parallel):
+    from conftest import SMALL
+    from rl.rollout import RolloutConfig, RolloutEngine
+
+    engine = RolloutEngine(SMALL, RolloutConfig(precision="follow"))
+    names = list(engine.precisions())
+    with pytest.raises(ValueError, match="missing .*decoder.layers"):
+        engine.set_precisions({n: "bf16" for n in names[1:]}, 1)
+    engine.set_precisions({**{n: "fp8" for n in names}, names[0]: "bf16"}, 1)
+    assert engine.precisions()[names[0]] == "bf16" and engine.map_version == 1
+
+
+def test_an_injected_outlier_reaches_the_rollout_copy(tmp_path, monkeypatch):
+    """The outlier (input channel x factor, weight column / factor) is set on the trainer's layer from RL step
+    2; it travels with the weights, so the engine computes with it from the weights of version 2 on (a real
+    outlier lives in what both sides share), and not before."""
+    from precisionrt.linear import precision_layers
+    from rl.rollout import RolloutEngine
+
+    layer = "decoder.layers.1.mlp.linear_fc2"
+    calls, original = [], RolloutEngine.generate
+
+    def spy(self, *a, **k):
+        scale = precision_layers(self.model)[layer].channel_scale
+        calls.append((self.version, None if scale is None else scale[:2].tolist()))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(RolloutEngine, "generate", spy)
+    run(tmp_path, 'executor.mode="sync"', 'inject.kind="outlier"', f'inject.layer="{layer}"', "inject.start_step=6",
+        "inject.factor=1000", "inject.channels=[0]")   # injector step 5 is RL step 1
+    assert all((scale is None) == (version < 2) for version, scale in calls), calls
+    assert all(scale == [1000.0, 1.0] for version, scale in calls if version >= 2) and calls[-1][0] >= 2
