@@ -117,13 +117,13 @@ class PrecisionRuntime:
         fixed = {**{n: "bf16" for n, l in self.layers.items() if not l.fp8_capable}, **self.pinned}
         self.policy = Policy(config.policy, self.names, fixed, self.precisions())
         self.monitor_state = MonitorState()
-        self.monitoring = config.mode == "dynamic" or config.observe
+        monitoring = config.mode == "dynamic" or config.observe
         for layer in self.layers.values():
-            layer.numerics.collect = self.monitoring
+            layer.numerics.collect = monitoring
         self.last_signals: dict[str, dict] = {}
         self.rank = rank
         self.flops = FlopAccounting(self.layers)
-        self.sampling = SamplingSchedule(self.layers, config.monitor, self.monitoring)
+        self.sampling = SamplingSchedule(self.layers, config.monitor, monitoring)
         self.skips = NonfiniteSkips(config.skip_nonfinite_steps)
         self.control = OperatorControl(self.names)   # reads a file once the run directory is known
         self._last_step = 0
@@ -166,6 +166,15 @@ class PrecisionRuntime:
              "fp8_unsupported": layer.fp8_unsupported_reason}
             for i, (name, layer) in enumerate(self.layers.items())
         ]
+
+    @property
+    def monitoring(self) -> bool:
+        """Whether the monitors run (dynamic mode, or ``observe``); the sampling schedule follows it."""
+        return self.sampling.monitoring
+
+    @monitoring.setter
+    def monitoring(self, on: bool) -> None:
+        self.sampling.monitoring = on
 
     def fp8_flop_fraction(self, window: Literal["run", "step"] = "run") -> float:
         """Share of the managed layers' GEMM FLOPs that ran in FP8, over the run or the last step (``flops.py``)."""

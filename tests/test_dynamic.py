@@ -111,10 +111,25 @@ def test_corrupt_switch_log_line_on_resume_is_reported_and_skipped(tmp_path, par
 def test_a_huge_spike_promotes_only_the_layer_it_enters(tmp_path, parallel, layer):
     """A x3e38 spike (function-preserving, delayed scaling): only the injected layer may move (overflow, or
     nonfinite where the scaled input itself overflowed fp32), never a downstream layer blamed as the origin of
-    the NaN/Inf it received. A guard: issue 15 reports a case (not reproduced by these settings) where a
-    downstream linear_qkv was blamed."""
+    the NaN/Inf it received (issue 15 #9's own settings are the next test)."""
     summary = run(tmp_path, "huge", "train.steps=20", 'precision.scaling.recipe="delayed"',
                   "precision.scaling.amax_history_len=4", "precision.monitor.check_interval=5",
                   'inject.kind="spike"', f'inject.layer="{layer}"', "inject.start_step=7", "inject.factor=3e38")
     promoted = {(sw["layer"], sw["reason"]) for sw in summary["switches"] if sw["to"] == "bf16"}
     assert promoted and {name for name, _ in promoted} == {layer}, promoted
+
+
+def test_issue15_9_a_huge_spike_under_current_scaling_blames_no_downstream_layer(tmp_path, parallel):
+    """Issue 15 #9, reproduced on the code before the scale clamp (6be6c02^) with exactly these settings:
+    x3e38 into layer 1's fc2 under current scaling promoted it (overflow) and blamed
+    decoder.layers.2.self_attention.linear_qkv as the nonfinite origin, with step 16 skipped. The cause: the
+    spiked layer's weight, divided by 3e38, had an amax so small that 448 / amax overflowed to an infinite
+    scale; the NaN/Inf it made first showed in the next layer's input. With the scale clamped to the fp32
+    maximum nothing nonfinite is born: no step is skipped and no other layer moves."""
+    layer = "decoder.layers.1.mlp.linear_fc2"
+    summary = train(load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml", [
+        f'run.dir="{tmp_path / "r"}"', "train.steps=20", "train.eval_every=20", "precision.monitor.check_interval=10",
+        'precision.scaling.recipe="current"', 'inject.kind="spike"', f'inject.layer="{layer}"', "inject.start_step=15",
+        "inject.factor=3e38"]))
+    assert summary["skipped_steps"] == []
+    assert [sw for sw in summary["switches"] if sw["layer"] != layer] == []

@@ -50,6 +50,14 @@ def history_keys(run_file: Path) -> set:
     return keys
 
 
+def offline_run(run: Path, *extra: str) -> Path:
+    """Train the tiny spike run with W&B offline in ``run``; its offline W&B directory."""
+    train(load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml",
+                      [*TINY, *SPIKE, "wandb.enabled=true", *extra, f'run.dir="{run}"']))
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    return offline
+
+
 @pytest.fixture
 def clean_wandb_env(monkeypatch):
     for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_PROJECT", "WANDB_API_KEY"):
@@ -58,11 +66,7 @@ def clean_wandb_env(monkeypatch):
 
 def test_offline_run_has_switch_table_and_layer_panels(tmp_path, parallel, clean_wandb_env):
     pytest.importorskip("wandb")
-    run = tmp_path / "run"
-    train(load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml",
-                      [*TINY, *SPIKE, "train.steps=14", "wandb.enabled=true", "wandb.timeline_every=2",
-                       f'run.dir="{run}"']))
-    (offline,) = (run / "wandb").glob("offline-run-*")
+    offline = offline_run(tmp_path / "run", "train.steps=14", "wandb.timeline_every=2")
     tables = sorted((offline / "files/media/table/precision").glob("switches_*.table.json"))
     rows = [row for t in tables for row in json.loads(t.read_text())["data"]]
     assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [(6, LAYER, "fp8", "bf16", "overflow"),
@@ -92,10 +96,7 @@ def test_layer_panels_pick_the_per_layer_series_and_aggregates_are_always_there(
     the BF16 layer count and the FP8 FLOP share are logged whatever the choice."""
     pytest.importorskip("wandb")
     run = tmp_path / "run"
-    train(load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml",
-                      [*TINY, *SPIKE, "train.steps=8", "wandb.enabled=true", 'wandb.layer_panels=["*.layers.0.*"]',
-                       f'run.dir="{run}"']))
-    (offline,) = (run / "wandb").glob("offline-run-*")
+    offline = offline_run(run, "train.steps=8", 'wandb.layer_panels=["*.layers.0.*"]')
     keys = history_keys(next(offline.glob("run-*.wandb")))
     layers = {k.split("/")[1] for k in keys if k.count("/") == 2 and k.split("/")[1].startswith("decoder.")}
     assert layers and all(name.startswith("decoder.layers.0.") for name in layers), layers
