@@ -171,6 +171,7 @@ def ppo_loss(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
             "rollout_corr/seq_max_k2_fraction": k2_masked.sum() / n_seq,
             **mismatch.mismatch_metrics(inp.logp_prox, inp.logp_infer, mask, weight, cfg.tis_cap),
             "tokens": mask.sum(),
+            "k3_per_sequence": mismatch.sequence_k3(inp.logp_prox, inp.logp_infer, mask),   # for the split
         }
         metrics = mismatch.to_host(stats)
         if metrics.pop("tokens") == 0:   # no completion token: no extremes; report the neutral ratio

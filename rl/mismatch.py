@@ -92,7 +92,20 @@ def mismatch_metrics(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: t
     }
 
 
-def to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float]:
-    """All metrics in one device->host transfer."""
-    values = torch.stack([v.detach().float().reshape(()) for v in metrics.values()]).tolist()
-    return dict(zip(metrics, values))
+def sequence_k3(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the sum of its tokens' k3 (rho - 1 - d): summed over the sequences of one precision-map
+    version and divided by their tokens, ``rollout_corr/k3_kl`` of that version."""
+    m = mask.detach().float()
+    d = (logp_train - logp_infer).detach().float() * m
+    return ((torch.exp(d.clamp(-SAFETY_BOUND, SAFETY_BOUND)) - 1 - d) * m).sum(dim=1)
+
+
+def to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
+    """All metrics in one device->host transfer: 0-dim tensors become floats, vectors lists."""
+    flat = [v.detach().float().reshape(-1) for v in metrics.values()]
+    values = torch.cat(flat).tolist()
+    out, i = {}, 0
+    for (key, v), f in zip(metrics.items(), flat):
+        out[key] = values[i] if v.dim() == 0 else values[i:i + f.numel()]
+        i += f.numel()
+    return out

@@ -75,6 +75,7 @@ class RLTrainer:
         self.map_version, self._map = 0, runtime.precisions()
         self.precision_changes: list[dict] = []   # {map_version, step, layers: {name: precision}}
         self.trained_by_map: Counter = Counter()   # trained samples by the map version that generated them
+        self.mismatch_by_map: dict[int, list] = {}   # map version -> [k3 summed over tokens, tokens]
         self.worker = RolloutWorker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model), self._map)
         self.queue, self.counters = self.worker.queue, self.worker.counters
 
@@ -130,6 +131,10 @@ class RLTrainer:
         batch = self.next_batch()
         inputs, rewards, entropy = self.loss_inputs(batch)
         loss, metrics = ppo_loss(inputs, self.loss_cfg)
+        # the mismatch of each precision-map version, summed over the run (rollout_corr/k3_kl split by version)
+        for c, k3 in zip((c for g in batch for c in g.completions), metrics.pop("k3_per_sequence")):
+            acc = self.mismatch_by_map.setdefault(c.map_version, [0.0, 0])
+            acc[0], acc[1] = acc[0] + k3, acc[1] + len(c.tokens)   # a completion's tokens are its mask
         (loss - self.algo.entropy_coef * entropy).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
         # one transfer for the step's scalars (the loss metrics came in one already)
@@ -185,7 +190,7 @@ class RLTrainer:
                     "failed_rollouts": a.failed_rollouts, "worker_lost": a.worker_lost}
         return {"version": version, **self.worker.state_dict(), "acct": acct, "skipped_steps": list(self.skipped_steps),
                 "map_version": self.map_version, "precision_changes": self.precision_changes,
-                "trained_by_map": dict(self.trained_by_map)}
+                "trained_by_map": dict(self.trained_by_map), "mismatch_by_map": self.mismatch_by_map}
 
     def load_state_dict(self, sd: dict) -> None:
         """Resume: samples that were in flight when the checkpoint was taken are gone with the old process;
@@ -204,6 +209,7 @@ class RLTrainer:
         self.map_version, self._map = int(sd.get("map_version", 0)), self.runtime.precisions()
         self.precision_changes = list(sd.get("precision_changes", []))
         self.trained_by_map = Counter({int(k): v for k, v in sd.get("trained_by_map", {}).items()})
+        self.mismatch_by_map = {int(k): list(v) for k, v in sd.get("mismatch_by_map", {}).items()}
         self.worker.load_state_dict(sd, self.ctrl.version, _snapshot(self.model), self.map_version, self._map)
 
     # ----------------------------------------------------------------------------------- lifecycle

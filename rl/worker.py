@@ -193,3 +193,4 @@ class RolloutWorker:
             self._published = (version, weights, map_version, dict(precisions))
         self.engine.load_weights(weights, version)
         self.engine.set_precisions(precisions, map_version)
+        self.maps_applied = [(map_version, version)]   # this segment starts from the checkpoint's map

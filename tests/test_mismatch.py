@@ -99,3 +99,14 @@ def test_guarded_sequences_give_no_gradient_and_are_counted():
     assert m["rollout_corr/seq_max_k2_fraction"] == 0
     with pytest.raises(ValueError, match="veto_threshold must be in"):
         LossConfig(veto_threshold=1.0)
+
+
+def test_per_sequence_k3_and_vectors_in_the_one_transfer():
+    """The split by precision-map version sums per-sequence k3 over a version's sequences; the vector leaves the
+    device in the same transfer as the scalars."""
+    from rl.mismatch import sequence_k3
+
+    train, infer, mask = tensors()
+    got = to_host({"a": torch.tensor(2.0), "k3": sequence_k3(train, infer, mask), "b": torch.tensor(3.0)})
+    want = [sum(math.exp(D[i][t]) - 1 - D[i][t] for t in range(3) if MASK[i][t]) for i in range(2)]
+    assert got["a"] == 2.0 and got["b"] == 3.0 and got["k3"] == pytest.approx(want, rel=1e-6)

@@ -436,6 +436,7 @@ def test_the_precision_map_travels_with_the_weights(tmp_path, monkeypatch, rollo
         assert precision == ("bf16" if map_version == 1 and rollout_precision == "follow" else "fp8")
     assert {m for _, m, _, _ in calls} == {0, 1}
     assert sum(s["trained_by_map_version"].values()) == s["samples"]["trained"]
+    assert set(s["k3_kl_by_map_version"]) == {"0", "1"} and all(v >= 0 for v in s["k3_kl_by_map_version"].values())
 
 
 def test_a_precision_map_must_name_the_models_layers(parallel):
@@ -470,3 +471,27 @@ def test_an_injected_outlier_reaches_the_rollout_copy(tmp_path, monkeypatch):
         "inject.factor=1000", "inject.channels=[0]")   # injector step 5 is RL step 1
     assert all((scale is None) == (version < 2) for version, scale in calls), calls
     assert all(scale == [1000.0, 1.0] for version, scale in calls if version >= 2) and calls[-1][0] >= 2
+
+
+def test_a_resumed_run_keeps_its_precision_map(tmp_path, monkeypatch):
+    """Stopped after the map moved to version 1 (RL step 4) and resumed: the engine starts from map 1 with the
+    layer in BF16 under "follow", the summary still lists the change made before the checkpoint, and the
+    maps the engine took in this segment start from the checkpoint's."""
+    from rl.rollout import RolloutEngine
+
+    layer = "decoder.layers.1.mlp.linear_fc1"
+    calls, original = [], RolloutEngine.generate
+
+    def spy(self, *a, **k):
+        calls.append((self.map_version, self.precisions()[layer]))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(RolloutEngine, "generate", spy)
+    sets = ['executor.mode="sync"', 'rollout.precision="follow"', 'inject.kind="nonfinite"', f'inject.layer="{layer}"',
+            "inject.start_step=7"]
+    run(tmp_path, *sets, "train.stop_at_step=4")
+    calls.clear()
+    s = run(tmp_path, *sets, "train.resume=true")
+    assert s["resumed_from"] == 4 and calls and set(calls) == {(1, "bf16")}
+    assert s["rollout_precision_changes"] == [{"map_version": 1, "step": 8, "layers": {layer: "bf16"}}]
+    assert s["rollout_maps_applied"][0] == [1, 3]
