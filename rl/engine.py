@@ -35,6 +35,13 @@ class InferenceEngine(Protocol):
         """The trainer's per-layer precisions (``{layer: "fp8" | "bf16"}``) of ``map_version``; an engine under
         ``rollout.precision = "follow"`` runs each layer so, the others record the version only."""
 
+    def precisions(self) -> dict[str, str]:
+        """The precision each rollout layer runs in now."""
+
+    def score(self, sequences: list[list[int]], starts: list[int], bf16_layers: list[str]) -> list[list[float]]:
+        """Log-probs of each sequence's tokens from ``starts[i]`` on, as ``generate`` scores them, with
+        ``bf16_layers`` in BF16 for this call only."""
+
     def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
         """One completion per prompt, each with its tokens, their log-probabilities under the full softmax at
         the sampling temperature, and the policy and precision-map versions that made it."""

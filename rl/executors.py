@@ -31,6 +31,12 @@ class _Actor:
         self.engine.set_precisions(precisions, map_version)
         return map_version
 
+    def precisions(self) -> dict[str, str]:
+        return self.engine.precisions()
+
+    def score(self, sequences: list[list[int]], starts: list[int], bf16_layers: list[str]) -> list[list[float]]:
+        return self.engine.score(sequences, starts, bf16_layers)
+
     def generate(self, prompts: list[bytes], max_new_tokens: int, seed: int) -> list[Completion]:
         return self.engine.generate(prompts, max_new_tokens, torch.Generator().manual_seed(seed))
 
@@ -89,6 +95,12 @@ class RayRolloutEngine:
     def set_precisions(self, precisions: dict[str, str], map_version: int) -> None:
         self._map = (precisions, map_version)
         self.map_version = self._call("set_precisions", precisions, map_version)
+
+    def precisions(self) -> dict[str, str]:
+        return self._call("precisions")
+
+    def score(self, sequences: list[list[int]], starts: list[int], bf16_layers: list[str]) -> list[list[float]]:
+        return self._call("score", sequences, starts, bf16_layers)
 
     def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))

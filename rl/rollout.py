@@ -21,6 +21,7 @@ import torch
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import ModelConfig, build_gpt
+from rl import attribution
 
 STOP = ord("\n")
 CHANNEL_SCALE = "channel_scale"   # published beside the weights: an injected fault's input-channel scaling
@@ -155,6 +156,22 @@ class RolloutEngine:
 
     def precisions(self) -> dict[str, str]:
         return {name: layer.precision for name, layer in precision_layers(self.model).items()}
+
+    def score(self, sequences: list[list[int]], starts: list[int], bf16_layers: list[str]) -> list[list[float]]:
+        """Log-probs, as ``generate`` scores them, of each sequence's tokens from ``starts[i]`` on, with the
+        ``bf16_layers`` in BF16 for this call only (per-layer mismatch attribution, ``rl/attribution.py``)."""
+        layers = precision_layers(self.model)
+        unknown = [n for n in bf16_layers if n not in layers]
+        if unknown:
+            raise ValueError(f"score: unknown layers {unknown[:3]}")
+        saved = {n: layers[n].precision for n in bf16_layers}
+        try:
+            for n in bf16_layers:
+                layers[n].precision = "bf16"
+            return attribution.score(self.model, sequences, starts, self.cfg.temperature or 1.0, logits_of)
+        finally:
+            for n, p in saved.items():
+                layers[n].precision = p
 
     def close(self) -> None:
         """Nothing to release in-process (the Ray engine stops its actor here)."""

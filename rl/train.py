@@ -223,6 +223,7 @@ def train(cfg: RLConfig) -> dict:
         "rollout_precision_changes": trainer.precision_changes,
         "rollout_maps_applied": [list(x) for x in trainer.worker.maps_applied],
         "trained_by_map_version": {str(k): v for k, v in sorted(trainer.trained_by_map.items())},
+        "mismatch_share": dict(sorted(trainer.attribution.shares.items())),
         "k3_kl_by_map_version": {str(k): s / max(n, 1) for k, (s, n) in sorted(trainer.mismatch_by_map.items())},
     }
     runtime.close(offset + end)

@@ -21,6 +21,7 @@ import torch
 
 from precisionrt.linear import precision_layers
 from precisionrt.runtime import PrecisionRuntime
+from rl.attribution import MismatchAttribution
 from rl.engine import InferenceEngine
 from rl.envs import Problem, ReverseDigits
 from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, ppo_loss
@@ -48,10 +49,18 @@ class RLAlgoConfig:
     max_consecutive_rollout_failures: int = 20
     """The run ends with the last error after this many failed rollouts in a row."""
     max_failed_rollout_fraction: float = 0.5
+    attribution_every: int = 0
+    """Every this many optimizer steps, measure one rollout layer's share of the train/inference mismatch
+    (``rl/attribution.py``, round-robin over the rollout's FP8 layers); 0: off."""
+    attribution_samples: int = 8
+    """Samples of the step's batch that the attribution scores (twice, on the rollout engine)."""
     """... or once more than this share of all rollouts failed (counted from five batches of failures on)."""
 
     def __post_init__(self) -> None:
         StalenessConfig(self.max_staleness)
+        if self.attribution_every < 0 or self.attribution_samples < 1:
+            raise ValueError(f"attribution_every must be >= 0 (0: off) and attribution_samples >= 1, got "
+                             f"{self.attribution_every} and {self.attribution_samples}")
         if self.max_consecutive_rollout_failures < 1:
             raise ValueError("max_consecutive_rollout_failures must be >= 1")
         if not 0 < self.max_failed_rollout_fraction <= 1:
@@ -76,6 +85,7 @@ class RLTrainer:
         self.precision_changes: list[dict] = []   # {map_version, step, layers: {name: precision}}
         self.trained_by_map: Counter = Counter()   # trained samples by the map version that generated them
         self.mismatch_by_map: dict[int, list] = {}   # map version -> [k3 summed over tokens, tokens]
+        self.attribution = MismatchAttribution(algo.attribution_every, algo.attribution_samples)
         self.worker = RolloutWorker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model), self._map)
         self.queue, self.counters = self.worker.queue, self.worker.counters
 
@@ -135,6 +145,8 @@ class RLTrainer:
         for c, k3 in zip((c for g in batch for c in g.completions), metrics.pop("k3_per_sequence")):
             acc = self.mismatch_by_map.setdefault(c.map_version, [0.0, 0])
             acc[0], acc[1] = acc[0] + k3, acc[1] + len(c.tokens)   # a completion's tokens are its mask
+        if self.attribution.due(step):   # on pi_prox, before the update
+            metrics.update(self._attribute(batch, inputs))
         (loss - self.algo.entropy_coef * entropy).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
         # one transfer for the step's scalars (the loss metrics came in one already)
@@ -164,6 +176,13 @@ class RLTrainer:
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0,
                 "map_version_oldest": min(c.map_version for g in batch for c in g.completions), **metrics}
+
+    def _attribute(self, batch: list[Group], inputs: LossInputs) -> dict[str, float]:
+        comps = [c for g in batch for c in g.completions][: self.algo.attribution_samples]
+        logp_train = [inputs.logp_prox[i, len(c.prompt) - 1:len(c.prompt) - 1 + len(c.tokens)].tolist()
+                      for i, c in enumerate(comps)]
+        with self.worker.engine_lock:   # the engine is not the worker's meanwhile
+            return self.attribution.measure(self.engine, comps, logp_train)
 
     def _publish_precisions(self, step: int) -> None:
         precisions = self.runtime.precisions()

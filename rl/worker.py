@@ -66,6 +66,7 @@ class RolloutWorker:
         self.rng = random.Random(seed)                    # which problems
         self.generator = torch.Generator().manual_seed(seed)   # which tokens
         self._weights_lock = threading.Lock()
+        self.engine_lock = threading.Lock()   # one user of the engine at a time: the worker, or an attribution
         self._published = (0, weights, 0, precisions)   # policy version, weights, precision-map version, map
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -105,9 +106,10 @@ class RolloutWorker:
         problems = [self.task.sample(self.rng) for _ in range(self.algo.prompts_per_step)]
         g = self.algo.group_size
         try:
-            self._pull_weights()   # inside: an engine whose worker dies while loading weights fails the rollout
-            comps = self.engine.generate([p.prompt for p in problems for _ in range(g)], self.max_new_tokens,
-                                         self.generator)
+            with self.engine_lock:
+                self._pull_weights()   # inside: an engine whose worker dies while loading weights fails the rollout
+                comps = self.engine.generate([p.prompt for p in problems for _ in range(g)], self.max_new_tokens,
+                                             self.generator)
         except Exception as e:  # noqa: BLE001 - a failed rollout is counted, recorded and survived ...
             self._failed(e)   # ... up to the limits it checks
             return True

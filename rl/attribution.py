@@ -1,0 +1,75 @@
+"""Per-layer mismatch attribution: how much of the train/inference mismatch one rollout layer accounts for.
+
+On sampled steps (every ``rl.attribution_every`` optimizer steps; 0: off) the trainer holds a small
+micro-batch of the step's samples (``rl.attribution_samples``) and takes the next rollout layer that runs FP8,
+round-robin as the shadow gradients go. The rollout engine scores the micro-batch twice: as it runs, and with
+that layer alone in BF16. With ``k3`` the mismatch KL estimator against the trainer's log-probs of the same
+tokens (pi_prox),
+
+    mismatch_share(layer) = (k3(rollout as it runs) - k3(rollout with the layer in BF16)) / k3(rollout as it runs)
+
+is the share of the mismatch that the layer's FP8 accounts for: near 1, the layer is the mismatch; near 0, it
+is innocent; below 0, noise. The engine's weights may be newer than those that sampled the tokens, so the
+mismatch measured here is the engine's now, staleness included in both terms. The latest share of each
+layer is kept and logged (``rollout_corr/mismatch_share/<layer>``; the largest as
+``rollout_corr/mismatch_share_max``), and the run summary lists them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def k3(logp_train: list[float], logp_infer: list[float]) -> tuple[float, int]:
+    """Summed k3 (rho - 1 - log rho, rho = pi_train / pi_infer) over tokens, and the token count."""
+    total = 0.0
+    for a, b in zip(logp_train, logp_infer):
+        d = max(-20.0, min(20.0, a - b))
+        total += math.exp(d) - 1 - d
+    return total, len(logp_train)
+
+
+class MismatchAttribution:
+    def __init__(self, every: int, samples: int):
+        self.every, self.samples = every, samples
+        self.cursor = 0
+        self.shares: dict[str, float] = {}   # layer -> its latest mismatch_share
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def measure(self, engine, completions, logp_train: list[list[float]]) -> dict[str, float]:
+        """Score ``completions`` (the held micro-batch; ``logp_train``: the trainer's log-probs of their tokens)
+        with the engine as it runs and with the next FP8 layer in BF16; returns the step's metrics."""
+        fp8 = [n for n, p in engine.precisions().items() if p == "fp8"]
+        if not fp8 or not completions:
+            return {}
+        layer = fp8[self.cursor % len(fp8)]
+        self.cursor += 1
+        seqs = [list(c.prompt) + c.tokens for c in completions]
+        starts = [len(c.prompt) for c in completions]
+        base = engine.score(seqs, starts, [])
+        alt = engine.score(seqs, starts, [layer])
+        k_base = [k3(t, b) for t, b in zip(logp_train, base)]
+        k_alt = [k3(t, a) for t, a in zip(logp_train, alt)]
+        tokens = max(1, sum(n for _, n in k_base))
+        kl_base, kl_alt = sum(s for s, _ in k_base) / tokens, sum(s for s, _ in k_alt) / tokens
+        share = (kl_base - kl_alt) / kl_base if kl_base > 0 else 0.0
+        self.shares[layer] = share
+        return {f"rollout_corr/mismatch_share/{layer}": share,
+                "rollout_corr/mismatch_share_max": max(self.shares.values()),
+                "rollout_corr/attribution_k3_kl": kl_base}
+
+
+def score(model, sequences: list[list[int]], starts: list[int], temperature: float, logits_of) -> list[list[float]]:
+    """Log-probs (full softmax at ``temperature``) of each sequence's tokens from position ``starts[i]`` on."""
+    width = max(len(s) for s in sequences)
+    tokens = torch.zeros(len(sequences), width, dtype=torch.long)
+    for i, s in enumerate(sequences):
+        tokens[i, :len(s)] = torch.tensor(s)
+    with torch.no_grad():
+        logp = torch.log_softmax(logits_of(model, tokens[:, :-1]).float() / temperature, dim=-1)
+        picked = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1).tolist()
+    return [row[start - 1:len(s) - 1] for row, start, s in zip(picked, starts, sequences)]
