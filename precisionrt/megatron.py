@@ -38,6 +38,21 @@ from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import PrecisionColumnParallelLinear, PrecisionRowParallelLinear, precision_layers
 
 
+class KVCache:
+    """The keys and values of the positions decoded so far, for one attention layer (``[s, b, groups, dim]``):
+    incremental decoding appends each step's new ones instead of recomputing the whole sequence."""
+
+    def __init__(self):
+        self.key: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+
+    def extend(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is not None:
+            key, value = torch.cat([self.key, key]), torch.cat([self.value, value])
+        self.key, self.value = key, value
+        return key, value
+
+
 class SDPACoreAttention(MegatronModule):
     """Core attention through ``torch.nn.functional.scaled_dot_product_attention``: runs on CPU and CUDA.
 
@@ -58,11 +73,14 @@ class SDPACoreAttention(MegatronModule):
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.kv_cache: KVCache | None = None   # set while a rollout engine decodes incrementally
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPACoreAttention supports neither packed sequences nor attention bias")
+        if self.kv_cache is not None:   # the queries are the newest positions; keys and values span all so far
+            key, value = self.kv_cache.extend(key, value)
         sq, b, heads, hd = query.shape
         sk = key.shape[0]
         # [s, b, h, d] -> [b, h, s, d]

@@ -13,6 +13,7 @@ Megatron's inference context; ``tools/bench_rollout.py`` measures tokens per sec
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,7 +21,7 @@ import torch
 
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
-from precisionrt.megatron import ModelConfig, build_gpt
+from precisionrt.megatron import KVCache, ModelConfig, SDPACoreAttention, build_gpt
 from rl import attribution
 
 STOP = ord("\n")
@@ -34,6 +35,9 @@ class RolloutConfig:
     in the precision the trainer runs it in, from the versioned precision map published with the weights."""
     temperature: float = 1.0
     top_p: float = 1.0
+    kv_cache: bool = False
+    """Decode incrementally with a KV cache (each prompt encoded once, then one token per step) instead of
+    recomputing the whole sequence at every step."""
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -83,10 +87,28 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+@contextmanager
+def kv_caches(model):
+    """Incremental decoding for the duration: every core attention keeps its keys and values."""
+    modules = [m for m in model.modules() if isinstance(m, SDPACoreAttention)]
+    if not modules:
+        raise ValueError("rollout.kv_cache needs the model's core attention to be SDPACoreAttention")
+    for m in modules:
+        m.kv_cache = KVCache()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.kv_cache = None
+
+
 @torch.no_grad()
 def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, temperature: float, top_p: float,
-             generator: torch.Generator, version: int = -1, map_version: int = 0) -> list[Completion]:
-    """Batched sampling; prompts longer than the context raise ValueError naming the prompt."""
+             generator: torch.Generator, version: int = -1, map_version: int = 0,
+             kv_cache: bool = False) -> list[Completion]:
+    """Batched sampling; prompts longer than the context raise ValueError naming the prompt. ``kv_cache``:
+    encode each prompt once and then only each new token, against the cached keys and values (without it,
+    every step recomputes the whole sequence)."""
     was_training = model.training
     model.eval()
     out: list[Completion | None] = [None] * len(prompts)
@@ -101,15 +123,22 @@ def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, tem
         done = torch.zeros(len(idx), dtype=torch.bool)
         gen: list[list[int]] = [[] for _ in idx]
         lps: list[list[float]] = [[] for _ in idx]
-        for _ in range(max_new_tokens):
-            tok, lp = sample_next(logits_of(model, seqs)[:, -1], temperature, top_p, generator)
-            for j in (~done).nonzero().flatten().tolist():
-                gen[j].append(int(tok[j]))
-                lps[j].append(float(lp[j]))
-            done |= tok == STOP
-            if done.all():
-                break
-            seqs = torch.cat([seqs, tok[:, None]], dim=1)
+        with kv_caches(model) if kv_cache else nullcontext():
+            logits = logits_of(model, seqs)[:, -1]
+            for step in range(max_new_tokens):
+                tok, lp = sample_next(logits, temperature, top_p, generator)
+                for j in (~done).nonzero().flatten().tolist():
+                    gen[j].append(int(tok[j]))
+                    lps[j].append(float(lp[j]))
+                done |= tok == STOP
+                if done.all() or step == max_new_tokens - 1:
+                    break
+                seqs = torch.cat([seqs, tok[:, None]], dim=1)
+                if kv_cache:   # only the new token, at its position
+                    positions = torch.full_like(tok[:, None], seqs.shape[1] - 1)
+                    logits = model(tok[:, None], positions, None).float()[:, -1]
+                else:
+                    logits = logits_of(model, seqs)[:, -1]
         for j, i in enumerate(idx):
             out[i] = Completion(prompts[i], gen[j], lps[j], version, stopped=STOP in gen[j], map_version=map_version)
     model.train(was_training)
@@ -178,4 +207,4 @@ class RolloutEngine:
 
     def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
         return generate(self.model, prompts, max_new_tokens, self.model_cfg.seq_length, self.cfg.temperature,
-                        self.cfg.top_p, generator, self.version, self.map_version)
+                        self.cfg.top_p, generator, self.version, self.map_version, self.cfg.kv_cache)
