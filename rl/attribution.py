@@ -21,12 +21,14 @@ import math
 
 import torch
 
+from rl.mismatch import SAFETY_BOUND
+
 
 def k3(logp_train: list[float], logp_infer: list[float]) -> tuple[float, int]:
     """Summed k3 (rho - 1 - log rho, rho = pi_train / pi_infer) over tokens, and the token count."""
     total = 0.0
     for a, b in zip(logp_train, logp_infer):
-        d = max(-20.0, min(20.0, a - b))
+        d = max(-SAFETY_BOUND, min(SAFETY_BOUND, a - b))
         total += math.exp(d) - 1 - d
     return total, len(logp_train)
 
