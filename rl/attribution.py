@@ -17,20 +17,25 @@ layer is kept and logged (``rollout_corr/mismatch_share/<layer>``; the largest a
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from rl.mismatch import SAFETY_BOUND
+from rl.mismatch import sequence_k3
 
 
-def k3(logp_train: list[float], logp_infer: list[float]) -> tuple[float, int]:
-    """Summed k3 (rho - 1 - log rho, rho = pi_train / pi_infer) over tokens, and the token count."""
-    total = 0.0
-    for a, b in zip(logp_train, logp_infer):
-        d = max(-SAFETY_BOUND, min(SAFETY_BOUND, a - b))
-        total += math.exp(d) - 1 - d
-    return total, len(logp_train)
+def _padded(rows: list[list[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged per-sequence log-probs as a zero-padded ``[n, longest]`` tensor and its mask."""
+    width = max(len(r) for r in rows)
+    values, mask = torch.zeros(len(rows), width, dtype=torch.float64), torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        values[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.float64), 1
+    return values, mask
+
+
+def k3_kl(logp_train: list[list[float]], logp_infer: list[list[float]]) -> float:
+    """The k3 mismatch KL over all tokens of ragged sequences (``rl.mismatch.sequence_k3``)."""
+    train, mask = _padded(logp_train)
+    infer, _ = _padded(logp_infer)
+    return float(sequence_k3(train, infer, mask).sum() / mask.sum().clamp(min=1))
 
 
 class MismatchAttribution:
@@ -54,10 +59,7 @@ class MismatchAttribution:
         starts = [len(c.prompt) for c in completions]
         base = engine.score(seqs, starts, [])
         alt = engine.score(seqs, starts, [layer])
-        k_base = [k3(t, b) for t, b in zip(logp_train, base)]
-        k_alt = [k3(t, a) for t, a in zip(logp_train, alt)]
-        tokens = max(1, sum(n for _, n in k_base))
-        kl_base, kl_alt = sum(s for s, _ in k_base) / tokens, sum(s for s, _ in k_alt) / tokens
+        kl_base, kl_alt = k3_kl(logp_train, base), k3_kl(logp_train, alt)
         share = (kl_base - kl_alt) / kl_base if kl_base > 0 else 0.0
         self.shares[layer] = share
         return {f"rollout_corr/mismatch_share/{layer}": share,

@@ -160,6 +160,7 @@ def ppo_loss(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
         behave = torch.exp(inp.logp_prox - inp.logp_infer)
         on = mask > 0
         n_seq = (mask.sum(dim=1) > 0).sum().clamp(min=1)
+        k3_seq = mismatch.sequence_k3(inp.logp_prox, inp.logp_infer, mask)
         big = torch.finfo(behave.dtype).max
         stats = {
             "masked_fraction": ((weight == 0) & on).sum() / n,
@@ -169,9 +170,9 @@ def ppo_loss(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
             "clip_fraction": (((ratio - 1).abs() > cfg.clip_eps) & on).sum() / n,
             "rollout_corr/veto_fraction": vetoed.sum() / n_seq,
             "rollout_corr/seq_max_k2_fraction": k2_masked.sum() / n_seq,
-            **mismatch.mismatch_metrics(inp.logp_prox, inp.logp_infer, mask, weight, cfg.tis_cap),
+            **mismatch.mismatch_metrics(inp.logp_prox, inp.logp_infer, mask, weight, cfg.tis_cap, k3_seq),
             "tokens": mask.sum(),
-            "k3_per_sequence": mismatch.sequence_k3(inp.logp_prox, inp.logp_infer, mask),   # for the split
+            "k3_per_sequence": k3_seq,   # for the split by precision-map version
         }
         metrics = mismatch.to_host(stats)
         if metrics.pop("tokens") == 0:   # no completion token: no extremes; report the neutral ratio

@@ -59,9 +59,10 @@ def sequence_keep(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torc
 
 
 def mismatch_metrics(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torch.Tensor,
-                     weight: torch.Tensor, tis_cap: float) -> dict[str, torch.Tensor]:
+                     weight: torch.Tensor, tis_cap: float,
+                     k3_per_sequence: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The table above, as 0-dim tensors on the inputs' device. ``weight``: the correction weight applied per
-    token (after the guards)."""
+    token (after the guards); ``k3_per_sequence``: ``sequence_k3`` of the same inputs, when the caller has it."""
     m = mask.detach().float()
     on = m > 0
     n = m.sum().clamp(min=1)
@@ -77,7 +78,8 @@ def mismatch_metrics(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: t
     w_sq = w.square().sum()
     return {
         "rollout_corr/kl": (-d).sum() / n,
-        "rollout_corr/k3_kl": ((rho - 1 - d) * m).sum() / n,
+        "rollout_corr/k3_kl": (sequence_k3(logp_train, logp_infer, mask) if k3_per_sequence is None
+                               else k3_per_sequence).sum() / n,
         "rollout_corr/chi2_token": (rho.square() * m).sum() / n - 1,
         "rollout_corr/chi2_seq": (torch.exp(2 * d.sum(dim=1).clamp(-SAFETY_BOUND, SAFETY_BOUND)) * seqs).sum()
         / n_seq - 1,

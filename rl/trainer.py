@@ -179,8 +179,8 @@ class RLTrainer:
 
     def _attribute(self, batch: list[Group], inputs: LossInputs) -> dict[str, float]:
         comps = [c for g in batch for c in g.completions][: self.algo.attribution_samples]
-        logp_train = [inputs.logp_prox[i, len(c.prompt) - 1:len(c.prompt) - 1 + len(c.tokens)].tolist()
-                      for i, c in enumerate(comps)]
+        rows = inputs.logp_prox[:len(comps)].tolist()   # one transfer
+        logp_train = [row[len(c.prompt) - 1:len(c.prompt) - 1 + len(c.tokens)] for row, c in zip(rows, comps)]
         with self.worker.engine_lock:   # the engine is not the worker's meanwhile
             return self.attribution.measure(self.engine, comps, logp_train)
 
