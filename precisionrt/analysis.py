@@ -70,6 +70,8 @@ class RunState:
     """Name -> {"flops": F, "initial": P}."""
     switches: list = field(default_factory=list)
     """(step, layer, from, to, reason)"""
+    rollout_switches: list = field(default_factory=list)
+    """(step, layer, from, to, reason, map_version): the RL rollout engine's side"""
     first_step: int | None = None
     last_step: int = 0
     ended: bool = False
@@ -77,6 +79,7 @@ class RunState:
 
     def resume_at(self, step: int) -> None:
         self.switches = [s for s in self.switches if s[0] <= step]
+        self.rollout_switches = [s for s in self.rollout_switches if s[0] <= step]
         self.last_step = min(self.last_step, step)
         self.ended = False
 
@@ -107,6 +110,10 @@ def collect(paths: Iterable[str | Path]) -> tuple[dict[str, RunState], Skipped]:
                 if sw not in current.switches:  # the same decision logged by several ranks
                     current.switches.append(sw)
                 current.layers.setdefault(rec["layer"], {"flops": 0, "initial": rec["from"]})
+            elif kind == "rollout_switch":
+                sw = (step, rec["layer"], rec["from"], rec["to"], rec["reason"], rec["map_version"])
+                if sw not in current.rollout_switches:
+                    current.rollout_switches.append(sw)
             elif kind == "run_end":
                 current.ended = True
     return runs, skipped
@@ -145,6 +152,8 @@ def summarize_run(state: RunState) -> dict:
         "demotions": sum(1 for s in state.switches if s[3] == "fp8"),
         "fp8_flop_fraction": fp8_flops / all_flops if all_flops else None,
         "layers": layers,
+        "rollout_switches": [dict(zip(("step", "layer", "from", "to", "reason", "map_version"), s))
+                             for s in sorted(state.rollout_switches)],
     }
 
 
@@ -232,6 +241,10 @@ def export_rows(paths: Iterable[str | Path], skipped: Skipped) -> Iterator[dict]
             if rec["kind"] == "switch":
                 yield {"kind": "switch", "run": rec.get("run"), "step": rec["step"], "layer": rec["layer"],
                        "from": rec["from"], "to": rec["to"], "reason": rec["reason"],
+                       **{f"signal_{k}": v for k, v in rec.get("signals", {}).items()}}
+            elif rec["kind"] == "rollout_switch":
+                yield {"kind": "rollout_switch", "run": rec.get("run"), "step": rec["step"], "layer": rec["layer"],
+                       "from": rec["from"], "to": rec["to"], "reason": rec["reason"], "map_version": rec["map_version"],
                        **{f"signal_{k}": v for k, v in rec.get("signals", {}).items()}}
             elif rec["kind"] == "stats":
                 for layer, sig in rec.get("layers", {}).items():

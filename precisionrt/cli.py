@@ -34,6 +34,9 @@ def _print_summary(result: dict) -> None:
             first = layer["first_promotion_step"]
             print(f"  {name:<48} {'n/a' if frac is None else f'{frac:.1%}':>11} "
                   f"{'-' if first is None else first:>16}  {reasons}")
+        for sw in run["rollout_switches"]:   # RL runs: the rollout engine's side
+            print(f"  rollout side, step {sw['step']} (map version {sw['map_version']}): {sw['layer']} "
+                  f"{sw['from']} -> {sw['to']} ({sw['reason']})")
     if result["skipped_lines"]:
         print(f"skipped {result['skipped_lines']} unreadable line(s), e.g. {result['skipped_examples'][0]}")
 

@@ -18,11 +18,16 @@ from typing import Iterator, Literal, get_args
 Precision = Literal["fp8", "bf16"]
 Reason = Literal["overflow", "underflow", "quant_error", "grad_sensitivity", "nonfinite",   # promotions
                  "probation", "budget",                                                      # returns to FP8
-                 "manual"]                                                                   # operator
+                 "manual",                                                                   # operator
+                 "mismatch"]   # RL: the layer carries the train/inference mismatch (rl/attribution.py)
+# Why the rollout engine's copy of a layer changed precision: it followed the trainer's switch, or the layer was
+# promoted on the rollout side for the mismatch it carried.
+RolloutReason = Literal["follow", "mismatch"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 REASONS: tuple[str, ...] = get_args(Reason)
+ROLLOUT_REASONS: tuple[str, ...] = get_args(RolloutReason)
 SCHEMA_VERSION = 1
-KINDS = ("run_start", "switch", "stats", "run_end")
+KINDS = ("run_start", "switch", "stats", "run_end", "rollout_switch")
 EVENTS_FILE = "precision_events.jsonl"   # the log's name in a run directory
 # Every record is compact JSON opening with the version and kind (``_write``), so a reader can recognise our
 # stats lines, the bulk of a log, by this prefix and check them cheaply instead of parsing them.
@@ -94,6 +99,15 @@ class EventLog:
         self._write("switch", step=event.step, layer=event.layer, **{"from": event.from_}, to=event.to,
                     reason=event.reason, signals=event.signals)
 
+    def rollout_switch(self, step: int, layer: str, from_: Precision, to: Precision, reason: RolloutReason,
+                       map_version: int, signals: dict | None = None) -> None:
+        """The rollout engine's copy of ``layer`` runs ``to`` from precision-map ``map_version`` on (published
+        after optimizer step ``step``; the engine takes it with the next weights it loads)."""
+        if from_ not in PRECISIONS or to not in PRECISIONS or reason not in ROLLOUT_REASONS:
+            raise ValueError(f"rollout switch {from_!r} -> {to!r} ({reason!r}) is outside the log schema")
+        self._write("rollout_switch", step=step, layer=layer, **{"from": from_}, to=to, reason=reason,
+                    map_version=map_version, signals={k: json_safe(v) for k, v in (signals or {}).items()})
+
     def stats(self, step: int, layers: dict) -> None:
         self._write("stats", step=step, layers=layers)
 
@@ -139,6 +153,9 @@ _FIELDS = {
     "stats": lambda r: _is_step(r.get("step")) and isinstance(r.get("layers"), dict)
     and all(isinstance(k, str) and isinstance(v, dict) for k, v in r["layers"].items()),
     "run_end": lambda r: _is_step(r.get("step")),
+    "rollout_switch": lambda r: _is_step(r.get("step")) and isinstance(r.get("layer"), str)
+    and r.get("from") in ("fp8", "bf16") and r.get("to") in ("fp8", "bf16") and isinstance(r.get("reason"), str)
+    and _is_step(r.get("map_version")) and isinstance(r.get("signals", {}), dict),
 }
 
 

@@ -68,6 +68,16 @@ def panel_layers(cfg: WandbConfig, layers: list[str]) -> set[str]:
     return {n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in cfg.layer_panels)}
 
 
+def _flatten(metrics: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 class WandbLogger:
     """Per-layer panels come in as ``precision/<layer>/...`` metrics; switches go to an incremental table;
     the layer x step timeline is refreshed as an image. A failure to reach W&B is reported once and turns the
@@ -119,9 +129,10 @@ class WandbLogger:
         return True
 
     def log(self, step: int, metrics: dict) -> None:
-        """Numbers as scalars; a list of numbers (e.g. per-sample staleness) as a histogram."""
+        """Numbers as scalars; a list of numbers (e.g. per-sample staleness) as a histogram; a dict of them (e.g.
+        the mismatch by precision-map version) as one scalar per key path (``k/3/k3_kl``)."""
         row = {"step": step}
-        for k, v in metrics.items():
+        for k, v in _flatten(metrics).items():
             parts = k.split("/")
             if len(parts) == 3 and parts[0] == "precision" and parts[1] in self._all_layers \
                     and parts[1] not in self._panels:

@@ -162,6 +162,18 @@ class Policy:
         if precision is not None:
             st.state, st.checks_in_state, st.strikes = precision, 0, {}
 
+    def promote(self, layer: str, severity: float) -> bool:
+        """A signal from outside the monitors (RL's mismatch attribution) promotes ``layer``; it comes back as any
+        promoted layer does (cooldown with back-off, pre-flight, probation). False, and nothing changes, for a
+        pinned or held layer or one already in BF16."""
+        st = self.layers[layer]
+        if layer in self.pinned or st.hold is not None or st.state == "bf16":
+            return False
+        st.state, st.checks_in_state, st.strikes = "bf16", 0, {}
+        st.failures += 1
+        st.sensitivity = severity
+        return True
+
     def decide(self, signals: dict[str, dict], flops_per_token: dict[str, int]) -> list[Decision]:
         c = self.config
         decisions: list[Decision] = []

@@ -224,6 +224,20 @@ class PrecisionRuntime:
             self.events.switch(event)
         return event
 
+    def promote(self, name: str, reason: Reason, step: int, severity: float = 1.0,
+                signals: dict | None = None) -> SwitchEvent | None:
+        """Promote ``name`` to BF16 on a signal from outside the monitors (RL: ``reason="mismatch"``). Unlike a
+        manual switch it holds nothing: the policy brings the layer back as any promoted one (cooldown, pre-flight,
+        probation). None when the policy keeps it where it is (pinned, held, already BF16). Dynamic mode only."""
+        if name not in self.layers:
+            raise ValueError(f"unknown layer {name!r}")
+        if self.config.mode != "dynamic":
+            raise ValueError(f"promote needs precision mode 'dynamic' (a policy to bring the layer back), "
+                             f"not {self.config.mode!r}")
+        if not self.policy.promote(name, severity):
+            return None
+        return self.set_precision(name, "bf16", reason=reason, step=step, signals=signals)
+
     def release(self, name: str) -> None:
         """End a manual hold: the policy decides for this layer again."""
         if name not in self.layers:

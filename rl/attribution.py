@@ -13,9 +13,19 @@ is innocent; below 0, noise. The engine's weights may be newer than those that s
 mismatch measured here is the engine's now, staleness included in both terms. The latest share of each
 layer is kept and logged (``rollout_corr/mismatch_share/<layer>``; the largest as
 ``rollout_corr/mismatch_share_max``), and the run summary lists them.
+
+The share is also a policy signal (``[rl.mismatch_policy]``, off by default): a layer whose share reaches
+``promote_share`` while the mismatch itself is at least ``min_k3_kl`` is promoted to BF16 on the rollout side
+(``scope = "rollout"``: the rollout engine's copy only, to the end of the run) or on both sides (``"both"``:
+the trainer's layer too, as a policy promotion with reason ``mismatch`` that returns to FP8 as any promoted
+layer does). The switch log records each with a ``rollout_switch`` record (reason ``mismatch``, the share and
+the k3 behind it) and, under ``"both"``, a ``switch`` record for the trainer's layer.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -38,18 +48,55 @@ def k3_kl(logp_train: list[list[float]], logp_infer: list[list[float]]) -> float
     return float(sequence_k3(train, infer, mask).sum() / mask.sum().clamp(min=1))
 
 
+@dataclass
+class MismatchPolicyConfig:
+    """The ``[rl.mismatch_policy]`` table: promote the layer that carries the mismatch (needs
+    ``rl.attribution_every`` > 0)."""
+
+    promote_share: float = 0.0
+    """A rollout FP8 layer whose ``mismatch_share`` reaches this is promoted (0: off; 0.5: it carries half)."""
+    min_k3_kl: float = 2e-3
+    """... if the mismatch it is a share of (the measured micro-batch's k3) is at least this: a share of a tiny,
+    healthy mismatch is noise (healthy main job: ~1e-3; an injected x1e6 outlier: ~6e-3)."""
+    scope: Literal["rollout", "both"] = "rollout"
+    """``rollout``: the rollout engine's copy only; ``both``: the trainer's layer too (dynamic mode)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.promote_share <= 1 or self.min_k3_kl < 0:
+            raise ValueError(f"promote_share must be in [0, 1] (0: off) and min_k3_kl >= 0, got "
+                             f"{self.promote_share} and {self.min_k3_kl}")
+        if self.scope not in ("rollout", "both"):
+            raise ValueError(f"scope must be 'rollout' or 'both', got {self.scope!r}")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    layer: str
+    share: float
+    k3_kl: float
+
+
 class MismatchAttribution:
     def __init__(self, every: int, samples: int):
         self.every, self.samples = every, samples
         self.cursor = 0
         self.shares: dict[str, float] = {}   # layer -> its latest mismatch_share
+        self.last: Measurement | None = None
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
+    def culprit(self, policy: MismatchPolicyConfig) -> Measurement | None:
+        """The last measurement, if its layer is to be promoted under ``policy``."""
+        m = self.last
+        if m is None or policy.promote_share <= 0:
+            return None
+        return m if m.share >= policy.promote_share and m.k3_kl >= policy.min_k3_kl else None
+
     def measure(self, engine, completions, logp_train: list[list[float]]) -> dict[str, float]:
         """Score ``completions`` (the held micro-batch; ``logp_train``: the trainer's log-probs of their tokens)
         with the engine as it runs and with the next FP8 layer in BF16; returns the step's metrics."""
+        self.last = None
         fp8 = [n for n, p in engine.precisions().items() if p == "fp8"]
         if not fp8 or not completions:
             return {}
@@ -62,6 +109,7 @@ class MismatchAttribution:
         kl_base, kl_alt = k3_kl(logp_train, base), k3_kl(logp_train, alt)
         share = (kl_base - kl_alt) / kl_base if kl_base > 0 else 0.0
         self.shares[layer] = share
+        self.last = Measurement(layer, share, kl_base)
         return {f"rollout_corr/mismatch_share/{layer}": share,
                 "rollout_corr/mismatch_share_max": max(self.shares.values()),
                 "rollout_corr/attribution_k3_kl": kl_base}

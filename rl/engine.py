@@ -31,9 +31,10 @@ class InferenceEngine(Protocol):
     def load_weights(self, state: dict, version: int) -> None:
         """Replace the policy's weights with ``state`` (a state dict of CPU tensors) of ``version``."""
 
-    def set_precisions(self, precisions: dict[str, str], map_version: int) -> None:
-        """The trainer's per-layer precisions (``{layer: "fp8" | "bf16"}``) of ``map_version``; an engine under
-        ``rollout.precision = "follow"`` runs each layer so, the others record the version only."""
+    def set_precisions(self, precisions: dict[str, str], map_version: int, rollout_bf16=()) -> None:
+        """The trainer's per-layer precisions (``{layer: "fp8" | "bf16"}``) of ``map_version``, and the layers
+        promoted on the rollout side only (``rollout_bf16``); each layer then runs as
+        ``rl.rollout.rollout_precisions`` says (under ``rollout.precision = "follow"`` the trainer's precision)."""
 
     def precisions(self) -> dict[str, str]:
         """The precision each rollout layer runs in now."""

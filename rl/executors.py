@@ -27,8 +27,8 @@ class _Actor:
         self.engine.load_weights(state, version)
         return version
 
-    def set_precisions(self, precisions: dict[str, str], map_version: int) -> int:
-        self.engine.set_precisions(precisions, map_version)
+    def set_precisions(self, precisions: dict[str, str], map_version: int, rollout_bf16=()) -> int:
+        self.engine.set_precisions(precisions, map_version, rollout_bf16)
         return map_version
 
     def precisions(self) -> dict[str, str]:
@@ -92,9 +92,9 @@ class RayRolloutEngine:
         self._weights = (state, version)
         self.version = self._call("load_weights", state, version)
 
-    def set_precisions(self, precisions: dict[str, str], map_version: int) -> None:
-        self._map = (precisions, map_version)
-        self.map_version = self._call("set_precisions", precisions, map_version)
+    def set_precisions(self, precisions: dict[str, str], map_version: int, rollout_bf16=()) -> None:
+        self._map = (precisions, map_version, tuple(rollout_bf16))
+        self.map_version = self._call("set_precisions", *self._map)
 
     def precisions(self) -> dict[str, str]:
         return self._call("precisions")

@@ -1,13 +1,15 @@
 """Rollout engine: samples completions from its own copy of the Megatron GPT policy, with the behaviour
 log-probabilities (``logp_infer``) and the policy version that produced them.
 
-The copy is refreshed by versioned weight sync from the trainer (``load_weights``). Its precision is its own:
-``rollout.precision = "fp8"`` runs every FP8-capable GEMM in FP8 (current scaling, as FP8 inference engines
-do), which makes a real train/inference mismatch for IcePop to correct.
+The copy is refreshed by versioned weight sync from the trainer (``load_weights``), with the trainer's
+versioned precision map (``set_precisions``). Its precision is set by ``rollout.precision``: ``"fp8"`` runs
+every FP8-capable GEMM in FP8 (current scaling, as FP8 inference engines do), which makes a real
+train/inference mismatch for IcePop to correct; ``"follow"`` runs each layer as the trainer does; a layer
+promoted on the rollout side for its mismatch runs BF16 in every mode (``rollout_precisions``).
 
-Decoding is batched: prompts of equal length decode together; each new token re-runs the (short) sequence
-through the model. For the task lengths here (under 16 tokens) that costs less than keeping a KV cache in
-Megatron's inference context; ``tools/bench_rollout.py`` measures tokens per second.
+Decoding is batched: prompts of equal length decode together. Without a KV cache each new token re-runs the
+whole sequence; with ``rollout.kv_cache`` each prompt is encoded once and every later step runs one token
+(``tools/bench_rollout.py`` measures tokens per second both ways).
 """
 
 from __future__ import annotations
@@ -145,6 +147,21 @@ def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, tem
     return out  # type: ignore[return-value]
 
 
+def rollout_precisions(mode: str, trainer: dict[str, str], rollout_bf16, fp8_capable: dict[str, bool]
+                       ) -> dict[str, str]:
+    """The precision the rollout copy runs each layer in: BF16 where it cannot run FP8, under ``mode = "bf16"``
+    and for a layer promoted on the rollout side (``rollout_bf16``, ``rl.mismatch_policy``); otherwise FP8,
+    or under ``mode = "follow"`` the trainer's precision (``trainer``). The engine and the trainer's switch log
+    both use this one rule."""
+    forced = set(rollout_bf16)
+
+    def one(name: str) -> str:
+        if mode == "bf16" or name in forced or not fp8_capable[name]:
+            return "bf16"
+        return trainer[name] if mode == "follow" else "fp8"
+    return {name: one(name) for name in trainer}
+
+
 class RolloutEngine:
     """A separate policy copy for generation, with its own precision and a weight version."""
 
@@ -170,17 +187,18 @@ class RolloutEngine:
             layer.channel_scale = scales.get(name)
         self.version = version
 
-    def set_precisions(self, precisions: dict[str, str], map_version: int) -> None:
-        """The trainer's per-layer precisions, version ``map_version``: applied under ``precision = "follow"``
-        (a layer that cannot run FP8 stays BF16), recorded in every case."""
+    def set_precisions(self, precisions: dict[str, str], map_version: int, rollout_bf16=()) -> None:
+        """The trainer's per-layer precisions, version ``map_version``, and the layers promoted on the rollout
+        side only: each layer runs as ``rollout_precisions`` says."""
         layers = precision_layers(self.model)
-        if set(precisions) != set(layers):
-            missing, unknown = sorted(set(layers) - set(precisions)), sorted(set(precisions) - set(layers))
+        if set(precisions) != set(layers) or not set(rollout_bf16) <= set(layers):
+            missing = sorted(set(layers) - set(precisions))
+            unknown = sorted((set(precisions) | set(rollout_bf16)) - set(layers))
             raise ValueError(f"precision map {map_version} does not name this model's layers: missing "
                              f"{missing[:3]}, unknown {unknown[:3]}")
-        if self.cfg.precision == "follow":
-            for name, layer in layers.items():
-                layer.precision = precisions[name] if layer.fp8_capable else "bf16"
+        capable = {name: layer.fp8_capable for name, layer in layers.items()}
+        for name, p in rollout_precisions(self.cfg.precision, precisions, rollout_bf16, capable).items():
+            layers[name].precision = p
         self.map_version = map_version
 
     def precisions(self) -> dict[str, str]:

@@ -100,6 +100,10 @@ def train(cfg: RLConfig) -> dict:
     if cfg.run.device == "cuda":   # "auto" runs on the CPU, where the RL loop has been built and measured
         raise ConfigError('run.device: rl.train runs on the CPU for now (its rollout engine and loss metrics '
                           'still synchronise per token and per step); use run.device="cpu" or "auto"')
+    if cfg.rl.mismatch_policy.scope == "both" and cfg.rl.mismatch_policy.promote_share > 0 \
+            and cfg.precision.mode != "dynamic":
+        raise ConfigError(f'rl.mismatch_policy.scope: "both" promotes the trainer\'s layer through the precision '
+                          f'policy, which needs precision.mode = "dynamic" (got {cfg.precision.mode!r})')
     if cfg.model.vocab_size != 256:   # tokens are bytes: a smaller vocabulary fails at the first rollout
         raise ConfigError(f"model.vocab_size must be 256 (byte tokens), got {cfg.model.vocab_size}")
     init_parallel(1, seed=cfg.train.seed)
@@ -141,7 +145,7 @@ def train(cfg: RLConfig) -> dict:
         masked, warm_loss = state["rl"]["masked"], math.nan
         earlier_switches = state["rl"].get("switches", [])
     trainer = RLTrainer(model, runtime, optimizer, engine, task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,
-                        max_new, cfg.rollout.temperature)
+                        max_new, cfg.rollout)
     if found is None:
         trainer.skipped_steps = list(warm.skipped_steps)   # numbered 1..warm_start_steps, before the RL steps
         reward_initial = trainer.evaluate(heldout)
@@ -181,7 +185,7 @@ def train(cfg: RLConfig) -> dict:
             row = {k if "/" in k or k in FIELD_NAMES else f"rl/{k}": v for k, v in m.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
             elapsed = time.time() - t_rl
-            row.update({"rl/staleness_histogram": m["staleness"],
+            row.update({"rl/staleness_histogram": m["staleness"], "rl/k3_kl_by_map_version": m["k3_kl_by_map_version"],
                         "rl/trainer_idle_ratio": trainer.counters.trainer_wait / elapsed,
                         "rl/rollout_idle_ratio": trainer.counters.rollout_wait / elapsed})
             row.update(runtime.metrics())
@@ -224,6 +228,7 @@ def train(cfg: RLConfig) -> dict:
         "rollout_maps_applied": [list(x) for x in trainer.worker.maps_applied],
         "trained_by_map_version": {str(k): v for k, v in sorted(trainer.trained_by_map.items())},
         "mismatch_share": dict(sorted(trainer.attribution.shares.items())),
+        "rollout_promotions": dict(sorted(trainer.rollout_bf16.items())),
         "k3_kl_by_map_version": {str(k): s / max(n, 1) for k, (s, n) in sorted(trainer.mismatch_by_map.items())},
     }
     runtime.close(offset + end)

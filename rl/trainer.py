@@ -21,11 +21,11 @@ import torch
 
 from precisionrt.linear import precision_layers
 from precisionrt.runtime import PrecisionRuntime
-from rl.attribution import MismatchAttribution
+from rl.attribution import MismatchAttribution, MismatchPolicyConfig
 from rl.engine import InferenceEngine
 from rl.envs import Problem, ReverseDigits
 from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, ppo_loss
-from rl.rollout import CHANNEL_SCALE, generate, logits_of
+from rl.rollout import CHANNEL_SCALE, RolloutConfig, generate, logits_of, rollout_precisions
 from rl.staleness import StalenessConfig, StalenessController
 from rl.worker import Group, RolloutWorker
 
@@ -49,15 +49,20 @@ class RLAlgoConfig:
     max_consecutive_rollout_failures: int = 20
     """The run ends with the last error after this many failed rollouts in a row."""
     max_failed_rollout_fraction: float = 0.5
+    """... or once more than this share of all rollouts failed (counted from five batches of failures on)."""
     attribution_every: int = 0
     """Every this many optimizer steps, measure one rollout layer's share of the train/inference mismatch
     (``rl/attribution.py``, round-robin over the rollout's FP8 layers); 0: off."""
     attribution_samples: int = 8
     """Samples of the step's batch that the attribution scores (twice, on the rollout engine)."""
-    """... or once more than this share of all rollouts failed (counted from five batches of failures on)."""
+    mismatch_policy: MismatchPolicyConfig = field(default_factory=MismatchPolicyConfig)
+    """The ``[rl.mismatch_policy]`` table: promote the layer that carries the mismatch (off by default)."""
 
     def __post_init__(self) -> None:
         StalenessConfig(self.max_staleness)
+        if self.mismatch_policy.promote_share > 0 and self.attribution_every == 0:
+            raise ValueError("mismatch_policy.promote_share acts on the attribution's measurements: set "
+                             "attribution_every > 0")
         if self.attribution_every < 0 or self.attribution_samples < 1:
             raise ValueError(f"attribution_every must be >= 0 (0: off) and attribution_samples >= 1, got "
                              f"{self.attribution_every} and {self.attribution_samples}")
@@ -71,14 +76,15 @@ class RLAlgoConfig:
 
 class RLTrainer:
     def __init__(self, model, runtime: PrecisionRuntime, optimizer, engine: InferenceEngine, task: ReverseDigits,
-                 algo: RLAlgoConfig, mode: str, seed: int, max_new_tokens: int, temperature: float):
+                 algo: RLAlgoConfig, mode: str, seed: int, max_new_tokens: int, rollout: RolloutConfig):
         self.model, self.runtime, self.optimizer, self.engine, self.task = model, runtime, optimizer, engine, task
         self.algo, self.mode = algo, mode
         self.batch_samples = algo.prompts_per_step * algo.group_size
         self.ctrl = StalenessController(StalenessConfig(algo.max_staleness), self.batch_samples)
         self.loss_cfg = algo.loss
         self.max_new_tokens = max_new_tokens
-        self.temperature = temperature if temperature > 0 else 1.0
+        self.rollout_mode = rollout.precision
+        self.temperature = rollout.temperature if rollout.temperature > 0 else 1.0
         self.skipped_steps: list[int] = []   # optimizer steps skipped for nonfinite gradients
         # the trainer's precisions travel to the rollout engine as a versioned map, with the weights
         self.map_version, self._map = 0, runtime.precisions()
@@ -86,6 +92,8 @@ class RLTrainer:
         self.trained_by_map: Counter = Counter()   # trained samples by the map version that generated them
         self.mismatch_by_map: dict[int, list] = {}   # map version -> [k3 summed over tokens, tokens]
         self.attribution = MismatchAttribution(algo.attribution_every, algo.attribution_samples)
+        self.rollout_bf16: dict[str, dict] = {}   # layers promoted on the rollout side -> why (step, share, k3)
+        self._map_bf16: set[str] = set()   # ... as the last published map has them
         self.worker = RolloutWorker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model), self._map)
         self.queue, self.counters = self.worker.queue, self.worker.counters
 
@@ -141,11 +149,9 @@ class RLTrainer:
         batch = self.next_batch()
         inputs, rewards, entropy = self.loss_inputs(batch)
         loss, metrics = ppo_loss(inputs, self.loss_cfg)
-        # the mismatch of each precision-map version, summed over the run (rollout_corr/k3_kl split by version)
-        for c, k3 in zip((c for g in batch for c in g.completions), metrics.pop("k3_per_sequence")):
-            acc = self.mismatch_by_map.setdefault(c.map_version, [0.0, 0])
-            acc[0], acc[1] = acc[0] + k3, acc[1] + len(c.tokens)   # a completion's tokens are its mask
-        if self.attribution.due(step):   # on pi_prox, before the update
+        by_map = self._split_by_map(batch, metrics.pop("k3_per_sequence"))
+        attributed = self.attribution.due(step)
+        if attributed:   # on pi_prox, before the update
             metrics.update(self._attribute(batch, inputs))
         (loss - self.algo.entropy_coef * entropy).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
@@ -158,6 +164,8 @@ class RLTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         staleness = [self.ctrl.staleness(g.version) for g in batch]
         events = self.runtime.end_step(step)   # the switches apply at the next forward, on both sides:
+        if attributed:
+            events += self._act_on_mismatch(step)
         self._publish_precisions(step)         # the map goes out first, the weights (if any) join it
         if skipped:
             # nothing was learnt from these samples and the weights did not change: the samples are dropped
@@ -175,7 +183,33 @@ class RLTrainer:
                 "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0,
-                "map_version_oldest": min(c.map_version for g in batch for c in g.completions), **metrics}
+                "map_version_oldest": min(c.map_version for g in batch for c in g.completions),
+                "k3_kl_by_map_version": by_map, **metrics}
+
+    def _split_by_map(self, batch: list[Group], k3_per_sequence: list[float]) -> dict[str, dict]:
+        """``rollout_corr/k3_kl`` of the step's samples split by the precision-map version that made them (and
+        summed into the run's split): ``{version: {"k3_kl": ..., "samples": n}}``."""
+        step_acc: dict[int, list] = {}
+        for c, k3 in zip((c for g in batch for c in g.completions), k3_per_sequence):
+            for acc in (self.mismatch_by_map.setdefault(c.map_version, [0.0, 0]),
+                        step_acc.setdefault(c.map_version, [0.0, 0, 0])):
+                acc[0], acc[1] = acc[0] + k3, acc[1] + len(c.tokens)   # a completion's tokens are its mask
+            step_acc[c.map_version][2] += 1
+        return {str(v): {"k3_kl": s / max(n, 1), "samples": k} for v, (s, n, k) in sorted(step_acc.items())}
+
+    def _act_on_mismatch(self, step: int) -> list:
+        """``[rl.mismatch_policy]``: promote the layer the last attribution found carrying the mismatch."""
+        policy, m = self.algo.mismatch_policy, self.attribution.culprit(self.algo.mismatch_policy)
+        if m is None or m.layer in self.rollout_bf16:
+            return []
+        signals = {"mismatch_share": m.share, "k3_kl": m.k3_kl}
+        self.rollout_bf16[m.layer] = {"step": step, "scope": policy.scope, **signals}
+        log.info("step %d: %s carries %.0f%% of the mismatch (k3 %.2e): promoted on the %s side", step,
+                 m.layer, 100 * m.share, m.k3_kl, "rollout" if policy.scope == "rollout" else "rollout and trainer")
+        if policy.scope == "both":
+            event = self.runtime.promote(m.layer, "mismatch", step, severity=m.share, signals=signals)
+            return [event] if event is not None else []
+        return []
 
     def _attribute(self, batch: list[Group], inputs: LossInputs) -> dict[str, float]:
         comps = [c for g in batch for c in g.completions][: self.algo.attribution_samples]
@@ -185,14 +219,31 @@ class RLTrainer:
             return self.attribution.measure(self.engine, comps, logp_train)
 
     def _publish_precisions(self, step: int) -> None:
-        precisions = self.runtime.precisions()
-        if precisions == self._map:
+        precisions, forced = self.runtime.precisions(), set(self.rollout_bf16)
+        if precisions == self._map and forced == self._map_bf16:
             return
         self.map_version += 1
         changed = {n: p for n, p in precisions.items() if self._map[n] != p}
-        self.precision_changes.append({"map_version": self.map_version, "step": step, "layers": changed})
-        self._map = precisions
-        self.worker.publish_precisions(self.map_version, precisions)
+        change = {"map_version": self.map_version, "step": step, "layers": changed}
+        if forced != self._map_bf16:
+            change["rollout_bf16"] = sorted(forced - self._map_bf16)
+        self.precision_changes.append(change)
+        self._log_rollout_switches(step, precisions, forced)
+        self._map, self._map_bf16 = precisions, forced
+        self.worker.publish_precisions(self.map_version, precisions, forced)
+
+    def _log_rollout_switches(self, step: int, precisions: dict[str, str], forced: set[str]) -> None:
+        """A ``rollout_switch`` record in the switch log for every layer the new map changes on the rollout side."""
+        if self.runtime.events is None:
+            return
+        capable = {n: layer.fp8_capable for n, layer in self.runtime.layers.items()}
+        before = rollout_precisions(self.rollout_mode, self._map, self._map_bf16, capable)
+        after = rollout_precisions(self.rollout_mode, precisions, forced, capable)
+        for name in (n for n in after if after[n] != before[n]):
+            why = self.rollout_bf16.get(name) if name not in self._map_bf16 else None
+            signals = {} if why is None else {k: why[k] for k in ("mismatch_share", "k3_kl")}
+            self.runtime.events.rollout_switch(step, name, before[name], after[name],
+                                               "mismatch" if why else "follow", self.map_version, signals)
 
     def present_samples(self) -> int:
         """Samples physically in flight: what the queue holds (call with the rollout worker stopped)."""
@@ -209,6 +260,7 @@ class RLTrainer:
                     "failed_rollouts": a.failed_rollouts, "worker_lost": a.worker_lost}
         return {"version": version, **self.worker.state_dict(), "acct": acct, "skipped_steps": list(self.skipped_steps),
                 "map_version": self.map_version, "precision_changes": self.precision_changes,
+                "rollout_bf16": self.rollout_bf16,
                 "trained_by_map": dict(self.trained_by_map), "mismatch_by_map": self.mismatch_by_map}
 
     def load_state_dict(self, sd: dict) -> None:
@@ -229,7 +281,10 @@ class RLTrainer:
         self.precision_changes = list(sd.get("precision_changes", []))
         self.trained_by_map = Counter({int(k): v for k, v in sd.get("trained_by_map", {}).items()})
         self.mismatch_by_map = {int(k): list(v) for k, v in sd.get("mismatch_by_map", {}).items()}
-        self.worker.load_state_dict(sd, self.ctrl.version, _snapshot(self.model), self.map_version, self._map)
+        self.rollout_bf16 = dict(sd.get("rollout_bf16", {}))
+        self._map_bf16 = set(self.rollout_bf16)
+        self.worker.load_state_dict(sd, self.ctrl.version, _snapshot(self.model), self.map_version, self._map,
+                                    self._map_bf16)
 
     # ----------------------------------------------------------------------------------- lifecycle
 

@@ -67,7 +67,8 @@ class RolloutWorker:
         self.generator = torch.Generator().manual_seed(seed)   # which tokens
         self._weights_lock = threading.Lock()
         self.engine_lock = threading.Lock()   # one user of the engine at a time: the worker, or an attribution
-        self._published = (0, weights, 0, precisions)   # policy version, weights, precision-map version, map
+        # policy version, weights, precision-map version, the trainer's precisions, the rollout-only BF16 layers
+        self._published = (0, weights, 0, precisions, ())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: tuple[BaseException, str] | None = None
@@ -81,19 +82,20 @@ class RolloutWorker:
         with self._weights_lock:
             self._published = (version, weights, *self._published[2:])
 
-    def publish_precisions(self, map_version: int, precisions: dict[str, str]) -> None:
-        """The trainer's per-layer precisions, version ``map_version``; they travel with the weights (the engine
-        takes both from one snapshot, so a map never reaches it with weights of another version)."""
+    def publish_precisions(self, map_version: int, precisions: dict[str, str], rollout_bf16=()) -> None:
+        """The trainer's per-layer precisions and the layers promoted on the rollout side only, version
+        ``map_version``; they travel with the weights (the engine takes both from one snapshot, so a map never
+        reaches it with weights of another version)."""
         with self._weights_lock:
-            self._published = (*self._published[:2], map_version, dict(precisions))
+            self._published = (*self._published[:2], map_version, dict(precisions), tuple(sorted(rollout_bf16)))
 
     def _pull_weights(self) -> None:
         with self._weights_lock:
-            version, weights, map_version, precisions = self._published
+            version, weights, map_version, precisions, rollout_bf16 = self._published
         if version > self.engine.version:
             self.engine.load_weights(weights, version)
         if map_version > self.engine.map_version:
-            self.engine.set_precisions(precisions, map_version)
+            self.engine.set_precisions(precisions, map_version, rollout_bf16)
             self.maps_applied.append((map_version, version))
 
     # ----------------------------------------------------------------------------------- rollouts
@@ -187,12 +189,12 @@ class RolloutWorker:
                 "gen": self.generator.get_state()}
 
     def load_state_dict(self, sd: dict, version: int, weights: dict, map_version: int,
-                        precisions: dict[str, str]) -> None:
+                        precisions: dict[str, str], rollout_bf16=()) -> None:
         """Resume: the RNGs, and the engine on the checkpoint's weights and precision map."""
         self.rng.setstate((sd["rng_version"], tuple(sd["rng"]), None))
         self.generator.set_state(sd["gen"])
         with self._weights_lock:
-            self._published = (version, weights, map_version, dict(precisions))
+            self._published = (version, weights, map_version, dict(precisions), tuple(sorted(rollout_bf16)))
         self.engine.load_weights(weights, version)
-        self.engine.set_precisions(precisions, map_version)
+        self.engine.set_precisions(precisions, map_version, tuple(sorted(rollout_bf16)))
         self.maps_applied = [(map_version, version)]   # this segment starts from the checkpoint's map
