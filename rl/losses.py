@@ -9,6 +9,10 @@ Three policies meet in an asynchronous trainer (AReaL's decoupled PPO):
 The PPO ratio ``pi_theta / pi_prox`` is clipped as usual; the train/inference mismatch ``pi_prox / pi_infer`` is a
 separate detached per-token weight: IcePop (contract C8) keeps it where it lies in ``[low, high]`` and zeroes
 the token outside (no gradient), TIS truncates it at C, ``none`` is 1.
+
+``objective = "naive"`` is the baseline AReaL compares against: standard PPO with the behaviour policy as the
+old policy (the ratio ``pi_theta / pi_infer`` clipped, no separate weight), which with stale samples clips
+most tokens out of the gradient.
 """
 
 from __future__ import annotations
@@ -101,6 +105,9 @@ class LossConfig:
     ``icepop_band`` give no gradient), ``tis`` (the ratio, capped at ``tis_cap``) or ``none``."""
     icepop_band: tuple[float, float] = (0.5, 2.0)
     tis_cap: float = 2.0
+    objective: Literal["decoupled", "naive"] = "decoupled"
+    """``decoupled``: AReaL's decoupled PPO (the ratio on pi_prox, the correction on pi_prox / pi_infer);
+    ``naive``: standard PPO on stale samples (the ratio on pi_infer; takes ``correction = "none"``): a baseline."""
     level: Literal["token", "sequence"] = "token"
     """``sequence``: one weight per sequence, from the geometric mean of its token ratios."""
     veto_threshold: float = 0.0
@@ -114,6 +121,11 @@ class LossConfig:
         _check_band(*self.icepop_band)
         if self.correction not in ("icepop", "tis", "none"):
             raise ValueError(f"correction must be icepop, tis or none, got {self.correction!r}")
+        if self.objective not in ("decoupled", "naive"):
+            raise ValueError(f"objective must be decoupled or naive, got {self.objective!r}")
+        if self.objective == "naive" and self.correction != "none":
+            raise ValueError(f'objective "naive" is PPO on pi_infer without a separate correction: set correction '
+                             f'= "none" (got {self.correction!r})')
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
         if self.tis_cap <= 0:
@@ -148,7 +160,8 @@ def ppo_loss(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
     """
     mask = inp.mask.float()
     n = mask.sum().clamp(min=1)
-    ratio = torch.exp(inp.logp - inp.logp_prox.detach())
+    old = inp.logp_infer if cfg.objective == "naive" else inp.logp_prox   # PPO's old policy
+    ratio = torch.exp(inp.logp - old.detach())
     clipped = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps)
     surrogate = torch.minimum(ratio * inp.advantages, clipped * inp.advantages)
     keep, vetoed, k2_masked = mismatch.sequence_keep(inp.logp_prox, inp.logp_infer, mask, cfg.veto_threshold,

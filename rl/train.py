@@ -27,7 +27,7 @@ from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.rundir import RunConfig, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from rl.envs import ReverseDigits, ReverseTaskConfig
+from rl.envs import TaskConfig, make_task
 from rl.executors import make_engine
 from rl.mismatch import FIELD_NAMES
 from rl.rollout import RolloutConfig
@@ -91,7 +91,7 @@ class RLConfig:
     rl: RLAlgoConfig = field(default_factory=RLAlgoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
-    task: ReverseTaskConfig = field(default_factory=ReverseTaskConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
 
@@ -112,9 +112,9 @@ def train(cfg: RLConfig) -> dict:
     runtime = PrecisionRuntime(model, cfg.precision)
     panel_layers(cfg.wandb, runtime.names)   # a W&B layer pattern that matches nothing: refused before writing
     injector = FaultInjector(cfg.inject, model)
-    task = ReverseDigits(cfg.task)
+    task = make_task(cfg.task)
     max_new = task.max_completion_tokens
-    longest_prompt = cfg.task.max_digits + 1
+    longest_prompt = task.max_prompt_tokens
     if longest_prompt + max_new > cfg.model.seq_length:
         raise ConfigError(f"model.seq_length {cfg.model.seq_length} is shorter than the longest prompt "
                           f"({longest_prompt}) plus the answer budget ({max_new})")

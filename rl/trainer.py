@@ -23,7 +23,7 @@ from precisionrt.linear import precision_layers
 from precisionrt.runtime import PrecisionRuntime
 from rl.attribution import MismatchAttribution, MismatchPolicyConfig
 from rl.engine import InferenceEngine
-from rl.envs import Problem, ReverseDigits
+from rl.envs import Problem, Task
 from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, ppo_loss
 from rl.rollout import CHANNEL_SCALE, RolloutConfig, generate, logits_of, rollout_precisions
 from rl.staleness import StalenessConfig, StalenessController
@@ -75,7 +75,7 @@ class RLAlgoConfig:
 
 
 class RLTrainer:
-    def __init__(self, model, runtime: PrecisionRuntime, optimizer, engine: InferenceEngine, task: ReverseDigits,
+    def __init__(self, model, runtime: PrecisionRuntime, optimizer, engine: InferenceEngine, task: Task,
                  algo: RLAlgoConfig, mode: str, seed: int, max_new_tokens: int, rollout: RolloutConfig):
         self.model, self.runtime, self.optimizer, self.engine, self.task = model, runtime, optimizer, engine, task
         self.algo, self.mode = algo, mode
@@ -319,7 +319,7 @@ class WarmStart:
     switches: list
 
 
-def supervised_warm_start(model, optimizer, task: ReverseDigits, steps: int, batch_size: int, seed: int,
+def supervised_warm_start(model, optimizer, task: Task, steps: int, batch_size: int, seed: int,
                           runtime: PrecisionRuntime, before_step=None) -> WarmStart:
     """A short supervised start on correct answers (prompt, reversed digits, stop byte), stopped early: the
     model learns the format and a little of the task (held-out reward ~0.2-0.3 after ~50 steps); RL does the

@@ -111,3 +111,24 @@ def test_invalid_band_is_refused(band):
         LossConfig(icepop_band=band)
     with pytest.raises(ValueError, match="0 < low < high"):
         icepop_weights(torch.zeros(1), torch.zeros(1), *band)
+
+
+def test_naive_ppo_clips_on_the_behaviour_policy():
+    """AReaL's naive-PPO baseline: the ratio is pi_theta / pi_infer. With a positive advantage, tokens whose
+    ratio is above 1 + eps are clipped (no gradient) and those below 1 - eps keep the ratio's gradient: stale
+    samples lose most of their signal. The decoupled objective on the same tokens clips nothing (pi_theta ==
+    pi_prox) and the correction decides instead."""
+    train, infer = logps(RATIOS)
+    grads = {}
+    for objective in ("naive", "decoupled"):
+        logp = train.clone().requires_grad_(True)
+        inp = LossInputs(logp=logp[None], logp_prox=train[None], logp_infer=infer[None],
+                         advantages=torch.full((1,), 2.0, dtype=torch.float64),
+                         mask=torch.ones(1, 5, dtype=torch.float64))
+        loss, m = ppo_loss(inp, LossConfig(correction="none", objective=objective))
+        loss.backward()
+        grads[objective] = logp.grad.tolist()
+    assert grads["naive"] == pytest.approx([-2.0 * r / 5 for r in [0.4, 0.5, 0, 0, 0]], abs=1e-12)
+    assert grads["decoupled"] == pytest.approx([-2.0 / 5] * 5, abs=1e-12)
+    with pytest.raises(ValueError, match='correction = "none"'):
+        LossConfig(objective="naive", correction="icepop")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from precisionrt.config import ConfigError, load_config
-from rl.envs import ReverseDigits, ReverseTaskConfig
+from rl.envs import ReverseDigits, TaskConfig
 from rl.rollout import generate
 from rl.staleness import StalenessConfig, StalenessController
 from rl.train import RLConfig, train
@@ -99,11 +99,11 @@ def test_admission_control_bounds_what_can_be_in_flight():
 
 class BrokenRewards(ReverseDigits):
     def reward(self, problem, completion):
-        return math.nan if problem.digits[0] in "01234" else super().reward(problem, completion)
+        return math.nan if problem.prompt[0] in b"01234" else super().reward(problem, completion)
 
 
 def test_malformed_rewards_are_counted_drops(tmp_path, monkeypatch):
-    monkeypatch.setattr("rl.train.ReverseDigits", BrokenRewards)
+    monkeypatch.setattr("rl.train.make_task", BrokenRewards)
     s = run(tmp_path, 'executor.mode="sync"', "train.warm_start_steps=0")
     acct = s["samples"]
     assert acct["dropped"].get("bad_reward", 0) > 0 and acct["trained"] == 48
@@ -120,7 +120,7 @@ def test_prompt_longer_than_context_and_bad_band_are_refused(tmp_path):
 
 
 def test_reward_has_partial_credit():
-    task = ReverseDigits(ReverseTaskConfig(heldout_size=4))
+    task = ReverseDigits(TaskConfig(heldout_size=4))
     p = task.sample(random.Random(0))
     assert task.reward(p, p.target) == 1.0
     assert task.reward(p, b"") == 0.0
@@ -305,7 +305,7 @@ def test_a_dead_rollout_worker_is_reported_at_once_with_its_traceback(tmp_path, 
 
     from rl.worker import RolloutFailure
 
-    monkeypatch.setattr("rl.train.ReverseDigits", RaisingRewards)
+    monkeypatch.setattr("rl.train.make_task", RaisingRewards)
     t0 = time.perf_counter()
     with pytest.raises(RolloutFailure, match=r"(?s)rollout worker died: KeyError.*reward service.*Traceback"):
         run(tmp_path, 'executor.mode="async"', "train.warm_start_steps=0")

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from precisionrt.config import load_config  # noqa: E402
 from precisionrt.megatron import init_parallel  # noqa: E402
-from rl.envs import ReverseDigits  # noqa: E402
+from rl.envs import make_task  # noqa: E402
 from rl.rollout import RolloutConfig, RolloutEngine  # noqa: E402
 from rl.train import RLConfig  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> int:
     state = engines["fp8"].model.state_dict()
     for engine in engines.values():
         engine.model.load_state_dict(state)
-    task = ReverseDigits(cfg.task)
+    task = make_task(cfg.task)
     rng = random.Random(0)
     n = cfg.rl.prompts_per_step * cfg.rl.group_size
     new_tokens = args.new_tokens if args.prompt_tokens else task.max_completion_tokens

@@ -1,0 +1,114 @@
+"""What every single-turn task shares: the problem type, the ``[task]`` table and the choice of task.
+
+A task turns problems into byte prompts, scores completions in [0, 1], keeps a held-out set disjoint from
+what training samples, and formats correct answers for the supervised warm start.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+STOP = ord("\n")   # the stop byte every completion ends with
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: bytes
+    target: bytes   # the correct completion, stop byte excluded
+
+
+@dataclass
+class TaskConfig:
+    """The ``[task]`` table."""
+
+    name: Literal["reverse_digits", "addition"] = "reverse_digits"
+    """``reverse_digits``: reverse a digit string (learnt in about a minute on a CPU); ``addition``: add two
+    numbers, the sum written least significant digit first (carries make it take several minutes)."""
+    min_digits: int = 3
+    """Digits of the string to reverse, or of each addend."""
+    max_digits: int = 5
+    heldout_size: int = 128
+    seed: int = 1234
+    """Draws the held-out set."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("reverse_digits", "addition"):
+            raise ValueError(f"name must be 'reverse_digits' or 'addition', got {self.name!r}")
+        if not 1 <= self.min_digits <= self.max_digits:
+            raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
+        if self.heldout_size < 1:
+            raise ValueError("heldout_size must be >= 1")
+        if self.max_digits > 18:
+            raise ValueError(f"max_digits must be <= 18 (the answer must fit the context), got {self.max_digits}")
+        if self.heldout_size > self.distinct_problems() // 2:   # held-out problems are drawn until distinct:
+            raise ValueError(                                     # more would hang, and training needs the rest
+                f"heldout_size {self.heldout_size} needs more than half of the {self.distinct_problems()} distinct "
+                f"problems of {self.min_digits}-{self.max_digits} digits; lower task.heldout_size or widen the "
+                "digit range")
+
+    def distinct_problems(self) -> int:
+        strings = sum(10**n for n in range(self.min_digits, self.max_digits + 1))
+        if self.name == "reverse_digits":
+            return strings
+        numbers = sum(10 if n == 1 else 9 * 10 ** (n - 1) for n in range(self.min_digits, self.max_digits + 1))
+        return numbers * numbers
+
+
+class Task(Protocol):
+    name: str
+    max_prompt_tokens: int
+    max_completion_tokens: int   # the answer budget, stop byte included
+
+    def heldout(self) -> list[Problem]: ...
+
+    def sample(self, rng: random.Random) -> Problem:
+        """A training problem, never one of the held-out set."""
+
+    def reward(self, problem: Problem, completion: bytes) -> float:
+        """In [0, 1]; ``completion`` is what the model generated, stop byte excluded."""
+
+
+def partial_credit(answer: bytes, target: bytes) -> float:
+    """The fraction of target positions whose byte is right, over ``max(len(target), len(answer))`` so that
+    padding an answer with extra bytes costs credit."""
+    return sum(a == t for a, t in zip(answer, target)) / max(len(target), len(answer))
+
+
+def format_example(problem: Problem) -> tuple[bytes, bytes]:
+    """(prompt, correct completion with the stop byte) for supervised warm starts."""
+    return problem.prompt, problem.target + bytes([STOP])
+
+
+class HeldOutTask:
+    """A task over problems drawn by ``draw``: a fixed held-out set, and training samples outside it."""
+
+    name = "task"
+
+    def __init__(self, config: TaskConfig):
+        self.config = config
+        rng = random.Random(config.seed)
+        held: set[Problem] = set()
+        while len(held) < config.heldout_size:
+            held.add(self.draw(rng))
+        self._heldout = sorted(held, key=lambda p: p.prompt)
+        self._held = frozenset(held)
+
+    def draw(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def heldout(self) -> list[Problem]:
+        return list(self._heldout)
+
+    def sample(self, rng: random.Random) -> Problem:
+        while True:
+            p = self.draw(rng)
+            if p not in self._held:
+                return p
+
+    def reward(self, problem: Problem, completion: bytes) -> float:
+        return partial_credit(completion, problem.target)
+
+    def format_example(self, problem: Problem, answer: bytes) -> tuple[bytes, bytes]:
+        return problem.prompt, answer + bytes([STOP])
