@@ -98,14 +98,19 @@ class MismatchAttribution:
         with the engine as it runs and with the next FP8 layer in BF16; returns the step's metrics."""
         self.last = None
         fp8 = [n for n, p in engine.precisions().items() if p == "fp8"]
+        held = [(c, lp) for c, lp in zip(completions, logp_train) if c.trained_tokens > 0]
+        completions, logp_train = [c for c, _ in held], [lp for _, lp in held]
         if not fp8 or not completions:
             return {}
         layer = fp8[self.cursor % len(fp8)]
         self.cursor += 1
         seqs = [list(c.prompt) + c.tokens for c in completions]
         starts = [len(c.prompt) for c in completions]
-        base = engine.score(seqs, starts, [])
-        alt = engine.score(seqs, starts, [layer])
+        trained = [c.mask or [1] * len(c.tokens) for c in completions]   # episodes: their action tokens only
+        keep = lambda rows: [[x for x, m in zip(r, t) if m] for r, t in zip(rows, trained)]  # noqa: E731
+        logp_train = keep(logp_train)
+        base = keep(engine.score(seqs, starts, []))
+        alt = keep(engine.score(seqs, starts, [layer]))
         kl_base, kl_alt = k3_kl(logp_train, base), k3_kl(logp_train, alt)
         share = (kl_base - kl_alt) / kl_base if kl_base > 0 else 0.0
         self.shares[layer] = share

@@ -56,6 +56,16 @@ class Completion:
     version: int
     stopped: bool              # produced the stop byte within the budget
     map_version: int = 0       # the trainer's precision map the engine held when it generated this
+    mask: list[int] | None = None
+    """Multi-turn episodes: per token of ``tokens``, 1 where the loss trains it (observations and masked errors
+    0); None: every token trains."""
+    token_versions: list[int] | None = None
+    """Multi-turn episodes: the policy version of each action token (-1 on observations); ``version`` is the
+    oldest."""
+
+    @property
+    def trained_tokens(self) -> int:
+        return len(self.tokens) if self.mask is None else sum(self.mask)
 
     @property
     def text(self) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,11 +28,13 @@ from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.rundir import RunConfig, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from rl.envs import TaskConfig, make_task
+from rl.envs import TaskConfig
+from rl.envs.calculator import EnvConfig
 from rl.executors import make_engine
 from rl.mismatch import FIELD_NAMES
 from rl.rollout import RolloutConfig
 from rl.trainer import RLAlgoConfig, RLTrainer, supervised_warm_start
+from rl.workload import make_workload
 
 
 @dataclass
@@ -92,8 +95,20 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn tasks (``task.name = "calculator"``): the tool and the turns."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
+
+
+def idle_ratios(trainer: RLTrainer, elapsed: float) -> dict[str, float]:
+    """Shares of ``elapsed`` that the trainer waited for samples, that the rollout engine was not generating
+    and (multi-turn tasks) that no tool call was in flight."""
+    c = trainer.counters
+    out = {"rl/trainer_idle_ratio": c.trainer_wait / elapsed, "rl/rollout_idle_ratio": 1 - c.rollout_busy / elapsed}
+    if hasattr(trainer.worker, "clock"):
+        out["rl/env_idle_ratio"] = 1 - trainer.worker.clock.busy / elapsed
+    return out
 
 
 def train(cfg: RLConfig) -> dict:
@@ -112,12 +127,7 @@ def train(cfg: RLConfig) -> dict:
     runtime = PrecisionRuntime(model, cfg.precision)
     panel_layers(cfg.wandb, runtime.names)   # a W&B layer pattern that matches nothing: refused before writing
     injector = FaultInjector(cfg.inject, model)
-    task = make_task(cfg.task)
-    max_new = task.max_completion_tokens
-    longest_prompt = task.max_prompt_tokens
-    if longest_prompt + max_new > cfg.model.seq_length:
-        raise ConfigError(f"model.seq_length {cfg.model.seq_length} is shorter than the longest prompt "
-                          f"({longest_prompt}) plus the answer budget ({max_new})")
+    work = make_workload(cfg)
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
     opened = open_run(cfg, model, runtime.names, end)
     if opened.finished is not None:
@@ -125,7 +135,6 @@ def train(cfg: RLConfig) -> dict:
     run_dir, logger, found = opened.run_dir, opened.logger, opened.checkpoint
     t_start = time.time()
 
-    heldout = task.heldout()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
     engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout)
     offset = cfg.train.warm_start_steps  # optimizer steps before RL: the switch log counts all of them
@@ -133,8 +142,8 @@ def train(cfg: RLConfig) -> dict:
     if found is None:
         runtime.start_log(run_dir, to_dict(cfg))
         warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
-        warm = supervised_warm_start(model, warm_opt, task, cfg.train.warm_start_steps, cfg.train.warm_start_batch,
-                                     cfg.train.seed, runtime, before_step=injector.before_step)
+        warm = supervised_warm_start(model, warm_opt, work.warm_batches, cfg.train.warm_start_steps, cfg.train.seed,
+                                     runtime, before_step=injector.before_step)
         warm_loss, earlier_switches = warm.loss, [e.summary() for e in warm.switches]
     else:
         start, state = found
@@ -144,11 +153,11 @@ def train(cfg: RLConfig) -> dict:
         runtime.start_log(run_dir, to_dict(cfg), resumed_from=offset + start)
         masked, warm_loss = state["rl"]["masked"], math.nan
         earlier_switches = state["rl"].get("switches", [])
-    trainer = RLTrainer(model, runtime, optimizer, engine, task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,
-                        max_new, cfg.rollout)
+    trainer = RLTrainer(model, runtime, optimizer, engine, work.task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,
+                        work.max_new_tokens, cfg.rollout, work.worker, **work.worker_args)
     if found is None:
         trainer.skipped_steps = list(warm.skipped_steps)   # numbered 1..warm_start_steps, before the RL steps
-        reward_initial = trainer.evaluate(heldout)
+        reward_initial = work.evaluate(trainer)
         print(f"warm start: {cfg.train.warm_start_steps} steps, loss {warm_loss:.3f}; held-out reward "
               f"{reward_initial:.3f}", flush=True)
         logger.log(0, {"eval/reward": reward_initial, "warm_start/loss": warm_loss})
@@ -164,7 +173,7 @@ def train(cfg: RLConfig) -> dict:
                    "switches": earlier_switches + [e.summary() for e in switches]}},
             keep=cfg.train.keep_checkpoints)
 
-    switches, reward_final = [], reward_initial
+    switches, reward_final, agent_totals = [], reward_initial, Counter()
     trained_before = trainer.ctrl.acct.trained
     trainer.start()
     t_rl = time.time()
@@ -186,16 +195,19 @@ def train(cfg: RLConfig) -> dict:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
             elapsed = time.time() - t_rl
             row.update({"rl/staleness_histogram": m["staleness"], "rl/k3_kl_by_map_version": m["k3_kl_by_map_version"],
-                        "rl/trainer_idle_ratio": trainer.counters.trainer_wait / elapsed,
-                        "rl/rollout_idle_ratio": trainer.counters.rollout_wait / elapsed})
+                        **idle_ratios(trainer, elapsed)})
             row.update(runtime.metrics())
             if step % cfg.train.eval_every == 0 or step == end:
-                reward_final = trainer.evaluate(heldout)
+                reward_final = work.evaluate(trainer)
                 row["eval/reward"] = reward_final
             if step % cfg.train.log_every == 0 or step == end:
                 acct = trainer.ctrl.acct
                 row.update({"samples/generated": acct.generated, "samples/trained": acct.trained,
                             "samples/dropped": sum(acct.dropped.values()), "samples/in_flight": acct.in_flight})
+                if work.multi_turn:   # the episodes finished since the last logged step
+                    episodes = trainer.worker.take_stats()
+                    agent_totals.update({k: v for k, v in episodes.items() if not k.startswith("tool_")})
+                    row.update({f"agent/{k}": v for k, v in episodes.items()})
                 logger.log(step, row)
                 print(f"step {step:>4}/{cfg.train.steps}  reward {m['reward']:.3f}  held-out {reward_final:.3f}  "
                       f"staleness {m['staleness_mean']:.1f}  icepop masked {m['masked_fraction']:.1%}  "
@@ -218,7 +230,7 @@ def train(cfg: RLConfig) -> dict:
         "staleness_histogram": {str(k): v for k, v in sorted(acct.staleness_trained.items())},
         "icepop_masked_fraction": sum(masked) / len(masked) if masked else math.nan,
         "samples_per_s": (acct.trained - trained_before) / rl_wall,
-        "trainer_idle_ratio": c.trainer_wait / rl_wall, "rollout_idle_ratio": c.rollout_wait / rl_wall,
+        **{k.removeprefix("rl/"): v for k, v in idle_ratios(trainer, rl_wall).items()},
         "rollout_errors": c.errors[:10], "fp8_flop_fraction": runtime.fp8_flop_fraction(),
         "switches": earlier_switches + [e.summary() for e in switches], "executor": to_dict(cfg.executor),
         "rollout_precision": cfg.rollout.precision, "correction": cfg.rl.loss.correction,
@@ -231,6 +243,9 @@ def train(cfg: RLConfig) -> dict:
         "rollout_promotions": dict(sorted(trainer.rollout_bf16.items())),
         "k3_kl_by_map_version": {str(k): s / max(n, 1) for k, (s, n) in sorted(trainer.mismatch_by_map.items())},
     }
+    if work.multi_turn:   # this segment's episodes (a resumed run: since the resume)
+        agent_totals.update({k: v for k, v in trainer.worker.take_stats().items() if not k.startswith("tool_")})
+        summary["agent"] = {**dict(agent_totals), **{f"tool_{k}": v for k, v in work.task.stats.items()}}
     runtime.close(offset + end)
     logger.close()
     write_json(run_dir / "summary.json", summary)

@@ -16,6 +16,7 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -55,6 +56,11 @@ class RLAlgoConfig:
     (``rl/attribution.py``, round-robin over the rollout's FP8 layers); 0: off."""
     attribution_samples: int = 8
     """Samples of the step's batch that the attribution scores (twice, on the rollout engine)."""
+    error_masking: bool = False
+    """Multi-turn tasks (GLM-5): an action whose tool call failed through the policy's own fault (a malformed
+    call, wrong arguments) is not trained, in RL and in the warm start; the actions that recover are."""
+    groups_in_flight: int = 64
+    """Multi-turn tasks, async mode: GRPO groups in flight at once (each still admitted by staleness control)."""
     mismatch_policy: MismatchPolicyConfig = field(default_factory=MismatchPolicyConfig)
     """The ``[rl.mismatch_policy]`` table: promote the layer that carries the mismatch (off by default)."""
 
@@ -70,13 +76,18 @@ class RLAlgoConfig:
             raise ValueError("max_consecutive_rollout_failures must be >= 1")
         if not 0 < self.max_failed_rollout_fraction <= 1:
             raise ValueError(f"max_failed_rollout_fraction must be in (0, 1], got {self.max_failed_rollout_fraction}")
+        if self.groups_in_flight < 1:
+            raise ValueError(f"groups_in_flight must be >= 1, got {self.groups_in_flight}")
         if self.group_size < 2 or self.prompts_per_step < 1:
             raise ValueError("group_size must be >= 2 (GRPO normalises within a group) and prompts_per_step >= 1")
 
 
 class RLTrainer:
     def __init__(self, model, runtime: PrecisionRuntime, optimizer, engine: InferenceEngine, task: Task,
-                 algo: RLAlgoConfig, mode: str, seed: int, max_new_tokens: int, rollout: RolloutConfig):
+                 algo: RLAlgoConfig, mode: str, seed: int, max_new_tokens: int, rollout: RolloutConfig,
+                 worker=RolloutWorker, **worker_args):
+        """``worker``: the rollout worker class (``rl.agent_worker.AgentRolloutWorker`` for multi-turn tasks),
+        built with ``worker_args`` beside the common arguments."""
         self.model, self.runtime, self.optimizer, self.engine, self.task = model, runtime, optimizer, engine, task
         self.algo, self.mode = algo, mode
         self.batch_samples = algo.prompts_per_step * algo.group_size
@@ -94,7 +105,8 @@ class RLTrainer:
         self.attribution = MismatchAttribution(algo.attribution_every, algo.attribution_samples)
         self.rollout_bf16: dict[str, dict] = {}   # layers promoted on the rollout side -> why (step, share, k3)
         self._map_bf16: set[str] = set()   # ... as the last published map has them
-        self.worker = RolloutWorker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model), self._map)
+        self.worker = worker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model), self._map,
+                             **worker_args)
         self.queue, self.counters = self.worker.queue, self.worker.counters
 
     # --------------------------------------------------------------------------------------- training
@@ -132,7 +144,8 @@ class RLTrainer:
         for i, (c, s) in enumerate(zip(comps, seqs)):
             tokens[i, :len(s)] = torch.tensor(s)
             start = len(c.prompt) - 1  # logits at position t predict token t + 1
-            mask[i, start:start + len(c.tokens)] = 1
+            trained = 1 if c.mask is None else torch.tensor(c.mask, dtype=torch.float32)   # episodes: actions only
+            mask[i, start:start + len(c.tokens)] = trained
             logp_infer[i, start:start + len(c.tokens)] = torch.tensor(c.logp_infer)
         logits = logits_of(self.model, tokens[:, :-1]) / self.temperature
         logp_all = torch.log_softmax(logits, dim=-1)
@@ -193,7 +206,7 @@ class RLTrainer:
         for c, k3 in zip((c for g in batch for c in g.completions), k3_per_sequence):
             for acc in (self.mismatch_by_map.setdefault(c.map_version, [0.0, 0]),
                         step_acc.setdefault(c.map_version, [0.0, 0, 0])):
-                acc[0], acc[1] = acc[0] + k3, acc[1] + len(c.tokens)   # a completion's tokens are its mask
+                acc[0], acc[1] = acc[0] + k3, acc[1] + c.trained_tokens
             step_acc[c.map_version][2] += 1
         return {str(v): {"k3_kl": s / max(n, 1), "samples": k} for v, (s, n, k) in sorted(step_acc.items())}
 
@@ -319,11 +332,30 @@ class WarmStart:
     switches: list
 
 
-def supervised_warm_start(model, optimizer, task: Task, steps: int, batch_size: int, seed: int,
-                          runtime: PrecisionRuntime, before_step=None) -> WarmStart:
-    """A short supervised start on correct answers (prompt, reversed digits, stop byte), stopped early: the
-    model learns the format and a little of the task (held-out reward ~0.2-0.3 after ~50 steps); RL does the
-    rest. The standard SFT-then-RL recipe, kept short so that the RL phase has most of the way to go.
+def task_batch(task: Task, batch_size: int) -> Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]]:
+    """Warm-start batches of a single-turn task: prompt, correct answer, stop byte; the answer is trained."""
+    def make(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        examples = []
+        for _ in range(batch_size):
+            p = task.sample(rng)
+            examples.append(task.format_example(p, p.target))
+        width = max(len(p) + len(c) for p, c in examples)
+        tokens = torch.zeros(batch_size, width, dtype=torch.long)
+        mask = torch.zeros(batch_size, width - 1)
+        for i, (p, c) in enumerate(examples):
+            s = list(p + c)
+            tokens[i, :len(s)] = torch.tensor(s)
+            mask[i, len(p) - 1:len(s) - 1] = 1
+        return tokens, mask
+    return make
+
+
+def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]],
+                          steps: int, seed: int, runtime: PrecisionRuntime, before_step=None) -> WarmStart:
+    """A short supervised start on correct answers (``batches(rng)``: tokens and the mask of the trained
+    targets; ``task_batch`` for single-turn tasks, ``rl.agent.transcript_batch`` for multi-turn ones), stopped
+    early: the model learns the format and a little of the task; RL does the rest. The standard SFT-then-RL
+    recipe, kept short so that the RL phase has most of the way to go.
 
     Its steps are optimizer steps like any other: ``before_step(step - 1)`` (fault injection) runs before each,
     a step with nonfinite gradients is skipped and reported, and the runtime's switches are returned."""
@@ -332,20 +364,9 @@ def supervised_warm_start(model, optimizer, task: Task, steps: int, batch_size: 
     for step in range(1, steps + 1):
         if before_step is not None:
             before_step(step - 1)
-        examples = []
-        for _ in range(batch_size):
-            p = task.sample(rng)
-            prompt, completion = task.format_example(p, p.target)
-            examples.append((prompt, completion))
-        width = max(len(p) + len(c) for p, c in examples)
-        tokens = torch.zeros(batch_size, width, dtype=torch.long)
-        mask = torch.zeros(batch_size, width - 1)
-        for i, (p, c) in enumerate(examples):
-            s = list(p + c)
-            tokens[i, :len(s)] = torch.tensor(s)
-            mask[i, len(p) - 1:len(s) - 1] = 1
+        tokens, mask = batches(rng)
         logp = torch.log_softmax(logits_of(model, tokens[:, :-1]), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-        loss = -(logp * mask).sum() / mask.sum()
+        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         if runtime.should_skip_step(norm):

@@ -120,22 +120,27 @@ class RolloutWorker:
         self.ctrl.created(len(comps))
         for i, problem in enumerate(problems):
             group = comps[i * g:(i + 1) * g]
-            reason = None
-            if any(len(c.tokens) == 0 for c in group):
-                reason = "empty_completion"
-            rewards = [self.task.reward(problem, c.text) for c in group]
-            if any(not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r <= 1 for r in rewards):
-                reason = "bad_reward"
-            if reason:
-                self.ctrl.drop(g, reason)
-            else:
-                self.queue.put(Group(problem, group, [float(r) for r in rewards], group[0].version))
+            self._enqueue(problem, group, [self.task.reward(problem, c.text) for c in group])
         self.counters.rollout_busy += time.perf_counter() - t0
         return True
 
-    def _failed(self, e: Exception) -> None:
-        self.ctrl.returned(self.batch_samples)
-        self.ctrl.failed(self.batch_samples, worker_lost=isinstance(e, WorkerLost))
+    def _enqueue(self, problem, group: list[Completion], rewards: list) -> None:
+        """Queue a generated group for the trainer, or drop it with its reason."""
+        reason = None
+        if any(len(c.tokens) == 0 for c in group):
+            reason = "empty_completion"
+        if any(not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r <= 1 for r in rewards):
+            reason = "bad_reward"
+        if reason:
+            self.ctrl.drop(len(group), reason)
+        else:   # a group is as stale as its oldest sample (an episode: as its oldest action)
+            self.queue.put(Group(problem, group, [float(r) for r in rewards], min(c.version for c in group)))
+
+    def _failed(self, e: Exception, n: int | None = None) -> None:
+        """``n`` admitted rollouts (default: a batch) failed with ``e``."""
+        n = self.batch_samples if n is None else n
+        self.ctrl.returned(n)
+        self.ctrl.failed(n, worker_lost=isinstance(e, WorkerLost))
         self.counters.errors.append(f"{type(e).__name__}: {e}")
         del self.counters.errors[:-_KEPT_ERRORS]
         self.consecutive_failures += 1

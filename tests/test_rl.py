@@ -103,7 +103,7 @@ class BrokenRewards(ReverseDigits):
 
 
 def test_malformed_rewards_are_counted_drops(tmp_path, monkeypatch):
-    monkeypatch.setattr("rl.train.make_task", BrokenRewards)
+    monkeypatch.setattr("rl.workload.make_task", BrokenRewards)
     s = run(tmp_path, 'executor.mode="sync"', "train.warm_start_steps=0")
     acct = s["samples"]
     assert acct["dropped"].get("bad_reward", 0) > 0 and acct["trained"] == 48
@@ -305,7 +305,7 @@ def test_a_dead_rollout_worker_is_reported_at_once_with_its_traceback(tmp_path, 
 
     from rl.worker import RolloutFailure
 
-    monkeypatch.setattr("rl.train.make_task", RaisingRewards)
+    monkeypatch.setattr("rl.workload.make_task", RaisingRewards)
     t0 = time.perf_counter()
     with pytest.raises(RolloutFailure, match=r"(?s)rollout worker died: KeyError.*reward service.*Traceback"):
         run(tmp_path, 'executor.mode="async"', "train.warm_start_steps=0")
@@ -655,3 +655,29 @@ def test_mismatch_policy_config_is_checked(tmp_path):
             'rl.mismatch_policy.scope="both"', 'precision.mode="fp8"')
     with pytest.raises(ConfigError, match="scope"):
         run(tmp_path, 'rl.mismatch_policy.scope="trainer"')
+
+
+AGENT = ['task.name="calculator"', "task.min_digits=1", "task.max_digits=2", "task.heldout_size=8",
+         "model.seq_length=96", "env.tool.delay_median=0.01", "env.tool.hang_rate=0.05", "env.tool.timeout=0.2",
+         "env.tool.failure_rate=0.2"]
+
+
+@pytest.mark.parametrize("mode, masking", [("async", True), ("sync", False)])
+def test_agent_run_accounts_for_every_episode(tmp_path, mode, masking):
+    """Multi-turn calculator episodes, many in flight, through the whole trainer: every episode is trained,
+    dropped or in flight at the end; the policy's errors are counted, and their tokens masked only under
+    error masking; the idle ratios of trainer, rollout and environment are reported."""
+    s = run(tmp_path, *AGENT, f'executor.mode="{mode}"', f"rl.error_masking={str(masking).lower()}")
+    acct, agent = s["samples"], s["agent"]
+    assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
+    assert acct["trained"] == 6 * 2 * 4 and agent["episodes"] == acct["generated"]
+    assert agent["error_turns"] > 0, "an untrained policy makes malformed calls"
+    assert (agent["error_masked_tokens"] > 0) == masking
+    assert all(0 <= s[k] <= 1 for k in ("trainer_idle_ratio", "rollout_idle_ratio", "env_idle_ratio"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < sum(r.get("agent/episodes", 0) for r in rows) <= agent["episodes"]   # the rest after the last row
+
+
+def test_agent_context_too_short_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="too short for a calculator episode"):
+        run(tmp_path, *AGENT[:-4], "model.seq_length=32")

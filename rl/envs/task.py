@@ -23,19 +23,20 @@ class Problem:
 class TaskConfig:
     """The ``[task]`` table."""
 
-    name: Literal["reverse_digits", "addition"] = "reverse_digits"
+    name: Literal["reverse_digits", "addition", "calculator"] = "reverse_digits"
     """``reverse_digits``: reverse a digit string (learnt in about a minute on a CPU); ``addition``: add two
-    numbers, the sum written least significant digit first (carries make it take several minutes)."""
+    numbers, the sum written least significant digit first (carries make it take several minutes);
+    ``calculator``: the multi-turn tool task (``rl/envs/calculator.py``, configured by ``[env]``)."""
     min_digits: int = 3
-    """Digits of the string to reverse, or of each addend."""
+    """Digits of the string to reverse, or of each operand."""
     max_digits: int = 5
     heldout_size: int = 128
     seed: int = 1234
     """Draws the held-out set."""
 
     def __post_init__(self) -> None:
-        if self.name not in ("reverse_digits", "addition"):
-            raise ValueError(f"name must be 'reverse_digits' or 'addition', got {self.name!r}")
+        if self.name not in ("reverse_digits", "addition", "calculator"):
+            raise ValueError(f"name must be 'reverse_digits', 'addition' or 'calculator', got {self.name!r}")
         if not 1 <= self.min_digits <= self.max_digits:
             raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
         if self.heldout_size < 1:

@@ -1,0 +1,204 @@
+"""Multi-turn episodes in flight: the decode batcher, the episode loop and the agent's supervised warm start.
+
+Every episode is a coroutine: it asks for its next action, hands it to the environment, and waits for the
+observation (a tool call that may take a second). While it waits, the others go on: the ``DecodeBatcher``
+gathers the generation requests of all episodes ready to act and decodes them in one engine call, on a
+thread, so the event loop keeps serving the tools meanwhile. Weights may change between two calls: an
+episode's actions then carry different policy versions (a partial rollout), each token keeping the version
+and log-probability that produced it (``rl.envs.agent.Transcript``).
+
+The batcher also measures where time goes: ``busy`` (seconds with a decode running) and, from the
+environment's side, ``tool_busy`` (seconds with at least one tool call in flight), for the run's idle ratios.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from rl.envs.agent import Segment, Transcript
+from rl.rollout import STOP, Completion
+
+Decode = Callable[[list[bytes]], list[Completion]]   # one action per prompt, each up to the stop byte
+
+
+class DecodeBatcher:
+    """Batches the pending decode requests of the episodes in flight into one ``decode`` call at a time."""
+
+    def __init__(self, decode: Decode):
+        self.decode = decode
+        self._pending: list[tuple[bytes, asyncio.Future]] = []
+        self._running: asyncio.Task | None = None
+        self.busy = 0.0
+        self.calls = 0
+
+    async def generate(self, prompt: bytes) -> Completion:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((prompt, fut))
+        if self._running is None or self._running.done():
+            self._running = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        while self._pending:
+            await asyncio.sleep(0)   # let the episodes that are ready this tick join the batch
+            batch, self._pending = self._pending, []
+            t0 = time.perf_counter()
+            try:
+                comps = await asyncio.to_thread(self.decode, [p for p, _ in batch])
+            except Exception as e:  # noqa: BLE001 - handed to every episode of the batch, which fail with it
+                for _, fut in batch:
+                    fut.set_exception(e)
+                continue
+            finally:
+                self.busy += time.perf_counter() - t0
+                self.calls += 1
+            for (_, fut), c in zip(batch, comps):
+                fut.set_result(c)
+
+
+class ToolClock:
+    """Seconds during which at least one tool call was in flight (the environment's busy time)."""
+
+    def __init__(self):
+        self.busy, self._in_flight, self._since = 0.0, 0, 0.0
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._since = time.perf_counter()
+            self._in_flight += 1
+
+    def stop(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self.busy += time.perf_counter() - self._since
+
+
+@dataclass
+class EpisodeResult:
+    transcript: Transcript
+    reward: float
+    recovered: bool
+    """It made a policy error and still answered right."""
+    tool_wait: float
+
+
+async def run_episode(env, episode, batcher: DecodeBatcher, max_new_tokens: int, max_len: int,
+                      clock: ToolClock | None = None) -> EpisodeResult:
+    """Act until the episode is done, or its context is full (then it ends as it stands). The transcript never
+    exceeds ``max_len`` tokens."""
+    segments = [Segment("prompt", list(episode.prompt))]
+    context = episode.prompt
+    while not episode.done and len(context) + max_new_tokens <= max_len:
+        comp = await batcher.generate(context)
+        action = Segment("action", list(comp.tokens), list(comp.logp_infer), comp.version, comp.map_version)
+        segments.append(action)
+        context += bytes(comp.tokens)
+        if clock is not None:
+            clock.start()
+        try:
+            obs = await env.step(episode, comp.text)
+        finally:
+            if clock is not None:
+                clock.stop()
+        action.error = obs.error
+        if len(context) + len(obs.tokens) > max_len:
+            break   # the context is full: the episode ends as it stands (unanswered)
+        if obs.tokens:
+            segments.append(Segment("observation", list(obs.tokens)))
+            context += obs.tokens
+    transcript = Transcript(segments)
+    reward = env.score(episode)
+    return EpisodeResult(transcript, reward, recovered=transcript.policy_errors > 0 and reward == 1.0,
+                         tool_wait=getattr(episode, "tool_wait", 0.0))
+
+
+async def run_group(env, rng: random.Random, size: int, batcher: DecodeBatcher, max_new_tokens: int,
+                    max_len: int, clock: ToolClock | None = None) -> tuple[object, list[EpisodeResult]]:
+    """A GRPO group: ``size`` episodes of one problem (copies of a fresh episode), all in flight together."""
+    first = await env.reset(rng)
+    episodes = [first] + [copy.deepcopy(first) for _ in range(size - 1)]
+    results = await asyncio.gather(*(run_episode(env, e, batcher, max_new_tokens, max_len, clock)
+                                     for e in episodes))
+    return first, list(results)
+
+
+def as_completion(result: EpisodeResult, error_masking: bool) -> Completion:
+    """An episode as the trainer's sample: everything after the prompt, with its loss mask (observations and,
+    under error masking, the policy's failed calls excluded) and the per-token versions."""
+    t = result.transcript
+    n_prompt = len(t.segments[0].tokens)
+    return Completion(bytes(t.segments[0].tokens), t.tokens[n_prompt:], t.logp_infer()[n_prompt:],
+                      t.oldest_version, stopped=True, map_version=t.oldest_map_version,
+                      mask=t.loss_mask(error_masking)[n_prompt:], token_versions=t.versions()[n_prompt:])
+
+
+def evaluate(env, problems: list, decode: Decode, max_new_tokens: int, max_len: int) -> tuple[float, dict]:
+    """Mean reward of ``problems`` (fresh episodes) under ``decode`` (greedy, the trainer's policy), all in
+    flight together; with the episodes' error counts."""
+    async def all_episodes():
+        batcher = DecodeBatcher(decode)
+        return await asyncio.gather(*(run_episode(env, copy.deepcopy(p), batcher, max_new_tokens, max_len)
+                                      for p in problems))
+    results = asyncio.run(all_episodes())
+    errors = sum(r.transcript.policy_errors for r in results)
+    return sum(r.reward for r in results) / len(results), {"policy_errors": errors,
+                                                           "recovered": sum(r.recovered for r in results)}
+
+
+@dataclass
+class WarmStartTranscripts:
+    """Correct transcripts for the supervised warm start, some with an error an agent makes and recovers
+    from: a malformed call or one with wrong operands (the policy's own errors, masked under error masking),
+    or a call the service failed (retried; never masked)."""
+
+    policy_error_rate: float = 0.3
+    service_error_rate: float = 0.2
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def make(self, episode) -> Transcript:
+        a, op, b, result = episode.a, episode.op, episode.b, episode.result
+        call = f"C:{a}{op}{b}\n".encode()
+        segs = [Segment("prompt", list(episode.prompt))]
+        if self.rng.random() < self.policy_error_rate:
+            if self.rng.random() < 0.5:
+                segs += [Segment("action", list(call.replace(b":", b"", 1)), error="malformed"),
+                         Segment("observation", list(b"E:malformed call\n"))]
+            else:
+                wrong = f"C:{b}{op}{a + 1}\n".encode()
+                segs += [Segment("action", list(wrong), error="wrong_arguments"),
+                         Segment("observation", list(b"E:wrong arguments\n"))]
+        elif self.rng.random() < self.service_error_rate:
+            segs += [Segment("action", list(call), error="unavailable"),
+                     Segment("observation", list(b"E:service unavailable\n"))]
+        segs += [Segment("action", list(call)), Segment("observation", list(f"R:{result}\n".encode())),
+                 Segment("action", list(f"A:{result}".encode()) + [STOP])]
+        return Transcript(segs)
+
+
+def warm_start_batches(env, batch_size: int, error_masking: bool, seed: int):
+    """``supervised_warm_start`` batches of the env's problems as correct transcripts (``WarmStartTranscripts``)."""
+    maker = WarmStartTranscripts(rng=random.Random(seed))
+    return lambda rng: transcript_batch([maker.make(env.sample(rng)) for _ in range(batch_size)], error_masking)
+
+
+def transcript_batch(transcripts: list[Transcript], error_masking: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens ``[n, longest]`` and the loss mask of the next-token targets ``[n, longest - 1]``."""
+    width = max(len(t.tokens) for t in transcripts)
+    tokens = torch.zeros(len(transcripts), width, dtype=torch.long)
+    mask = torch.zeros(len(transcripts), width - 1)
+    for i, t in enumerate(transcripts):
+        toks, m = t.tokens, t.loss_mask(error_masking)
+        tokens[i, :len(toks)] = torch.tensor(toks)
+        mask[i, :len(toks) - 1] = torch.tensor(m[1:], dtype=torch.float32)   # target t+1 trained if its mask says
+    return tokens, mask

@@ -1,0 +1,190 @@
+"""Arithmetic with a calculator tool: the built-in multi-turn task (``rl/envs/agent.py``'s interface).
+
+A byte protocol, one line per turn::
+
+    Q:4821*367          the prompt: 3-4 digit operands, + or *
+    C:4821*367          the policy calls the calculator with the question's expression
+    R:1769307           the tool's answer after a delay (or E:service unavailable, E:timeout)
+    A:1769307           the policy answers: the episode ends
+
+A tiny byte-level model cannot multiply 4-digit numbers, but it can learn to copy the question into a call and
+the result into an answer: the tool is what solves the task. The tool answers after a delay drawn from a
+log-normal distribution (median ``delay_median``, spread ``delay_sigma``: by default 0.1 s median and a p99
+of 1.0 s, the long tail of a real service), fails at ``failure_rate`` (``E:service unavailable``), hangs at
+``hang_rate`` and is cut at ``timeout`` (``E:timeout``). A line that is neither a call nor an answer gets
+``E:malformed call``; a call with other operands than the question's gets ``E:wrong arguments``. Both are
+the policy's fault (masked under error masking); the policy can recover by calling again.
+
+Reward: partial credit on the answer's digits (``rl.envs.task.partial_credit``); 0 without an answer by
+``max_turns`` actions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import re
+from dataclasses import dataclass, field
+
+from rl.envs.agent import ErrorKind, Observation
+from rl.envs.task import TaskConfig, partial_credit
+
+_CALL = re.compile(rb"C:(\d{1,12})([+*])(\d{1,12})")
+_ANSWER = re.compile(rb"A:(\d{1,24})")
+
+
+@dataclass
+class ToolConfig:
+    """The ``[env.tool]`` table: how the calculator service behaves (times in seconds)."""
+
+    delay_median: float = 0.1
+    delay_sigma: float = 1.0
+    """Log-normal spread of the delay: p99 = median * exp(2.33 sigma) (1.0 s with the defaults)."""
+    failure_rate: float = 0.05
+    """Share of calls answered ``E:service unavailable`` (after the delay)."""
+    hang_rate: float = 0.01
+    """Share of calls that never answer: cut at ``timeout``."""
+    timeout: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.delay_median < 0 or self.delay_sigma < 0 or self.timeout <= 0:
+            raise ValueError(f"delay_median and delay_sigma must be >= 0 and timeout > 0, got "
+                             f"{self.delay_median}, {self.delay_sigma}, {self.timeout}")
+        for name in ("failure_rate", "hang_rate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def draw_delay(self, rng: random.Random) -> float:
+        return self.delay_median * math.exp(self.delay_sigma * rng.gauss(0.0, 1.0))
+
+
+@dataclass
+class EnvConfig:
+    """The ``[env]`` table of multi-turn runs (``task.name = "calculator"``; the operands' digits, the held-out
+    set and its seed come from ``[task]``)."""
+
+    operators: str = "+*"
+    max_turns: int = 4
+    """Actions per episode: an episode without an answer by then ends with reward 0."""
+    max_action_tokens: int = 24
+    """The decode budget of one action (a call or an answer, stop byte included)."""
+    tool: ToolConfig = field(default_factory=ToolConfig)
+
+    def __post_init__(self) -> None:
+        if not self.operators or set(self.operators) - set("+*"):
+            raise ValueError(f"operators must be a non-empty subset of '+*', got {self.operators!r}")
+        if self.max_turns < 2 or self.max_action_tokens < 4:
+            raise ValueError("max_turns must be >= 2 (a call, then an answer) and max_action_tokens >= 4")
+
+
+@dataclass
+class CalcEpisode:
+    a: int
+    op: str
+    b: int
+    turns: int = 0
+    done: bool = False
+    answer: bytes | None = None
+    errors: dict = field(default_factory=dict)   # error kind -> count
+    tool_wait: float = 0.0   # seconds this episode waited on the tool
+
+    @property
+    def prompt(self) -> bytes:
+        return f"Q:{self.a}{self.op}{self.b}\n".encode()
+
+    @property
+    def result(self) -> int:
+        return self.a + self.b if self.op == "+" else self.a * self.b
+
+
+class CalculatorTool:
+    """The service: the right value, late, sometimes not at all."""
+
+    def __init__(self, config: ToolConfig, rng: random.Random):
+        self.config, self.rng = config, rng
+
+    async def __call__(self, a: int, op: str, b: int) -> tuple[bytes, ErrorKind | None]:
+        c = self.config
+        hang, fail, delay = self.rng.random() < c.hang_rate, self.rng.random() < c.failure_rate, c.draw_delay(self.rng)
+        await asyncio.sleep(math.inf if hang else delay)   # asyncio.sleep(inf) waits until cancelled
+        if fail:
+            return b"E:service unavailable\n", "unavailable"
+        return f"R:{a + b if op == '+' else a * b}\n".encode(), None
+
+
+class CalculatorEnv:
+    name = "calculator"
+
+    def __init__(self, task: TaskConfig, config: EnvConfig, tool_seed: int = 0):
+        if not task.max_digits <= 12:
+            raise ValueError(f"task.max_digits must be <= 12 for the calculator, got {task.max_digits}")
+        self.task, self.config, self.max_turns = task, config, config.max_turns
+        self.tool = CalculatorTool(config.tool, random.Random(tool_seed))
+        rng, held = random.Random(task.seed), set()
+        while len(held) < task.heldout_size:
+            held.add(self._draw(rng))
+        self._held = frozenset(held)
+        self._heldout = sorted(held)
+        self.stats = {"calls": 0, "timeout": 0, "unavailable": 0, "malformed": 0, "wrong_arguments": 0}
+
+    def _number(self, rng: random.Random) -> int:
+        n = rng.randint(self.task.min_digits, self.task.max_digits)
+        return rng.randint(0 if n == 1 else 10 ** (n - 1), 10**n - 1)
+
+    def _draw(self, rng: random.Random) -> tuple[int, str, int]:
+        return self._number(rng), rng.choice(self.config.operators), self._number(rng)
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return 2 * self.task.max_digits + 4   # Q:a*b and the stop byte
+
+    def heldout(self) -> list[CalcEpisode]:
+        return [CalcEpisode(*q) for q in self._heldout]
+
+    def sample(self, rng: random.Random) -> CalcEpisode:
+        """A training problem, never one of the held-out set."""
+        while (q := self._draw(rng)) in self._held:
+            pass
+        return CalcEpisode(*q)
+
+    async def reset(self, rng: random.Random) -> CalcEpisode:
+        return self.sample(rng)
+
+    async def step(self, episode: CalcEpisode, action: bytes) -> Observation:
+        if episode.done:
+            raise ValueError("step on a finished episode")
+        episode.turns += 1
+        if m := _ANSWER.fullmatch(action):
+            episode.answer, episode.done = m.group(1), True
+            return Observation(b"")
+        obs = await self._call(episode, action)
+        if obs.error is not None:
+            episode.errors[obs.error] = episode.errors.get(obs.error, 0) + 1
+            self.stats[obs.error] += 1
+        if episode.turns >= self.max_turns:
+            episode.done = True   # out of turns, unanswered
+        return obs
+
+    async def _call(self, episode: CalcEpisode, action: bytes) -> Observation:
+        m = _CALL.fullmatch(action)
+        if m is None:
+            return Observation(b"E:malformed call\n", "malformed")
+        a, op, b = int(m.group(1)), m.group(2).decode(), int(m.group(3))
+        if (a, op, b) != (episode.a, episode.op, episode.b):
+            return Observation(b"E:wrong arguments\n", "wrong_arguments")
+        self.stats["calls"] += 1
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            text, error = await asyncio.wait_for(self.tool(a, op, b), self.config.tool.timeout)
+        except asyncio.TimeoutError:
+            text, error = b"E:timeout\n", "timeout"
+        finally:
+            episode.tool_wait += loop.time() - t0
+        return Observation(text, error)
+
+    def score(self, episode: CalcEpisode) -> float:
+        if episode.answer is None:
+            return 0.0
+        return partial_credit(episode.answer, str(episode.result).encode())

@@ -1,0 +1,73 @@
+"""What the RL command trains on: a single-turn task, or a multi-turn environment with tools.
+
+``make_workload`` turns the ``[task]`` (and, for ``task.name = "calculator"``, ``[env]``) tables into what the
+trainer needs: the problems, the decode budget, the warm-start batches, the rollout worker and how to
+measure the held-out reward. The trainer and the command stay the same for both kinds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from precisionrt.config import ConfigError
+from rl import agent
+from rl.agent_worker import AgentRolloutWorker
+from rl.envs import make_task
+from rl.envs.calculator import CalculatorEnv
+from rl.rollout import generate
+from rl.trainer import task_batch
+from rl.worker import RolloutWorker
+
+
+@dataclass
+class Workload:
+    task: object
+    """A ``rl.envs.Task`` or a ``rl.envs.agent.MultiTurnEnv``."""
+    max_new_tokens: int
+    """Decode budget: of a completion, or of one action."""
+    warm_batches: Callable
+    """``rng -> (tokens, mask)`` for the supervised warm start."""
+    evaluate: Callable
+    """``trainer -> held-out reward`` of the trainer's policy, greedy."""
+    worker: type = RolloutWorker
+    worker_args: dict = field(default_factory=dict)
+
+    @property
+    def multi_turn(self) -> bool:
+        return self.worker is AgentRolloutWorker
+
+
+def make_workload(cfg) -> Workload:
+    """From an ``rl.train.RLConfig``; a context too short for the task is a ``ConfigError``."""
+    seq = cfg.model.seq_length
+    if cfg.task.name != "calculator":
+        task = make_task(cfg.task)
+        heldout = task.heldout()
+        if task.max_prompt_tokens + task.max_completion_tokens > seq:
+            raise ConfigError(f"model.seq_length {seq} is shorter than the longest prompt ({task.max_prompt_tokens}) "
+                              f"plus the answer budget ({task.max_completion_tokens})")
+        return Workload(task, task.max_completion_tokens, task_batch(task, cfg.train.warm_start_batch),
+                        lambda trainer: trainer.evaluate(heldout))
+    env = CalculatorEnv(cfg.task, cfg.env, tool_seed=cfg.train.seed)
+    budget = cfg.env.max_action_tokens
+    # the longest warm-start transcript: the prompt, a failed call and its error, the call, its result, the answer
+    need = 3 * env.max_prompt_tokens + len(b"E:service unavailable\n") + 2 * (cfg.task.max_digits + 3)
+    if need > seq or env.max_prompt_tokens + budget > seq:
+        raise ConfigError(f"model.seq_length {seq} is too short for a calculator episode: a recovered one of "
+                          f"{cfg.task.max_digits}-digit operands takes {need} tokens")
+    # held-out reward measures the policy, not the service's luck: the same delays, no failures or hangs
+    reliable = dataclasses.replace(cfg.env, tool=dataclasses.replace(cfg.env.tool, failure_rate=0.0, hang_rate=0.0))
+    held_env = CalculatorEnv(cfg.task, reliable)
+    heldout = held_env.heldout()
+
+    def evaluate(trainer) -> float:
+        decode = lambda prompts: generate(trainer.model, prompts, budget, seq, 0.0, 1.0, torch.Generator())  # noqa: E731
+        return agent.evaluate(held_env, heldout, decode, budget, seq)[0]
+
+    return Workload(env, budget, agent.warm_start_batches(env, cfg.train.warm_start_batch, cfg.rl.error_masking,
+                                                          cfg.train.seed),
+                    evaluate, AgentRolloutWorker, {"max_len": seq})
