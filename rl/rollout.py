@@ -7,14 +7,13 @@ every FP8-capable GEMM in FP8 (current scaling, as FP8 inference engines do), wh
 train/inference mismatch for IcePop to correct; ``"follow"`` runs each layer as the trainer does; a layer
 promoted on the rollout side for its mismatch runs BF16 in every mode (``rollout_precisions``).
 
-Decoding is batched: prompts of equal length decode together. Without a KV cache each new token re-runs the
+Decoding is batched: all prompts decode together, left-padded to one length. Without a KV cache each new token re-runs the
 whole sequence; with ``rollout.kv_cache`` each prompt is encoded once and every later step runs one token
 (``tools/bench_rollout.py`` measures tokens per second both ways).
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal
@@ -114,47 +113,62 @@ def kv_caches(model):
             m.kv_cache = None
 
 
+def _padding_mask(pad: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
+    """Megatron's attention mask (True = masked out, ``[b, 1, sq, sk]``) for left-padded rows whose queries are
+    the last ``sq`` of ``sk`` positions: causal, and no real query sees a pad key. A pad query sees itself only,
+    so that no row of the softmax is empty (an empty one is NaN, and NaN times a zero weight poisons the rest)."""
+    q = torch.arange(sk - sq, sk)[:, None]
+    k = torch.arange(sk)[None, :]
+    real_key = k[None] >= pad[:, None, None]                      # [b, 1, sk]
+    attend = (k <= q)[None] & (real_key | (k == q)[None])           # [b, sq, sk]
+    return ~attend[:, None]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, temperature: float, top_p: float,
              generator: torch.Generator, version: int = -1, map_version: int = 0,
              kv_cache: bool = False) -> list[Completion]:
     """Batched sampling; prompts longer than the context raise ValueError naming the prompt. ``kv_cache``:
     encode each prompt once and then only each new token, against the cached keys and values (without it,
-    every step recomputes the whole sequence)."""
+    every step recomputes the whole sequence). Prompts of different lengths decode in one batch, left-padded
+    (each row keeps its own positions; pad keys are masked); prompts of one length need no mask at all."""
     was_training = model.training
     model.eval()
-    out: list[Completion | None] = [None] * len(prompts)
-    buckets: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
+    for p in prompts:
         if len(p) == 0 or len(p) + max_new_tokens > max_len:
             raise ValueError(f"prompt {p[:40]!r} has {len(p)} tokens; with {max_new_tokens} new tokens it must fit "
                              f"the context of {max_len} (and not be empty)")
-        buckets[len(p)].append(i)
-    for idx in buckets.values():
-        seqs = torch.tensor([list(prompts[i]) for i in idx], dtype=torch.long)
-        done = torch.zeros(len(idx), dtype=torch.bool)
-        gen: list[list[int]] = [[] for _ in idx]
-        lps: list[list[float]] = [[] for _ in idx]
-        with kv_caches(model) if kv_cache else nullcontext():
-            logits = logits_of(model, seqs)[:, -1]
-            for step in range(max_new_tokens):
-                tok, lp = sample_next(logits, temperature, top_p, generator)
-                for j in (~done).nonzero().flatten().tolist():
-                    gen[j].append(int(tok[j]))
-                    lps[j].append(float(lp[j]))
-                done |= tok == STOP
-                if done.all() or step == max_new_tokens - 1:
-                    break
-                seqs = torch.cat([seqs, tok[:, None]], dim=1)
-                if kv_cache:   # only the new token, at its position
-                    positions = torch.full_like(tok[:, None], seqs.shape[1] - 1)
-                    logits = model(tok[:, None], positions, None).float()[:, -1]
-                else:
-                    logits = logits_of(model, seqs)[:, -1]
-        for j, i in enumerate(idx):
-            out[i] = Completion(prompts[i], gen[j], lps[j], version, stopped=STOP in gen[j], map_version=map_version)
+    width = max(len(p) for p in prompts)
+    pad = torch.tensor([width - len(p) for p in prompts])
+    padded = bool(pad.any())
+    seqs = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        seqs[i, width - len(p):] = torch.tensor(list(p))
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    gen: list[list[int]] = [[] for _ in prompts]
+    lps: list[list[float]] = [[] for _ in prompts]
+
+    def forward(tokens: torch.Tensor, first: int) -> torch.Tensor:
+        """Logits of the last position, for ``tokens`` at positions ``first..`` of the padded rows."""
+        positions = (torch.arange(first, first + tokens.shape[1])[None] - pad[:, None]).clamp(min=0)
+        mask = _padding_mask(pad, tokens.shape[1], first + tokens.shape[1]) if padded else None
+        return model(tokens, positions, mask).float()[:, -1]
+
+    with kv_caches(model) if kv_cache else nullcontext():
+        logits = forward(seqs, 0)
+        for step in range(max_new_tokens):
+            tok, lp = sample_next(logits, temperature, top_p, generator)
+            for j in (~done).nonzero().flatten().tolist():
+                gen[j].append(int(tok[j]))
+                lps[j].append(float(lp[j]))
+            done |= tok == STOP
+            if done.all() or step == max_new_tokens - 1:
+                break
+            seqs = torch.cat([seqs, tok[:, None]], dim=1)
+            logits = forward(tok[:, None], seqs.shape[1] - 1) if kv_cache else forward(seqs, 0)
     model.train(was_training)
-    return out  # type: ignore[return-value]
+    return [Completion(p, g, lp, version, stopped=STOP in g, map_version=map_version)
+            for p, g, lp in zip(prompts, gen, lps)]
 
 
 def rollout_precisions(mode: str, trainer: dict[str, str], rollout_bf16, fp8_capable: dict[str, bool]
