@@ -145,15 +145,17 @@ def as_completion(result: EpisodeResult, error_masking: bool) -> Completion:
 
 def evaluate(env, problems: list, decode: Decode, max_new_tokens: int, max_len: int) -> tuple[float, dict]:
     """Mean reward of ``problems`` (fresh episodes) under ``decode`` (greedy, the trainer's policy), all in
-    flight together; with the episodes' error counts."""
+    flight together; with the share solved exactly, the policy's errors per episode and the share of episodes
+    that recovered from one."""
     async def all_episodes():
         batcher = DecodeBatcher(decode)
         return await asyncio.gather(*(run_episode(env, copy.deepcopy(p), batcher, max_new_tokens, max_len)
                                       for p in problems))
     results = asyncio.run(all_episodes())
-    errors = sum(r.transcript.policy_errors for r in results)
-    return sum(r.reward for r in results) / len(results), {"policy_errors": errors,
-                                                           "recovered": sum(r.recovered for r in results)}
+    n = len(results)
+    return sum(r.reward for r in results) / n, {"solved": sum(r.reward == 1.0 for r in results) / n,
+                                                "policy_errors": sum(r.transcript.policy_errors for r in results) / n,
+                                                "recovered": sum(r.recovered for r in results) / n}
 
 
 @dataclass

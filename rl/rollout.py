@@ -7,8 +7,8 @@ every FP8-capable GEMM in FP8 (current scaling, as FP8 inference engines do), wh
 train/inference mismatch for IcePop to correct; ``"follow"`` runs each layer as the trainer does; a layer
 promoted on the rollout side for its mismatch runs BF16 in every mode (``rollout_precisions``).
 
-Decoding is batched: all prompts decode together, left-padded to one length. Without a KV cache each new token re-runs the
-whole sequence; with ``rollout.kv_cache`` each prompt is encoded once and every later step runs one token
+Decoding is batched: all prompts decode together, left-padded to one length. Without a KV cache each new token
+re-runs the whole sequence; with ``rollout.kv_cache`` each prompt is encoded once and every later step runs one token
 (``tools/bench_rollout.py`` measures tokens per second both ways).
 """
 

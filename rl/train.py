@@ -157,23 +157,25 @@ def train(cfg: RLConfig) -> dict:
                         work.max_new_tokens, cfg.rollout, work.worker, **work.worker_args)
     if found is None:
         trainer.skipped_steps = list(warm.skipped_steps)   # numbered 1..warm_start_steps, before the RL steps
-        reward_initial = work.evaluate(trainer)
+        reward_initial, eval_initial = work.evaluate(trainer)
         print(f"warm start: {cfg.train.warm_start_steps} steps, loss {warm_loss:.3f}; held-out reward "
               f"{reward_initial:.3f}", flush=True)
-        logger.log(0, {"eval/reward": reward_initial, "warm_start/loss": warm_loss})
+        logger.log(0, {"eval/reward": reward_initial, "warm_start/loss": warm_loss,
+                       **{f"eval/{k}": v for k, v in eval_initial.items()}})
     else:
         trainer.load_state_dict(state["rl"]["trainer"])
-        reward_initial = state["rl"]["reward_initial"]
+        reward_initial, eval_initial = state["rl"]["reward_initial"], state["rl"].get("eval_initial", {})
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, {
             "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "runtime": runtime.state_dict(),
-            "rl": {"trainer": trainer.state_dict(), "reward_initial": reward_initial, "masked": masked,
+            "rl": {"trainer": trainer.state_dict(), "reward_initial": reward_initial, "eval_initial": eval_initial,
+                   "masked": masked,
                    "switches": earlier_switches + [e.summary() for e in switches]}},
             keep=cfg.train.keep_checkpoints)
 
-    switches, reward_final, agent_totals = [], reward_initial, Counter()
+    switches, reward_final, eval_final, agent_totals = [], reward_initial, eval_initial, Counter()
     trained_before = trainer.ctrl.acct.trained
     trainer.start()
     t_rl = time.time()
@@ -198,8 +200,8 @@ def train(cfg: RLConfig) -> dict:
                         **idle_ratios(trainer, elapsed)})
             row.update(runtime.metrics())
             if step % cfg.train.eval_every == 0 or step == end:
-                reward_final = work.evaluate(trainer)
-                row["eval/reward"] = reward_final
+                reward_final, eval_final = work.evaluate(trainer)
+                row.update({"eval/reward": reward_final, **{f"eval/{k}": v for k, v in eval_final.items()}})
             if step % cfg.train.log_every == 0 or step == end:
                 acct = trainer.ctrl.acct
                 row.update({"samples/generated": acct.generated, "samples/trained": acct.trained,
@@ -245,6 +247,7 @@ def train(cfg: RLConfig) -> dict:
     }
     if work.multi_turn:   # this segment's episodes (a resumed run: since the resume)
         agent_totals.update({k: v for k, v in trainer.worker.take_stats().items() if not k.startswith("tool_")})
+        summary["heldout_initial"], summary["heldout_final"] = eval_initial, eval_final
         summary["agent"] = {**dict(agent_totals), **{f"tool_{k}": v for k, v in work.task.stats.items()}}
     runtime.close(offset + end)
     logger.close()

@@ -32,7 +32,7 @@ class Workload:
     warm_batches: Callable
     """``rng -> (tokens, mask)`` for the supervised warm start."""
     evaluate: Callable
-    """``trainer -> held-out reward`` of the trainer's policy, greedy."""
+    """``trainer -> (held-out reward, {other held-out figures})`` of the trainer's policy, greedy."""
     worker: type = RolloutWorker
     worker_args: dict = field(default_factory=dict)
 
@@ -51,7 +51,7 @@ def make_workload(cfg) -> Workload:
             raise ConfigError(f"model.seq_length {seq} is shorter than the longest prompt ({task.max_prompt_tokens}) "
                               f"plus the answer budget ({task.max_completion_tokens})")
         return Workload(task, task.max_completion_tokens, task_batch(task, cfg.train.warm_start_batch),
-                        lambda trainer: trainer.evaluate(heldout))
+                        lambda trainer: (trainer.evaluate(heldout), {}))
     env = CalculatorEnv(cfg.task, cfg.env, tool_seed=cfg.train.seed)
     budget = cfg.env.max_action_tokens
     # the longest warm-start transcript: the prompt, a failed call and its error, the call, its result, the answer
@@ -64,9 +64,10 @@ def make_workload(cfg) -> Workload:
     held_env = CalculatorEnv(cfg.task, reliable)
     heldout = held_env.heldout()
 
-    def evaluate(trainer) -> float:
-        decode = lambda prompts: generate(trainer.model, prompts, budget, seq, 0.0, 1.0, torch.Generator())  # noqa: E731
-        return agent.evaluate(held_env, heldout, decode, budget, seq)[0]
+    def evaluate(trainer) -> tuple[float, dict]:
+        def decode(prompts: list[bytes]):
+            return generate(trainer.model, prompts, budget, seq, 0.0, 1.0, torch.Generator())
+        return agent.evaluate(held_env, heldout, decode, budget, seq)
 
     return Workload(env, budget, agent.warm_start_batches(env, cfg.train.warm_start_batch, cfg.rl.error_masking,
                                                           cfg.train.seed),

@@ -676,6 +676,8 @@ def test_agent_run_accounts_for_every_episode(tmp_path, mode, masking):
     assert all(0 <= s[k] <= 1 for k in ("trainer_idle_ratio", "rollout_idle_ratio", "env_idle_ratio"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert 0 < sum(r.get("agent/episodes", 0) for r in rows) <= agent["episodes"]   # the rest after the last row
+    assert set(s["heldout_final"]) == {"solved", "policy_errors", "recovered"} and 0 <= s["heldout_final"]["solved"] <= 1
+    assert [r["eval/solved"] for r in rows if "eval/reward" in r][-1] == s["heldout_final"]["solved"]
 
 
 def test_agent_context_too_short_is_refused(tmp_path):

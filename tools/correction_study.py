@@ -53,7 +53,10 @@ def arms(seeds: list[int], corrections=CORRECTIONS, staleness=STALENESS, rollout
 
 def measure(run_dir: Path, summary: dict) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    mean = lambda key: statistics.mean(r[key] for r in rows if key in r) if any(key in r for r in rows) else None  # noqa: E731
+
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if key in r]
+        return statistics.mean(values) if values else None
     hist = {int(k): v for k, v in summary["staleness_histogram"].items()}
     evals = [r["eval/reward"] for r in rows if "eval/reward" in r]
     return {"reward_initial": summary["reward_initial"], "reward_final": summary["reward_final"],
@@ -89,12 +92,15 @@ def table(results: dict) -> list[dict]:
     rows = []
     for (objective, correction, staleness, rollout), rs in groups.items():
         ok = [r for r in rs if "error" not in r]
-        avg = lambda k: statistics.mean(r[k] for r in ok) if ok and all(r[k] is not None for r in ok) else None  # noqa: E731
+
+        def avg(key: str) -> float | None:
+            return statistics.mean(r[key] for r in ok) if ok and all(r[key] is not None for r in ok) else None
         rows.append({"loss": "naive PPO" if objective == "naive" else correction, "max_staleness": staleness,
                      "rollout": rollout, "seeds": len(rs), "failed": len(rs) - len(ok),
                      "reward_initial": avg("reward_initial"), "reward_final": avg("reward_final"),
-                     "reward_final_by_seed": [r.get("reward_final") for r in rs], "masked_fraction": avg("masked_fraction"),
-                     "k3_kl": avg("k3_kl"), "staleness_mean": avg("staleness_mean")})
+                     "reward_final_by_seed": [r.get("reward_final") for r in rs],
+                     "masked_fraction": avg("masked_fraction"), "k3_kl": avg("k3_kl"),
+                     "staleness_mean": avg("staleness_mean")})
     return rows
 
 
@@ -138,8 +144,8 @@ def plot(rows: list[dict], path: Path) -> bool:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="A subset of the grid: --corrections, --staleness, --rollout, --naive-staleness.")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="A subset of the grid: "
+                                 "--corrections, --staleness, --rollout, --naive-staleness.")
     ap.add_argument("--config", default="configs/rl_tiny_cpu.toml")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
