@@ -52,14 +52,14 @@ class RayRolloutEngine:
     ``max_restarts`` times, and raises ``RolloutActorLost`` for that call."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, object_store_mib: int = 256,
-                 max_restarts: int = 3):
+                 max_restarts: int = 3, num_cpus: int = 2):
         try:
             import ray
         except ImportError:
             raise ImportError("executor.kind = 'ray' needs ray: pip install -e '.[ray]'") from None
         self.ray, self.model_cfg, self.version, self.map_version = ray, model_cfg, -1, -1
         if not ray.is_initialized():
-            ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=object_store_mib * 2**20, log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         self.cfg, self.max_restarts, self.restarts = cfg, max_restarts, 0
@@ -107,11 +107,18 @@ class RayRolloutEngine:
         return self._call("generate", prompts, max_new_tokens, seed)
 
     def close(self) -> None:
-        self.ray.kill(self.actor)
-        self.ray.shutdown()
+        if self.ray.is_initialized():   # several engines share the cluster: the first close ends it
+            self.ray.kill(self.actor)
+            self.ray.shutdown()
 
 
-def make_engine(kind: str, model_cfg: ModelConfig, cfg: RolloutConfig) -> InferenceEngine:
-    if kind == "ray":
-        return RayRolloutEngine(model_cfg, cfg)
-    return RolloutEngine(model_cfg, cfg)
+def make_engine(kind: str, model_cfg: ModelConfig, cfg: RolloutConfig, num_workers: int = 1) -> InferenceEngine:
+    """``num_workers`` engines (Ray actors, or policy copies in this process) behind one interface
+    (``rl.pool.EnginePool``); one is the engine itself."""
+    def one():
+        return RayRolloutEngine(model_cfg, cfg, num_cpus=max(2, num_workers)) if kind == "ray" \
+            else RolloutEngine(model_cfg, cfg)
+    if num_workers == 1:
+        return one()
+    from rl.pool import EnginePool
+    return EnginePool([one() for _ in range(num_workers)])

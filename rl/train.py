@@ -79,6 +79,13 @@ class RLTrainConfig:
 class ExecutorConfig:
     kind: Literal["local", "ray"] = "local"
     mode: Literal["async", "sync"] = "async"
+    num_workers: int = 1
+    """Rollout engines (Ray actors under ``kind = "ray"``); each pulls the newest weights by version when it is
+    behind, just before it generates (``rl/pool.py``)."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
 
 
 def _default_model() -> ModelConfig:
@@ -136,7 +143,7 @@ def train(cfg: RLConfig) -> dict:
     t_start = time.time()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout)
+    engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout, cfg.executor.num_workers)
     offset = cfg.train.warm_start_steps  # optimizer steps before RL: the switch log counts all of them
     start, masked, earlier_switches = 0, [], []   # switches before a resumed run's checkpoint
     if found is None:

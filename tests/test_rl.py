@@ -168,16 +168,18 @@ def test_resume_continues_and_keeps_the_accounting_whole(tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
 
 
-def test_ray_executor_generates_in_an_actor(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ray_executor_generates_in_actors(tmp_path, monkeypatch, workers):
     pytest.importorskip("ray")
     from rl.executors import RayRolloutEngine
 
     calls = []
     original = RayRolloutEngine.generate
-    monkeypatch.setattr(RayRolloutEngine, "generate", lambda self, *a: calls.append(1) or original(self, *a))
-    s = run(tmp_path, 'executor.kind="ray"')
+    monkeypatch.setattr(RayRolloutEngine, "generate", lambda self, *a: calls.append(id(self)) or original(self, *a))
+    s = run(tmp_path, 'executor.kind="ray"', f"executor.num_workers={workers}")
     acct = s["samples"]
     assert acct["trained"] == 48 and len(calls) >= 6 and s["executor"]["kind"] == "ray"
+    assert len(set(calls)) == workers, "every actor generates"
     assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
     import ray
     assert not ray.is_initialized(), "the run shuts its local cluster down"
@@ -364,6 +366,33 @@ def test_a_nonfinite_gradient_in_the_warm_start_is_skipped_and_promotes(tmp_path
             "inject.start_step=2")   # the 3rd warm-start step
     assert s["skipped_steps"] == [3]
     assert [(w["step"], w["layer"], w["reason"]) for w in s["switches"]][:1] == [(3, layer, "nonfinite")]
+
+
+def test_an_engine_pool_pulls_weights_by_version_only_when_behind(parallel):
+    """Two engines behind one interface: publications are not pushed; each engine loads the newest weights
+    once, when it next generates, and its completions carry that version. Greedy, the pool gives the tokens
+    one engine gives."""
+    from conftest import SMALL
+    from rl.pool import EnginePool
+    from rl.rollout import RolloutConfig, RolloutEngine
+
+    cfg = RolloutConfig(precision="bf16", temperature=0.0)
+    pool, single = EnginePool([RolloutEngine(SMALL, cfg), RolloutEngine(SMALL, cfg)]), RolloutEngine(SMALL, cfg)
+    weights = {k: v.clone() for k, v in single.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for version in (1, 2, 3):
+        pool.load_weights(weights, version)
+    assert pool.pulls == [0, 0] and [e.version for e in pool.engines] == [-1, -1], "nothing pushed"
+    single.load_weights(weights, 3)
+    prompts = [bytes(48 + (i + j) % 10 for j in range(4 + i % 3)) for i in range(6)]
+    got = pool.generate(prompts, 6, torch.Generator().manual_seed(0))
+    assert pool.pulls == [1, 1] and {c.version for c in got} == {3}
+    assert [c.tokens for c in got] == [c.tokens for c in single.generate(prompts, 6, torch.Generator())]
+    pool.generate(prompts[:1], 6, torch.Generator())   # one prompt: one engine; no new version, no pull
+    assert pool.pulls == [1, 1]
+    pool.load_weights(weights, 4)
+    pool.generate(prompts[:1], 6, torch.Generator())
+    assert pool.pulls == [2, 1] and pool.engines[1].version == 3, "the idle engine stays behind until it works"
+    pool.close()
 
 
 def test_a_killed_ray_rollout_actor_is_replaced_and_the_run_completes(tmp_path, monkeypatch):
@@ -662,12 +691,13 @@ AGENT = ['task.name="calculator"', "task.min_digits=1", "task.max_digits=2", "ta
          "env.tool.failure_rate=0.2"]
 
 
-@pytest.mark.parametrize("mode, masking", [("async", True), ("sync", False)])
-def test_agent_run_accounts_for_every_episode(tmp_path, mode, masking):
+@pytest.mark.parametrize("mode, masking, workers", [("async", True, 2), ("sync", False, 1)])
+def test_agent_run_accounts_for_every_episode(tmp_path, mode, masking, workers):
     """Multi-turn calculator episodes, many in flight, through the whole trainer: every episode is trained,
     dropped or in flight at the end; the policy's errors are counted, and their tokens masked only under
     error masking; the idle ratios of trainer, rollout and environment are reported."""
-    s = run(tmp_path, *AGENT, f'executor.mode="{mode}"', f"rl.error_masking={str(masking).lower()}")
+    s = run(tmp_path, *AGENT, f'executor.mode="{mode}"', f"rl.error_masking={str(masking).lower()}",
+            f"executor.num_workers={workers}")
     acct, agent = s["samples"], s["agent"]
     assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
     assert acct["trained"] == 6 * 2 * 4 and agent["episodes"] == acct["generated"]
