@@ -125,18 +125,29 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         print("no matplotlib: no plot (pip install -e '.[analysis]')", file=sys.stderr)
         return False
-    fig, axes = plt.subplots(1, len(ROLLOUT), figsize=(4 * len(ROLLOUT), 3.4), sharey=True)
+    def seeds(r: dict) -> list[float]:
+        return [v for v in r["reward_final_by_seed"] if v is not None]
+
+    fig, axes = plt.subplots(1, len(ROLLOUT), figsize=(4 * len(ROLLOUT), 3.6), sharey=True)
     for ax, rollout in zip(axes, ROLLOUT):
-        for loss in (*CORRECTIONS, "naive PPO"):
-            pts = sorted((r["max_staleness"], r["reward_final"]) for r in rows
-                         if r["rollout"] == rollout and r["loss"] == loss and r["reward_final"] is not None)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=loss, linestyle="--" if loss == "naive PPO" else "-")
+        for i, loss in enumerate((*CORRECTIONS, "naive PPO")):
+            mine = [r for r in rows if r["rollout"] == rollout and r["loss"] == loss and r["reward_final"] is not None]
+            pts = sorted((r["max_staleness"], r["reward_final"], seeds(r))
+                         for r in mine)
+            if not pts:
+                continue
+            x = [p[0] + 0.12 * (i - 1.5) for p in pts]   # side by side, so the seed ranges do not hide each other
+            lo = [p[1] - min(p[2]) for p in pts]
+            hi = [max(p[2]) - p[1] for p in pts]
+            ax.errorbar(x, [p[1] for p in pts], yerr=[lo, hi], marker="o", capsize=3, label=loss,
+                        color=f"C{i}", linestyle="--" if loss == "naive PPO" else "-")
         ax.set_title(f"rollout {rollout}")
         ax.set_xlabel("rl.max_staleness")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("held-out reward (mean of seeds)")
-    axes[0].legend()
+    axes[0].set_ylabel("held-out reward (mean; bars: seed range)")
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    axes[0].legend(list(handles.values()), list(handles), loc="lower right", fontsize="small")
+    fig.tight_layout()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
