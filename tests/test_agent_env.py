@@ -206,3 +206,20 @@ def test_partial_rollouts_keep_each_actions_version_and_log_probs(parallel):
 
 
 
+
+
+def test_a_call_cancelled_with_its_episode_is_not_counted():
+    """The run stopping cancels the episodes in flight: their pending calls end neither answered nor failed, so
+    they are not counted as calls (the counters stay equal to what ended: calls = answered + failed)."""
+    env = CalculatorEnv(TASK, EnvConfig(tool=ToolConfig(hang_rate=1.0, timeout=10.0)))
+
+    async def cancelled():
+        ep = await env.reset(random.Random(0))
+        task = asyncio.create_task(env.step(ep, f"C:{ep.a}{ep.op}{ep.b}".encode()))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(cancelled())
+    assert env.stats["calls"] == 0 and env.stats["timeout"] == 0

@@ -1,5 +1,6 @@
-"""A CI-sized subset of the fault suite (tools/faults.py): real runs killed with SIGKILL and resumed, a
-rollout path that keeps failing, a switch log with damaged lines. Each must pass and lose nothing."""
+"""A CI-sized subset of the fault suite (tools/faults.py): real runs killed with SIGKILL and resumed (an agent
+run too), a rollout path that keeps failing, a switch log with damaged lines, an agent's tool that is down.
+Each must pass and lose nothing."""
 
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tools"))
 from faults import run_scenarios  # noqa: E402
 
 SUBSET = ["kill_lm_and_resume", "kill_rl_and_resume", "failing_rollouts", "corrupt_log_lines", "resume_lifecycle",
-          "hostile_control_file"]
+          "hostile_control_file", "tool_outage", "kill_agent_and_resume"]
 
 
 @pytest.mark.slow

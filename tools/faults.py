@@ -41,6 +41,9 @@ RL_TINY = ["train.warm_start_steps=5", "train.warm_start_batch=8", "train.log_ev
            "rl.group_size=4", "rl.prompts_per_step=2", "task.heldout_size=8", "model.hidden_size=32",
            "model.ffn_hidden_size=64", "model.num_attention_heads=2", "train.steps=24"]
 LAYER = "decoder.layers.1.mlp.linear_fc1"
+# the multi-turn calculator task on the tiny policy: one-digit operands, a warm start long enough to make calls
+AGENT_TINY = [*RL_TINY, 'task.name="calculator"', "task.min_digits=1", "task.max_digits=1", "model.seq_length=96",
+              "train.warm_start_steps=200", "train.warm_start_batch=16", "env.tool.delay_median=0.01"]
 
 
 def _cmd(base: list[str], sets: list[str]) -> list[str]:
@@ -238,6 +241,39 @@ def failing_rollouts(out: Path, rng: random.Random) -> dict:
     return _ok(ended, "ended with the last rollout error" if ended else f"did not end as expected: {p.stderr[-200:]}")
 
 
+def tool_outage(out: Path, rng: random.Random) -> dict:
+    """The agent's tool is down: every call that reaches it answers `service unavailable` or hangs until the
+    timeout. The run must go on (episodes answer without a result or run out of turns), count every failed call
+    and lose no episode."""
+    p = _run(RL, [*AGENT_TINY, f'run.dir="{out}"', "env.tool.failure_rate=1.0", "env.tool.hang_rate=0.3",
+                  "env.tool.timeout=0.05"])
+    if p.returncode:
+        return _ok(False, f"the run failed: {p.stderr[-300:]}")
+    s = _summary(out)
+    a, acct = s["agent"], s["samples"]
+    ok = a["tool_calls"] > 0 and a["tool_calls"] == a["tool_unavailable"] + a["tool_timeout"] \
+        and a["tool_timeout"] > 0 and acct["trained"] == 24 * 8 and a["episodes"] == acct["generated"]
+    return _ok(ok, f"{a['tool_calls']} calls reached the tool: {a['tool_unavailable']} unavailable, "
+                   f"{a['tool_timeout']} cut at the timeout; all {acct['trained']} episodes of 24 steps trained")
+
+
+def kill_agent_and_resume(out: Path, rng: random.Random) -> dict:
+    """The agent run (many episodes in flight, some waiting on the tool) killed with SIGKILL after a random
+    checkpoint and resumed: it completes, episodes queued at the checkpoint (if any) are counted
+    lost_on_restart, and the run's own end-of-run check (episodes counted physically) passes."""
+    sets = [*AGENT_TINY, "train.checkpoint_every=2", "train.keep_checkpoints=0", f'run.dir="{out}"',
+            "env.tool.delay_median=0.05"]
+    killed_at = _kill_at_checkpoint(RL, sets, out, rng.randint(4, 14))
+    resumed = _run(RL, [*sets, "train.resume=true"])
+    if resumed.returncode:
+        return _ok(False, f"resume failed: {resumed.stderr[-300:]}")
+    s = _summary(out)
+    acct = s["samples"]
+    return _ok(acct["trained"] == 24 * 8 and 0 < s["resumed_from"] <= killed_at,
+               f"killed after the step-{killed_at} checkpoint, resumed from {s['resumed_from']}; {acct}",
+               killed_at=killed_at)
+
+
 def _torchrun(nproc: int) -> list[str]:
     import socket
     with socket.socket() as sock:
@@ -414,7 +450,7 @@ SCENARIOS = {f.__name__: f for f in (
     nan_gradient, outlier_ramp, amax_spike, nonfinite_blame, kill_lm_and_resume, kill_rl_and_resume,
     kill_lm_tp2_and_resume, damaged_checkpoints, full_disk, resume_lifecycle, concurrent_launches, corrupt_log_lines,
     hostile_switch_log, bad_config, control_unknown_layer, hostile_control_file, rl_blown_up_lr,
-    failing_rollouts, ray_actor_killed)}
+    failing_rollouts, ray_actor_killed, tool_outage, kill_agent_and_resume)}
 
 
 def run_scenarios(names: list[str], out: Path, seed: int = 0) -> dict:

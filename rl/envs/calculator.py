@@ -126,6 +126,7 @@ class CalculatorEnv:
             held.add(self._draw(rng))
         self._held = frozenset(held)
         self._heldout = sorted(held)
+        # calls that reached the tool and ended (answered, failed or cut at the timeout), and errors by kind
         self.stats = {"calls": 0, "timeout": 0, "unavailable": 0, "malformed": 0, "wrong_arguments": 0}
 
     def _number(self, rng: random.Random) -> int:
@@ -173,7 +174,6 @@ class CalculatorEnv:
         a, op, b = int(m.group(1)), m.group(2).decode(), int(m.group(3))
         if (a, op, b) != (episode.a, episode.op, episode.b):
             return Observation(b"E:wrong arguments\n", "wrong_arguments")
-        self.stats["calls"] += 1
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
@@ -182,6 +182,7 @@ class CalculatorEnv:
             text, error = b"E:timeout\n", "timeout"
         finally:
             episode.tool_wait += loop.time() - t0
+        self.stats["calls"] += 1   # answered or cut: a call cancelled with its episode (the run stopping) is not
         return Observation(text, error)
 
     def score(self, episode: CalcEpisode) -> float:
