@@ -1,4 +1,4 @@
-"""Multi-turn episodes in flight: the decode batcher, the episode loop and the agent's supervised warm start.
+"""Multi-turn episodes in flight: the decode batcher, the episode loop and the agent's warm-start batches.
 
 Every episode is a coroutine: it asks for its next action, hands it to the environment, and waits for the
 observation (a tool call that may take a second). While it waits, the others go on: the ``DecodeBatcher``
@@ -18,13 +18,13 @@ import copy
 import random
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from rl.envs.agent import Segment, Transcript
-from rl.rollout import STOP, Completion
+from rl.rollout import Completion
 
 Decode = Callable[[list[bytes]], list[Completion]]   # one action per prompt, each up to the stop byte
 
@@ -158,40 +158,12 @@ def evaluate(env, problems: list, decode: Decode, max_new_tokens: int, max_len: 
                                                 "recovered": sum(r.recovered for r in results) / n}
 
 
-@dataclass
-class WarmStartTranscripts:
-    """Correct transcripts for the supervised warm start, some with an error an agent makes and recovers
-    from: a malformed call or one with wrong operands (the policy's own errors, masked under error masking),
-    or a call the service failed (retried; never masked)."""
-
-    policy_error_rate: float = 0.3
-    service_error_rate: float = 0.2
-    rng: random.Random = field(default_factory=lambda: random.Random(0))
-
-    def make(self, episode) -> Transcript:
-        a, op, b, result = episode.a, episode.op, episode.b, episode.result
-        call = f"C:{a}{op}{b}\n".encode()
-        segs = [Segment("prompt", list(episode.prompt))]
-        if self.rng.random() < self.policy_error_rate:
-            if self.rng.random() < 0.5:
-                segs += [Segment("action", list(call.replace(b":", b"", 1)), error="malformed"),
-                         Segment("observation", list(b"E:malformed call\n"))]
-            else:
-                wrong = f"C:{b}{op}{a + 1}\n".encode()
-                segs += [Segment("action", list(wrong), error="wrong_arguments"),
-                         Segment("observation", list(b"E:wrong arguments\n"))]
-        elif self.rng.random() < self.service_error_rate:
-            segs += [Segment("action", list(call), error="unavailable"),
-                     Segment("observation", list(b"E:service unavailable\n"))]
-        segs += [Segment("action", list(call)), Segment("observation", list(f"R:{result}\n".encode())),
-                 Segment("action", list(f"A:{result}".encode()) + [STOP])]
-        return Transcript(segs)
-
-
 def warm_start_batches(env, batch_size: int, error_masking: bool, seed: int):
-    """``supervised_warm_start`` batches of the env's problems as correct transcripts (``WarmStartTranscripts``)."""
-    maker = WarmStartTranscripts(rng=random.Random(seed))
-    return lambda rng: transcript_batch([maker.make(env.sample(rng)) for _ in range(batch_size)], error_masking)
+    """``supervised_warm_start`` batches of the env's demonstrations: correct transcripts of its training problems
+    (``env.demonstration(episode, rng)``), some with an error and its recovery."""
+    errors = random.Random(seed)   # which demonstrations hold an error: apart from the problems' stream
+    return lambda rng: transcript_batch([env.demonstration(env.sample(rng), errors) for _ in range(batch_size)],
+                                        error_masking)
 
 
 def transcript_batch(transcripts: list[Transcript], error_masking: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -223,3 +223,30 @@ def test_a_call_cancelled_with_its_episode_is_not_counted():
 
     run(cancelled())
     assert env.stats["calls"] == 0 and env.stats["timeout"] == 0
+
+
+def test_warm_start_demonstrations_replay_against_the_env():
+    """Each demonstration, replayed action by action against the env (a tool that never fails), gets the
+    observations it shows (the error it marks, then the result) and reward 1: the warm start teaches the real
+    protocol, and the errors it marks are the ones the env would report."""
+    env = CalculatorEnv(TASK, EnvConfig(tool=FAST))
+    rng, errors = random.Random(0), random.Random(1)
+    kinds = set()
+
+    async def replay(ep, t):
+        for seg, nxt in zip(t.segments[1:], t.segments[2:] + [None]):
+            if seg.kind != "action":
+                continue
+            obs = await env.step(ep, bytes(seg.tokens).rstrip(b"\n"))
+            if seg.error in ("malformed", "wrong_arguments"):
+                assert obs.error == seg.error and bytes(nxt.tokens) == obs.tokens
+            elif seg.error is None and nxt is not None:
+                assert bytes(nxt.tokens) == obs.tokens
+        return ep
+
+    for _ in range(60):
+        episode = env.sample(rng)
+        t = env.demonstration(episode, errors)
+        kinds |= {s.error for s in t.segments if s.kind == "action"}
+        assert env.score(run(replay(episode, t))) == 1.0
+    assert kinds == {None, "malformed", "wrong_arguments", "unavailable"}

@@ -109,3 +109,10 @@ class MultiTurnEnv(Protocol):
 
     def score(self, episode: Episode) -> float:
         """The reward in [0, 1] of a finished (or cut off) episode."""
+
+    def sample(self, rng: random.Random) -> Episode:
+        """For the supervised warm start: a training problem (``reset`` without waiting)."""
+
+    def demonstration(self, episode: Episode, rng: random.Random) -> Transcript:
+        """For the supervised warm start: a correct transcript of ``episode``, possibly with an error and its
+        recovery (mark the erring action's ``error``, so error masking can leave it untrained)."""

@@ -27,8 +27,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from rl.envs.agent import ErrorKind, Observation
-from rl.envs.task import TaskConfig, partial_credit
+from rl.envs.agent import ErrorKind, Observation, Segment, Transcript
+from rl.envs.task import STOP, TaskConfig, partial_credit
 
 _CALL = re.compile(rb"C:(\d{1,12})([+*])(\d{1,12})")
 _ANSWER = re.compile(rb"A:(\d{1,24})")
@@ -184,6 +184,28 @@ class CalculatorEnv:
             episode.tool_wait += loop.time() - t0
         self.stats["calls"] += 1   # answered or cut: a call cancelled with its episode (the run stopping) is not
         return Observation(text, error)
+
+    def demonstration(self, episode: CalcEpisode, rng: random.Random, policy_error_rate: float = 0.3,
+                      service_error_rate: float = 0.2) -> Transcript:
+        """A correct transcript for the supervised warm start. Some open with an error an agent makes and
+        recovers from: a malformed call or one with wrong operands (the policy's own errors, masked under error
+        masking), or a call the service failed (retried; never masked)."""
+        a, op, b = episode.a, episode.op, episode.b
+        call = f"C:{a}{op}{b}\n".encode()
+        segs = [Segment("prompt", list(episode.prompt))]
+        if rng.random() < policy_error_rate:
+            if rng.random() < 0.5:
+                segs += [Segment("action", list(call.replace(b":", b"", 1)), error="malformed"),
+                         Segment("observation", list(b"E:malformed call\n"))]
+            else:
+                segs += [Segment("action", list(f"C:{b}{op}{a + 1}\n".encode()), error="wrong_arguments"),
+                         Segment("observation", list(b"E:wrong arguments\n"))]
+        elif rng.random() < service_error_rate:
+            segs += [Segment("action", list(call), error="unavailable"),
+                     Segment("observation", list(b"E:service unavailable\n"))]
+        segs += [Segment("action", list(call)), Segment("observation", list(f"R:{episode.result}\n".encode())),
+                 Segment("action", list(f"A:{episode.result}".encode()) + [STOP])]
+        return Transcript(segs)
 
     def score(self, episode: CalcEpisode) -> float:
         if episode.answer is None:
