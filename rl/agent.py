@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import random
 import threading
 import time
@@ -26,7 +27,11 @@ import torch
 from rl.envs.agent import Segment, Transcript
 from rl.rollout import Completion
 
-Decode = Callable[[list[bytes]], list[Completion]]   # one action per prompt, each up to the stop byte
+# one action per prompt, each up to the stop byte; the keys name the episodes (an engine may keep their caches)
+Decode = Callable[[list[bytes], list[str]], list[Completion]]
+
+
+_episode_ids = itertools.count()
 
 
 class DecodeBatcher:
@@ -34,14 +39,14 @@ class DecodeBatcher:
 
     def __init__(self, decode: Decode):
         self.decode = decode
-        self._pending: list[tuple[bytes, asyncio.Future]] = []
+        self._pending: list[tuple[bytes, str, asyncio.Future]] = []
         self._running: asyncio.Task | None = None
         self.busy = 0.0
         self.calls = 0
 
-    async def generate(self, prompt: bytes) -> Completion:
+    async def generate(self, prompt: bytes, key: str) -> Completion:
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append((prompt, fut))
+        self._pending.append((prompt, key, fut))
         if self._running is None or self._running.done():
             self._running = asyncio.create_task(self._drain())
         return await fut
@@ -52,15 +57,15 @@ class DecodeBatcher:
             batch, self._pending = self._pending, []
             t0 = time.perf_counter()
             try:
-                comps = await asyncio.to_thread(self.decode, [p for p, _ in batch])
+                comps = await asyncio.to_thread(self.decode, [p for p, _, _ in batch], [k for _, k, _ in batch])
             except Exception as e:  # noqa: BLE001 - handed to every episode of the batch, which fail with it
-                for _, fut in batch:
+                for _, _, fut in batch:
                     fut.set_exception(e)
                 continue
             finally:
                 self.busy += time.perf_counter() - t0
                 self.calls += 1
-            for (_, fut), c in zip(batch, comps):
+            for (_, _, fut), c in zip(batch, comps):
                 fut.set_result(c)
 
 
@@ -98,9 +103,9 @@ async def run_episode(env, episode, batcher: DecodeBatcher, max_new_tokens: int,
     """Act until the episode is done, or its context is full (then it ends as it stands). The transcript never
     exceeds ``max_len`` tokens."""
     segments = [Segment("prompt", list(episode.prompt))]
-    context = episode.prompt
+    context, key = episode.prompt, f"episode-{next(_episode_ids)}"
     while not episode.done and len(context) + max_new_tokens <= max_len:
-        comp = await batcher.generate(context)
+        comp = await batcher.generate(context, key)
         action = Segment("action", list(comp.tokens), list(comp.logp_infer), comp.version, comp.map_version)
         segments.append(action)
         context += bytes(comp.tokens)

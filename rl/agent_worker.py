@@ -34,12 +34,13 @@ class AgentRolloutWorker(RolloutWorker):
         self._stats_lock = threading.Lock()
         self._batcher: DecodeBatcher | None = None
 
-    def _decode(self, prompts: list[bytes]):
-        """One decode call (on the batcher's thread): the newest weights first, then one action per prompt."""
+    def _decode(self, prompts: list[bytes], keys: list[str]):
+        """One decode call (on the batcher's thread): the newest weights first, then one action per prompt (the
+        engine may continue each episode on its cached keys and values)."""
         t0 = time.perf_counter()
         with self.engine_lock:
             self._pull_weights()
-            comps = self.engine.generate(prompts, self.max_new_tokens, self.generator)
+            comps = self.engine.generate(prompts, self.max_new_tokens, self.generator, keys=keys)
         self.counters.rollout_busy += time.perf_counter() - t0
         return comps
 

@@ -43,9 +43,11 @@ class InferenceEngine(Protocol):
         """Log-probs of each sequence's tokens from ``starts[i]`` on, as ``generate`` scores them, with
         ``bf16_layers`` in BF16 for this call only."""
 
-    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
+    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator,
+                 keys: list | None = None) -> list[Completion]:
         """One completion per prompt, each with its tokens, their log-probabilities under the full softmax at
-        the sampling temperature, and the policy and precision-map versions that made it."""
+        the sampling temperature, and the policy and precision-map versions that made it. ``keys`` (multi-turn
+        episodes, one per prompt) let an engine continue each episode on what it cached for that key."""
 
     def close(self) -> None:
         """Release the worker; the engine is not used again."""

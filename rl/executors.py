@@ -37,8 +37,8 @@ class _Actor:
     def score(self, sequences: list[list[int]], starts: list[int], bf16_layers: list[str]) -> list[list[float]]:
         return self.engine.score(sequences, starts, bf16_layers)
 
-    def generate(self, prompts: list[bytes], max_new_tokens: int, seed: int) -> list[Completion]:
-        return self.engine.generate(prompts, max_new_tokens, torch.Generator().manual_seed(seed))
+    def generate(self, prompts: list[bytes], max_new_tokens: int, seed: int, keys=None) -> list[Completion]:
+        return self.engine.generate(prompts, max_new_tokens, torch.Generator().manual_seed(seed), keys=keys)
 
 
 class RolloutActorLost(WorkerLost):
@@ -102,9 +102,10 @@ class RayRolloutEngine:
     def score(self, sequences: list[list[int]], starts: list[int], bf16_layers: list[str]) -> list[list[float]]:
         return self._call("score", sequences, starts, bf16_layers)
 
-    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
+    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator,
+                 keys: list | None = None) -> list[Completion]:
         seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
-        return self._call("generate", prompts, max_new_tokens, seed)
+        return self._call("generate", prompts, max_new_tokens, seed, keys)
 
     def close(self) -> None:
         if self.ray.is_initialized():   # several engines share the cluster: the first close ends it

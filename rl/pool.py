@@ -52,7 +52,8 @@ class EnginePool:
         self._sync(0)
         return self.engines[0].score(sequences, starts, bf16_layers)
 
-    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
+    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator,
+                 keys: list | None = None) -> list[Completion]:
         n = min(len(self.engines), len(prompts))
         bounds = [len(prompts) * k // n for k in range(n + 1)]
         # one generator per share, seeded from the caller's: torch generators are not shared across threads
@@ -60,8 +61,10 @@ class EnginePool:
 
         def share(i: int) -> list[Completion]:
             self._sync(i)
+            # an episode on another engine than last time misses its cache: a full encode, the same result
+            share_keys = {} if keys is None else {"keys": keys[bounds[i]:bounds[i + 1]]}
             return self.engines[i].generate(prompts[bounds[i]:bounds[i + 1]], max_new_tokens,
-                                            torch.Generator().manual_seed(seeds[i]))
+                                            torch.Generator().manual_seed(seeds[i]), **share_keys)
         return [c for part in self._threads.map(share, range(n)) for c in part]
 
     def close(self) -> None:

@@ -124,6 +124,13 @@ def _padding_mask(pad: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
     return ~attend[:, None]
 
 
+def check_fits(prompts: list[bytes], max_new_tokens: int, max_len: int) -> None:
+    for p in prompts:
+        if len(p) == 0 or len(p) + max_new_tokens > max_len:
+            raise ValueError(f"prompt {p[:40]!r} has {len(p)} tokens; with {max_new_tokens} new tokens it must fit "
+                             f"the context of {max_len} (and not be empty)")
+
+
 @torch.no_grad()
 def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, temperature: float, top_p: float,
              generator: torch.Generator, version: int = -1, map_version: int = 0,
@@ -134,10 +141,7 @@ def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, tem
     (each row keeps its own positions; pad keys are masked); prompts of one length need no mask at all."""
     was_training = model.training
     model.eval()
-    for p in prompts:
-        if len(p) == 0 or len(p) + max_new_tokens > max_len:
-            raise ValueError(f"prompt {p[:40]!r} has {len(p)} tokens; with {max_new_tokens} new tokens it must fit "
-                             f"the context of {max_len} (and not be empty)")
+    check_fits(prompts, max_new_tokens, max_len)
     width = max(len(p) for p in prompts)
     pad = torch.tensor([width - len(p) for p in prompts])
     padded = bool(pad.any())
@@ -201,6 +205,8 @@ class RolloutEngine:
             layer.precision = "bf16" if cfg.precision == "bf16" or not layer.fp8_capable else "fp8"
         self.version = -1
         self.map_version = -1
+        self.sessions: dict = {}   # key -> rl.sessions.Prefix: a multi-turn episode's cached keys and values
+        self.reused_tokens = 0     # prompt tokens those caches spared from encoding
 
     def load_weights(self, state: dict, version: int) -> None:
         """``state``: the policy's state dict, plus ``<layer>.channel_scale`` for a layer under an injected
@@ -210,6 +216,7 @@ class RolloutEngine:
         for name, layer in precision_layers(self.model).items():
             layer.channel_scale = scales.get(name)
         self.version = version
+        self.sessions.clear()   # computed with the old weights
 
     def set_precisions(self, precisions: dict[str, str], map_version: int, rollout_bf16=()) -> None:
         """The trainer's per-layer precisions, version ``map_version``, and the layers promoted on the rollout
@@ -222,6 +229,8 @@ class RolloutEngine:
                              f"{missing[:3]}, unknown {unknown[:3]}")
         capable = {name: layer.fp8_capable for name, layer in layers.items()}
         for name, p in rollout_precisions(self.cfg.precision, precisions, rollout_bf16, capable).items():
+            if layers[name].precision != p:
+                self.sessions.clear()   # computed in the old precision
             layers[name].precision = p
         self.map_version = map_version
 
@@ -247,6 +256,18 @@ class RolloutEngine:
     def close(self) -> None:
         """Nothing to release in-process (the Ray engine stops its actor here)."""
 
-    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator) -> list[Completion]:
-        return generate(self.model, prompts, max_new_tokens, self.model_cfg.seq_length, self.cfg.temperature,
-                        self.cfg.top_p, generator, self.version, self.map_version, self.cfg.kv_cache)
+    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator,
+                 keys: list | None = None) -> list[Completion]:
+        """``keys``: multi-turn episodes, one key per prompt; with ``rollout.kv_cache`` each keeps its keys and
+        values across calls (``rl/sessions.py``), so a call encodes only what is new since the key's last call."""
+        if keys is None or not self.cfg.kv_cache:
+            return generate(self.model, prompts, max_new_tokens, self.model_cfg.seq_length, self.cfg.temperature,
+                            self.cfg.top_p, generator, self.version, self.map_version, self.cfg.kv_cache)
+        from rl.sessions import generate_continued
+        check_fits(prompts, max_new_tokens, self.model_cfg.seq_length)
+        comps, prefixes, reused = generate_continued(
+            self.model, prompts, [self.sessions.get(k) for k in keys], max_new_tokens, self.cfg.temperature,
+            self.cfg.top_p, generator, self.version, self.map_version)
+        self.sessions.update(zip(keys, prefixes))
+        self.reused_tokens += reused
+        return comps

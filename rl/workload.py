@@ -65,7 +65,7 @@ def make_workload(cfg) -> Workload:
     heldout = held_env.heldout()
 
     def evaluate(trainer) -> tuple[float, dict]:
-        def decode(prompts: list[bytes]):
+        def decode(prompts: list[bytes], keys: list[str]):
             return generate(trainer.model, prompts, budget, seq, 0.0, 1.0, torch.Generator())
         return agent.evaluate(held_env, heldout, decode, budget, seq)
 

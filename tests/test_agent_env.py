@@ -173,7 +173,7 @@ def test_partial_rollouts_keep_each_actions_version_and_log_probs(parallel):
     engine.load_weights(weights, 0)
     made = []
 
-    def decode(prompts):
+    def decode(prompts, keys):
         comps = engine.generate(prompts, 8, torch.Generator().manual_seed(len(made)))
         made.extend(comps)
         engine.load_weights(weights, engine.version + 1)   # the next call decodes with a newer version
@@ -250,3 +250,35 @@ def test_warm_start_demonstrations_replay_against_the_env():
         kinds |= {s.error for s in t.segments if s.kind == "action"}
         assert env.score(run(replay(episode, t))) == 1.0
     assert kinds == {None, "malformed", "wrong_arguments", "unavailable"}
+
+
+def test_cross_turn_kv_cache_equals_full_recomputation(parallel):
+    """Greedy BF16, three turns of eight conversations of different lengths: decoding each turn on the cached
+    keys and values of the conversation so far (only the last action's last token and the observation are new)
+    gives the tokens of encoding everything again, log-probs within GEMM-shape rounding, and the caches did
+    spare the earlier turns. New weights drop the caches (they were computed with the old ones)."""
+    import dataclasses
+
+    from conftest import SMALL
+
+    from rl.rollout import RolloutConfig, RolloutEngine
+
+    cfg = dataclasses.replace(SMALL, seq_length=128)
+    torch.manual_seed(0)
+    cached = RolloutEngine(cfg, RolloutConfig(precision="bf16", temperature=0.0, kv_cache=True))
+    full = RolloutEngine(cfg, RolloutConfig(precision="bf16", temperature=0.0, kv_cache=True))
+    weights = {k: v for k, v in cached.model.state_dict().items() if isinstance(v, torch.Tensor)}
+    full.load_weights(weights, 0)
+    contexts = [f"Q:{i * 37 % 1000}*{i + 3}\n".encode() for i in range(8)]
+    keys = [f"ep{i}" for i in range(8)]
+    for turn in range(3):
+        a = cached.generate(contexts, 10, torch.Generator(), keys=keys)
+        b = full.generate(contexts, 10, torch.Generator())
+        assert [c.tokens for c in a] == [c.tokens for c in b]
+        for x, y in zip(a, b):
+            assert x.logp_infer == pytest.approx(y.logp_infer, abs=1e-4)
+        contexts = [q + bytes(c.tokens) + f"E:turn {turn} {i}\n".encode()[: 4 + i] for i, (q, c) in
+                    enumerate(zip(contexts, a))]
+    assert cached.reused_tokens > 0 and len(cached.sessions) == 8
+    cached.load_weights(weights, 1)
+    assert cached.sessions == {}

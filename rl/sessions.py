@@ -1,0 +1,101 @@
+"""Episodes that keep their KV cache across turns: the next action's decode encodes only what is new.
+
+After an action, an episode's context grows by the action's last token and the observation; everything before
+was already encoded. ``generate_continued`` takes, per row, the cached keys and values of a prefix of its prompt
+(``Prefix``, from the row's previous call) and runs the model on the rest only, then decodes incrementally as
+``rl.rollout.generate`` does with ``kv_cache``. Rows with caches of different lengths share one batch: the
+cached keys and values are left-padded to one length, the new tokens too, and a mask hides both pads (each row
+keeps its own positions). A prefix is used only if the prompt really starts with its tokens, so a wrong or
+stale key costs a full encode, never a wrong result; the engine drops all prefixes when its weights or
+precisions change (they were computed with the old ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from precisionrt.megatron import KVCache, SDPACoreAttention
+from rl.rollout import STOP, Completion, sample_next
+
+
+@dataclass
+class Prefix:
+    tokens: list[int]
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per core attention layer: keys and values of ``tokens``, ``[len, groups, head_dim]``."""
+
+
+def attention_mask(valid: torch.Tensor, sq: int) -> torch.Tensor:
+    """Megatron's mask (True = masked out, ``[b, 1, sq, sk]``) for queries that are the last ``sq`` of the ``sk``
+    key positions, where ``valid[b, k]`` says which keys are real: causal, no real query sees a pad key, and a
+    pad query sees itself only (an empty softmax row is NaN, and NaN times a zero weight poisons the rest)."""
+    sk = valid.shape[1]
+    q = torch.arange(sk - sq, sk)[:, None]
+    k = torch.arange(sk)[None, :]
+    attend = (k <= q)[None] & (valid[:, None, :] | (k == q)[None])
+    return ~attend[:, None]
+
+
+@torch.no_grad()
+def generate_continued(model, prompts: list[bytes], prefixes: list[Prefix | None], max_new_tokens: int,
+                       temperature: float, top_p: float, generator: torch.Generator, version: int = -1,
+                       map_version: int = 0) -> tuple[list[Completion], list[Prefix], int]:
+    """One completion per prompt, each continuing its row's cached prefix; returns the completions, each row's
+    new prefix (its prompt and all generated tokens but the last) and how many prompt tokens the caches spared."""
+    attn = [m for m in model.modules() if isinstance(m, SDPACoreAttention)]
+    usable = [p if p is not None and len(p.tokens) < len(q) and q[:len(p.tokens)] == bytes(p.tokens) else None
+              for p, q in zip(prefixes, prompts)]
+    cached = [len(p.tokens) if p else 0 for p in usable]
+    suffix = [q[c:] for q, c in zip(prompts, cached)]
+    b, width_c, width_s = len(prompts), max(cached), max(len(s) for s in suffix)
+    valid = torch.zeros(b, width_c + width_s, dtype=torch.bool)
+    tokens = torch.zeros(b, width_s, dtype=torch.long)
+    for i, (c, s) in enumerate(zip(cached, suffix)):
+        valid[i, width_c - c:width_c] = True
+        valid[i, width_c + width_s - len(s):] = True
+        tokens[i, width_s - len(s):] = torch.tensor(list(s))
+    start = torch.tensor(cached) - torch.tensor([width_s - len(s) for s in suffix])   # position of column 0
+    was_training = model.training
+    model.eval()
+    try:
+        for layer, m in enumerate(attn):
+            m.kv_cache = KVCache()
+            if width_c:
+                ref = next(p.kv[layer][0] for p in usable if p is not None)
+                key = ref.new_zeros(width_c, b, *ref.shape[1:])
+                value = torch.zeros_like(key)
+                for i, p in enumerate(usable):
+                    if p is not None:
+                        key[width_c - cached[i]:, i], value[width_c - cached[i]:, i] = p.kv[layer]
+                m.kv_cache.key, m.kv_cache.value = key, value
+        positions = (start[:, None] + torch.arange(width_s)[None]).clamp(min=0)
+        logits = model(tokens, positions, attention_mask(valid, width_s)).float()[:, -1]
+        length = torch.tensor([len(q) for q in prompts])   # the next position of each row
+        done = torch.zeros(b, dtype=torch.bool)
+        gen: list[list[int]] = [[] for _ in prompts]
+        lps: list[list[float]] = [[] for _ in prompts]
+        for step in range(max_new_tokens):
+            tok, lp = sample_next(logits, temperature, top_p, generator)
+            for j in (~done).nonzero().flatten().tolist():
+                gen[j].append(int(tok[j]))
+                lps[j].append(float(lp[j]))
+            done |= tok == STOP
+            if done.all() or step == max_new_tokens - 1:
+                break
+            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+            logits = model(tok[:, None], length[:, None], attention_mask(valid, 1)).float()[:, -1]
+            length += 1
+        new = []
+        for i, q in enumerate(prompts):   # the row's real positions: its prompt, then what it generated, in order
+            keep = valid[i].nonzero().flatten()[:len(q) + len(gen[i]) - 1]
+            new.append(Prefix(list(q) + gen[i][:-1], [(m.kv_cache.key[keep, i], m.kv_cache.value[keep, i])
+                                                      for m in attn]))
+    finally:
+        for m in attn:
+            m.kv_cache = None
+        model.train(was_training)
+    comps = [Completion(q, g, lp, version, stopped=STOP in g, map_version=map_version)
+             for q, g, lp in zip(prompts, gen, lps)]
+    return comps, new, sum(cached)
