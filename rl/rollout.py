@@ -98,6 +98,29 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+class Decoded:
+    """What a batched decode made so far: each row's tokens and their log-probs, and which rows stopped."""
+
+    def __init__(self, rows: int):
+        self.done = torch.zeros(rows, dtype=torch.bool)
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.logp: list[list[float]] = [[] for _ in range(rows)]
+
+    def take(self, logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+             ) -> torch.Tensor:
+        """Sample the next token of every row; keep it for the rows not yet stopped. Returns the tokens."""
+        tok, lp = sample_next(logits, temperature, top_p, generator)
+        for j in (~self.done).nonzero().flatten().tolist():
+            self.tokens[j].append(int(tok[j]))
+            self.logp[j].append(float(lp[j]))
+        self.done |= tok == STOP
+        return tok
+
+    def completions(self, prompts: list[bytes], version: int, map_version: int) -> list[Completion]:
+        return [Completion(p, g, lp, version, stopped=STOP in g, map_version=map_version)
+                for p, g, lp in zip(prompts, self.tokens, self.logp)]
+
+
 @contextmanager
 def kv_caches(model):
     """Incremental decoding for the duration: every core attention keeps its keys and values."""
@@ -148,9 +171,7 @@ def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, tem
     seqs = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, p in enumerate(prompts):
         seqs[i, width - len(p):] = torch.tensor(list(p))
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    gen: list[list[int]] = [[] for _ in prompts]
-    lps: list[list[float]] = [[] for _ in prompts]
+    out = Decoded(len(prompts))
 
     def forward(tokens: torch.Tensor, first: int) -> torch.Tensor:
         """Logits of the last position, for ``tokens`` at positions ``first..`` of the padded rows."""
@@ -161,18 +182,13 @@ def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, tem
     with kv_caches(model) if kv_cache else nullcontext():
         logits = forward(seqs, 0)
         for step in range(max_new_tokens):
-            tok, lp = sample_next(logits, temperature, top_p, generator)
-            for j in (~done).nonzero().flatten().tolist():
-                gen[j].append(int(tok[j]))
-                lps[j].append(float(lp[j]))
-            done |= tok == STOP
-            if done.all() or step == max_new_tokens - 1:
+            tok = out.take(logits, temperature, top_p, generator)
+            if out.done.all() or step == max_new_tokens - 1:
                 break
             seqs = torch.cat([seqs, tok[:, None]], dim=1)
             logits = forward(tok[:, None], seqs.shape[1] - 1) if kv_cache else forward(seqs, 0)
     model.train(was_training)
-    return [Completion(p, g, lp, version, stopped=STOP in g, map_version=map_version)
-            for p, g, lp in zip(prompts, gen, lps)]
+    return out.completions(prompts, version, map_version)
 
 
 def rollout_precisions(mode: str, trainer: dict[str, str], rollout_bf16, fp8_capable: dict[str, bool]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from precisionrt.megatron import KVCache, SDPACoreAttention
-from rl.rollout import STOP, Completion, sample_next
+from rl.rollout import Completion, Decoded
 
 
 @dataclass
@@ -73,29 +73,21 @@ def generate_continued(model, prompts: list[bytes], prefixes: list[Prefix | None
         positions = (start[:, None] + torch.arange(width_s)[None]).clamp(min=0)
         logits = model(tokens, positions, attention_mask(valid, width_s)).float()[:, -1]
         length = torch.tensor([len(q) for q in prompts])   # the next position of each row
-        done = torch.zeros(b, dtype=torch.bool)
-        gen: list[list[int]] = [[] for _ in prompts]
-        lps: list[list[float]] = [[] for _ in prompts]
+        out = Decoded(b)
         for step in range(max_new_tokens):
-            tok, lp = sample_next(logits, temperature, top_p, generator)
-            for j in (~done).nonzero().flatten().tolist():
-                gen[j].append(int(tok[j]))
-                lps[j].append(float(lp[j]))
-            done |= tok == STOP
-            if done.all() or step == max_new_tokens - 1:
+            tok = out.take(logits, temperature, top_p, generator)
+            if out.done.all() or step == max_new_tokens - 1:
                 break
             valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], dim=1)
             logits = model(tok[:, None], length[:, None], attention_mask(valid, 1)).float()[:, -1]
             length += 1
         new = []
-        for i, q in enumerate(prompts):   # the row's real positions: its prompt, then what it generated, in order
-            keep = valid[i].nonzero().flatten()[:len(q) + len(gen[i]) - 1]
-            new.append(Prefix(list(q) + gen[i][:-1], [(m.kv_cache.key[keep, i], m.kv_cache.value[keep, i])
-                                                      for m in attn]))
+        for i, (q, gen) in enumerate(zip(prompts, out.tokens)):   # the row's real positions, in order
+            keep = valid[i].nonzero().flatten()[:len(q) + len(gen) - 1]
+            new.append(Prefix(list(q) + gen[:-1], [(m.kv_cache.key[keep, i], m.kv_cache.value[keep, i])
+                                                   for m in attn]))
     finally:
         for m in attn:
             m.kv_cache = None
         model.train(was_training)
-    comps = [Completion(q, g, lp, version, stopped=STOP in g, map_version=map_version)
-             for q, g, lp in zip(prompts, gen, lps)]
-    return comps, new, sum(cached)
+    return out.completions(prompts, version, map_version), new, sum(cached)
