@@ -7,8 +7,8 @@ thread, so the event loop keeps serving the tools meanwhile. Weights may change 
 episode's actions then carry different policy versions (a partial rollout), each token keeping the version
 and log-probability that produced it (``rl.envs.agent.Transcript``).
 
-The batcher also measures where time goes: ``busy`` (seconds with a decode running) and, from the
-environment's side, ``tool_busy`` (seconds with at least one tool call in flight), for the run's idle ratios.
+``ToolClock`` measures the environment's busy time (seconds with at least one tool call in flight) for the
+run's idle ratios; the rollout worker times the decode calls.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ class DecodeBatcher:
         self.decode = decode
         self._pending: list[tuple[bytes, str, asyncio.Future]] = []
         self._running: asyncio.Task | None = None
-        self.busy = 0.0
-        self.calls = 0
 
     async def generate(self, prompt: bytes, key: str) -> Completion:
         fut = asyncio.get_running_loop().create_future()
@@ -55,16 +53,12 @@ class DecodeBatcher:
         while self._pending:
             await asyncio.sleep(0)   # let the episodes that are ready this tick join the batch
             batch, self._pending = self._pending, []
-            t0 = time.perf_counter()
             try:
                 comps = await asyncio.to_thread(self.decode, [p for p, _, _ in batch], [k for _, k, _ in batch])
             except Exception as e:  # noqa: BLE001 - handed to every episode of the batch, which fail with it
                 for _, _, fut in batch:
                     fut.set_exception(e)
                 continue
-            finally:
-                self.busy += time.perf_counter() - t0
-                self.calls += 1
             for (_, _, fut), c in zip(batch, comps):
                 fut.set_result(c)
 
@@ -95,7 +89,6 @@ class EpisodeResult:
     reward: float
     recovered: bool
     """It made a policy error and still answered right."""
-    tool_wait: float
 
 
 async def run_episode(env, episode, batcher: DecodeBatcher, max_new_tokens: int, max_len: int,
@@ -124,8 +117,7 @@ async def run_episode(env, episode, batcher: DecodeBatcher, max_new_tokens: int,
             context += obs.tokens
     transcript = Transcript(segments)
     reward = env.score(episode)
-    return EpisodeResult(transcript, reward, recovered=transcript.policy_errors > 0 and reward == 1.0,
-                         tool_wait=getattr(episode, "tool_wait", 0.0))
+    return EpisodeResult(transcript, reward, recovered=transcript.policy_errors > 0 and reward == 1.0)
 
 
 async def run_group(env, rng: random.Random, size: int, batcher: DecodeBatcher, max_new_tokens: int,

@@ -77,11 +77,6 @@ def partial_credit(answer: bytes, target: bytes) -> float:
     return sum(a == t for a, t in zip(answer, target)) / max(len(target), len(answer))
 
 
-def format_example(problem: Problem) -> tuple[bytes, bytes]:
-    """(prompt, correct completion with the stop byte) for supervised warm starts."""
-    return problem.prompt, problem.target + bytes([STOP])
-
-
 class HeldOutTask:
     """A task over problems drawn by ``draw``: a fixed held-out set, and training samples outside it."""
 
