@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 main: $(STAMP)
-	$(VENV)/bin/python -m rl.train --config configs/rl_tiny_cpu.toml
+	$(VENV)/bin/python -m rl.train --config configs/rl_addition_cpu.toml
 
 lm: $(STAMP)
 	$(VENV)/bin/python -m precisionrt.train --config configs/lm_tiny_cpu.toml

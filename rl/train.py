@@ -33,7 +33,8 @@ from rl.envs.calculator import EnvConfig
 from rl.executors import make_engine
 from rl.mismatch import FIELD_NAMES
 from rl.rollout import RolloutConfig
-from rl.trainer import RLAlgoConfig, RLTrainer, supervised_warm_start
+from rl.trainer import RLAlgoConfig, RLTrainer
+from rl.warm_start import supervised_warm_start
 from rl.workload import make_workload
 
 

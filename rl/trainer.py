@@ -10,13 +10,10 @@ trained on, dropped with a reason, or still in flight at the end; the run checks
 from __future__ import annotations
 
 import logging
-import math
 import queue
-import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -323,58 +320,3 @@ def _snapshot(model) -> dict:
         if layer.channel_scale is not None:
             state[f"{name}.{CHANNEL_SCALE}"] = layer.channel_scale.detach().clone()
     return state
-
-
-@dataclass
-class WarmStart:
-    loss: float
-    skipped_steps: list[int]
-    switches: list
-
-
-def task_batch(task: Task, batch_size: int) -> Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]]:
-    """Warm-start batches of a single-turn task: prompt, correct answer, stop byte; the answer is trained."""
-    def make(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        examples = []
-        for _ in range(batch_size):
-            p = task.sample(rng)
-            examples.append(task.format_example(p, p.target))
-        width = max(len(p) + len(c) for p, c in examples)
-        tokens = torch.zeros(batch_size, width, dtype=torch.long)
-        mask = torch.zeros(batch_size, width - 1)
-        for i, (p, c) in enumerate(examples):
-            s = list(p + c)
-            tokens[i, :len(s)] = torch.tensor(s)
-            mask[i, len(p) - 1:len(s) - 1] = 1
-        return tokens, mask
-    return make
-
-
-def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]],
-                          steps: int, seed: int, runtime: PrecisionRuntime, before_step=None) -> WarmStart:
-    """A short supervised start on correct answers (``batches(rng)``: tokens and the mask of the trained
-    targets; ``task_batch`` for single-turn tasks, ``rl.agent.transcript_batch`` for multi-turn ones), stopped
-    early: the model learns the format and a little of the task; RL does the rest. The standard SFT-then-RL
-    recipe, kept short so that the RL phase has most of the way to go.
-
-    Its steps are optimizer steps like any other: ``before_step(step - 1)`` (fault injection) runs before each,
-    a step with nonfinite gradients is skipped and reported, and the runtime's switches are returned."""
-    rng = random.Random(seed)
-    loss_val, skipped, switches = math.nan, [], []
-    for step in range(1, steps + 1):
-        if before_step is not None:
-            before_step(step - 1)
-        tokens, mask = batches(rng)
-        logp = torch.log_softmax(logits_of(model, tokens[:, :-1]), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
-        loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if runtime.should_skip_step(norm):
-            skipped.append(step)
-            log.warning("warm start step %d: nonfinite gradients, optimizer step skipped", step)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        switches += runtime.end_step(step)
-        loss_val = float(loss.detach())
-    return WarmStart(loss_val, skipped, switches)

@@ -19,7 +19,7 @@ from rl.agent_worker import AgentRolloutWorker
 from rl.envs import make_task
 from rl.envs.calculator import CalculatorEnv
 from rl.rollout import generate
-from rl.trainer import task_batch
+from rl.warm_start import task_batch
 from rl.worker import RolloutWorker
 
 

@@ -47,3 +47,22 @@ def test_correction_study_refuses_an_existing_directory(tmp_path):
     (tmp_path / "study").mkdir()
     r = study(tmp_path / "study")
     assert r.returncode != 0 and "exists" in (r.stdout + r.stderr)
+
+
+def test_warm_start_curve_ends_where_the_rl_command_starts(tmp_path, parallel):
+    """The curve's reward at step N is the held-out reward ``rl.train`` reports after a warm start of N steps:
+    measuring on a copy leaves the run untouched, and the curve trains what the command trains."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from warm_start_curve import curve
+
+    from precisionrt.config import load_config
+    from rl.train import RLConfig, train
+
+    sets = [*TINY, "train.warm_start_steps=8", "train.warm_start_lr=1e-2", "task.heldout_size=32", "train.steps=1",
+            f'run.dir="{tmp_path / "run"}"']
+    cfg = load_config(RLConfig, ROOT / "configs/rl_addition_cpu.toml", sets)
+    points = curve(cfg, steps=8, every=4)
+    assert [p["step"] for p in points] == [4, 8]
+    assert points[0]["reward"] != points[1]["reward"], "the curve moves: it measures the model being trained"
+    summary = train(load_config(RLConfig, ROOT / "configs/rl_addition_cpu.toml", sets))
+    assert summary["reward_initial"] == points[1]["reward"]
