@@ -8,20 +8,13 @@ import random
 import pytest
 import torch
 
-from precisionrt.config import ConfigError, load_config
+from precisionrt.config import ConfigError
 from rl.envs import ReverseDigits, TaskConfig
 from rl.rollout import generate
 from rl.staleness import StalenessConfig, StalenessController
-from rl.train import RLConfig, train
 from rl.trainer import RLTrainer
 
-TINY = ["train.steps=6", "train.warm_start_steps=5", "train.warm_start_batch=8", "train.log_every=3",
-        "train.eval_every=6", "rl.group_size=4", "rl.prompts_per_step=2", "task.heldout_size=8",
-        "model.hidden_size=32", "model.ffn_hidden_size=64", "model.num_attention_heads=2"]
-
-
-def run(tmp_path, *extra):
-    return train(load_config(RLConfig, "configs/rl_tiny_cpu.toml", [*TINY, f'run.dir="{tmp_path / "run"}"', *extra]))
+from rl_common import run
 
 
 @pytest.fixture(autouse=True)
@@ -590,129 +583,6 @@ def test_rl_with_the_kv_cache_accounts_for_every_sample(tmp_path):
     acct = s["samples"]
     assert acct["trained"] == 48 and acct["failed_rollouts"] == 0
     assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
-
-
-def _events(run_dir, kind):
-    from precisionrt.events import EVENTS_FILE, read_log
-    return [r for r in read_log(run_dir / EVENTS_FILE).records if r["kind"] == kind]
-
-
-def test_mismatch_policy_promotes_the_culprit_on_the_rollout_side_and_keeps_it_on_resume(tmp_path, monkeypatch):
-    """The attribution test's outlier, now acted on: the culprit is promoted on the rollout side only (the FP8
-    rollout runs it in BF16 from the next map version on, the trainer's other layers are untouched), the switch
-    log says so with the share behind it, and the mismatch of the new map version's samples falls. A run stopped
-    after the promotion and resumed keeps the layer in BF16 on the rollout side from its first rollout."""
-    from rl.rollout import RolloutEngine
-
-    layer = "decoder.layers.1.mlp.linear_fc2"
-    calls, original = [], RolloutEngine.generate
-
-    def spy(self, *a, **k):
-        calls.append((self.map_version, self.precisions()[layer]))
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(RolloutEngine, "generate", spy)
-    sets = ['executor.mode="sync"', "train.steps=24", "rl.attribution_every=1", "rl.attribution_samples=8",
-            "precision.monitor.check_interval=2", 'inject.kind="outlier"', f'inject.layer="{layer}"',
-            "inject.start_step=5", "inject.factor=1e6", "inject.channels=[0]", "rl.mismatch_policy.promote_share=0.5",
-            "rl.mismatch_policy.min_k3_kl=0", "train.checkpoint_every=4"]
-    s = run(tmp_path, *sets, "train.stop_at_step=14")
-    assert list(s["rollout_promotions"]) == [layer] and s["rollout_promotions"][layer]["scope"] == "rollout"
-    promoted_at = s["rollout_promotions"][layer]["step"]
-    change = next(c for c in s["rollout_precision_changes"] if c.get("rollout_bf16"))
-    assert change["rollout_bf16"] == [layer] and change["step"] == promoted_at
-    records = _events(tmp_path / "run", "rollout_switch")
-    assert [(r["layer"], r["from"], r["to"], r["reason"], r["map_version"]) for r in records] == \
-        [(layer, "fp8", "bf16", "mismatch", change["map_version"])]
-    assert records[0]["signals"]["mismatch_share"] >= 0.5
-    assert all(sw["reason"] != "mismatch" for sw in s["switches"]), "scope rollout: the trainer is not touched"
-    before = [p for m, p in calls if m < change["map_version"]]
-    after = [p for m, p in calls if m >= change["map_version"]]
-    assert set(before) == {"fp8"} and after and set(after) == {"bf16"}
-    k3 = s["k3_kl_by_map_version"]
-    assert k3[str(change["map_version"])] < 0.2 * k3[str(change["map_version"] - 1)], k3
-
-    calls.clear()
-    s = run(tmp_path, *sets, "train.resume=true")
-    assert s["resumed_from"] == 14 and list(s["rollout_promotions"]) == [layer]
-    assert calls and {p for _, p in calls} == {"bf16"}, "the resumed rollout copy keeps the promotion"
-    assert len(_events(tmp_path / "run", "rollout_switch")) == 1, "no second record for the same promotion"
-
-
-@pytest.mark.parametrize("scope", ["rollout", "both"])
-def test_mismatch_policy_acts_only_above_share_and_floor(tmp_path, scope):
-    """The policy on crafted measurements, through the real trainer, runtime, switch log and engine: below the
-    share or below the k3 floor nothing moves; at them the layer runs BF16 on the rollout side and, under
-    "both", on the trainer too (a policy promotion, reason "mismatch", not a hold)."""
-    from precisionrt.megatron import build_gpt
-    from precisionrt.runtime import PrecisionRuntime
-    from rl.attribution import Measurement
-    from rl.rollout import RolloutEngine
-
-    cfg = load_config(RLConfig, "configs/rl_tiny_cpu.toml", [
-        *TINY, "rl.attribution_every=1", "rl.mismatch_policy.promote_share=0.5", "rl.mismatch_policy.min_k3_kl=1e-3",
-        f'rl.mismatch_policy.scope="{scope}"'])
-    model = build_gpt(cfg.model)
-    runtime = PrecisionRuntime(model, cfg.precision)
-    runtime.start_log(tmp_path, {})
-    engine = RolloutEngine(cfg.model, cfg.rollout)
-    trainer = RLTrainer(model, runtime, torch.optim.AdamW(model.parameters()), engine, ReverseDigits(cfg.task),
-                        cfg.rl, "sync", 1, 6, cfg.rollout)
-    layer = runtime.names[2]
-    for step, (share, k3) in enumerate([(0.49, 0.1), (0.9, 9e-4), (0.5, 1e-3), (0.9, 0.1)], start=1):
-        trainer.attribution.last = Measurement(layer, share, k3)
-        events = trainer._act_on_mismatch(step)
-        trainer._publish_precisions(step)
-        trainer.worker._pull_weights()
-        promoted = step >= 3
-        assert engine.precisions()[layer] == ("bf16" if promoted else "fp8"), step
-        assert runtime.precisions()[layer] == ("bf16" if promoted and scope == "both" else "fp8"), step
-        assert [e.reason for e in events] == (["mismatch"] if step == 3 and scope == "both" else []), step
-    assert {n for n, p in engine.precisions().items() if p == "bf16"} == {layer}
-    assert trainer.map_version == 1 and engine.map_version == 1
-    assert [(r["layer"], r["reason"], r["step"]) for r in _events(tmp_path, "rollout_switch")] == [(layer, "mismatch", 3)]
-    assert [(r["layer"], r["reason"]) for r in _events(tmp_path, "switch")] == \
-        ([(layer, "mismatch")] if scope == "both" else [])
-    assert runtime.policy.layers[layer].hold is None
-
-
-def test_mismatch_policy_config_is_checked(tmp_path):
-    with pytest.raises(ConfigError, match="attribution_every"):
-        run(tmp_path, "rl.mismatch_policy.promote_share=0.5")
-    with pytest.raises(ConfigError, match='precision.mode = "dynamic"'):
-        run(tmp_path, "rl.attribution_every=1", "rl.mismatch_policy.promote_share=0.5",
-            'rl.mismatch_policy.scope="both"', 'precision.mode="fp8"')
-    with pytest.raises(ConfigError, match="scope"):
-        run(tmp_path, 'rl.mismatch_policy.scope="trainer"')
-
-
-AGENT = ['task.name="calculator"', "task.min_digits=1", "task.max_digits=2", "task.heldout_size=8",
-         "model.seq_length=96", "env.tool.delay_median=0.01", "env.tool.hang_rate=0.05", "env.tool.timeout=0.2",
-         "env.tool.failure_rate=0.2"]
-
-
-@pytest.mark.parametrize("mode, masking, workers", [("async", True, 2), ("sync", False, 1)])
-def test_agent_run_accounts_for_every_episode(tmp_path, mode, masking, workers):
-    """Multi-turn calculator episodes, many in flight, through the whole trainer: every episode is trained,
-    dropped or in flight at the end; the policy's errors are counted, and their tokens masked only under
-    error masking; the idle ratios of trainer, rollout and environment are reported."""
-    s = run(tmp_path, *AGENT, f'executor.mode="{mode}"', f"rl.error_masking={str(masking).lower()}",
-            f"executor.num_workers={workers}")
-    acct, agent = s["samples"], s["agent"]
-    assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
-    assert acct["trained"] == 6 * 2 * 4 and agent["episodes"] == acct["generated"]
-    assert agent["error_turns"] > 0, "an untrained policy makes malformed calls"
-    assert (agent["error_masked_tokens"] > 0) == masking
-    assert all(0 <= s[k] <= 1 for k in ("trainer_idle_ratio", "rollout_idle_ratio", "env_idle_ratio"))
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert 0 < sum(r.get("agent/episodes", 0) for r in rows) <= agent["episodes"]   # the rest after the last row
-    assert set(s["heldout_final"]) == {"solved", "policy_errors", "recovered"} and 0 <= s["heldout_final"]["solved"] <= 1
-    assert [r["eval/solved"] for r in rows if "eval/reward" in r][-1] == s["heldout_final"]["solved"]
-
-
-def test_agent_context_too_short_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="too short for a calculator episode"):
-        run(tmp_path, *AGENT[:-4], "model.seq_length=32")
 
 
 @pytest.mark.parametrize("kv_cache", [False, True])
