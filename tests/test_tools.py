@@ -1,6 +1,7 @@
 """The study tools end to end on a few tiny arms: real runs in their own processes, real files."""
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,8 @@ def test_correction_study_writes_its_table_and_resumes(tmp_path):
     assert naive["rl"]["loss"]["objective"] == "naive" and naive["rl"]["max_staleness"] == 4
     md = (out / "correction_study.md").read_text().splitlines()
     assert len(md) == 4 and md[2].startswith("| icepop | 0 | follow |") and md[3].startswith("| naive PPO | 4 | fp8 |")
+    png = (out / "correction_study.png").read_bytes()   # one 4-inch panel per rollout precision run (120 dpi)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">I", png[16:20])[0] == 2 * 4 * 120
 
     # an interrupted study: one arm's directory is cut short, the other finished; --resume reruns only the first
     (out / "naive_st4_fp8_s0" / "summary.json").unlink()

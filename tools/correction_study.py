@@ -117,7 +117,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> bool:
+def plot(rows: list[dict], path: Path, title: str = "") -> bool:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -128,8 +128,10 @@ def plot(rows: list[dict], path: Path) -> bool:
     def seeds(r: dict) -> list[float]:
         return [v for v in r["reward_final_by_seed"] if v is not None]
 
-    fig, axes = plt.subplots(1, len(ROLLOUT), figsize=(4 * len(ROLLOUT), 3.6), sharey=True)
-    for ax, rollout in zip(axes, ROLLOUT):
+    rollouts = [r for r in ROLLOUT if any(row["rollout"] == r for row in rows)]   # a subset study: its panels only
+    fig, axes = plt.subplots(1, len(rollouts), figsize=(4 * len(rollouts), 3.6), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, rollout in zip(axes, rollouts):
         for i, loss in enumerate((*CORRECTIONS, "naive PPO")):
             mine = [r for r in rows if r["rollout"] == rollout and r["loss"] == loss and r["reward_final"] is not None]
             pts = sorted((r["max_staleness"], r["reward_final"], seeds(r))
@@ -146,8 +148,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out reward (mean; bars: seed range)")
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
-    axes[0].legend(list(handles.values()), list(handles), loc="lower right", fontsize="small")
-    fig.tight_layout()
+    axes[0].legend(list(handles.values()), list(handles), loc="best", fontsize="small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -185,7 +188,8 @@ def main() -> int:
         {"config": args.config, "steps": args.steps, "seeds": args.seeds, "overrides": args.set,
          "arms": done, "table": rows}, indent=2) + "\n")
     (out / "correction_study.md").write_text(md)
-    wrote_plot = plot(rows, out / "correction_study.png")
+    title = ", ".join([Path(args.config).name, f"{args.steps} RL steps", *args.set])
+    wrote_plot = plot(rows, out / "correction_study.png", title)
     print(f"written {out / 'correction_study.json'}, {out / 'correction_study.md'}"
           + (f", {out / 'correction_study.png'}" if wrote_plot else ""))
     return 1 if any("error" in r for r in done.values()) else 0
