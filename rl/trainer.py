@@ -307,9 +307,14 @@ class RLTrainer:
 
     def evaluate(self, problems: list[Problem]) -> float:
         """Mean held-out reward of the trainer's policy, greedy decoding."""
-        comps = generate(self.model, [p.prompt for p in problems], self.max_new_tokens,
-                         self.engine.model_cfg.seq_length, 0.0, 1.0, torch.Generator())   # greedy: draws nothing
-        return sum(self.task.reward(p, c.text) for p, c in zip(problems, comps)) / len(problems)
+        return greedy_reward(self.model, self.task, problems, self.max_new_tokens, self.engine.model_cfg.seq_length)
+
+
+def greedy_reward(model, task: Task, problems: list[Problem], max_new_tokens: int, seq_length: int) -> float:
+    """Mean reward of ``model``'s greedy answers to ``problems``: the held-out measure of every RL figure."""
+    comps = generate(model, [p.prompt for p in problems], max_new_tokens, seq_length, 0.0, 1.0,
+                     torch.Generator())   # greedy: draws nothing
+    return sum(task.reward(p, c.text) for p, c in zip(problems, comps)) / len(problems)
 
 
 def _snapshot(model) -> dict:

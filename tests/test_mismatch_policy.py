@@ -9,7 +9,7 @@ from rl.envs import ReverseDigits
 from rl.train import RLConfig
 from rl.trainer import RLTrainer
 
-from rl_common import CONFIG, TINY, events, run
+from rl_common import CONFIG, TINY, events, run, spy_on_rollouts
 
 
 def test_mismatch_policy_promotes_the_culprit_on_the_rollout_side_and_keeps_it_on_resume(tmp_path, monkeypatch):
@@ -17,16 +17,8 @@ def test_mismatch_policy_promotes_the_culprit_on_the_rollout_side_and_keeps_it_o
     rollout runs it in BF16 from the next map version on, the trainer's other layers are untouched), the switch
     log says so with the share behind it, and the mismatch of the new map version's samples falls. A run stopped
     after the promotion and resumed keeps the layer in BF16 on the rollout side from its first rollout."""
-    from rl.rollout import RolloutEngine
-
     layer = "decoder.layers.1.mlp.linear_fc2"
-    calls, original = [], RolloutEngine.generate
-
-    def spy(self, *a, **k):
-        calls.append((self.map_version, self.precisions()[layer]))
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(RolloutEngine, "generate", spy)
+    calls = spy_on_rollouts(monkeypatch, layer)
     sets = ['executor.mode="sync"', "train.steps=24", "rl.attribution_every=1", "rl.attribution_samples=8",
             "precision.monitor.check_interval=2", 'inject.kind="outlier"', f'inject.layer="{layer}"',
             "inject.start_step=5", "inject.factor=1e6", "inject.channels=[0]", "rl.mismatch_policy.promote_share=0.5",

@@ -14,7 +14,7 @@ from rl.rollout import generate
 from rl.staleness import StalenessConfig, StalenessController
 from rl.trainer import RLTrainer
 
-from rl_common import run
+from rl_common import run, spy_on_rollouts
 
 
 @pytest.fixture(autouse=True)
@@ -499,16 +499,8 @@ def test_a_resumed_run_keeps_its_precision_map(tmp_path, monkeypatch):
     """Stopped after the map moved to version 1 (RL step 4) and resumed: the engine starts from map 1 with the
     layer in BF16 under "follow", the summary still lists the change made before the checkpoint, and the
     maps the engine took in this segment start from the checkpoint's."""
-    from rl.rollout import RolloutEngine
-
     layer = "decoder.layers.1.mlp.linear_fc1"
-    calls, original = [], RolloutEngine.generate
-
-    def spy(self, *a, **k):
-        calls.append((self.map_version, self.precisions()[layer]))
-        return original(self, *a, **k)
-
-    monkeypatch.setattr(RolloutEngine, "generate", spy)
+    calls = spy_on_rollouts(monkeypatch, layer)
     sets = ['executor.mode="sync"', 'rollout.precision="follow"', 'inject.kind="nonfinite"', f'inject.layer="{layer}"',
             "inject.start_step=7"]
     run(tmp_path, *sets, "train.stop_at_step=4")

@@ -26,16 +26,9 @@ from precisionrt.config import ConfigError, load_config  # noqa: E402
 from precisionrt.megatron import build_gpt, init_parallel  # noqa: E402
 from precisionrt.runtime import PrecisionRuntime  # noqa: E402
 from rl.envs import make_task  # noqa: E402
-from rl.rollout import generate  # noqa: E402
 from rl.train import RLConfig  # noqa: E402
+from rl.trainer import greedy_reward  # noqa: E402
 from rl.warm_start import supervised_warm_start, task_batch  # noqa: E402
-
-
-def heldout_reward(model, task, seq_length: int) -> float:
-    problems = task.heldout()
-    comps = generate(model, [p.prompt for p in problems], task.max_completion_tokens, seq_length, 0.0, 1.0,
-                     torch.Generator())   # greedy: draws nothing
-    return sum(task.reward(p, c.text) for p, c in zip(problems, comps)) / len(problems)
 
 
 def curve(cfg: RLConfig, steps: int, every: int) -> list[dict]:
@@ -45,13 +38,14 @@ def curve(cfg: RLConfig, steps: int, every: int) -> list[dict]:
     model = build_gpt(cfg.model)
     runtime = PrecisionRuntime(model, cfg.precision)
     task = make_task(cfg.task)
+    heldout = task.heldout()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
     points, t0 = [], time.perf_counter()
 
     def measure(step: int) -> None:
         if step % every and step != steps:
             return
-        reward = heldout_reward(model, task, cfg.model.seq_length)
+        reward = greedy_reward(model, task, heldout, task.max_completion_tokens, cfg.model.seq_length)
         points.append({"step": step, "reward": reward, "wall_s": time.perf_counter() - t0})
         print(f"  seed {cfg.train.seed} step {step:>5}: held-out reward {reward:.3f}", flush=True)
 
