@@ -16,20 +16,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from precisionrt.events import EVENTS_FILE, STATS_PREFIX, parse_line
+from precisionrt.events import EVENTS_FILE, SCHEMA_VERSION, STATS_PREFIX, foreign_version, parse_line
 
 _STEP = re.compile(rb'"step":(-?\d+)')
 
 
 @dataclass
 class Skipped:
+    """The unreadable lines of the logs read (and, to say so when nothing was readable, the readable records)."""
+
     count: int = 0
     examples: list = field(default_factory=list)
+    records: int = 0
+    versions: Counter = field(default_factory=Counter)
+    """Skipped lines by the schema version they carry, when it is not the one this reader knows."""
 
     def add(self, where: str, raw: bytes) -> None:
         self.count += 1
         if len(self.examples) < 3:
             self.examples.append(f"{where}: {raw[:80]!r}")
+        if (v := foreign_version(raw)) is not None:
+            self.versions[v] += 1
+
+    def explain(self) -> str:
+        """``"N unreadable line(s) skipped"``, naming the schema versions that made them unreadable."""
+        text = f"{self.count} unreadable line(s) skipped"
+        if self.versions:
+            listed = ", ".join(f"{v!r} ({n} line(s))" for v, n in self.versions.most_common())
+            text += f"; records of schema version {listed}: this precisionrt reads version {SCHEMA_VERSION}"
+        return text
 
 
 def log_paths(paths: Iterable[str | Path]) -> list[Path]:
@@ -51,6 +66,7 @@ def stream(path: Path, skipped: Skipped, want_stats: bool = False) -> Iterator[d
             if not want_stats and raw.startswith(STATS_PREFIX):
                 m = _STEP.search(raw, 0, 120)
                 if raw.rstrip().endswith(b"}") and m:
+                    skipped.records += 1
                     yield {"kind": "stats", "step": int(m.group(1))}
                 else:
                     skipped.add(f"{path}:{lineno}", raw)
@@ -60,6 +76,7 @@ def stream(path: Path, skipped: Skipped, want_stats: bool = False) -> Iterator[d
                 if raw.strip():
                     skipped.add(f"{path}:{lineno}", raw)
                 continue
+            skipped.records += 1
             yield rec
 
 
@@ -160,7 +177,8 @@ def summarize_run(state: RunState) -> dict:
 def summarize(paths: Iterable[str | Path]) -> dict:
     runs, skipped = collect(paths)
     return {"runs": [summarize_run(r) for r in runs.values()], "skipped_lines": skipped.count,
-            "skipped_examples": skipped.examples}
+            "skipped_examples": skipped.examples,
+            "unsupported_versions": {str(v): n for v, n in skipped.versions.items()}, "unreadable": skipped.explain()}
 
 
 def main_run(path: str | Path) -> RunState:
@@ -168,7 +186,7 @@ def main_run(path: str | Path) -> RunState:
     A log without one readable run (empty, binary, all lines damaged) is an error that says so."""
     runs, skipped = collect([path])
     if not runs:
-        raise ValueError(f"{path}: no readable run in it ({skipped.count} unreadable line(s) skipped)")
+        raise ValueError(f"{path}: no readable run in it ({skipped.explain()})")
     return max(runs.values(), key=lambda r: r.last_step)
 
 

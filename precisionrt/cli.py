@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -49,8 +50,7 @@ def cmd_summarize(args) -> int:
         else:
             _print_summary(result)
         if not result["runs"] and not args.follow:
-            print(f"precisionrt-log: no readable run in {args.paths} ({result['skipped_lines']} unreadable "
-                  "line(s) skipped)", file=sys.stderr)
+            print(f"precisionrt-log: no readable run in {args.paths} ({result['unreadable']})", file=sys.stderr)
             return 1
         if not args.follow or all(r["ended"] for r in result["runs"]):
             return 0
@@ -86,6 +86,10 @@ def cmd_timeline(args) -> int:
 def cmd_export(args) -> int:
     skipped = analysis.Skipped()
     rows = list(analysis.export_rows(args.paths, skipped))
+    if not skipped.records:   # an empty or foreign file: writing an empty table would look like a quiet run
+        print(f"precisionrt-log: nothing readable in {args.paths} ({skipped.explain()}); {args.output} not written",
+              file=sys.stderr)
+        return 1
     columns = list(dict.fromkeys(k for row in rows for k in row))
     out = Path(args.output)
     if out.suffix == ".parquet":
@@ -108,6 +112,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A ``--interval``: a finite number of seconds > 0 (argparse names the option on error)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="precisionrt-log", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("paths", nargs="+")
     s.add_argument("--json", action="store_true")
     s.add_argument("--follow", action="store_true", help="re-read until every run has ended")
-    s.add_argument("--interval", type=float, default=5.0)
+    s.add_argument("--interval", type=_seconds, default=5.0, help="seconds between re-reads (default 5)")
     s.set_defaults(func=cmd_summarize)
     c = sub.add_parser("compare", help="which layers' timelines differ, and from when")
     c.add_argument("a")
@@ -133,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:   # `precisionrt-log summarize ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when Python flushes
+        return 0
     except (OSError, ValueError) as err:   # a missing file, a log without a run, logs that cannot be compared
         print(f"precisionrt-log: {err}", file=sys.stderr)
         return 2

@@ -1,24 +1,118 @@
 """Typed run configuration: nested dataclasses filled from TOML and ``--set dotted.key=value`` overrides.
 
-Every key is checked against the dataclass: an unknown key or a value of the wrong type is an error that
-names the dotted key, before anything runs. Dataclasses validate their own value ranges in __post_init__.
+Every key is checked against its dataclass before anything runs, and an error names the dotted key:
+- an unknown key, or a value of the wrong type;
+- a number outside the range its field declares next to its definition: ``steps: Annotated[int, Range(ge=1,
+  le=10**9)] = 300``. Every numeric field declares both bounds; a string field declares what it accepts with
+  ``Text`` (``tests/test_config_fuzz.py`` fails for a field that declares neither);
+- a cross-field rule of one dataclass (its ``validate``) or of a whole command's configuration.
+
+Config dataclasses derive from ``Checked``, so a range holds also when the dataclass is built in Python
+(``MonitorConfig(check_interval=0)`` raises). ``python -m precisionrt.train --keys`` lists every key with its
+type, default and valid values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 import tomllib
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration problem, with the dotted key it concerns in the message."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric field, ``Annotated[float, Range(gt=0, le=10)]``: ``ge``/``gt`` a lower bound
+    (inclusive/exclusive), ``le``/``lt`` an upper one."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def contains(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def bounded(self) -> bool:
+        return (self.ge is not None or self.gt is not None) and (self.le is not None or self.lt is not None)
+
+    def describe(self) -> str:
+        lo = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else "(-inf"
+        hi = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else "inf)"
+        return f"{lo}, {hi}"
+
+
+def _num(x: float) -> str:
+    """``2^20``, ``1e9``, ``0.5``: bounds as a reader writes them."""
+    if x and abs(x) >= 10_000:
+        if isinstance(x, int) and x > 0 and x == 2 ** (x.bit_length() - 1):
+            return f"2^{x.bit_length() - 1}"
+        mantissa, exp = f"{x:.0e}".split("e")
+        if float(f"{x:.0e}") == x:
+            return f"{mantissa}e{int(exp)}"
+    return f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Text:
+    """What a string field accepts, ``Annotated[str, Text("a name", pattern=...)]``: ``pattern`` must match the
+    whole value; without one, any text is accepted (the meaning says why)."""
+
+    what: str
+    pattern: str | None = None
+
+    def check(self, value: str, key: str) -> None:
+        if "\x00" in value:
+            raise ConfigError(f"{key}: must not contain a NUL character, got {value!r}")
+        if self.pattern is not None and not re.fullmatch(self.pattern, value):
+            raise ConfigError(f"{key}: must be {self.what}, got {value!r}")
+
+
+Seed = Annotated[int, Range(ge=0, lt=2**63)]
+Name = Annotated[str, Text("a name: a letter or digit, then letters, digits, '.', '_' or '-' (no path separator)",
+                           pattern=r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")]
+PathText = Annotated[str, Text("a file-system path")]
+LayerPattern = Annotated[str, Text("an fnmatch pattern over managed layer names (checked against the model)",
+                                   pattern=r".+")]
+ConfigKeyPattern = Annotated[str, Text("a dotted config key or an fnmatch pattern of keys (e.g. 'model.*')",
+                                       pattern=r"[A-Za-z0-9_.*?\[\]-]+")]
+Fraction = Annotated[float, Range(ge=0, le=1)]
+Steps = Annotated[int, Range(ge=1, le=10**9)]
+Every = Annotated[int, Range(ge=0, le=10**9)]   # an interval or count where 0 means "off" / "only at the end"
+LearningRate = Annotated[float, Range(gt=0, le=10)]
+
+
+class Checked:
+    """Base of the config dataclasses: ``__post_init__`` checks every field against its declared type and range,
+    then calls ``validate`` for the rules that join several fields (raise ValueError naming them)."""
+
+    def __post_init__(self) -> None:
+        for name, tp in field_types(type(self)).items():
+            _check(getattr(self, name), tp, name)
+        self.validate()
+
+    def validate(self) -> None:
+        pass
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The init fields of dataclass ``cls`` and their resolved annotations (``Annotated`` metadata kept)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
 def parse_value(text: str) -> Any:
@@ -43,8 +137,18 @@ def apply_override(tree: dict, assignment: str) -> None:
 
 
 def _check(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against annotation ``tp`` (and converted: int -> float, list -> tuple)."""
     origin = typing.get_origin(tp)
     if tp is Any:
+        return value
+    if origin is Annotated:
+        base, *rules = typing.get_args(tp)
+        value = _check(value, base, key)
+        for rule in rules:
+            if isinstance(rule, Range) and not rule.contains(value):
+                raise ConfigError(f"{key}: must be in {rule.describe()}, got {value!r}")
+            if isinstance(rule, Text):
+                rule.check(value, key)
         return value
     if origin is Literal:
         if value not in typing.get_args(tp):
@@ -73,11 +177,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         inner = args[0] if args else Any
         items = [_check(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a table, got {value!r}")
-        return dict(value)
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):   # built in Python: it checked itself
+            return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
@@ -99,22 +201,19 @@ def _check(value: Any, tp: Any, key: str) -> Any:
 
 
 def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    """Build dataclass ``cls`` from ``data``; unknown keys, wrong types and values out of range raise ConfigError."""
+    types_ = field_types(cls)
+    unknown = sorted(set(data) - set(types_))
     if unknown:
         raise ConfigError(
             f"unknown config key {prefix + unknown[0]!r}; keys of {prefix.rstrip('.') or 'the config'}: "
-            f"{sorted(names)}"
+            f"{sorted(types_)}"
         )
-    kwargs = {k: _check(v, hints[k], prefix + k) for k, v in data.items()}
+    kwargs = {k: _check(v, types_[k], prefix + k) for k, v in data.items()}
     try:
         return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from e
+    except (ValueError, TypeError) as e:   # a rule of validate(): it names the fields, relative to the table
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}" if prefix else str(e)) from e
 
 
 def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
@@ -125,7 +224,10 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
-            tree = tomllib.loads(p.read_text())
+            tree = tomllib.loads(p.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {e.start}: "
+                              f"{e.object[e.start:e.start + 1]!r}); TOML files are UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
     for assignment in overrides:
@@ -137,6 +239,57 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("none" if a is type(None) else _type_name(a) for a in args)
+    if origin in (list, tuple):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"[{', '.join(_type_name(a) for a in args)}]"
+        return f"list of {_type_name(args[0]) if args else 'any'}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def rules_of(tp: Any) -> list[Range | Text]:
+    """The declared rules of an annotation, also inside optional and list types."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return [r for r in args[1:] if isinstance(r, (Range, Text))] + rules_of(args[0])
+    if origin in (typing.Union, types.UnionType, list, tuple):
+        return [r for a in args if a is not Ellipsis for r in rules_of(a)]
+    return []
+
+
+def describe(cls: type, prefix: str = "") -> list[dict]:
+    """Every leaf key of config dataclass ``cls``: ``{key, type, default, valid}`` (what ``--keys`` prints)."""
+    out = []
+    defaults = cls()
+    for name, tp in field_types(cls).items():
+        value = getattr(defaults, name)
+        if dataclasses.is_dataclass(value):
+            out += describe(type(value), f"{prefix}{name}.")
+            continue
+        valid = "; ".join(r.describe() if isinstance(r, Range) else r.what for r in rules_of(tp))
+        out.append({"key": prefix + name, "type": _type_name(tp), "default": value, "valid": valid})
+    return out
+
+
+def print_keys(cls: type) -> None:
+    rows = describe(cls)
+    width = max(len(r["key"]) for r in rows)
+    for r in rows:
+        print(f"{r['key']:<{width}}  {r['type']:<24}  default {r['default']!r:<24}  {r['valid']}")
+
+
+class StartupError(RuntimeError):
+    """A run that cannot start (nothing to resume from, a resume that would change the run): one line on
+    stderr, exit 2, nothing written."""
+
+
 def run_cli(prog: str, description: str, config_cls: type[T], run, argv: list[str] | None = None) -> int:
     """The shape every training command shares (contract C5): ``--config FILE [--set dotted.key=value ...]``.
     A configuration error prints one line naming the problem and exits 2, having written nothing. The library
@@ -145,20 +298,38 @@ def run_cli(prog: str, description: str, config_cls: type[T], run, argv: list[st
     import logging
     import sys
 
+    class Stderr(logging.StreamHandler):
+        """Writes to the ``sys.stderr`` of the moment: a caller (a test, a notebook) may swap it between runs."""
+
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
     for name in ("precisionrt", "rl"):   # the library's loggers only: other libraries' INFO stays quiet
         logger = logging.getLogger(name)
         logger.setLevel(logging.INFO)
-        if not logger.handlers:
-            logger.addHandler(logging.StreamHandler(sys.stderr))
+        if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
+            logger.addHandler(Stderr())
 
-    p = argparse.ArgumentParser(prog=prog, description=description)
-    p.add_argument("--config", help="TOML run configuration")
+    p = argparse.ArgumentParser(prog=prog, description=f"{description} Every key is listed, with its default and "
+                                "valid values, by --keys.")
+    p.add_argument("--config", help="TOML run configuration (UTF-8)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
                    help="override one config key (repeatable); the value parses as TOML")
+    p.add_argument("--keys", action="store_true", help="list every config key (type, default, valid values) and exit")
     args = p.parse_args(argv)
+    if args.keys:
+        try:
+            print_keys(config_cls)
+        except BrokenPipeError:   # `--keys | head`: the reader has what it wanted
+            import os
+
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     try:
         run(load_config(config_cls, args.config, args.overrides))
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except StartupError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

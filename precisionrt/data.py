@@ -19,22 +19,22 @@ import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
+from precisionrt.config import Checked, ConfigError, Range
+
 
 @dataclass
-class DataConfig:
-    max_bytes: int = 2_000_000
-    heldout_fraction: float = 0.1
+class DataConfig(Checked):
+    max_bytes: Annotated[int, Range(ge=10_000, le=2**40)] = 2_000_000
+    heldout_fraction: Annotated[float, Range(gt=0, lt=0.5)] = 0.1
     source: Literal["stdlib", "python"] = "stdlib"
 
-    def __post_init__(self) -> None:
-        if self.max_bytes < 10_000:
-            raise ValueError(f"max_bytes must be >= 10000, got {self.max_bytes}")
-        if not 0.0 < self.heldout_fraction < 0.5:
-            raise ValueError(f"heldout_fraction must be in (0, 0.5), got {self.heldout_fraction}")
+    def heldout_bytes(self) -> int:
+        """At most this many held-out bytes (fewer when the sources are shorter than ``max_bytes``)."""
+        return self.max_bytes - int(self.max_bytes * (1 - self.heldout_fraction))
 
 
 def _source_files(source: str):
@@ -91,8 +91,16 @@ class ByteCorpus:
         split = int(len(data) * (1 - cfg.heldout_fraction))
         self.train, self.heldout = data[:split], data[split:]
 
+    def check_fits(self, seq_len: int) -> None:
+        """Refuse a sequence longer than the split it is drawn from (the sources may hold fewer bytes than
+        ``data.max_bytes``)."""
+        if seq_len + 2 > min(len(self.train), len(self.heldout)):
+            raise ConfigError(f"model.seq_length ({seq_len}) does not fit the corpus: {len(self.train):,} training "
+                              f"and {len(self.heldout):,} held-out bytes; raise data.max_bytes or shorten the sequence")
+
     def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0) -> torch.Tensor:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+        # modulo 2^63: any train.seed (up to 2^63 - 1) gives a generator seed; smaller ones are unchanged
+        g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + rank) % 2**63)
         starts = torch.randint(0, len(self.train) - seq_len - 1, (batch_size,), generator=g)
         return torch.stack([self.train[s: s + seq_len + 1] for s in starts.tolist()])
 

@@ -174,6 +174,16 @@ def parse_line(raw: bytes | str) -> dict | None:
     return rec if _FIELDS[rec["kind"]](rec) else None
 
 
+def foreign_version(raw: bytes | str):
+    """The schema version ``"v"`` of a JSON object line that is not ours to read (another version), else None."""
+    try:
+        rec = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    v = rec.get("v") if isinstance(rec, dict) else None
+    return v if v is not None and v != SCHEMA_VERSION and isinstance(v, (int, float, str)) else None
+
+
 def iter_records(path: str | Path, skipped: list[str] | None = None) -> Iterator[dict]:
     """Stream the valid records of one log (memory does not grow with the file). Each line that does not
     parse is skipped and, if ``skipped`` is given, appended to it as ``"path:lineno: text"``."""

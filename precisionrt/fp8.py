@@ -55,9 +55,11 @@ cannot run FP8 on CUDA; ``fp8_gemm_unsupported_reason`` says why and the layer s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+
+from precisionrt.config import Checked, Range
 
 __all__ = [
     "E4M3", "E5M2", "FORMATS", "FP8Format", "quantize", "tensor_stats", "STAT_FIELDS", "ScalingConfig",
@@ -212,25 +214,15 @@ def combine_stats(acc: torch.Tensor, new: torch.Tensor) -> None:
 
 
 @dataclass
-class ScalingConfig:
+class ScalingConfig(Checked):
     """How per-tensor scales are chosen. ``recipe``: ``delayed`` or ``current``."""
 
     recipe: Literal["delayed", "current"] = "current"
-    amax_history_len: int = 16
+    amax_history_len: Annotated[int, Range(ge=1, le=65536)] = 16
+    """Transformer Engine's default is 1024; each entry is one fp32 per tensor role and layer."""
     amax_compute_algo: Literal["max", "most_recent"] = "max"
-    margin: int = 0
-
-    def __post_init__(self) -> None:
-        if self.recipe not in ("delayed", "current"):
-            raise ValueError(f"scaling.recipe must be 'delayed' or 'current', got {self.recipe!r}")
-        if self.amax_compute_algo not in ("max", "most_recent"):
-            raise ValueError(
-                f"scaling.amax_compute_algo must be 'max' or 'most_recent', got {self.amax_compute_algo!r}"
-            )
-        if not isinstance(self.amax_history_len, int) or self.amax_history_len < 1:
-            raise ValueError(f"scaling.amax_history_len must be an integer >= 1, got {self.amax_history_len!r}")
-        if not isinstance(self.margin, int) or self.margin < 0:
-            raise ValueError(f"scaling.margin must be an integer >= 0, got {self.margin!r}")
+    margin: Annotated[int, Range(ge=0, le=64)] = 0
+    """Scale by 2^-margin below the largest: 448 * 2^-64 is still a normal fp32, far past any useful margin."""
 
 
 def compute_scale(amax: torch.Tensor, fmt: FP8Format, margin: int, prev_scale: torch.Tensor) -> torch.Tensor:

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from precisionrt.checkpoint import load_latest_checkpoint
-from precisionrt.config import ConfigError, to_dict
+from precisionrt.config import ConfigError, StartupError, to_dict
+from precisionrt.events import EVENTS_FILE
 from precisionrt.loggers import JsonlLogger, MultiLogger, WandbLogger
-from precisionrt.rundir import prepare_run_dir, truncate_metrics, write_json
+from precisionrt.resume import RESOLVED_KEY, check_changes, previous_config, record_segment
+from precisionrt.rundir import prepare_run_dir, resolve_run_dir, truncate_metrics, write_json
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +93,62 @@ class OpenedRun:
     finished: dict | None
     """A finished run's summary: resuming it changes nothing, and the command returns this."""
     logger: MultiLogger | None
+    written: Callable[[], list[Path]] = list
+    """What this launch has added to the run directory so far (a fresh run's, on rank 0; else nothing)."""
+
+    @contextmanager
+    def starting(self):
+        """Around what a command does between opening the run and its first step. A failure there takes back
+        what this launch wrote (for a fresh run: its files, and the directory if it made it), so that the
+        corrected rerun into the same ``run.dir`` is not refused as "already holds a run"."""
+        try:
+            yield
+        except BaseException:
+            if self.logger is not None:
+                self.logger.close()
+            for path in self.written():
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            if self.written():
+                log.info("start-up failed: removed what it wrote in %s", self.run_dir)
+            raise
+
+
+def _new_entries(run_dir: Path, fresh: bool, is_main: bool) -> Callable[[], list[Path]]:
+    """What a fresh launch adds to ``run_dir``, measured against what was there before it (a run directory
+    may be made beforehand, e.g. holding the operator control file)."""
+    if not (fresh and is_main):
+        return list
+    existed = run_dir.is_dir()
+    before = set(os.listdir(run_dir)) if existed else set()
+
+    def written() -> list[Path]:
+        if not run_dir.is_dir():
+            return []
+        if not existed:
+            return [run_dir]
+        return sorted(run_dir / n for n in set(os.listdir(run_dir)) - before)
+    return written
+
+
+def resolved_paths(cfg, run_dir: Path) -> dict:
+    """The absolute paths the run reads and writes, for ``config.json``."""
+    root = run_dir.resolve()
+    control = cfg.precision.control_file
+    return {"run_dir": str(root), "checkpoints": str(root / "checkpoints"),
+            "control_file": str(root / control) if control else None, "switch_log": str(root / EVENTS_FILE)}
 
 
 def open_run(cfg, model, layers: list[str], end: int, is_main: bool = True, tp_rank: int | None = None,
              tp_size: int = 1, group=None) -> OpenedRun:
     """What both commands do before their first step: claim ``run.dir`` (or reopen it with ``train.resume``),
     find the checkpoint to resume from and refuse what cannot be resumed (a held run without a checkpoint,
-    another tensor-parallel size, another model) before anything is written; then drop the metrics rows a
-    resumed run logs again, write ``config.json`` and open the loggers (rank 0)."""
+    another tensor-parallel size, another model, a change of what the run is) before anything is written; then
+    drop the metrics rows a resumed run logs again, write ``config.json`` (a fresh run) or the segment's line
+    of ``segments.jsonl`` (a resumed one) and open the loggers (rank 0)."""
     held_a_run = holds_run(cfg.run.dir, cfg.train.resume)
-    run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main)
+    path = resolve_run_dir(cfg.run)
+    written = _new_entries(path, fresh=not held_a_run, is_main=is_main)
+    run_dir = prepare_run_dir(cfg.run, resume=cfg.train.resume, is_main=is_main, path=path)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         # rank 0's directory for every rank (a default name carries a timestamp that may differ between ranks);
         # the broadcast also waits until rank 0 has checked and claimed it
@@ -104,22 +156,31 @@ def open_run(cfg, model, layers: list[str], end: int, is_main: bool = True, tp_r
         torch.distributed.broadcast_object_list(shared, src=0)
         run_dir = Path(shared[0])
     found = None
-    if cfg.train.resume:
-        try:
-            found = load_latest_checkpoint(run_dir, tp_rank, tp_size, group=group)
-        except ValueError as e:   # another tensor-parallel size: a configuration problem, named as one
-            raise ConfigError(f"train.resume: {e}") from None
-    require_checkpoint(found, held_a_run, run_dir)
-    if found is not None:
-        check_model_fits(model, found[1]["model"], f"the step-{found[0]} checkpoint in {run_dir}")
-        if (done := finished_summary(run_dir, found[0], end, announce=is_main)) is not None:
-            return OpenedRun(run_dir, found, done, None)
-        if is_main:
-            log.info("resumed from step %d in %s", found[0], run_dir)
-            drop_replayed_metrics(run_dir, found[0])
+    with OpenedRun(run_dir, None, None, None, written).starting():   # a refusal takes back the claim
+        if cfg.train.resume:
+            try:
+                found = load_latest_checkpoint(run_dir, tp_rank, tp_size, group=group)
+            except ValueError as e:   # another tensor-parallel size: a configuration problem, named as one
+                raise ConfigError(f"train.resume: {e}") from None
+            except RuntimeError as e:   # every checkpoint damaged, or refused by weights_only
+                raise StartupError(f"train.resume: {e}") from None
+        require_checkpoint(found, held_a_run, run_dir)
+        changed = None
+        if found is not None:
+            check_model_fits(model, found[1]["model"], f"the step-{found[0]} checkpoint in {run_dir}")
+            if (done := finished_summary(run_dir, found[0], end, announce=is_main)) is not None:
+                return OpenedRun(run_dir, found, done, None)
+            before = previous_config(run_dir)
+            changed = check_changes(before, to_dict(cfg), cfg.train.resume_override) if before is not None else {}
+    if found is not None and is_main:
+        log.info("resumed from step %d in %s", found[0], run_dir)
+        drop_replayed_metrics(run_dir, found[0])
+        record_segment(run_dir, found[0], to_dict(cfg), changed)
     logger = MultiLogger([JsonlLogger(run_dir / "metrics.jsonl")] if is_main else [])
-    if is_main:   # only once the checkpoint is known to fit this configuration
-        write_json(run_dir / "config.json", to_dict(cfg))
-        if cfg.wandb.enabled:
+    opened = OpenedRun(run_dir, found, None, logger, written)
+    if is_main and found is None:   # only once the checkpoint is known to fit this configuration
+        write_json(run_dir / "config.json", {**to_dict(cfg), RESOLVED_KEY: resolved_paths(cfg, run_dir)})
+    if is_main and cfg.wandb.enabled:
+        with opened.starting():
             logger.loggers.append(WandbLogger(cfg.wandb, run_dir, run_dir.name, to_dict(cfg), layers=layers))
-    return OpenedRun(run_dir, found, None, logger)
+    return opened

@@ -16,32 +16,39 @@ rank's shard of the layer's input.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
-from precisionrt.config import ConfigError
+from precisionrt.config import Checked, ConfigError, Every, Range, Text
 from precisionrt.linear import precision_layers
 
 
-@dataclass
-class InjectConfig:
-    kind: Literal["none", "outlier", "spike", "nonfinite"] = "none"
-    layer: str = ""
-    start_step: int = 0
-    ramp_steps: int = 0
-    factor: float = 1.0
-    channels: list[int] = field(default_factory=lambda: [0])
-    value: Literal["nan", "inf"] = "nan"
-    ranks: list[int] = field(default_factory=list)
+FP32_MAX = 3.4028234663852886e38
 
-    def __post_init__(self) -> None:
+
+@dataclass
+class InjectConfig(Checked):
+    kind: Literal["none", "outlier", "spike", "nonfinite"] = "none"
+    layer: Annotated[str, Text('a managed layer name (checked against the model)')] = ""
+    start_step: Every = 0
+    ramp_steps: Every = 0
+    factor: Annotated[float, Range(gt=0, le=FP32_MAX)] = 1.0
+    """Up to fp32's largest finite value (the tests spike by 3e38); beyond it the scaled input is infinite."""
+    channels: list[Annotated[int, Range(ge=0, lt=2**31)]] = field(default_factory=lambda: [0])
+    value: Literal["nan", "inf"] = "nan"
+    ranks: list[Annotated[int, Range(ge=0, lt=2**20)]] = field(default_factory=list)
+
+    def validate(self) -> None:
         if self.kind != "none" and not self.layer:
-            raise ValueError(f"inject.layer is required for kind {self.kind!r}")
-        if self.start_step < 0 or self.ramp_steps < 0:
-            raise ValueError("inject.start_step and inject.ramp_steps must be >= 0")
-        if self.kind in ("outlier", "spike") and self.factor <= 0:
-            raise ValueError(f"inject.factor must be > 0, got {self.factor}")
+            raise ValueError(f"layer is required for kind {self.kind!r}")
+        if self.kind == "outlier" and not self.channels:
+            raise ValueError("channels: an outlier needs at least one input channel")
+
+
+def check_inject_ranks(cfg: InjectConfig, world_size: int) -> None:
+    if cfg.kind != "none" and any(r >= world_size for r in cfg.ranks):
+        raise ConfigError(f"inject.ranks {cfg.ranks} names a rank the run does not have (ranks 0..{world_size - 1})")
 
 
 class FaultInjector:

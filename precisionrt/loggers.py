@@ -9,9 +9,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Literal, Protocol
 
-from precisionrt.config import ConfigError
+from precisionrt.config import Checked, ConfigError, LayerPattern, Name, Range
 from precisionrt.events import EVENTS_FILE, json_safe
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,16 @@ SWITCH_COLUMNS = ["step", "layer", "from", "to", "reason", "underflow", "overflo
 
 
 @dataclass
-class WandbConfig:
+class WandbConfig(Checked):
     """W&B beside the JSONL file. WANDB_MODE, WANDB_DIR and WANDB_PROJECT win over ``mode``, the run
     directory and ``project``; without them the run is offline, in ``<run dir>/wandb``."""
 
     enabled: bool = False
-    project: str = "precisionrt"
-    mode: str = "offline"
-    timeline_every: int = 10
+    project: Name = "precisionrt"
+    mode: Literal['offline', 'online', 'disabled'] = "offline"
+    timeline_every: Annotated[int, Range(ge=1, le=10**9)] = 10
     """Logged steps between refreshes of the precision-timeline image."""
-    layer_panels: list[str] | None = None
+    layer_panels: list[LayerPattern] | None = None
     """fnmatch patterns of the layers that get per-layer panels (``precision/<layer>/<signal>``). None: every
     layer of a model with at most ``MAX_DEFAULT_PANEL_LAYERS``, none beyond (a 500-layer model would make
     5,000 series); the aggregates (worst layer per signal, layers in BF16, FP8 FLOP share) are always logged."""

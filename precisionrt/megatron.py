@@ -13,7 +13,7 @@ import os
 import socket
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.utils import divide
 
-from precisionrt.config import ConfigError
+from precisionrt.config import Checked, ConfigError, Range
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import PrecisionColumnParallelLinear, PrecisionRowParallelLinear, precision_layers
 
@@ -128,23 +128,28 @@ def precision_layer_spec(scaling: ScalingConfig | None = None) -> ModuleSpec:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Checked):
     """A small Megatron GPT. Dimensions of managed layers should be multiples of 16 to run in FP8."""
 
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    ffn_hidden_size: int = 256
-    seq_length: int = 128
-    vocab_size: int = 256
+    num_layers: Annotated[int, Range(ge=1, le=1024)] = 4
+    hidden_size: Annotated[int, Range(ge=1, le=2**17)] = 128
+    num_attention_heads: Annotated[int, Range(ge=1, le=1024)] = 4
+    ffn_hidden_size: Annotated[int, Range(ge=1, le=2**20)] = 256
+    seq_length: Annotated[int, Range(ge=1, le=2**20)] = 128
+    vocab_size: Annotated[int, Range(ge=1, le=2**22)] = 256
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     swiglu: bool = True
     # megatron-core 0.16 moves RoPE frequencies to the CUDA device: "rope" needs a GPU.
     position_embedding: Literal["learned_absolute", "rope"] = "learned_absolute"
-    init_std: float = 0.02
+    init_std: Annotated[float, Range(gt=0, le=10)] = 0.02
     # "float32": fp32 parameters (the optimizer updates them directly; the master copy). "bfloat16": bf16
     # parameters and activations throughout, as in the GPU benchmarks' shape.
     params_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads}): each head gets hidden_size / heads channels")
 
     @property
     def torch_dtype(self) -> torch.dtype:

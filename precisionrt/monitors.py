@@ -33,10 +33,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import torch
 
+from precisionrt.config import Checked, Range
 from precisionrt.fp8 import E4M3, E5M2, STAT_INDEX
 from precisionrt.numerics import GRAD_INDEX
 
@@ -51,32 +53,22 @@ COLUMNS = ("overflow", "headroom", "underflow", "nonfinite_fwd", "nonfinite_grad
 
 
 @dataclass
-class MonitorConfig:
+class MonitorConfig(Checked):
     """When statistics are looked at. Thresholds live in PolicyConfig."""
 
-    check_interval: int = 10
+    check_interval: Annotated[int, Range(ge=1, le=10**6)] = 10
     """Steps between checks (one packed all-reduce + one host copy each)"""
-    full_stats_every: int = 10
+    full_stats_every: Annotated[int, Range(ge=1, le=10**6)] = 10
     """Steps between exact-statistics steps (saturation, underflow, error counts); other steps keep only amax,
     headroom and a nonfinite indicator."""
-    shadow_every: int = 10
+    shadow_every: Annotated[int, Range(ge=0, le=10**6)] = 10
     """Steps between BF16 shadow gradient recomputations; 0 turns them off."""
-    shadow_layers: int = 2
+    shadow_layers: Annotated[int, Range(ge=0, le=10**6)] = 2
     """Layers per shadow step, round-robin over the FP8 layers."""
-    ema_decay: float = 0.8
+    ema_decay: Annotated[float, Range(gt=0, lt=1)] = 0.8
     """For amax_jump and grad_norm_z baselines (per check)"""
-    warmup_checks: int = 3
+    warmup_checks: Annotated[int, Range(ge=0, le=10**6)] = 3
     """Checks before amax_jump and grad_norm_z have a baseline."""
-
-    def __post_init__(self) -> None:
-        if self.check_interval < 1:
-            raise ValueError(f"check_interval must be >= 1, got {self.check_interval}")
-        if self.full_stats_every < 1:
-            raise ValueError(f"full_stats_every must be >= 1, got {self.full_stats_every}")
-        if self.shadow_every < 0 or self.shadow_layers < 0:
-            raise ValueError("shadow_every and shadow_layers must be >= 0")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,8 +24,9 @@ The policy is pure host logic over the reduced signals, so every rank computes t
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
+from precisionrt.config import Checked, Fraction, Range
 from precisionrt.events import Precision, Reason
 
 PolicyState = Literal["fp8", "bf16", "probation"]   # probation: back in FP8, watched more closely
@@ -37,68 +38,54 @@ REASON_OF = {"overflow": "overflow", "headroom": "overflow", "underflow": "under
 
 
 @dataclass
-class PolicyConfig:
+class PolicyConfig(Checked):
     """Thresholds (a layer is unsafe in FP8 when a signal exceeds its threshold; 0 disables a trigger).
 
     Defaults were calibrated on healthy runs of configs/lm_tiny_cpu.toml (see README): the worst healthy
     values are far below them."""
 
-    overflow: float = 1e-3
+    overflow: Fraction = 1e-3
     """Fraction of values saturated (over the check window)"""
-    headroom: float = 16.0
+    headroom: Annotated[float, Range(ge=0, le=1e6)] = 16.0
     """Max |x| * scale / fmt.max: a scale stale by this factor (delayed scaling); current scaling keeps it at 1,
     healthy delayed runs stay under ~8."""
-    underflow: float = 0.0
+    underflow: Fraction = 0.0
     """Fraction of nonzero values flushed (off: many tiny gradient values flush harmlessly; logged, and the energy
     signals below judge the harm)"""
-    underflow_energy_fwd: float = 0.01
+    underflow_energy_fwd: Fraction = 0.01
     """Share of the forward GEMM's energy flushed (E4M3 input and weight)"""
-    underflow_energy_grad: float = 0.01
+    underflow_energy_grad: Fraction = 0.01
     """Share of the dgrad GEMM's energy flushed (E5M2 output gradient)"""
-    quant_error: float = 0.2
+    quant_error: Annotated[float, Range(ge=0, le=100)] = 0.2
     """Relative RMS quantization error (healthy E4M3 ~0.03, E5M2 ~0.06)"""
-    amax_jump: float = 0.0
+    amax_jump: Annotated[float, Range(ge=0, le=1e12)] = 0.0
     """Amax over its EMA (off by default: overflow catches its harm)"""
-    grad_rel_err: float = 0.35
+    grad_rel_err: Annotated[float, Range(ge=0, le=100)] = 0.35
     """Shadow: ||g_fp8 - g_bf16|| / ||g_bf16||."""
-    grad_cos: float = 0.9
+    grad_cos: Fraction = 0.9
     """Shadow: promote when cosine similarity falls below this (0: off)"""
-    grad_norm_z: float = 0.0
+    grad_norm_z: Annotated[float, Range(ge=0, le=1e6)] = 0.0
     """Weight-gradient norm z-score (off by default: noisy early in training)"""
-    patience: int = 2
+    patience: Annotated[int, Range(ge=1, le=10**6)] = 2
     """Consecutive checks over a threshold before a promotion."""
-    immediate_ratio: float = 10.0
+    immediate_ratio: Annotated[float, Range(gt=1, le=1e12)] = 10.0
     """A signal this many times over its threshold acts at once (as nonfinite)"""
-    cooldown_checks: int = 10
+    cooldown_checks: Annotated[int, Range(ge=1, le=10**9)] = 10
     """Checks in BF16 before the first return to FP8 is tried."""
-    backoff: float = 2.0
+    backoff: Annotated[float, Range(ge=1, le=1000)] = 2.0
     """Cooldown multiplier per further failure."""
-    max_cooldown_checks: int = 1000
-    probation_checks: int = 5
+    max_cooldown_checks: Annotated[int, Range(ge=1, le=10**9)] = 1000
+    probation_checks: Annotated[int, Range(ge=0, le=10**6)] = 5
     """Clean checks before a returned layer counts as healthy again."""
-    max_bf16_flop_fraction: float = 1.0
+    max_bf16_flop_fraction: Fraction = 1.0
     """Budget: largest share of GEMM FLOPs allowed in BF16."""
     preflight: bool = True
     """Return a layer to FP8 only when its dry-run FP8 statistics are clean."""
 
-    def __post_init__(self) -> None:
-        for name in ("overflow", "headroom", "underflow", "underflow_energy_fwd", "underflow_energy_grad",
-                     "quant_error", "amax_jump", "grad_rel_err", "grad_norm_z"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"threshold {name} must be >= 0 (0 disables it), got {getattr(self, name)}")
-        for name in ("overflow", "underflow", "underflow_energy_fwd", "underflow_energy_grad"):
-            if getattr(self, name) > 1:
-                raise ValueError(f"threshold {name} is a fraction and must be <= 1, got {getattr(self, name)}")
-        if not 0 <= self.grad_cos <= 1:
-            raise ValueError(f"grad_cos must be in [0, 1], got {self.grad_cos}")
-        if self.patience < 1 or self.cooldown_checks < 1 or self.probation_checks < 0:
-            raise ValueError("patience and cooldown_checks must be >= 1, probation_checks >= 0")
-        if self.immediate_ratio <= 1:
-            raise ValueError(f"immediate_ratio must be > 1, got {self.immediate_ratio}")
-        if self.backoff < 1:
-            raise ValueError(f"backoff must be >= 1, got {self.backoff}")
-        if not 0 <= self.max_bf16_flop_fraction <= 1:
-            raise ValueError(f"max_bf16_flop_fraction must be in [0, 1], got {self.max_bf16_flop_fraction}")
+    def validate(self) -> None:
+        if self.max_cooldown_checks < self.cooldown_checks:
+            raise ValueError(f"max_cooldown_checks ({self.max_cooldown_checks}) must be >= cooldown_checks "
+                             f"({self.cooldown_checks})")
 
 
 @dataclass

@@ -10,29 +10,50 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from precisionrt.config import ConfigError
+from precisionrt.config import Checked, ConfigError, Name, PathText
 from precisionrt.events import json_safe
 
 
 @dataclass
-class RunConfig:
-    dir: str = ""
+class RunConfig(Checked):
+    dir: PathText = ""
     """Empty: runs/<name>-<timestamp>."""
-    name: str = "run"
+    name: Name = "run"
     device: Literal["auto", "cpu", "cuda"] = "auto"   # auto: CUDA when a GPU is visible (one per torchrun rank)
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True) -> Path:
-    """Resolve and create the run directory. Refuses to write a new run over a finished or started one
-    (``train.resume = true`` continues it instead)."""
-    path = Path(cfg.dir) if cfg.dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def resolve_run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.dir) if cfg.dir else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse a run directory that cannot be one: a file, or one that cannot be created or written."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.dir {str(path)!r} is a file, not a directory")
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"run.dir {str(path)!r} cannot be created: {str(ancestor)!r} is a file")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir {str(path)!r} cannot be written: {str(ancestor)!r} is not writable")
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True, path: Path | None = None) -> Path:
+    """Create the run directory (``path``, or the one ``cfg`` names). Refuses to write a new run over a finished
+    or started one (``train.resume = true`` continues it instead)."""
+    path = path or resolve_run_dir(cfg)
     taken = ConfigError(
         f"run.dir {str(path)!r} already holds a run; set train.resume=true to continue it or choose another run.dir")
     if not is_main:   # rank 0 alone checks and claims (the others would see its claim as a taken directory)
         return path
+    check_run_dir(path)
     if (path / "config.json").exists() and not resume:
         raise taken
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"run.dir {str(path)!r} cannot be created: {e.strerror}") from None
     if not resume:
         # claim the directory atomically: of two launches into it, exactly one creates config.json (a
         # placeholder until the resolved configuration replaces it) and the other is refused

@@ -27,11 +27,12 @@ import logging
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 from precisionrt import monitors
+from precisionrt.config import Checked, LayerPattern, Text
 from precisionrt.control import OperatorControl
 from precisionrt.events import EVENTS_FILE, PRECISIONS, EventLog, Precision, Reason, SwitchEvent, json_safe, read_log
 from precisionrt.flops import FlopAccounting
@@ -48,17 +49,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RuntimeConfig:
+class RuntimeConfig(Checked):
     mode: Literal["dynamic", "fp8", "bf16"] = "dynamic"
-    pin_bf16: list[str] = field(default_factory=list)
+    pin_bf16: list[LayerPattern] = field(default_factory=list)
     """Fnmatch patterns over managed layer names."""
-    pin_fp8: list[str] = field(default_factory=list)
+    pin_fp8: list[LayerPattern] = field(default_factory=list)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     observe: bool = False
     """Static modes: run the monitors and log stats, decide nothing."""
-    control_file: str = "precision_control.json"
+    control_file: Annotated[str, Text('a file name or path, relative to the run directory ("": no operator control)')] = "precision_control.json"
     """In the run dir; "" disables operator control."""
     skip_nonfinite_steps: bool = True
     fused_kernels: bool = True
@@ -111,6 +112,10 @@ class PrecisionRuntime:
                 raise ValueError(f"layer {name!r} is pinned to fp8 but {self.layers[name].fp8_unsupported_reason}")
             self.pinned[name] = "fp8"
         initial = "bf16" if config.mode == "bf16" else "fp8"
+        stuck = {n: l.fp8_unsupported_reason for n, l in self.layers.items() if not l.fp8_capable}
+        if stuck and config.mode != "bf16":   # a run that is silently 60% FP8 instead of 100% must say so
+            log.warning("%d of %d managed layers cannot run FP8 and stay BF16: %s", len(stuck), len(self.layers),
+                        "; ".join(f"{n} ({why})" for n, why in stuck.items()))
         for name, layer in self.layers.items():
             layer.precision = self.pinned.get(name, initial) if layer.fp8_capable else "bf16"
         # layers that cannot run fp8 are, for the policy, pinned to bf16

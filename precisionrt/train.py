@@ -10,9 +10,11 @@ checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 
@@ -20,62 +22,53 @@ import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 
 from precisionrt.checkpoint import save_checkpoint
-from precisionrt.config import ConfigError, run_cli, to_dict
+from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed, Steps,
+                                run_cli, to_dict)
 from precisionrt.data import ByteCorpus, DataConfig
 from precisionrt.harness import check_skipped, open_run
-from precisionrt.inject import FaultInjector, InjectConfig
+from precisionrt.inject import FaultInjector, InjectConfig, check_inject_ranks
 from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
+from precisionrt.resources import check_fits, training_memory
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from precisionrt.rundir import RunConfig, write_json
+from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
 
 
 @dataclass
-class TrainConfig:
-    steps: int = 300
-    seed: int = 0
-    batch_size: int = 16
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    keep_checkpoints: int = 3
+class TrainConfig(Checked):
+    steps: Steps = 300
+    seed: Seed = 0
+    batch_size: Annotated[int, Range(ge=1, le=2**20)] = 16
+    lr: LearningRate = 3e-3
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
+    warmup_steps: Every = 20
+    weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.1
+    grad_clip: Annotated[float, Range(gt=0, le=1e6)] = 1.0
+    """0 would never learn, a negative clip multiplies gradients by < 0 (ascent)."""
+    log_every: Steps = 10
+    eval_every: Steps = 100
+    """Held-out evaluation (its step also logs a row); the last step always evaluates."""
+    eval_batches: Annotated[int, Range(ge=1, le=10**6)] = 8
+    keep_checkpoints: Every = 3
     """The newest N checkpoints are kept (0: all)"""
-    max_skipped_fraction: float = 0.5
+    max_skipped_fraction: Annotated[float, Range(gt=0, le=1)] = 0.5
     """Stop when more than this share of the steps (and 5 or more) were skipped for nonfinite gradients: such a run
     trains on nothing."""
-    checkpoint_every: int = 0
+    checkpoint_every: Every = 0
     """0: only at the end."""
     resume: bool = False
-    stop_at_step: int = 0
+    resume_override: list[ConfigKeyPattern] = field(default_factory=list)
+    """Keys a resume may change although they change the run's meaning (``precision.mode``, ``model.*``, ...):
+    dotted keys or fnmatch patterns. Without them such a change is refused (``precisionrt.resume``)."""
+    stop_at_step: Every = 0
     """Stop early (with a checkpoint) after this step, e.g. to fit a job's time limit; a resumed run continues the
     same schedule up to `steps`. 0: run to `steps`."""
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.keep_checkpoints < 0:
-            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
-        if not 0 < self.max_skipped_fraction <= 1:
-            raise ValueError(f"max_skipped_fraction must be in (0, 1], got {self.max_skipped_fraction}")
-        if self.stop_at_step < 0:
-            raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("lr must be > 0 and min_lr_ratio in [0, 1]")
-        if self.grad_clip <= 0:   # 0 never learns, a negative clip multiplies gradients by < 0: ascent
-            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
-        if self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ValueError("weight_decay and warmup_steps must be >= 0")
-
 
 @dataclass
-class ParallelConfig:
-    tensor_model_parallel_size: int = 1
+class ParallelConfig(Checked):
+    tensor_model_parallel_size: Annotated[int, Range(ge=1, le=1024)] = 1
+    """Divides the world size, model.num_attention_heads and model.ffn_hidden_size."""
 
 
 @dataclass
@@ -164,7 +157,31 @@ def clip_grad_norm_(model: torch.nn.Module, max_norm: float, tp_group=None) -> t
     return norm
 
 
+def check_config(cfg: LMConfig) -> None:
+    """The rules that join several tables, or need the machine (world size, memory), checked before anything
+    is built or written; each error names the keys involved."""
+    tp, model = cfg.parallel.tensor_model_parallel_size, cfg.model
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tp:
+        raise ConfigError(f"parallel.tensor_model_parallel_size ({tp}) must divide the world size ({world} "
+                          "process(es)); data parallel is the rest of the world")
+    for key in ("num_attention_heads", "ffn_hidden_size"):
+        if getattr(model, key) % tp:
+            raise ConfigError(f"parallel.tensor_model_parallel_size ({tp}) must divide model.{key} "
+                              f"({getattr(model, key)}): each rank holds an equal share")
+    if model.vocab_size != ByteCorpus.vocab_size:
+        raise ConfigError(f"model.vocab_size must be {ByteCorpus.vocab_size} for the byte corpus, got {model.vocab_size}")
+    if model.seq_length + 2 > cfg.data.heldout_bytes():
+        raise ConfigError(f"model.seq_length ({model.seq_length}) does not fit the held-out data: data.max_bytes x "
+                          f"data.heldout_fraction = {cfg.data.heldout_bytes():,} bytes; raise them or shorten the sequence")
+    check_inject_ranks(cfg.inject, world)
+    check_fits(training_memory(model, cfg.train.batch_size, tp), "a training step", "train.batch_size, model.*",
+               resolve_device(cfg.run.device).type)
+    check_run_dir(resolve_run_dir(cfg.run))
+
+
 def train(cfg: LMConfig) -> dict:
+    check_config(cfg)
     device = resolve_device(cfg.run.device)
     init_parallel(cfg.parallel.tensor_model_parallel_size, seed=cfg.train.seed, device=device)
     rank = torch.distributed.get_rank()
@@ -172,14 +189,13 @@ def train(cfg: LMConfig) -> dict:
     tp_group = parallel_state.get_tensor_model_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
     is_main = rank == 0
-    if cfg.model.vocab_size != ByteCorpus.vocab_size:
-        raise ConfigError(f"model.vocab_size must be {ByteCorpus.vocab_size} for the byte corpus")
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, device=device)
     runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
     panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
     injector = FaultInjector(cfg.inject, model, rank)
     corpus = ByteCorpus(cfg.data)
+    corpus.check_fits(cfg.model.seq_length)
     if is_main:
         print(f"corpus: {corpus.num_bytes:,} bytes of {cfg.data.source!r} Python sources "
               f"({len(corpus.heldout):,} held out)", flush=True)
@@ -193,13 +209,16 @@ def train(cfg: LMConfig) -> dict:
     run_dir, logger = opened.run_dir, opened.logger
     optimizer = make_optimizer(model, cfg.train, device)
     start, earlier = 0, {"switches": [], "skipped_steps": []}   # what a resumed run did before its checkpoint
-    if opened.checkpoint is not None:
-        start, state = opened.checkpoint
-        earlier = state.get("history", earlier)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        runtime.load_state_dict(state["runtime"])
-    runtime.start_log(run_dir, to_dict(cfg), rank, resumed_from=start if cfg.train.resume else None)
+    with opened.starting():
+        if opened.checkpoint is not None:
+            start, state = opened.checkpoint
+            earlier = state.get("history", earlier)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            runtime.load_state_dict(state["runtime"])
+        runtime.start_log(run_dir, to_dict(cfg), rank, resumed_from=start if cfg.train.resume else None)
+        heldout = [to_device(b, device) for b in
+                   corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)]
 
     def checkpoint(step: int) -> None:
         # every TP rank of data-parallel rank 0 writes its own shard (data-parallel replicas are identical)
@@ -215,10 +234,9 @@ def train(cfg: LMConfig) -> dict:
         return {"switches": earlier["switches"] + [e.summary() for e in switches],
                 "skipped_steps": earlier["skipped_steps"] + skipped}
 
-    heldout = [to_device(b, device) for b in
-               corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)]
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_length
     t_start, t_window, eval_loss, loss_val = time.time(), time.time(), math.nan, math.nan
+    last_logged = start
     switches, skipped = [], []
     for step in range(start, end):
         for group in optimizer.param_groups:
@@ -253,15 +271,16 @@ def train(cfg: LMConfig) -> dict:
             for e in events:
                 print(f"step {done}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
 
-        if done % cfg.train.log_every == 0 or done == end:
+        evaluating = done % cfg.train.eval_every == 0 or done == end
+        if done % cfg.train.log_every == 0 or evaluating:
             loss_val = loss.item()
             elapsed = time.time() - t_window
-            n_steps = cfg.train.log_every if done % cfg.train.log_every == 0 else done % cfg.train.log_every
+            n_steps, last_logged = done - last_logged, done
             metrics = {"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"],
                        "train/grad_norm": float(grad_norm), "perf/step_time": elapsed / n_steps,
                        "perf/throughput": tokens_per_step * n_steps / elapsed,
                        **runtime.metrics()}
-            if done % cfg.train.eval_every == 0 or done == end:
+            if evaluating:
                 eval_loss = evaluate(model, heldout)
                 metrics["eval/loss"] = eval_loss
             logger.log(done, metrics)

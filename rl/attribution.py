@@ -25,10 +25,11 @@ the k3 behind it) and, under ``"both"``, a ``switch`` record for the trainer's l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
+from precisionrt.config import Checked, Fraction, Range
 from rl.mismatch import sequence_k3
 
 
@@ -49,24 +50,18 @@ def k3_kl(logp_train: list[list[float]], logp_infer: list[list[float]]) -> float
 
 
 @dataclass
-class MismatchPolicyConfig:
+class MismatchPolicyConfig(Checked):
     """The ``[rl.mismatch_policy]`` table: promote the layer that carries the mismatch (needs
     ``rl.attribution_every`` > 0)."""
 
-    promote_share: float = 0.0
+    promote_share: Fraction = 0.0
     """A rollout FP8 layer whose ``mismatch_share`` reaches this is promoted (0: off; 0.5: it carries half)."""
-    min_k3_kl: float = 2e-3
+    min_k3_kl: Annotated[float, Range(ge=0, le=1e6)] = 2e-3
     """... if the mismatch it is a share of (the measured micro-batch's k3) is at least this: a share of a tiny,
     healthy mismatch is noise (healthy main job: ~1e-3; an injected x1e6 outlier: ~6e-3)."""
     scope: Literal["rollout", "both"] = "rollout"
     """``rollout``: the rollout engine's copy only; ``both``: the trainer's layer too (dynamic mode)."""
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.promote_share <= 1 or self.min_k3_kl < 0:
-            raise ValueError(f"promote_share must be in [0, 1] (0: off) and min_k3_kl >= 0, got "
-                             f"{self.promote_share} and {self.min_k3_kl}")
-        if self.scope not in ("rollout", "both"):
-            raise ValueError(f"scope must be 'rollout' or 'both', got {self.scope!r}")
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
+from precisionrt.config import Checked, Range
 from rl import mismatch
 
 Correction = Literal["icepop", "tis", "none"]
@@ -97,42 +98,32 @@ class LossInputs:
 
 
 @dataclass
-class LossConfig:
-    clip_eps: float = 0.2
+class LossConfig(Checked):
+    clip_eps: Annotated[float, Range(gt=0, lt=1)] = 0.2
     """PPO's clip range on the policy ratio pi_theta / pi_prox."""
     correction: Correction = "icepop"
     """The detached behaviour weight on pi_prox / pi_infer: ``icepop`` (tokens whose ratio leaves
     ``icepop_band`` give no gradient), ``tis`` (the ratio, capped at ``tis_cap``) or ``none``."""
-    icepop_band: tuple[float, float] = (0.5, 2.0)
-    tis_cap: float = 2.0
+    icepop_band: tuple[Annotated[float, Range(gt=0, le=1e6)], Annotated[float, Range(gt=0, le=1e6)]] = (0.5, 2.0)
+    tis_cap: Annotated[float, Range(gt=0, le=1e6)] = 2.0
     objective: Literal["decoupled", "naive"] = "decoupled"
     """``decoupled``: AReaL's decoupled PPO (the ratio on pi_prox, the correction on pi_prox / pi_infer);
     ``naive``: standard PPO on stale samples (the ratio on pi_infer; takes ``correction = "none"``): a baseline."""
     level: Literal["token", "sequence"] = "token"
     """``sequence``: one weight per sequence, from the geometric mean of its token ratios."""
-    veto_threshold: float = 0.0
+    veto_threshold: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Drop a whole sequence in which any token's pi_prox / pi_infer falls below this (verl and slime use
     1e-4); 0: off. A guard beside the correction (``rl/mismatch.py``)."""
-    seq_max_k2: float = 0.0
+    seq_max_k2: Annotated[float, Range(ge=0, le=1e6)] = 0.0
     """Drop a whole sequence whose largest token k2 = (log pi_prox / pi_infer)^2 / 2 exceeds this (verl's
     ``seq_max_k2``); 0: off."""
 
-    def __post_init__(self) -> None:
-        _check_band(*self.icepop_band)
-        if self.correction not in ("icepop", "tis", "none"):
-            raise ValueError(f"correction must be icepop, tis or none, got {self.correction!r}")
-        if self.objective not in ("decoupled", "naive"):
-            raise ValueError(f"objective must be decoupled or naive, got {self.objective!r}")
+    def validate(self) -> None:
+        if not self.icepop_band[0] < self.icepop_band[1]:
+            raise ValueError(f"icepop_band must be [low, high] with low < high, got {list(self.icepop_band)}")
         if self.objective == "naive" and self.correction != "none":
             raise ValueError(f'objective "naive" is PPO on pi_infer without a separate correction: set correction '
                              f'= "none" (got {self.correction!r})')
-        if not 0 < self.clip_eps < 1:
-            raise ValueError(f"clip_eps must be in (0, 1), got {self.clip_eps}")
-        if self.tis_cap <= 0:
-            raise ValueError(f"tis_cap must be > 0, got {self.tis_cap}")
-        if not 0 <= self.veto_threshold < 1 or self.seq_max_k2 < 0:
-            raise ValueError(f"veto_threshold must be in [0, 1) and seq_max_k2 >= 0 (0: off), got "
-                             f"{self.veto_threshold} and {self.seq_max_k2}")
 
 
 def behaviour_weights(inp: LossInputs, cfg: LossConfig) -> torch.Tensor:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
+from precisionrt.config import Checked, Range
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import KVCache, ModelConfig, SDPACoreAttention, build_gpt
@@ -30,21 +31,16 @@ CHANNEL_SCALE = "channel_scale"   # published beside the weights: an injected fa
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(Checked):
     precision: Literal["fp8", "bf16", "follow"] = "fp8"
     """The rollout copy's GEMMs: every FP8-capable layer in ``fp8`` or all in ``bf16``, or ``follow``: each layer
     in the precision the trainer runs it in, from the versioned precision map published with the weights."""
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: Annotated[float, Range(ge=0, le=100)] = 1.0
+    top_p: Annotated[float, Range(gt=0, le=1)] = 1.0
     kv_cache: bool = False
     """Decode incrementally with a KV cache (each prompt encoded once, then one token per step) instead of
     recomputing the whole sequence at every step."""
 
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"rollout.temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
 
 
 @dataclass

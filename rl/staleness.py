@@ -21,15 +21,15 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Annotated
+
+from precisionrt.config import Checked, Range
 
 
 @dataclass
-class StalenessConfig:
-    max_staleness: int = 2
+class StalenessConfig(Checked):
+    max_staleness: Annotated[int, Range(ge=0, le=10**6)] = 2
 
-    def __post_init__(self) -> None:
-        if self.max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
 
 
 @dataclass

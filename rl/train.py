@@ -15,18 +15,20 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
 import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from precisionrt.checkpoint import save_checkpoint
-from precisionrt.config import ConfigError, run_cli, to_dict
+from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed, Steps,
+                                run_cli, to_dict)
 from precisionrt.harness import check_skipped, open_run
-from precisionrt.inject import FaultInjector, InjectConfig
+from precisionrt.inject import FaultInjector, InjectConfig, check_inject_ranks
 from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
-from precisionrt.rundir import RunConfig, write_json
+from precisionrt.resources import check_fits, training_memory
+from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from rl.envs import TaskConfig
 from rl.envs.calculator import EnvConfig
@@ -39,54 +41,38 @@ from rl.workload import make_workload
 
 
 @dataclass
-class RLTrainConfig:
-    steps: int = 400
-    seed: int = 0
-    lr: float = 1e-3
-    grad_clip: float = 1.0
-    warm_start_steps: int = 25
-    warm_start_batch: int = 64
-    warm_start_lr: float = 3e-3
-    log_every: int = 10
-    eval_every: int = 50
-    keep_checkpoints: int = 3
+class RLTrainConfig(Checked):
+    steps: Steps = 400
+    seed: Seed = 0
+    lr: LearningRate = 1e-3
+    grad_clip: Annotated[float, Range(gt=0, le=1e6)] = 1.0
+    warm_start_steps: Every = 25
+    warm_start_batch: Annotated[int, Range(ge=1, le=2**20)] = 64
+    warm_start_lr: LearningRate = 3e-3
+    log_every: Steps = 10
+    eval_every: Steps = 50
+    keep_checkpoints: Every = 3
     """The newest N checkpoints are kept (0: all)"""
-    max_skipped_fraction: float = 0.5
+    max_skipped_fraction: Annotated[float, Range(gt=0, le=1)] = 0.5
     """Stop when more than this share of RL steps (and 5 or more) were skipped."""
-    checkpoint_every: int = 0
+    checkpoint_every: Every = 0
     """0: only at the end."""
     resume: bool = False
     """Continue from the newest checkpoint in run.dir (RL steps; no warm start)"""
-    stop_at_step: int = 0
+    resume_override: list[ConfigKeyPattern] = field(default_factory=list)
+    """Keys a resume may change although they change the run's meaning (``precisionrt.resume``)."""
+    stop_at_step: Every = 0
     """Stop early, with a checkpoint, after this RL step (0: run to `steps`)"""
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.log_every < 1 or self.eval_every < 1 or self.warm_start_steps < 0:
-            raise ValueError("steps, log_every and eval_every must be >= 1, warm_start_steps >= 0")
-        if self.warm_start_batch < 1:
-            raise ValueError(f"warm_start_batch must be >= 1, got {self.warm_start_batch}")
-        for name in ("lr", "warm_start_lr", "grad_clip"):   # 0 never learns; a negative clip ascends
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.stop_at_step < 0:
-            raise ValueError(f"stop_at_step must be >= 0, got {self.stop_at_step}")
-        if not 0 < self.max_skipped_fraction <= 1:
-            raise ValueError(f"max_skipped_fraction must be in (0, 1], got {self.max_skipped_fraction}")
-        if self.keep_checkpoints < 0:
-            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
 
 
 @dataclass
-class ExecutorConfig:
+class ExecutorConfig(Checked):
     kind: Literal["local", "ray"] = "local"
     mode: Literal["async", "sync"] = "async"
-    num_workers: int = 1
+    num_workers: Annotated[int, Range(ge=1, le=256)] = 1
     """Rollout engines (Ray actors under ``kind = "ray"``); each pulls the newest weights by version when it is
     behind, just before it generates (``rl/pool.py``)."""
 
-    def __post_init__(self) -> None:
-        if self.num_workers < 1:
-            raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
 
 
 def _default_model() -> ModelConfig:
@@ -119,7 +105,9 @@ def idle_ratios(trainer: RLTrainer, elapsed: float) -> dict[str, float]:
     return out
 
 
-def train(cfg: RLConfig) -> dict:
+def check_config(cfg: RLConfig) -> None:
+    """The rules that join several tables, or need the machine (memory), checked before anything is built or
+    written; each error names the keys involved."""
     if cfg.run.device == "cuda":   # "auto" runs on the CPU, where the RL loop has been built and measured
         raise ConfigError('run.device: rl.train runs on the CPU for now (its rollout engine and loss metrics '
                           'still synchronise per token and per step); use run.device="cpu" or "auto"')
@@ -129,6 +117,15 @@ def train(cfg: RLConfig) -> dict:
                           f'policy, which needs precision.mode = "dynamic" (got {cfg.precision.mode!r})')
     if cfg.model.vocab_size != 256:   # tokens are bytes: a smaller vocabulary fails at the first rollout
         raise ConfigError(f"model.vocab_size must be 256 (byte tokens), got {cfg.model.vocab_size}")
+    check_inject_ranks(cfg.inject, 1)
+    batch = cfg.rl.prompts_per_step * cfg.rl.group_size
+    check_fits(training_memory(cfg.model, max(batch, cfg.train.warm_start_batch)), "a trainer step",
+               "rl.prompts_per_step x rl.group_size (or train.warm_start_batch), model.*")
+    check_run_dir(resolve_run_dir(cfg.run))
+
+
+def train(cfg: RLConfig) -> dict:
+    check_config(cfg)
     init_parallel(1, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model)
@@ -144,23 +141,24 @@ def train(cfg: RLConfig) -> dict:
     t_start = time.time()
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout, cfg.executor.num_workers)
     offset = cfg.train.warm_start_steps  # optimizer steps before RL: the switch log counts all of them
     start, masked, earlier_switches = 0, [], []   # switches before a resumed run's checkpoint
-    if found is None:
-        runtime.start_log(run_dir, to_dict(cfg))
-        warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
-        warm = supervised_warm_start(model, warm_opt, work.warm_batches, cfg.train.warm_start_steps, cfg.train.seed,
-                                     runtime, before_step=injector.before_step)
-        warm_loss, earlier_switches = warm.loss, [e.summary() for e in warm.switches]
-    else:
-        start, state = found
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        runtime.load_state_dict(state["runtime"])
-        runtime.start_log(run_dir, to_dict(cfg), resumed_from=offset + start)
-        masked, warm_loss = state["rl"]["masked"], math.nan
-        earlier_switches = state["rl"].get("switches", [])
+    with opened.starting():
+        engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout, cfg.executor.num_workers)
+        if found is None:
+            runtime.start_log(run_dir, to_dict(cfg))
+            warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
+            warm = supervised_warm_start(model, warm_opt, work.warm_batches, cfg.train.warm_start_steps,
+                                         cfg.train.seed, runtime, before_step=injector.before_step)
+            warm_loss, earlier_switches = warm.loss, [e.summary() for e in warm.switches]
+        else:
+            start, state = found
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            runtime.load_state_dict(state["runtime"])
+            runtime.start_log(run_dir, to_dict(cfg), resumed_from=offset + start)
+            masked, warm_loss = state["rl"]["masked"], math.nan
+            earlier_switches = state["rl"].get("switches", [])
     trainer = RLTrainer(model, runtime, optimizer, engine, work.task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,
                         work.max_new_tokens, cfg.rollout, work.worker, **work.worker_args)
     if found is None:
@@ -207,10 +205,11 @@ def train(cfg: RLConfig) -> dict:
             row.update({"rl/staleness_histogram": m["staleness"], "rl/k3_kl_by_map_version": m["k3_kl_by_map_version"],
                         **idle_ratios(trainer, elapsed)})
             row.update(runtime.metrics())
-            if step % cfg.train.eval_every == 0 or step == end:
+            evaluating = step % cfg.train.eval_every == 0 or step == end
+            if evaluating:
                 reward_final, eval_final = work.evaluate(trainer)
                 row.update({"eval/reward": reward_final, **{f"eval/{k}": v for k, v in eval_final.items()}})
-            if step % cfg.train.log_every == 0 or step == end:
+            if step % cfg.train.log_every == 0 or evaluating:   # an evaluation is always logged
                 acct = trainer.ctrl.acct
                 row.update({"samples/generated": acct.generated, "samples/trained": acct.trained,
                             "samples/dropped": sum(acct.dropped.values()), "samples/in_flight": acct.in_flight})

@@ -14,9 +14,11 @@ import queue
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import torch
 
+from precisionrt.config import Checked, Every, Range
 from precisionrt.linear import precision_layers
 from precisionrt.runtime import PrecisionRuntime
 from rl.attribution import MismatchAttribution, MismatchPolicyConfig
@@ -31,52 +33,40 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class RLAlgoConfig:
+class RLAlgoConfig(Checked):
     """The ``[rl]`` table."""
 
-    max_staleness: int = 2
+    max_staleness: Annotated[int, Range(ge=0, le=10**6)] = 2
     """Samples more than this many policy versions old are never trained: admission control keeps them from
     starting, and those that still arrive are dropped (``stale``). 0 is on-policy."""
     loss: LossConfig = field(default_factory=LossConfig)
     """The ``[rl.loss]`` table: PPO clip, the train/inference mismatch correction (IcePop, TIS, none), level."""
-    group_size: int = 8
+    group_size: Annotated[int, Range(ge=2, le=4096)] = 8
     """Completions per prompt; GRPO normalises rewards within each group."""
-    prompts_per_step: int = 16
-    entropy_coef: float = 0.0
+    prompts_per_step: Annotated[int, Range(ge=1, le=2**16)] = 16
+    entropy_coef: Annotated[float, Range(ge=0, le=10)] = 0.0
     """Bonus on the policy's entropy over completion tokens (against collapse)."""
-    max_consecutive_rollout_failures: int = 20
+    max_consecutive_rollout_failures: Annotated[int, Range(ge=1, le=10**9)] = 20
     """The run ends with the last error after this many failed rollouts in a row."""
-    max_failed_rollout_fraction: float = 0.5
+    max_failed_rollout_fraction: Annotated[float, Range(gt=0, le=1)] = 0.5
     """... or once more than this share of all rollouts failed (counted from five batches of failures on)."""
-    attribution_every: int = 0
+    attribution_every: Every = 0
     """Every this many optimizer steps, measure one rollout layer's share of the train/inference mismatch
     (``rl/attribution.py``, round-robin over the rollout's FP8 layers); 0: off."""
-    attribution_samples: int = 8
+    attribution_samples: Annotated[int, Range(ge=1, le=2**16)] = 8
     """Samples of the step's batch that the attribution scores (twice, on the rollout engine)."""
     error_masking: bool = False
     """Multi-turn tasks (GLM-5): an action whose tool call failed through the policy's own fault (a malformed
     call, wrong arguments) is not trained, in RL and in the warm start; the actions that recover are."""
-    groups_in_flight: int = 64
+    groups_in_flight: Annotated[int, Range(ge=1, le=2**16)] = 64
     """Multi-turn tasks, async mode: GRPO groups in flight at once (each still admitted by staleness control)."""
     mismatch_policy: MismatchPolicyConfig = field(default_factory=MismatchPolicyConfig)
     """The ``[rl.mismatch_policy]`` table: promote the layer that carries the mismatch (off by default)."""
 
-    def __post_init__(self) -> None:
-        StalenessConfig(self.max_staleness)
+    def validate(self) -> None:
         if self.mismatch_policy.promote_share > 0 and self.attribution_every == 0:
             raise ValueError("mismatch_policy.promote_share acts on the attribution's measurements: set "
                              "attribution_every > 0")
-        if self.attribution_every < 0 or self.attribution_samples < 1:
-            raise ValueError(f"attribution_every must be >= 0 (0: off) and attribution_samples >= 1, got "
-                             f"{self.attribution_every} and {self.attribution_samples}")
-        if self.max_consecutive_rollout_failures < 1:
-            raise ValueError("max_consecutive_rollout_failures must be >= 1")
-        if not 0 < self.max_failed_rollout_fraction <= 1:
-            raise ValueError(f"max_failed_rollout_fraction must be in (0, 1], got {self.max_failed_rollout_fraction}")
-        if self.groups_in_flight < 1:
-            raise ValueError(f"groups_in_flight must be >= 1, got {self.groups_in_flight}")
-        if self.group_size < 2 or self.prompts_per_step < 1:
-            raise ValueError("group_size must be >= 2 (GRPO normalises within a group) and prompts_per_step >= 1")
 
 
 class RLTrainer:

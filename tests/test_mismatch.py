@@ -97,7 +97,7 @@ def test_guarded_sequences_give_no_gradient_and_are_counted():
     assert logp.grad[0].abs().sum() == 0 and logp.grad[1, :2].abs().min() > 0
     assert m["rollout_corr/veto_fraction"] == 0.5 and m["rollout_corr/masked_fraction"] == pytest.approx(3 / 5)
     assert m["rollout_corr/seq_max_k2_fraction"] == 0
-    with pytest.raises(ValueError, match="veto_threshold must be in"):
+    with pytest.raises(ValueError, match=r"veto_threshold: must be in \[0, 1\)"):
         LossConfig(veto_threshold=1.0)
 
 

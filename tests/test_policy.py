@@ -106,7 +106,7 @@ def test_state_round_trips():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"overflow": -1.0}, "overflow must be >= 0"), ({"underflow": 2.0}, "underflow is a fraction"),
+    ({"overflow": -1.0}, r"precision.policy.overflow: must be in \[0, 1\]"), ({"underflow": 2.0}, "underflow"),
     ({"grad_cos": 1.5}, "grad_cos"), ({"patience": 0}, "patience"), ({"max_bf16_flop_fraction": 1.2}, "max_bf16_flop_fraction"),
 ])
 def test_out_of_range_thresholds_are_refused(bad, message):

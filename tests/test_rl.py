@@ -106,7 +106,7 @@ def test_malformed_rewards_are_counted_drops(tmp_path, monkeypatch):
 def test_prompt_longer_than_context_and_bad_band_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="seq_length 8 is shorter"):
         run(tmp_path, "model.seq_length=8")
-    with pytest.raises(ConfigError, match="0 < low < high"):
+    with pytest.raises(ConfigError, match=r"rl.loss: icepop_band must be \[low, high\] with low < high"):
         run(tmp_path, "rl.loss.icepop_band=[2.0, 0.5]")
     with pytest.raises(ValueError, match="must fit the context"):
         generate(torch.nn.Identity(), [b"1" * 20], 4, 16, 1.0, 1.0, torch.Generator())
@@ -327,10 +327,10 @@ def test_a_lost_sample_breaks_the_accounting(tmp_path, monkeypatch):
 @pytest.mark.parametrize("override, message", [
     ("rl.loss.icepop_band=[0.5, inf]", "rl.loss.icepop_band[1]: must be a finite number"),
     ("rollout.temperature=nan", "rollout.temperature: must be a finite number"),
-    ("train.lr=0", "lr must be > 0"),
-    ("train.lr=-1e-3", "lr must be > 0"),
-    ("rl.loss.tis_cap=0", "tis_cap must be > 0"),
-    ("train.warm_start_batch=0", "warm_start_batch must be >= 1"),
+    ("train.lr=0", "train.lr: must be in (0, 10], got 0.0"),
+    ("train.lr=-1e-3", "train.lr: must be in (0, 10]"),
+    ("rl.loss.tis_cap=0", "rl.loss.tis_cap: must be in (0, 1e6]"),
+    ("train.warm_start_batch=0", "train.warm_start_batch: must be in [1, 2^20]"),
     ("model.vocab_size=10", "model.vocab_size must be 256"),
     ("task.heldout_size=60000", "heldout_size 60000 needs more than half of the 111000 distinct problems"),
 ])

@@ -54,7 +54,7 @@ def test_reverse_heldout_is_the_one_the_figures_were_measured_on():
 
 
 def test_task_config_is_checked():
-    with pytest.raises(ValueError, match="name must be"):
+    with pytest.raises(ValueError, match="name: 'sorting' is not one of"):
         TaskConfig(name="sorting")
     with pytest.raises(ValueError, match="more than half of the 100 distinct"):   # 10 x 10 one-digit sums
         TaskConfig(name="addition", min_digits=1, max_digits=1, heldout_size=51)

@@ -89,12 +89,12 @@ def test_truncated_checkpoint_falls_back_to_previous(tmp_path, parallel, caplog)
     ("train.stepz=3", "unknown config key 'train.stepz'"),
     ("train.steps=\"many\"", "train.steps: expected an integer"),
     ("precision.mode=\"fp16\"", "precision.mode: 'fp16' is not one of"),
-    ("precision.scaling.margin=-1", "margin must be an integer >= 0"),
+    ("precision.scaling.margin=-1", "precision.scaling.margin: must be in [0, 64], got -1"),
     ("precision.pin_bf16=[\"decoder.layers.7.*\"]", "'decoder.layers.7.*' matches no managed layer"),
     ("train.lr=inf", "train.lr: must be a finite number"),
     ("precision.policy.overflow=nan", "precision.policy.overflow: must be a finite number"),
-    ("train.grad_clip=-1", "grad_clip must be > 0"),
-    ("train.grad_clip=0", "grad_clip must be > 0"),
+    ("train.grad_clip=-1", "train.grad_clip: must be in (0, 1e6]"),
+    ("train.grad_clip=0", "train.grad_clip: must be in (0, 1e6]"),
 ])
 def test_bad_config_is_named(tmp_path, parallel, capsys, override, message):
     argv = ["--config", str(ROOT / "configs/lm_tiny_cpu.toml"), *sum((["--set", s] for s in TINY), []),

@@ -26,6 +26,9 @@ import math
 import random
 import re
 from dataclasses import dataclass, field
+from typing import Annotated
+
+from precisionrt.config import Checked, Fraction, Range, Text
 
 from rl.envs.agent import ErrorKind, Observation, Segment, Transcript
 from rl.envs.task import STOP, TaskConfig, partial_credit
@@ -35,47 +38,35 @@ _ANSWER = re.compile(rb"A:(\d{1,24})")
 
 
 @dataclass
-class ToolConfig:
+class ToolConfig(Checked):
     """The ``[env.tool]`` table: how the calculator service behaves (times in seconds)."""
 
-    delay_median: float = 0.1
-    delay_sigma: float = 1.0
+    delay_median: Annotated[float, Range(ge=0, le=3600)] = 0.1
+    delay_sigma: Annotated[float, Range(ge=0, le=10)] = 1.0
     """Log-normal spread of the delay: p99 = median * exp(2.33 sigma) (1.0 s with the defaults)."""
-    failure_rate: float = 0.05
+    failure_rate: Fraction = 0.05
     """Share of calls answered ``E:service unavailable`` (after the delay)."""
-    hang_rate: float = 0.01
+    hang_rate: Fraction = 0.01
     """Share of calls that never answer: cut at ``timeout``."""
-    timeout: float = 2.0
+    timeout: Annotated[float, Range(gt=0, le=3600)] = 2.0
 
-    def __post_init__(self) -> None:
-        if self.delay_median < 0 or self.delay_sigma < 0 or self.timeout <= 0:
-            raise ValueError(f"delay_median and delay_sigma must be >= 0 and timeout > 0, got "
-                             f"{self.delay_median}, {self.delay_sigma}, {self.timeout}")
-        for name in ("failure_rate", "hang_rate"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     def draw_delay(self, rng: random.Random) -> float:
         return self.delay_median * math.exp(self.delay_sigma * rng.gauss(0.0, 1.0))
 
 
 @dataclass
-class EnvConfig:
+class EnvConfig(Checked):
     """The ``[env]`` table of multi-turn runs (``task.name = "calculator"``; the operands' digits, the held-out
     set and its seed come from ``[task]``)."""
 
-    operators: str = "+*"
-    max_turns: int = 4
+    operators: Annotated[str, Text("a non-empty string of the operators '+' and '*'", pattern=r'[+*]+')] = "+*"
+    max_turns: Annotated[int, Range(ge=2, le=1000)] = 4
     """Actions per episode: an episode without an answer by then ends with reward 0."""
-    max_action_tokens: int = 24
+    max_action_tokens: Annotated[int, Range(ge=4, le=2**16)] = 24
     """The decode budget of one action (a call or an answer, stop byte included)."""
     tool: ToolConfig = field(default_factory=ToolConfig)
 
-    def __post_init__(self) -> None:
-        if not self.operators or set(self.operators) - set("+*"):
-            raise ValueError(f"operators must be a non-empty subset of '+*', got {self.operators!r}")
-        if self.max_turns < 2 or self.max_action_tokens < 4:
-            raise ValueError("max_turns must be >= 2 (a call, then an answer) and max_action_tokens >= 4")
 
 
 @dataclass

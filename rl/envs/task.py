@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Annotated, Literal, Protocol
+
+from precisionrt.config import Checked, Range, Seed
 
 STOP = ord("\n")   # the stop byte every completion ends with
 
@@ -20,29 +22,23 @@ class Problem:
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Checked):
     """The ``[task]`` table."""
 
     name: Literal["reverse_digits", "addition", "calculator"] = "reverse_digits"
     """``reverse_digits``: reverse a digit string (learnt in about a minute on a CPU); ``addition``: add two
     numbers, the sum written least significant digit first (carries make it take several minutes);
     ``calculator``: the multi-turn tool task (``rl/envs/calculator.py``, configured by ``[env]``)."""
-    min_digits: int = 3
+    min_digits: Annotated[int, Range(ge=1, le=18)] = 3
     """Digits of the string to reverse, or of each operand."""
-    max_digits: int = 5
-    heldout_size: int = 128
-    seed: int = 1234
+    max_digits: Annotated[int, Range(ge=1, le=18)] = 5
+    heldout_size: Annotated[int, Range(ge=1, le=10**6)] = 128
+    seed: Seed = 1234
     """Draws the held-out set."""
 
-    def __post_init__(self) -> None:
-        if self.name not in ("reverse_digits", "addition", "calculator"):
-            raise ValueError(f"name must be 'reverse_digits', 'addition' or 'calculator', got {self.name!r}")
-        if not 1 <= self.min_digits <= self.max_digits:
-            raise ValueError(f"need 1 <= min_digits <= max_digits, got {self.min_digits}, {self.max_digits}")
-        if self.heldout_size < 1:
-            raise ValueError("heldout_size must be >= 1")
-        if self.max_digits > 18:
-            raise ValueError(f"max_digits must be <= 18 (the answer must fit the context), got {self.max_digits}")
+    def validate(self) -> None:
+        if self.min_digits > self.max_digits:
+            raise ValueError(f"min_digits ({self.min_digits}) must be <= max_digits ({self.max_digits})")
         if self.heldout_size > self.distinct_problems() // 2:   # held-out problems are drawn until distinct:
             raise ValueError(                                     # more would hang, and training needs the rest
                 f"heldout_size {self.heldout_size} needs more than half of the {self.distinct_problems()} distinct "
