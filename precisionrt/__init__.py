@@ -6,6 +6,8 @@ The public API (everything else is internal and may change):
   precisionrt's switchable linears (``precisionrt.convert``).
 * ``PrecisionRuntime(model, RuntimeConfig(...), run_dir=...)``: monitors, policy, switch log, operator control
   and checkpoint state around a model built from such a spec (``precisionrt.runtime``).
+* ``clip_grad_norm_(model, max_norm)``: gradient clipping by the whole model's norm under tensor (and pipeline)
+  parallelism, counting each TP-duplicated parameter once (``precisionrt.clipping``).
 * ``RuntimeConfig`` and its parts ``ScalingConfig`` (the one place the scaling recipe is set), ``MonitorConfig``
   and ``PolicyConfig``.
 
@@ -18,11 +20,12 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["convert_layer_spec", "PrecisionRuntime", "RuntimeConfig", "ScalingConfig", "MonitorConfig",
-           "PolicyConfig"]
+           "PolicyConfig", "clip_grad_norm_"]
 
 _HOME = {"convert_layer_spec": "precisionrt.convert", "PrecisionRuntime": "precisionrt.runtime",
          "RuntimeConfig": "precisionrt.runtime", "ScalingConfig": "precisionrt.fp8",
-         "MonitorConfig": "precisionrt.monitors", "PolicyConfig": "precisionrt.policy"}
+         "MonitorConfig": "precisionrt.monitors", "PolicyConfig": "precisionrt.policy",
+         "clip_grad_norm_": "precisionrt.clipping"}
 
 
 def __getattr__(name: str):

@@ -22,6 +22,7 @@ import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 
 from precisionrt.checkpoint import save_checkpoint
+from precisionrt.clipping import clip_grad_norm_
 from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed, Steps,
                                 run_cli, to_dict)
 from precisionrt.data import ByteCorpus, DataConfig
@@ -132,31 +133,6 @@ def allreduce_grads(model, group) -> None:
         offset += g.numel()
 
 
-def clip_grad_norm_(model: torch.nn.Module, max_norm: float, tp_group=None) -> torch.Tensor:
-    """Clip gradients by the norm of the whole model, as Megatron does under tensor parallelism: each rank
-    sums the squares of its shards, parameters replicated across the TP group (norms, position embeddings)
-    count once (on TP rank 0), and one all-reduce over the group gives every rank the same norm, so replicated
-    parameters stay identical. Returns the norm as a device tensor (no host synchronisation)."""
-    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
-
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=next(model.parameters()).device)
-    counted = [p.grad.detach() for p in model.parameters()
-               if p.grad is not None and param_is_not_tensor_parallel_duplicate(p, tp_group)]
-    # the operations of torch.nn.utils.clip_grad_norm_, so that a single rank clips bit for bit as it does
-    zero = torch.zeros((), device=grads[0].device)
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in counted])) if counted \
-        else zero
-    if tp_group is not None and torch.distributed.get_world_size(tp_group) > 1:
-        sq = norm.float().square()
-        torch.distributed.all_reduce(sq, group=tp_group)
-        norm = sq.sqrt()
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef.to(grads[0].device))
-    return norm
-
-
 def check_config(cfg: LMConfig) -> None:
     """The rules that join several tables, or need the machine (world size, memory), checked before anything
     is built or written; each error names the keys involved."""
@@ -186,7 +162,6 @@ def train(cfg: LMConfig) -> dict:
     init_parallel(cfg.parallel.tensor_model_parallel_size, seed=cfg.train.seed, device=device)
     rank = torch.distributed.get_rank()
     dp_group = parallel_state.get_data_parallel_group()
-    tp_group = parallel_state.get_tensor_model_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
     is_main = rank == 0
     torch.manual_seed(cfg.train.seed)
@@ -248,7 +223,7 @@ def train(cfg: LMConfig) -> dict:
         loss = lm_loss(model, batch)
         loss.backward()
         allreduce_grads(model, dp_group)
-        grad_norm = clip_grad_norm_(model, cfg.train.grad_clip, tp_group)
+        grad_norm = clip_grad_norm_(model, cfg.train.grad_clip)   # the whole model's norm, on every TP rank
         if device.type == "cuda":   # decided on the device: no host synchronisation on ordinary steps
             runtime.skip_on_device(grad_norm, optimizer, done)
             optimizer.step()

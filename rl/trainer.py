@@ -14,7 +14,7 @@ import queue
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 
@@ -43,6 +43,9 @@ class RLAlgoConfig(Checked):
     """The ``[rl.loss]`` table: PPO clip, the train/inference mismatch correction (IcePop, TIS, none), level."""
     group_size: Annotated[int, Range(ge=2, le=4096)] = 8
     """Completions per prompt; GRPO normalises rewards within each group."""
+    advantage_std: Literal["sample", "population", "none"] = "sample"
+    """GRPO's divisor: the group's sample std (verl, slime and AReaL's default), its population std, or
+    ``none`` (Dr. GRPO: no division, so easy and hard prompts are not re-weighted)."""
     prompts_per_step: Annotated[int, Range(ge=1, le=2**16)] = 16
     entropy_coef: Annotated[float, Range(ge=0, le=10)] = 0.0
     """Bonus on the policy's entropy over completion tokens (against collapse)."""
@@ -140,7 +143,7 @@ class RLTrainer:
         # policy entropy on completion tokens: watched for collapse, optionally rewarded (rl.entropy_coef)
         entropy = -((logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
         rewards = torch.tensor([r for g in batch for r in g.rewards], dtype=torch.float64)
-        adv = grpo_advantages(rewards, self.algo.group_size)
+        adv = grpo_advantages(rewards, self.algo.group_size, std=self.algo.advantage_std)
         return LossInputs(logp=logp * mask, logp_prox=(logp * mask).detach(), logp_infer=logp_infer,
                           advantages=adv, mask=mask), rewards, entropy
 

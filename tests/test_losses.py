@@ -89,8 +89,11 @@ def test_sequence_level_weight_uses_the_geometric_mean():
 
 
 def test_grpo_advantages_are_group_normalised():
-    adv = grpo_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5]), group_size=4)
-    assert adv[:4].tolist() == pytest.approx([1, -1, 1, -1], abs=1e-5)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 0.5, 0.5, 0.5])
+    adv = grpo_advantages(rewards, group_size=4)   # the sample std: sqrt(4 * 0.25 / 3)
+    assert adv[:4].tolist() == pytest.approx([x * math.sqrt(3 / 4) for x in (1, -1, 1, -1)], abs=1e-5)
+    assert grpo_advantages(rewards, 4, std="population")[:4].tolist() == pytest.approx([1, -1, 1, -1], abs=1e-5)
+    assert grpo_advantages(rewards, 4, std="none")[:4].tolist() == pytest.approx([0.5, -0.5, 0.5, -0.5])
     assert adv[4:].tolist() == [0, 0, 0, 0], "a group with equal rewards teaches nothing"
     with pytest.raises(ValueError, match="groups of 3"):
         grpo_advantages(torch.zeros(8), 3)
@@ -101,7 +104,7 @@ def test_grpo_advantages_of_equal_rewards_are_exactly_zero(credit):
     rewards = torch.tensor([credit] * 8 + [0.0, 1.0] * 4)
     adv = grpo_advantages(rewards, group_size=8)
     assert adv[:8].tolist() == [0.0] * 8, "rounding in the mean must not become an advantage"
-    assert adv[8:].abs().tolist() == pytest.approx([1.0] * 8, abs=1e-5)
+    assert adv[8:].abs().tolist() == pytest.approx([math.sqrt(7 / 8)] * 8, abs=1e-5)   # 0.5 / sample std
     assert flat_groups(rewards, 8).tolist() == [True, False]
 
 

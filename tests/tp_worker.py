@@ -8,7 +8,8 @@ import torch
 from conftest import SMALL
 from precisionrt.linear import precision_layers
 from precisionrt.megatron import build_gpt, init_parallel
-from precisionrt.train import clip_grad_norm_, lm_loss
+from precisionrt.clipping import clip_grad_norm_
+from precisionrt.train import lm_loss
 
 
 def gather(t: torch.Tensor, dim: int, group) -> torch.Tensor:
