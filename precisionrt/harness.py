@@ -106,10 +106,11 @@ class OpenedRun:
         except BaseException:
             if self.logger is not None:
                 self.logger.close()
-            for path in self.written():
+            removed = self.written()
+            for path in removed:
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            if self.written():
-                log.info("start-up failed: removed what it wrote in %s", self.run_dir)
+            if removed:
+                log.info("start-up failed: removed %s", ", ".join(str(p) for p in removed))
             raise
 
 

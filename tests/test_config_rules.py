@@ -57,7 +57,7 @@ def test_a_run_dir_that_is_a_file_and_a_config_that_is_not_utf8(tmp_path, parall
     assert "is not UTF-8 text (byte 17" in capsys.readouterr().err
 
 
-def test_a_failed_start_up_takes_back_what_it_wrote(tmp_path, parallel):
+def test_a_failed_start_up_takes_back_what_it_wrote(tmp_path, parallel, caplog):
     """A fresh run that dies between claiming its directory and its first step (here: the switch log's
     directory cannot be written) leaves nothing behind, so the corrected rerun into the same run.dir starts;
     files that were there before (an operator control file) stay."""
@@ -67,8 +67,10 @@ def test_a_failed_start_up_takes_back_what_it_wrote(tmp_path, parallel):
     run_dir.mkdir()
     (run_dir / "precision_control.json").write_text("{}")
     (run_dir / "precision_events.jsonl").mkdir()   # the runtime's log cannot be opened: start-up fails
-    with pytest.raises(IsADirectoryError):
+    with caplog.at_level(logging.INFO, logger="precisionrt"), pytest.raises(IsADirectoryError):
         train(config(run_dir))
+    assert any(r.getMessage().startswith("start-up failed: removed ") and "config.json" in r.getMessage()
+               for r in caplog.records), "the cleanup says what it removed"
     os.rmdir(run_dir / "precision_events.jsonl")
     assert sorted(p.name for p in run_dir.iterdir()) == ["precision_control.json"]
     summary = train(config(run_dir))
