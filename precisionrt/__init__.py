@@ -8,6 +8,9 @@ The public API (everything else is internal and may change):
   and checkpoint state around a model built from such a spec (``precisionrt.runtime``).
 * ``clip_grad_norm_(model, max_norm)``: gradient clipping by the whole model's norm under tensor (and pipeline)
   parallelism, counting each TP-duplicated parameter once (``precisionrt.clipping``).
+* ``from_hf(path, spec=None, dtype=None)`` / ``to_hf(model, out_dir)``: a Hugging Face checkpoint directory
+  (Llama, Qwen2/2.5, Qwen3) as a megatron-core ``GPTModel`` with precisionrt's layers, and back, bit-exact
+  (``precisionrt.hf``; needs the ``hf`` extra).
 * ``RuntimeConfig`` and its parts ``ScalingConfig`` (the one place the scaling recipe is set), ``MonitorConfig``
   and ``PolicyConfig``.
 
@@ -20,12 +23,12 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["convert_layer_spec", "PrecisionRuntime", "RuntimeConfig", "ScalingConfig", "MonitorConfig",
-           "PolicyConfig", "clip_grad_norm_"]
+           "PolicyConfig", "clip_grad_norm_", "from_hf", "to_hf"]
 
 _HOME = {"convert_layer_spec": "precisionrt.convert", "PrecisionRuntime": "precisionrt.runtime",
          "RuntimeConfig": "precisionrt.runtime", "ScalingConfig": "precisionrt.fp8",
          "MonitorConfig": "precisionrt.monitors", "PolicyConfig": "precisionrt.policy",
-         "clip_grad_norm_": "precisionrt.clipping"}
+         "clip_grad_norm_": "precisionrt.clipping", "from_hf": "precisionrt.hf", "to_hf": "precisionrt.hf"}
 
 
 def __getattr__(name: str):

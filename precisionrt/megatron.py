@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -102,11 +103,21 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hd)
 
 
-def precision_layer_spec(scaling: ScalingConfig | None = None) -> ModuleSpec:
-    """A GPT transformer-layer spec whose four GEMM-bearing linears are PrecisionLinear."""
-    lin = {"scaling": scaling} if scaling is not None else {}
-    col = ModuleSpec(module=PrecisionColumnParallelLinear, params=lin)
-    row = ModuleSpec(module=PrecisionRowParallelLinear, params=lin)
+def precision_layer_spec(scaling: ScalingConfig | None = None, *, qk_layernorm: bool = False,
+                         precision: bool = True) -> ModuleSpec:
+    """A GPT transformer-layer spec whose four GEMM-bearing linears are PrecisionLinear.
+
+    ``qk_layernorm``: a per-head norm on queries and keys (Qwen3). ``precision=False``: megatron's own
+    ColumnParallelLinear/RowParallelLinear at the same positions (GEMMs in the parameters' dtype), the
+    reference the HF oracle tests compare in float32.
+    """
+    if precision:
+        lin = {"scaling": scaling} if scaling is not None else {}
+        col = ModuleSpec(module=PrecisionColumnParallelLinear, params=lin)
+        row = ModuleSpec(module=PrecisionRowParallelLinear, params=lin)
+    else:
+        col, row = ColumnParallelLinear, RowParallelLinear
+    qk_norm = WrappedTorchNorm if qk_layernorm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -116,7 +127,7 @@ def precision_layer_spec(scaling: ScalingConfig | None = None) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=col, core_attention=SDPACoreAttention, linear_proj=row,
-                    q_layernorm=IdentityOp, k_layernorm=IdentityOp,
+                    q_layernorm=qk_norm, k_layernorm=qk_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -162,25 +173,28 @@ def transformer_config(cfg: ModelConfig, tensor_parallel_size: int = 1, params_d
     megatron-core offers without Transformer Engine or Apex are on (bias-dropout-add, SwiGLU, native fused
     vocab-parallel cross-entropy). RoPE fusion and gradient-accumulation fusion need Transformer Engine or
     Apex kernels (and the latter writes main grads PrecisionLinear does not produce): off."""
+    return megatron_transformer_config(
+        device, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization=cfg.normalization, gated_linear_unit=cfg.swiglu,
+        activation_func=F.silu if cfg.swiglu else F.gelu, init_method_std=cfg.init_std,
+        tensor_model_parallel_size=tensor_parallel_size, params_dtype=params_dtype or cfg.torch_dtype)
+
+
+def megatron_transformer_config(device: str | torch.device, **dims) -> TransformerConfig:
+    """A ``TransformerConfig`` of ``dims`` with this project's settings for ``device``: no bias on the
+    linears and no dropout unless ``dims`` say otherwise, CPU initialisation, and the fusions ``device``
+    can run (see ``transformer_config``)."""
+    cuda = torch.device(device).type == "cuda"
+    settings = dict(add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+                    use_cpu_initialization=True, masked_softmax_fusion=False, persist_layer_norm=False,
+                    gradient_accumulation_fusion=False, apply_rope_fusion=False,
+                    bias_dropout_fusion=cuda, cross_entropy_loss_fusion=cuda,
+                    bias_activation_fusion=cuda and dims.get("gated_linear_unit", False))
+    settings.update(dims)
     with warnings.catch_warnings():  # megatron-core 0.16 warns about its own default cuda_graph_scope
         warnings.filterwarnings("ignore", message=".*cuda_graph_scope.*")
-        return _transformer_config(cfg, tensor_parallel_size, params_dtype or cfg.torch_dtype,
-                                   torch.device(device).type == "cuda")
-
-
-def _transformer_config(cfg: ModelConfig, tensor_parallel_size: int, params_dtype: torch.dtype,
-                        cuda: bool) -> TransformerConfig:
-    fusions = {"bias_dropout_fusion": cuda, "bias_activation_fusion": cuda and cfg.swiglu,
-               "cross_entropy_loss_fusion": cuda}
-    return TransformerConfig(
-        num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
-        ffn_hidden_size=cfg.ffn_hidden_size, normalization=cfg.normalization,
-        gated_linear_unit=cfg.swiglu, activation_func=F.silu if cfg.swiglu else F.gelu,
-        add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0, init_method_std=cfg.init_std,
-        tensor_model_parallel_size=tensor_parallel_size, params_dtype=params_dtype,
-        use_cpu_initialization=True, masked_softmax_fusion=False,
-        persist_layer_norm=False, gradient_accumulation_fusion=False, apply_rope_fusion=False, **fusions,
-    )
+        return TransformerConfig(**settings)
 
 
 def build_gpt(cfg: ModelConfig, scaling: ScalingConfig | None = None, tensor_parallel_size: int = 1,
@@ -196,9 +210,14 @@ def build_gpt(cfg: ModelConfig, scaling: ScalingConfig | None = None, tensor_par
         position_embedding_type=cfg.position_embedding,
         share_embeddings_and_output_weights=False,
     )
+    return place_model(model, params_dtype or cfg.torch_dtype, device)
+
+
+def place_model(model: GPTModel, dtype: torch.dtype, device: str | torch.device) -> GPTModel:
+    """Cast a freshly built model to ``dtype`` and move it to ``device``, its layers' numerics state with it."""
     # Megatron's torch norms are created in fp32 whatever params_dtype says; a bf16 model must not run its
     # norms (and, through type promotion, every activation after them) in fp32.
-    model.to(dtype=params_dtype or cfg.torch_dtype)
+    model.to(dtype=dtype)
     if torch.device(device).type != "cpu":
         model.to(device)
         for layer in precision_layers(model).values():   # numerics state follows its layer's weight

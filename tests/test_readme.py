@@ -75,3 +75,22 @@ def test_transformer_engine_modules_are_refused_by_path():
         linear_qkv=TELayerNormColumnParallelLinear, core_attention=None))
     with pytest.raises(ValueError, match="linear_qkv: TELayerNormColumnParallelLinear is a Transformer Engine"):
         convert_layer_spec(spec)
+
+
+def test_readme_bring_your_model_example_runs_as_written(tmp_path):
+    pytest.importorskip("transformers")
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Bring your model", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "example.py").write_text(code)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "of GEMM FLOPs ran in FP8" in proc.stdout
+    trained = tmp_path / "tiny-qwen3-trained"
+    assert (trained / "config.json").is_file() and (trained / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    before, after = load_file(tmp_path / "tiny-qwen3" / "model.safetensors"), load_file(trained / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"]), \
+        "the export holds the trained weights"
