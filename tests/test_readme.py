@@ -12,14 +12,18 @@ import torch
 ROOT = Path(__file__).parent.parent
 
 
-def test_readme_embedding_example_runs_as_written(tmp_path):
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Embed in your own Megatron loop", 1)[1]
+def run_readme_example(heading: str, cwd: Path) -> str:
+    """Run the first python block after ``heading`` in the README, in ``cwd``; its stdout."""
+    section = (ROOT / "README.md").read_text().split(heading, 1)[1]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "example.py").write_text(code)
-    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    (cwd / "example.py").write_text(code)
+    proc = subprocess.run([sys.executable, "example.py"], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "of GEMM FLOPs in FP8" in proc.stdout
+    return proc.stdout
+
+
+def test_readme_embedding_example_runs_as_written(tmp_path):
+    assert "of GEMM FLOPs in FP8" in run_readme_example("## Embed in your own Megatron loop", tmp_path)
     assert (tmp_path / "runs/embedded/precision_events.jsonl").is_file()
 
 
@@ -79,13 +83,7 @@ def test_transformer_engine_modules_are_refused_by_path():
 
 def test_readme_bring_your_model_example_runs_as_written(tmp_path):
     pytest.importorskip("transformers")
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Bring your model", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    (tmp_path / "example.py").write_text(code)
-    proc = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "of GEMM FLOPs ran in FP8" in proc.stdout
+    assert "of GEMM FLOPs ran in FP8" in run_readme_example("## Bring your model", tmp_path)
     trained = tmp_path / "tiny-qwen3-trained"
     assert (trained / "config.json").is_file() and (trained / "model.safetensors").is_file()
     from safetensors.torch import load_file
