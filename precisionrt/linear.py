@@ -242,7 +242,7 @@ def _record_shadow(numerics: LayerNumerics, g2d, x2d, weight, grad_input, grad_w
 class PrecisionLinearMixin:
     """What the column- and row-parallel variants share: the precision switch and the GEMM seam."""
 
-    def _init_precision(self, scaling: ScalingConfig | None) -> None:
+    def _init_precision(self, scaling: ScalingConfig | None, strict: bool = False, role: str | None = None) -> None:
         if self.config.gradient_accumulation_fusion:
             raise ValueError(
                 f"{type(self).__name__} does not support gradient_accumulation_fusion; set it False in the "
@@ -250,6 +250,9 @@ class PrecisionLinearMixin:
             )
         in_f, out_f = self.weight.shape[1], self.weight.shape[0]
         self.fp8_unsupported_reason = fp8.fp8_gemm_unsupported_reason(in_f, out_f)
+        if strict and self.fp8_unsupported_reason:
+            raise ValueError(f"{type(self).__name__} ({role or 'linear'}, weight {in_f} -> {out_f} on this rank) "
+                             f"cannot run FP8: {self.fp8_unsupported_reason} (convert_layer_spec(strict=True))")
         self.numerics = LayerNumerics(scaling or ScalingConfig(), self.weight.device)
         self.gemm_flops_per_token = 6 * in_f * out_f  # forward + dgrad + wgrad, this rank's shard
         self.flops = GemmCounters()
@@ -296,19 +299,23 @@ class PrecisionLinearMixin:
 
 
 class PrecisionColumnParallelLinear(PrecisionLinearMixin, ColumnParallelLinear):
-    """``ColumnParallelLinear`` with switchable FP8/BF16 GEMMs. Extra keyword: ``scaling``."""
+    """``ColumnParallelLinear`` with switchable FP8/BF16 GEMMs. Extra keywords: ``scaling``; ``strict``: a layer
+    that cannot run FP8 is an error at construction instead of a BF16 layer."""
 
-    def __init__(self, input_size, output_size, *, scaling: ScalingConfig | None = None, **kwargs):
+    def __init__(self, input_size, output_size, *, scaling: ScalingConfig | None = None, strict: bool = False,
+                 **kwargs):
         super().__init__(input_size, output_size, **kwargs)
-        self._init_precision(scaling)
+        self._init_precision(scaling, strict, kwargs.get("tp_comm_buffer_name"))
 
 
 class PrecisionRowParallelLinear(PrecisionLinearMixin, RowParallelLinear):
-    """``RowParallelLinear`` with switchable FP8/BF16 GEMMs. Extra keyword: ``scaling``."""
+    """``RowParallelLinear`` with switchable FP8/BF16 GEMMs. Extra keywords: ``scaling``; ``strict``: a layer
+    that cannot run FP8 is an error at construction instead of a BF16 layer."""
 
-    def __init__(self, input_size, output_size, *, scaling: ScalingConfig | None = None, **kwargs):
+    def __init__(self, input_size, output_size, *, scaling: ScalingConfig | None = None, strict: bool = False,
+                 **kwargs):
         super().__init__(input_size, output_size, **kwargs)
-        self._init_precision(scaling)
+        self._init_precision(scaling, strict, kwargs.get("tp_comm_buffer_name"))
 
 
 PrecisionLinear = (PrecisionColumnParallelLinear, PrecisionRowParallelLinear)
