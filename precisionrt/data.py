@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 import torch
 
 from precisionrt.config import Checked, ConfigError, Range
+from precisionrt.tokenizer import ByteTokenizer
 
 
 @dataclass
@@ -81,13 +82,21 @@ def stdlib_corpus(max_bytes: int) -> bytes:
 
 
 class ByteCorpus:
-    """Train/held-out split of a byte corpus, served as ``[batch, seq + 1]`` windows of token ids 0..255."""
+    """Train/held-out split of the corpus as token ids, served as ``[batch, seq + 1]`` windows: its bytes
+    (ids 0..255) by default, or the ids of ``tokenizer`` (a Hugging Face model's; the text decoded as UTF-8,
+    undecodable bytes replaced)."""
 
     vocab_size = 256
 
-    def __init__(self, cfg: DataConfig):
-        data = torch.frombuffer(bytearray(python_corpus(cfg.max_bytes, cfg.source)), dtype=torch.uint8).long()
-        self.num_bytes = len(data)
+    def __init__(self, cfg: DataConfig, tokenizer=None):
+        raw = python_corpus(cfg.max_bytes, cfg.source)
+        self.num_bytes = len(raw)
+        if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+            data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+        else:
+            data = torch.tensor(tokenizer.encode(raw.decode("utf-8", errors="replace")), dtype=torch.long)
+            self.vocab_size = tokenizer.vocab_size
+        self.num_tokens = len(data)
         split = int(len(data) * (1 - cfg.heldout_fraction))
         self.train, self.heldout = data[:split], data[split:]
 
@@ -96,7 +105,8 @@ class ByteCorpus:
         ``data.max_bytes``)."""
         if seq_len + 2 > min(len(self.train), len(self.heldout)):
             raise ConfigError(f"model.seq_length ({seq_len}) does not fit the corpus: {len(self.train):,} training "
-                              f"and {len(self.heldout):,} held-out bytes; raise data.max_bytes or shorten the sequence")
+                              f"and {len(self.heldout):,} held-out tokens; raise data.max_bytes or shorten the "
+                              "sequence")
 
     def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int, rank: int = 0) -> torch.Tensor:
         # modulo 2^63: any train.seed (up to 2^63 - 1) gives a generator seed; smaller ones are unchanged
@@ -112,7 +122,7 @@ class ByteCorpus:
         return list(windows.split(batch_size))
 
     def unigram_loss(self) -> float:
-        """Cross-entropy (nats/byte) on held-out data of the add-one-smoothed train byte frequencies."""
-        counts = torch.bincount(self.train, minlength=256).double() + 1
+        """Cross-entropy (nats/token) on held-out data of the add-one-smoothed train token frequencies."""
+        counts = torch.bincount(self.train, minlength=self.vocab_size).double() + 1
         logp = (counts / counts.sum()).log()
         return float(-logp[self.heldout].mean()) if len(self.heldout) else math.nan

@@ -27,6 +27,32 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size")
 
 
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_ROPE_THETA = {"llama": 500000.0, "qwen2": 1000000.0, "qwen3": 1000000.0}   # the families' released values
+
+
+def init_config(family: str, *, num_layers: int, hidden_size: int, num_attention_heads: int,
+                num_key_value_heads: int, ffn_hidden_size: int, vocab_size: int, max_position_embeddings: int,
+                init_std: float = 0.02, dtype: str = "float32", tie_word_embeddings: bool = False) -> dict:
+    """The config.json of a ``family`` model at these dimensions, as ``transformers`` would write it (with the
+    family's released RoPE base and norm epsilon): what ``model.hf_init`` builds, and exports."""
+    if family not in FAMILIES:
+        raise HFCheckpointError(f"model.hf_init = {family!r}: not a family precisionrt builds (supported: "
+                                f"{list(FAMILIES)})")
+    cfg = {"architectures": [ARCHITECTURES[family]], "model_type": family, "hidden_size": hidden_size,
+           "num_hidden_layers": num_layers, "num_attention_heads": num_attention_heads,
+           "num_key_value_heads": num_key_value_heads, "intermediate_size": ffn_hidden_size,
+           "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings,
+           "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": init_std,
+           "rope_theta": _ROPE_THETA[family], "tie_word_embeddings": tie_word_embeddings, "dtype": dtype,
+           "attention_dropout": 0.0}
+    if family == "qwen3":
+        cfg["head_dim"] = hidden_size // num_attention_heads
+    if family == "qwen2":
+        cfg["use_sliding_window"] = False
+    return cfg
+
+
 class HFCheckpointError(ValueError):
     """A checkpoint precisionrt cannot load exactly; the message names the file or field and its value."""
 

@@ -11,9 +11,11 @@ next) belongs to *no* message (index -1): it is masked out, whatever either mess
 token never carries characters of a masked turn. An assistant message owns the text it generates, its
 end-of-turn token included; the role header before it is the prompt's.
 
-Status: the interface and the message masks are tested (``tests/test_tokenizer.py``, a BPE trained on the
-spot); the RL environments still speak bytes through the byte-level engine, and move onto this interface with
-the HF models in the RL command (issue 23, item 5).
+Where it is used: ``model.tokenizer_path`` (or an ``hf_path`` checkpoint's own files) selects it; the LM command
+tokenizes its corpus with it, and the RL command's single-turn tasks speak through its chat template
+(``rl.envs.chat``), stopping at ``eos_ids``. The calculator agent still speaks bytes (its tool calls are not
+chat messages yet), and is refused with a real tokenizer. ``train_bpe`` makes a tokenizer directory offline
+(``tools/make_tokenizer.py``, the tests).
 """
 
 from __future__ import annotations
@@ -86,6 +88,73 @@ class HFTokenizer:
         text, spans = message_spans(self.tok, messages, add_generation_prompt)
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         return Rendered(enc["input_ids"], [_owner(a, b, spans) for a, b in enc["offset_mapping"]])
+
+
+def load_tokenizer(model) -> Tokenizer:
+    """The tokenizer of a ``precisionrt.megatron.ModelConfig``: ``model.tokenizer_path``, else the checkpoint's
+    (``model.hf_path``), else bytes."""
+    path = model.tokenizer_path or model.hf_path
+    return HFTokenizer(path) if path else ByteTokenizer()
+
+
+def check_tokenizer(model) -> Tokenizer:
+    """``load_tokenizer``, with a ``ConfigError`` naming the key for a directory without a usable tokenizer, or
+    a tokenizer whose vocabulary the model cannot embed."""
+    from precisionrt.config import ConfigError
+
+    key = "model.tokenizer_path" if model.tokenizer_path else "model.hf_path"
+    try:
+        tok = load_tokenizer(model)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+    vocab = model.dims().vocab_size
+    if tok.vocab_size > vocab:
+        where = f"{key} {model.tokenizer_path or model.hf_path!r}" if isinstance(tok, HFTokenizer) else "bytes"
+        raise ConfigError(f"model.vocab_size: the tokenizer ({where}) has {tok.vocab_size} tokens, more than the "
+                          f"model's vocabulary of {vocab}")
+    return tok
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""The ChatML template of the Qwen family, without its tool and reasoning branches."""
+CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen2's pre-tokenizer split: digits one by one, words with their leading space, punctuation runs, newlines.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def train_bpe(out_dir: str | os.PathLike, texts, *, vocab_size: int, chat_template: str = CHATML,
+              split: str = "qwen2", specials=CHATML_SPECIALS, eos: str = "<|im_end|>", pad: str = "<|endoftext|>"
+              ) -> str:
+    """Train a byte-level BPE on ``texts`` (offline, seconds) and save it as a transformers tokenizer directory
+    with ``chat_template``, ``eos`` in generation_config.json and ``pad`` as padding. ``split``: ``"qwen2"``
+    (Qwen2's pre-tokenizer: single digits), ``"gpt2"`` (ByteLevel's own regex) or ``"none"`` (merges may cross
+    words and message boundaries)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RawTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = RawTokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split == "gpt2")
+    if split == "qwen2":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"), byte_level])
+    elif split in ("gpt2", "none"):
+        tok.pre_tokenizer = byte_level
+    else:
+        raise ValueError(f"split {split!r}: one of 'qwen2', 'gpt2', 'none'")
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad)
+    fast.chat_template = chat_template
+    out = os.fspath(out_dir)
+    fast.save_pretrained(out)
+    with open(os.path.join(out, "generation_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"eos_token_id": [fast.convert_tokens_to_ids(eos)]}, f, indent=2)
+        f.write("\n")
+    return out
 
 
 def message_spans(tok, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:

@@ -27,12 +27,14 @@ from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, L
                                 run_cli, to_dict)
 from precisionrt.data import ByteCorpus, DataConfig
 from precisionrt.harness import check_skipped, open_run
+from precisionrt.hf import to_hf
 from precisionrt.inject import FaultInjector, InjectConfig, check_inject_ranks
 from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
 from precisionrt.resources import check_fits, training_memory
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
+from precisionrt.tokenizer import check_tokenizer, load_tokenizer
 
 
 @dataclass
@@ -64,6 +66,9 @@ class TrainConfig(Checked):
     stop_at_step: Every = 0
     """Stop early (with a checkpoint) after this step, e.g. to fit a job's time limit; a resumed run continues the
     same schedule up to `steps`. 0: run to `steps`."""
+    export_hf: bool = False
+    """At the end, write the model as a Hugging Face checkpoint directory, ``<run dir>/hf`` (config.json,
+    safetensors, the tokenizer's files; gathered across TP ranks): needs ``model.hf_path`` or ``model.hf_init``."""
 
 
 @dataclass
@@ -141,17 +146,25 @@ def check_config(cfg: LMConfig) -> None:
     if world % tp:
         raise ConfigError(f"parallel.tensor_model_parallel_size ({tp}) must divide the world size ({world} "
                           "process(es)); data parallel is the rest of the world")
+    dims = model.dims()   # an hf_path checkpoint's own
     for key in ("num_attention_heads", "ffn_hidden_size"):
-        if getattr(model, key) % tp:
+        if getattr(dims, key) % tp:
             raise ConfigError(f"parallel.tensor_model_parallel_size ({tp}) must divide model.{key} "
-                              f"({getattr(model, key)}): each rank holds an equal share")
-    if model.vocab_size != ByteCorpus.vocab_size:
-        raise ConfigError(f"model.vocab_size must be {ByteCorpus.vocab_size} for the byte corpus, got {model.vocab_size}")
+                              f"({getattr(dims, key)}): each rank holds an equal share")
+    if model.is_hf:
+        try:   # a checkpoint's head and vocabulary counts against TP
+            model.hf_arch(tp)
+        except ValueError as e:
+            raise ConfigError(f"parallel.tensor_model_parallel_size: {e}") from None
+    check_tokenizer(model)   # bytes, or model.tokenizer_path / the checkpoint's: the corpus is tokenized with it
+    if cfg.train.export_hf and not model.is_hf:
+        raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "
+                          "or model.hf_init")
     if model.seq_length + 2 > cfg.data.heldout_bytes():
         raise ConfigError(f"model.seq_length ({model.seq_length}) does not fit the held-out data: data.max_bytes x "
                           f"data.heldout_fraction = {cfg.data.heldout_bytes():,} bytes; raise them or shorten the sequence")
     check_inject_ranks(cfg.inject, world)
-    check_fits(training_memory(model, cfg.train.batch_size, tp), "a training step", "train.batch_size, model.*",
+    check_fits(training_memory(dims, cfg.train.batch_size, tp), "a training step", "train.batch_size, model.*",
                resolve_device(cfg.run.device).type)
     check_run_dir(resolve_run_dir(cfg.run))
 
@@ -169,11 +182,11 @@ def train(cfg: LMConfig) -> dict:
     runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
     panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
     injector = FaultInjector(cfg.inject, model, rank)
-    corpus = ByteCorpus(cfg.data)
+    corpus = ByteCorpus(cfg.data, load_tokenizer(cfg.model))
     corpus.check_fits(cfg.model.seq_length)
     if is_main:
-        print(f"corpus: {corpus.num_bytes:,} bytes of {cfg.data.source!r} Python sources "
-              f"({len(corpus.heldout):,} held out)", flush=True)
+        print(f"corpus: {corpus.num_bytes:,} bytes of {cfg.data.source!r} Python sources, {corpus.num_tokens:,} "
+              f"tokens ({len(corpus.heldout):,} held out)", flush=True)
 
     tp_size = cfg.parallel.tensor_model_parallel_size
     tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp_size > 1 else None   # None: unsharded files
@@ -276,11 +289,14 @@ def train(cfg: LMConfig) -> dict:
         "steps_per_s": (end - start) / wall if wall > 0 else math.nan,
         "final_train_loss": loss_val, "final_eval_loss": eval_loss,
         "unigram_baseline_loss": corpus.unigram_loss(), "corpus_bytes": corpus.num_bytes,
+        "corpus_tokens": corpus.num_tokens,
         "precision_mode": cfg.precision.mode,
         "fp8_flop_fraction": runtime.fp8_flop_fraction(), "precisions": runtime.precisions(),
         **history(),
         "control_rejected": runtime.control_rejected,
     }
+    if cfg.train.export_hf:   # every rank gathers its shards; rank 0 writes
+        summary["hf_export"] = to_hf(model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
     runtime.close(end)
     logger.close()
     if is_main:

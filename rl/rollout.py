@@ -15,6 +15,7 @@ re-runs the whole sequence; with ``rollout.kv_cache`` each prompt is encoded onc
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -24,6 +25,7 @@ from precisionrt.config import Checked, Range
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import KVCache, ModelConfig, SDPACoreAttention, build_gpt
+from precisionrt.tokenizer import load_tokenizer
 from rl import attribution
 
 STOP = ord("\n")
@@ -45,11 +47,11 @@ class RolloutConfig(Checked):
 
 @dataclass
 class Completion:
-    prompt: bytes
-    tokens: list[int]          # generated tokens, the stop byte included if it was produced
+    prompt: Sequence[int]      # the prompt's tokens (bytes for the byte-level models)
+    tokens: list[int]          # generated tokens, the stop token included if it was produced
     logp_infer: list[float]    # log pi_infer of each generated token
     version: int
-    stopped: bool              # produced the stop byte within the budget
+    stopped: bool              # produced a stop token within the budget
     map_version: int = 0       # the trainer's precision map the engine held when it generated this
     mask: list[int] | None = None
     """Multi-turn episodes: per token of ``tokens``, 1 where the loss trains it (observations and masked errors
@@ -64,6 +66,7 @@ class Completion:
 
     @property
     def text(self) -> bytes:
+        """Byte-level models' completion text, stop byte excluded (a task's ``decode`` for any tokenizer)."""
         return bytes(t for t in self.tokens if t != STOP)
 
 
@@ -95,9 +98,12 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 class Decoded:
-    """What a batched decode made so far: each row's tokens and their log-probs, and which rows stopped."""
+    """What a batched decode made so far: each row's tokens and their log-probs, and which rows stopped (at
+    one of ``stop_ids``)."""
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, stop_ids: tuple[int, ...] = (STOP,)):
+        self.stop_ids = tuple(stop_ids)
+        self._stop = torch.tensor(self.stop_ids)
         self.done = torch.zeros(rows, dtype=torch.bool)
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.logp: list[list[float]] = [[] for _ in range(rows)]
@@ -109,11 +115,11 @@ class Decoded:
         for j in (~self.done).nonzero().flatten().tolist():
             self.tokens[j].append(int(tok[j]))
             self.logp[j].append(float(lp[j]))
-        self.done |= tok == STOP
+        self.done |= torch.isin(tok, self._stop)
         return tok
 
     def completions(self, prompts: list[bytes], version: int, map_version: int) -> list[Completion]:
-        return [Completion(p, g, lp, version, stopped=STOP in g, map_version=map_version)
+        return [Completion(p, g, lp, version, stopped=any(t in self.stop_ids for t in g), map_version=map_version)
                 for p, g, lp in zip(prompts, self.tokens, self.logp)]
 
 
@@ -151,10 +157,11 @@ def check_fits(prompts: list[bytes], max_new_tokens: int, max_len: int) -> None:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, temperature: float, top_p: float,
-             generator: torch.Generator, version: int = -1, map_version: int = 0,
-             kv_cache: bool = False) -> list[Completion]:
-    """Batched sampling; prompts longer than the context raise ValueError naming the prompt. ``kv_cache``:
+def generate(model, prompts: list[Sequence[int]], max_new_tokens: int, max_len: int, temperature: float,
+             top_p: float, generator: torch.Generator, version: int = -1, map_version: int = 0,
+             kv_cache: bool = False, stop_ids: tuple[int, ...] = (STOP,)) -> list[Completion]:
+    """Batched sampling of token-id prompts (bytes are byte tokens) until a row produces one of ``stop_ids`` or
+    the budget ends; prompts longer than the context raise ValueError naming the prompt. ``kv_cache``:
     encode each prompt once and then only each new token, against the cached keys and values (without it,
     every step recomputes the whole sequence). Prompts of different lengths decode in one batch, left-padded
     (each row keeps its own positions; pad keys are masked); prompts of one length need no mask at all."""
@@ -167,7 +174,7 @@ def generate(model, prompts: list[bytes], max_new_tokens: int, max_len: int, tem
     seqs = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, p in enumerate(prompts):
         seqs[i, width - len(p):] = torch.tensor(list(p))
-    out = Decoded(len(prompts))
+    out = Decoded(len(prompts), stop_ids)
 
     def forward(tokens: torch.Tensor, first: int) -> torch.Tensor:
         """Logits of the last position, for ``tokens`` at positions ``first..`` of the padded rows."""
@@ -208,7 +215,8 @@ class RolloutEngine:
     def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig):
         self.cfg = cfg
         self.model_cfg = model_cfg
-        self.model = build_gpt(model_cfg)
+        self.stop_ids = load_tokenizer(model_cfg).eos_ids
+        self.model = build_gpt(model_cfg, load_weights=False)   # its weights come by weight sync
         self.model.eval()
         for layer in precision_layers(self.model).values():
             # inference: every tensor scaled from its own amax, no statistics
@@ -268,13 +276,14 @@ class RolloutEngine:
     def close(self) -> None:
         """Nothing to release in-process (the Ray engine stops its actor here)."""
 
-    def generate(self, prompts: list[bytes], max_new_tokens: int, generator: torch.Generator,
+    def generate(self, prompts: list[Sequence[int]], max_new_tokens: int, generator: torch.Generator,
                  keys: list | None = None) -> list[Completion]:
-        """``keys``: multi-turn episodes, one key per prompt; with ``rollout.kv_cache`` each keeps its keys and
+        """Completions that end at the tokenizer's EOS ids (``model.tokenizer_path``; bytes: ``"\n"``). ``keys``: multi-turn episodes, one key per prompt; with ``rollout.kv_cache`` each keeps its keys and
         values across calls (``rl/sessions.py``), so a call encodes only what is new since the key's last call."""
         if keys is None or not self.cfg.kv_cache:
             return generate(self.model, prompts, max_new_tokens, self.model_cfg.seq_length, self.cfg.temperature,
-                            self.cfg.top_p, generator, self.version, self.map_version, self.cfg.kv_cache)
+                            self.cfg.top_p, generator, self.version, self.map_version, self.cfg.kv_cache,
+                            self.stop_ids)
         from rl.sessions import generate_continued
         check_fits(prompts, max_new_tokens, self.model_cfg.seq_length)
         comps, prefixes, reused = generate_continued(

@@ -24,12 +24,14 @@ from precisionrt.checkpoint import save_checkpoint
 from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed, Steps,
                                 run_cli, to_dict)
 from precisionrt.harness import check_skipped, open_run
+from precisionrt.hf import to_hf
 from precisionrt.inject import FaultInjector, InjectConfig, check_inject_ranks
 from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.resources import check_fits, training_memory
 from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+from precisionrt.tokenizer import ByteTokenizer, check_tokenizer
 from rl.envs import TaskConfig
 from rl.envs.calculator import EnvConfig
 from rl.executors import make_engine
@@ -63,6 +65,9 @@ class RLTrainConfig(Checked):
     """Keys a resume may change although they change the run's meaning (``precisionrt.resume``)."""
     stop_at_step: Every = 0
     """Stop early, with a checkpoint, after this RL step (0: run to `steps`)"""
+    export_hf: bool = False
+    """At the end, write the policy as a Hugging Face checkpoint directory, ``<run dir>/hf`` (config.json,
+    safetensors, the tokenizer's files): needs ``model.hf_path`` or ``model.hf_init``."""
 
 
 @dataclass
@@ -115,11 +120,17 @@ def check_config(cfg: RLConfig) -> None:
             and cfg.precision.mode != "dynamic":
         raise ConfigError(f'rl.mismatch_policy.scope: "both" promotes the trainer\'s layer through the precision '
                           f'policy, which needs precision.mode = "dynamic" (got {cfg.precision.mode!r})')
-    if cfg.model.vocab_size != 256:   # tokens are bytes: a smaller vocabulary fails at the first rollout
-        raise ConfigError(f"model.vocab_size must be 256 (byte tokens), got {cfg.model.vocab_size}")
+    if cfg.task.name == "calculator" and not isinstance(check_tokenizer(cfg.model), ByteTokenizer):
+        raise ConfigError('task.name: the calculator agent speaks bytes for now (its tool calls are not chat '
+                          'messages yet); use a byte model (model.tokenizer_path and model.hf_path unset) or a '
+                          'single-turn task')
+    check_tokenizer(cfg.model)   # a directory without a tokenizer, or a vocabulary the model cannot embed
+    if cfg.train.export_hf and not cfg.model.is_hf:
+        raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "
+                          "or model.hf_init")
     check_inject_ranks(cfg.inject, 1)
     batch = cfg.rl.prompts_per_step * cfg.rl.group_size
-    check_fits(training_memory(cfg.model, max(batch, cfg.train.warm_start_batch)), "a trainer step",
+    check_fits(training_memory(cfg.model.dims(), max(batch, cfg.train.warm_start_batch)), "a trainer step",
                "rl.prompts_per_step x rl.group_size (or train.warm_start_batch), model.*")
     check_run_dir(resolve_run_dir(cfg.run))
 
@@ -256,6 +267,8 @@ def train(cfg: RLConfig) -> dict:
         agent_totals.update({k: v for k, v in trainer.worker.take_stats().items() if not k.startswith("tool_")})
         summary["heldout_initial"], summary["heldout_final"] = eval_initial, eval_final
         summary["agent"] = {**dict(agent_totals), **{f"tool_{k}": v for k, v in work.task.stats.items()}}
+    if cfg.train.export_hf:
+        summary["hf_export"] = to_hf(model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
     runtime.close(offset + end)
     logger.close()
     write_json(run_dir / "summary.json", summary)

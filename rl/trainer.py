@@ -306,8 +306,8 @@ class RLTrainer:
 def greedy_reward(model, task: Task, problems: list[Problem], max_new_tokens: int, seq_length: int) -> float:
     """Mean reward of ``model``'s greedy answers to ``problems``: the held-out measure of every RL figure."""
     comps = generate(model, [p.prompt for p in problems], max_new_tokens, seq_length, 0.0, 1.0,
-                     torch.Generator())   # greedy: draws nothing
-    return sum(task.reward(p, c.text) for p, c in zip(problems, comps)) / len(problems)
+                     torch.Generator(), stop_ids=task.stop_ids)   # greedy: draws nothing
+    return sum(task.reward(p, task.decode(c.tokens)) for p, c in zip(problems, comps)) / len(problems)
 
 
 def _snapshot(model) -> dict:

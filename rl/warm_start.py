@@ -30,7 +30,7 @@ class WarmStart:
 
 
 def task_batch(task: Task, batch_size: int) -> Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]]:
-    """Warm-start batches of a single-turn task: prompt, correct answer, stop byte; the answer is trained."""
+    """Warm-start batches of a single-turn task: prompt, correct answer, stop token; the answer is trained."""
     def make(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         examples = []
         for _ in range(batch_size):
@@ -40,7 +40,7 @@ def task_batch(task: Task, batch_size: int) -> Callable[[random.Random], tuple[t
         tokens = torch.zeros(batch_size, width, dtype=torch.long)
         mask = torch.zeros(batch_size, width - 1)
         for i, (p, c) in enumerate(examples):
-            s = list(p + c)
+            s = list(p) + list(c)
             tokens[i, :len(s)] = torch.tensor(s)
             mask[i, len(p) - 1:len(s) - 1] = 1
         return tokens, mask

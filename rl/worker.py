@@ -120,7 +120,7 @@ class RolloutWorker:
         self.ctrl.created(len(comps))
         for i, problem in enumerate(problems):
             group = comps[i * g:(i + 1) * g]
-            self._enqueue(problem, group, [self.task.reward(problem, c.text) for c in group])
+            self._enqueue(problem, group, [self.task.reward(problem, self.task.decode(c.tokens)) for c in group])
         self.counters.rollout_busy += time.perf_counter() - t0
         return True
 

@@ -14,9 +14,10 @@ from typing import Callable
 import torch
 
 from precisionrt.config import ConfigError
+from precisionrt.tokenizer import load_tokenizer
 from rl import agent
 from rl.agent_worker import AgentRolloutWorker
-from rl.envs import make_task
+from rl.envs import chat, make_task
 from rl.envs.calculator import CalculatorEnv
 from rl.rollout import generate
 from rl.warm_start import task_batch
@@ -45,7 +46,7 @@ def make_workload(cfg) -> Workload:
     """From an ``rl.train.RLConfig``; a context too short for the task is a ``ConfigError``."""
     seq = cfg.model.seq_length
     if cfg.task.name != "calculator":
-        task = make_task(cfg.task)
+        task = chat.wrap(make_task(cfg.task), load_tokenizer(cfg.model))
         heldout = task.heldout()
         if task.max_prompt_tokens + task.max_completion_tokens > seq:
             raise ConfigError(f"model.seq_length {seq} is shorter than the longest prompt ({task.max_prompt_tokens}) "

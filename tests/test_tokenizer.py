@@ -2,34 +2,27 @@
 (``tokenizers``, seconds, offline) with a chat template; message masks from the transcript's own tokens."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("tokenizers")
 pytest.importorskip("transformers")
 
-SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from precisionrt.tokenizer import CHATML  # noqa: E402
+
 # No special tokens between turns: BPE merges can (and, trained on such text, do) cross message boundaries.
 PLAIN = ("{% for m in messages %}{{ m.role }}:{{ m.content }}{% endfor %}"
          "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 def train_bpe(path, template, texts, vocab_size=400, split_words=True):
-    """A byte-level BPE trained on ``texts``, saved with ``template`` as a transformers tokenizer directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE trained on ``texts``, saved with ``template`` as a transformers tokenizer directory
+    (``split_words=False``: merges may cross words and turns)."""
+    from precisionrt.tokenizer import train_bpe as train
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = template
-    fast.save_pretrained(path)
-    return path
+    return Path(train(path, texts, vocab_size=vocab_size, chat_template=template,
+                      split="gpt2" if split_words else "none"))
 
 
 def test_byte_tokenizer_round_trips_utf8():
@@ -45,6 +38,7 @@ def test_hf_tokenizer_reads_eos_ids_from_generation_config(tmp_path):
     from precisionrt.tokenizer import HFTokenizer
 
     path = train_bpe(tmp_path / "tok", CHATML, ["what is 12+34? 46"] * 50)
+    (path / "generation_config.json").unlink()
     tok = HFTokenizer(path)
     im_end = tok.tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.eos_ids == (im_end,), "without generation_config.json: the tokenizer's eos_token"

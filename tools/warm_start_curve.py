@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from precisionrt.config import ConfigError, load_config  # noqa: E402
 from precisionrt.megatron import build_gpt, init_parallel  # noqa: E402
 from precisionrt.runtime import PrecisionRuntime  # noqa: E402
-from rl.envs import make_task  # noqa: E402
+from precisionrt.tokenizer import load_tokenizer  # noqa: E402
+from rl.envs import chat, make_task  # noqa: E402
 from rl.train import RLConfig  # noqa: E402
 from rl.trainer import greedy_reward  # noqa: E402
 from rl.warm_start import supervised_warm_start, task_batch  # noqa: E402
@@ -37,7 +38,7 @@ def curve(cfg: RLConfig, steps: int, every: int) -> list[dict]:
     torch.manual_seed(cfg.train.seed)
     model = build_gpt(cfg.model)
     runtime = PrecisionRuntime(model, cfg.precision)
-    task = make_task(cfg.task)
+    task = chat.wrap(make_task(cfg.task), load_tokenizer(cfg.model))   # as rl.workload does
     heldout = task.heldout()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
     points, t0 = [], time.perf_counter()

@@ -1,7 +1,8 @@
 """What every single-turn task shares: the problem type, the ``[task]`` table and the choice of task.
 
-A task turns problems into byte prompts, scores completions in [0, 1], keeps a held-out set disjoint from
-what training samples, and formats correct answers for the supervised warm start.
+A task turns problems into prompts (bytes here; chat-template token ids through ``rl.envs.chat``), scores
+completions in [0, 1], keeps a held-out set disjoint from what training samples, and formats correct answers
+for the supervised warm start.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ STOP = ord("\n")   # the stop byte every completion ends with
 
 @dataclass(frozen=True)
 class Problem:
-    prompt: bytes
-    target: bytes   # the correct completion, stop byte excluded
+    prompt: bytes | tuple[int, ...]   # the prompt's tokens: its bytes, or token ids (``rl.envs.chat``)
+    target: bytes   # the correct answer's text, stop excluded
 
 
 @dataclass
@@ -56,7 +57,11 @@ class TaskConfig(Checked):
 class Task(Protocol):
     name: str
     max_prompt_tokens: int
-    max_completion_tokens: int   # the answer budget, stop byte included
+    max_completion_tokens: int   # the answer budget, stop token included
+    stop_ids: tuple[int, ...]    # the tokens that end a completion
+
+    def decode(self, tokens: list[int]) -> bytes:
+        """The answer text of a completion's tokens, stop excluded."""
 
     def heldout(self) -> list[Problem]: ...
 
@@ -77,6 +82,7 @@ class HeldOutTask:
     """A task over problems drawn by ``draw``: a fixed held-out set, and training samples outside it."""
 
     name = "task"
+    stop_ids = (STOP,)
 
     def __init__(self, config: TaskConfig):
         self.config = config
@@ -98,6 +104,9 @@ class HeldOutTask:
             p = self.draw(rng)
             if p not in self._held:
                 return p
+
+    def decode(self, tokens: list[int]) -> bytes:
+        return bytes(t for t in tokens if t != STOP)
 
     def reward(self, problem: Problem, completion: bytes) -> float:
         return partial_credit(completion, problem.target)

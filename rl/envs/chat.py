@@ -1,0 +1,71 @@
+"""A single-turn task spoken through a real tokenizer and its chat template.
+
+The task itself stays text: a problem's prompt (``"472+391="``) and target (``"368"``) are its text, and its
+reward scores the answer text. ``ChatTask`` puts that text where a chat model expects it:
+
+* the prompt is the user message rendered by the tokenizer's chat template with the generation prompt
+  (``<|im_start|>user\\n472+391=<|im_end|>\\n<|im_start|>assistant\\n`` under ChatML): the ids the policy
+  generates from;
+* generation stops at the checkpoint's EOS ids (``generation_config.json``), the answer is the decoded text
+  before the first of them, and that text is what the reward scores;
+* a warm-start example is the rendered prompt, then the answer's own tokens and the first EOS id: exactly the
+  sequence the policy would generate, so the supervised start trains what RL samples.
+
+Under the byte tokenizer a task needs none of this (``rl.envs.task.HeldOutTask``: bytes are the tokens and
+``"\\n"`` ends a completion); ``wrap`` returns it unchanged, so byte-level runs are what they were.
+"""
+
+from __future__ import annotations
+
+import random
+
+from precisionrt.tokenizer import ByteTokenizer, Tokenizer
+from rl.envs.task import Problem, Task
+
+
+class ChatTask:
+    """``task`` (a ``HeldOutTask``) with prompts as chat-template token ids and answers decoded by ``tokenizer``.
+    Its problems carry the prompt as a tuple of token ids and the target as text bytes."""
+
+    def __init__(self, task: Task, tokenizer: Tokenizer):
+        if not hasattr(tokenizer, "render"):
+            raise ValueError(f"{type(tokenizer).__name__} has no chat template to render prompts with")
+        self.task, self.tokenizer = task, tokenizer
+        self._prompts: dict[bytes, tuple[int, ...]] = {}
+        self.name = task.name
+        self.stop_ids = tuple(tokenizer.eos_ids)
+        # A prompt's content has at most one token per byte (a byte-level BPE token is one byte or more), and
+        # the template adds what it adds around an empty message: a bound for every prompt of the task.
+        self.max_prompt_tokens = len(self._render(b"")) + task.max_prompt_tokens
+        self.max_completion_tokens = task.max_completion_tokens   # answer bytes + the stop, now one EOS id
+
+    def _render(self, prompt: bytes) -> tuple[int, ...]:
+        if prompt not in self._prompts:   # a task has a few thousand prompts; the template is slow Jinja
+            messages = [{"role": "user", "content": prompt.decode("utf-8")}]
+            self._prompts[prompt] = tuple(self.tokenizer.render(messages, add_generation_prompt=True).ids)
+        return self._prompts[prompt]
+
+    def _chat(self, problem: Problem) -> Problem:
+        return Problem(self._render(problem.prompt), problem.target)
+
+    def heldout(self) -> list[Problem]:
+        return [self._chat(p) for p in self.task.heldout()]
+
+    def sample(self, rng: random.Random) -> Problem:
+        return self._chat(self.task.sample(rng))
+
+    def decode(self, tokens: list[int]) -> bytes:
+        """The answer text of a completion: its tokens before the first stop id, decoded."""
+        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
+        return self.tokenizer.decode(list(tokens[:end])).encode("utf-8")
+
+    def reward(self, problem: Problem, completion: bytes) -> float:
+        return self.task.reward(problem, completion)
+
+    def format_example(self, problem: Problem, answer: bytes) -> tuple[tuple[int, ...], list[int]]:
+        return problem.prompt, self.tokenizer.encode(answer.decode("utf-8")) + [self.stop_ids[0]]
+
+
+def wrap(task: Task, tokenizer: Tokenizer) -> Task:
+    """``task`` as the policy's tokenizer speaks it: unchanged for bytes, a ``ChatTask`` otherwise."""
+    return task if isinstance(tokenizer, ByteTokenizer) else ChatTask(task, tokenizer)
