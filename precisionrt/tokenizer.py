@@ -12,10 +12,9 @@ token never carries characters of a masked turn. An assistant message owns the t
 end-of-turn token included; the role header before it is the prompt's.
 
 Where it is used: ``model.tokenizer_path`` (or an ``hf_path`` checkpoint's own files) selects it; the LM command
-tokenizes its corpus with it, and the RL command's single-turn tasks speak through its chat template
-(``rl.envs.chat``), stopping at ``eos_ids``. The calculator agent still speaks bytes (its tool calls are not
-chat messages yet), and is refused with a real tokenizer. ``train_bpe`` makes a tokenizer directory offline
-(``tools/make_tokenizer.py``, the tests).
+tokenizes its corpus with it, and the RL command's tasks speak through its chat template (``rl.envs.chat``:
+single-turn prompts, and the calculator agent's turns as user, assistant and tool messages), stopping at
+``eos_ids``. ``train_bpe`` makes a tokenizer directory offline (``tools/make_tokenizer.py``, the tests).
 """
 
 from __future__ import annotations
@@ -83,6 +82,10 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=False)
+
+    def chat_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """``messages`` rendered by the chat template, as text."""
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
         text, spans = message_spans(self.tok, messages, add_generation_prompt)

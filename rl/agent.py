@@ -25,10 +25,14 @@ from typing import Callable
 import torch
 
 from rl.envs.agent import Segment, Transcript
+from rl.envs.chat import ByteTurns
+from rl.envs.task import STOP
 from rl.rollout import Completion
 
-# one action per prompt, each up to the stop byte; the keys name the episodes (an engine may keep their caches)
-Decode = Callable[[list[bytes], list[str]], list[Completion]]
+# one action per prompt (token ids), each up to a stop token; the keys name the episodes (an engine may keep
+# their caches)
+Decode = Callable[[list[list[int]], list[str]], list[Completion]]
+BYTES = ByteTurns()
 
 
 _episode_ids = itertools.count()
@@ -39,10 +43,10 @@ class DecodeBatcher:
 
     def __init__(self, decode: Decode):
         self.decode = decode
-        self._pending: list[tuple[bytes, str, asyncio.Future]] = []
+        self._pending: list[tuple[list[int], str, asyncio.Future]] = []
         self._running: asyncio.Task | None = None
 
-    async def generate(self, prompt: bytes, key: str) -> Completion:
+    async def generate(self, prompt: list[int], key: str) -> Completion:
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((prompt, key, fut))
         if self._running is None or self._running.done():
@@ -92,40 +96,42 @@ class EpisodeResult:
 
 
 async def run_episode(env, episode, batcher: DecodeBatcher, max_new_tokens: int, max_len: int,
-                      clock: ToolClock | None = None) -> EpisodeResult:
+                      clock: ToolClock | None = None, turns=BYTES) -> EpisodeResult:
     """Act until the episode is done, or its context is full (then it ends as it stands). The transcript never
-    exceeds ``max_len`` tokens."""
-    segments = [Segment("prompt", list(episode.prompt))]
-    context, key = episode.prompt, f"episode-{next(_episode_ids)}"
+    exceeds ``max_len`` tokens. ``turns`` (``rl.envs.chat``) makes the environment's text into tokens and the
+    actions' tokens into text: bytes, or chat messages."""
+    segments = [Segment("prompt", list(turns.prompt(episode.prompt)))]
+    context, key = list(segments[0].tokens), f"episode-{next(_episode_ids)}"
     while not episode.done and len(context) + max_new_tokens <= max_len:
         comp = await batcher.generate(context, key)
         action = Segment("action", list(comp.tokens), list(comp.logp_infer), comp.version, comp.map_version)
         segments.append(action)
-        context += bytes(comp.tokens)
+        context = context + comp.tokens
         if clock is not None:
             clock.start()
         try:
-            obs = await env.step(episode, comp.text)
+            obs = await env.step(episode, turns.action_text(comp.tokens))
         finally:
             if clock is not None:
                 clock.stop()
         action.error = obs.error
-        if len(context) + len(obs.tokens) > max_len:
+        seen = turns.observation(obs.tokens) if obs.tokens else []
+        if len(context) + len(seen) > max_len:
             break   # the context is full: the episode ends as it stands (unanswered)
-        if obs.tokens:
-            segments.append(Segment("observation", list(obs.tokens)))
-            context += obs.tokens
+        if seen:
+            segments.append(Segment("observation", seen))
+            context = context + seen
     transcript = Transcript(segments)
     reward = env.score(episode)
     return EpisodeResult(transcript, reward, recovered=transcript.policy_errors > 0 and reward == 1.0)
 
 
 async def run_group(env, rng: random.Random, size: int, batcher: DecodeBatcher, max_new_tokens: int,
-                    max_len: int, clock: ToolClock | None = None) -> tuple[object, list[EpisodeResult]]:
+                    max_len: int, clock: ToolClock | None = None, turns=BYTES) -> tuple[object, list[EpisodeResult]]:
     """A GRPO group: ``size`` episodes of one problem (copies of a fresh episode), all in flight together."""
     first = await env.reset(rng)
     episodes = [first] + [copy.deepcopy(first) for _ in range(size - 1)]
-    results = await asyncio.gather(*(run_episode(env, e, batcher, max_new_tokens, max_len, clock)
+    results = await asyncio.gather(*(run_episode(env, e, batcher, max_new_tokens, max_len, clock, turns)
                                      for e in episodes))
     return first, list(results)
 
@@ -135,19 +141,20 @@ def as_completion(result: EpisodeResult, error_masking: bool) -> Completion:
     under error masking, the policy's failed calls excluded) and the per-token versions."""
     t = result.transcript
     n_prompt = len(t.segments[0].tokens)
-    return Completion(bytes(t.segments[0].tokens), t.tokens[n_prompt:], t.logp_infer()[n_prompt:],
+    return Completion(tuple(t.segments[0].tokens), t.tokens[n_prompt:], t.logp_infer()[n_prompt:],
                       t.oldest_version, stopped=True, map_version=t.oldest_map_version,
                       mask=t.loss_mask(error_masking)[n_prompt:], token_versions=t.versions()[n_prompt:])
 
 
-def evaluate(env, problems: list, decode: Decode, max_new_tokens: int, max_len: int) -> tuple[float, dict]:
+def evaluate(env, problems: list, decode: Decode, max_new_tokens: int, max_len: int, turns=BYTES
+             ) -> tuple[float, dict]:
     """Mean reward of ``problems`` (fresh episodes) under ``decode`` (greedy, the trainer's policy), all in
     flight together; with the share solved exactly, the policy's errors per episode and the share of episodes
     that recovered from one."""
     async def all_episodes():
         batcher = DecodeBatcher(decode)
-        return await asyncio.gather(*(run_episode(env, copy.deepcopy(p), batcher, max_new_tokens, max_len)
-                                      for p in problems))
+        return await asyncio.gather(*(run_episode(env, copy.deepcopy(p), batcher, max_new_tokens, max_len,
+                                                  turns=turns) for p in problems))
     results = asyncio.run(all_episodes())
     n = len(results)
     return sum(r.reward for r in results) / n, {"solved": sum(r.reward == 1.0 for r in results) / n,
@@ -155,12 +162,23 @@ def evaluate(env, problems: list, decode: Decode, max_new_tokens: int, max_len: 
                                                 "recovered": sum(r.recovered for r in results) / n}
 
 
-def warm_start_batches(env, batch_size: int, error_masking: bool, seed: int):
+def warm_start_batches(env, batch_size: int, error_masking: bool, seed: int, turns=BYTES):
     """``supervised_warm_start`` batches of the env's demonstrations: correct transcripts of its training problems
-    (``env.demonstration(episode, rng)``), some with an error and its recovery."""
+    (``env.demonstration(episode, rng)``), some with an error and its recovery, in ``turns``' tokens."""
     errors = random.Random(seed)   # which demonstrations hold an error: apart from the problems' stream
-    return lambda rng: transcript_batch([env.demonstration(env.sample(rng), errors) for _ in range(batch_size)],
-                                        error_masking)
+    return lambda rng: transcript_batch([tokenized(env.demonstration(env.sample(rng), errors), turns)
+                                         for _ in range(batch_size)], error_masking)
+
+
+def tokenized(transcript: Transcript, turns) -> Transcript:
+    """A demonstration written in the environment's bytes (each action with its stop byte) as ``turns`` would
+    produce it turn by turn: the same segments, errors kept, in the policy's tokens."""
+    def one(s: Segment) -> Segment:
+        text = bytes(s.tokens)
+        tokens = {"prompt": turns.prompt, "observation": turns.observation,
+                  "action": lambda t: turns.action(t.removesuffix(bytes([STOP])))}[s.kind](text)
+        return Segment(s.kind, list(tokens), error=s.error)
+    return Transcript([one(s) for s in transcript.segments])
 
 
 def transcript_batch(transcripts: list[Transcript], error_masking: bool) -> tuple[torch.Tensor, torch.Tensor]:

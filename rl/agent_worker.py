@@ -19,22 +19,22 @@ import time
 import traceback
 from collections import Counter
 
-from rl.agent import DecodeBatcher, ToolClock, as_completion, run_group
+from rl.agent import BYTES, DecodeBatcher, ToolClock, as_completion, run_group
 from rl.envs.agent import POLICY_ERRORS
 from rl.worker import RolloutWorker
 
 
 class AgentRolloutWorker(RolloutWorker):
     def __init__(self, engine, env, ctrl, algo, max_new_tokens: int, seed: int, weights: dict,
-                 precisions: dict[str, str], max_len: int):
+                 precisions: dict[str, str], max_len: int, turns=BYTES):
         super().__init__(engine, env, ctrl, algo, max_new_tokens, seed, weights, precisions)
-        self.env, self.max_len = env, max_len
+        self.env, self.max_len, self.turns = env, max_len, turns
         self.clock = ToolClock()
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()
         self._batcher: DecodeBatcher | None = None
 
-    def _decode(self, prompts: list[bytes], keys: list[str]):
+    def _decode(self, prompts: list[list[int]], keys: list[str]):
         """One decode call (on the batcher's thread): the newest weights first, then one action per prompt (the
         engine may continue each episode on its cached keys and values)."""
         t0 = time.perf_counter()
@@ -49,7 +49,7 @@ class AgentRolloutWorker(RolloutWorker):
         g = self.algo.group_size
         try:
             problem, results = await run_group(self.env, self.rng, g, self._batcher, self.max_new_tokens,
-                                               self.max_len, self.clock)
+                                               self.max_len, self.clock, self.turns)
         except Exception as e:  # noqa: BLE001 - a failed group is counted, recorded and survived (with limits)
             self._failed(e, g)
             return

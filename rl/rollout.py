@@ -119,7 +119,8 @@ class Decoded:
         return tok
 
     def completions(self, prompts: list[bytes], version: int, map_version: int) -> list[Completion]:
-        return [Completion(p, g, lp, version, stopped=any(t in self.stop_ids for t in g), map_version=map_version)
+        return [Completion(p if isinstance(p, (bytes, tuple)) else tuple(p),   # immutable: a sample's identity
+                           g, lp, version, stopped=any(t in self.stop_ids for t in g), map_version=map_version)
                 for p, g, lp in zip(prompts, self.tokens, self.logp)]
 
 
@@ -288,7 +289,7 @@ class RolloutEngine:
         check_fits(prompts, max_new_tokens, self.model_cfg.seq_length)
         comps, prefixes, reused = generate_continued(
             self.model, prompts, [self.sessions.get(k) for k in keys], max_new_tokens, self.cfg.temperature,
-            self.cfg.top_p, generator, self.version, self.map_version)
+            self.cfg.top_p, generator, self.version, self.map_version, self.stop_ids)
         self.sessions.update(zip(keys, prefixes))
         self.reused_tokens += reused
         return comps

@@ -12,12 +12,13 @@ precisions change (they were computed with the old ones).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from precisionrt.megatron import KVCache, SDPACoreAttention
-from rl.rollout import Completion, Decoded
+from rl.rollout import STOP, Completion, Decoded
 
 
 @dataclass
@@ -39,13 +40,14 @@ def attention_mask(valid: torch.Tensor, sq: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_continued(model, prompts: list[bytes], prefixes: list[Prefix | None], max_new_tokens: int,
+def generate_continued(model, prompts: list[Sequence[int]], prefixes: list[Prefix | None], max_new_tokens: int,
                        temperature: float, top_p: float, generator: torch.Generator, version: int = -1,
-                       map_version: int = 0) -> tuple[list[Completion], list[Prefix], int]:
+                       map_version: int = 0, stop_ids: tuple[int, ...] = (STOP,)
+                       ) -> tuple[list[Completion], list[Prefix], int]:
     """One completion per prompt, each continuing its row's cached prefix; returns the completions, each row's
     new prefix (its prompt and all generated tokens but the last) and how many prompt tokens the caches spared."""
     attn = [m for m in model.modules() if isinstance(m, SDPACoreAttention)]
-    usable = [p if p is not None and len(p.tokens) < len(q) and q[:len(p.tokens)] == bytes(p.tokens) else None
+    usable = [p if p is not None and len(p.tokens) < len(q) and list(q[:len(p.tokens)]) == p.tokens else None
               for p, q in zip(prefixes, prompts)]
     cached = [len(p.tokens) if p else 0 for p in usable]
     suffix = [q[c:] for q, c in zip(prompts, cached)]
@@ -73,7 +75,7 @@ def generate_continued(model, prompts: list[bytes], prefixes: list[Prefix | None
         positions = (start[:, None] + torch.arange(width_s)[None]).clamp(min=0)
         logits = model(tokens, positions, attention_mask(valid, width_s)).float()[:, -1]
         length = torch.tensor([len(q) for q in prompts])   # the next position of each row
-        out = Decoded(b)
+        out = Decoded(b, stop_ids)
         for step in range(max_new_tokens):
             tok = out.take(logits, temperature, top_p, generator)
             if out.done.all() or step == max_new_tokens - 1:

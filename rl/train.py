@@ -31,7 +31,7 @@ from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
 from precisionrt.resources import check_fits, training_memory
 from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from precisionrt.tokenizer import ByteTokenizer, check_tokenizer
+from precisionrt.tokenizer import check_tokenizer
 from rl.envs import TaskConfig
 from rl.envs.calculator import EnvConfig
 from rl.executors import make_engine
@@ -120,10 +120,6 @@ def check_config(cfg: RLConfig) -> None:
             and cfg.precision.mode != "dynamic":
         raise ConfigError(f'rl.mismatch_policy.scope: "both" promotes the trainer\'s layer through the precision '
                           f'policy, which needs precision.mode = "dynamic" (got {cfg.precision.mode!r})')
-    if cfg.task.name == "calculator" and not isinstance(check_tokenizer(cfg.model), ByteTokenizer):
-        raise ConfigError('task.name: the calculator agent speaks bytes for now (its tool calls are not chat '
-                          'messages yet); use a byte model (model.tokenizer_path and model.hf_path unset) or a '
-                          'single-turn task')
     check_tokenizer(cfg.model)   # a directory without a tokenizer, or a vocabulary the model cannot embed
     if cfg.train.export_hf and not cfg.model.is_hf:
         raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "

@@ -54,10 +54,13 @@ def make_workload(cfg) -> Workload:
         return Workload(task, task.max_completion_tokens, task_batch(task, cfg.train.warm_start_batch),
                         lambda trainer: (trainer.evaluate(heldout), {}))
     env = CalculatorEnv(cfg.task, cfg.env, tool_seed=cfg.train.seed)
+    turns = chat.turns(load_tokenizer(cfg.model))
     budget = cfg.env.max_action_tokens
-    # the longest warm-start transcript: the prompt, a failed call and its error, the call, its result, the answer
-    need = 3 * env.max_prompt_tokens + len(b"E:service unavailable\n") + 2 * (cfg.task.max_digits + 3)
-    if need > seq or env.max_prompt_tokens + budget > seq:
+    # the longest warm-start transcript: the prompt, a failed call and its error, the call, its result, the
+    # answer (in chat, each of those six turns with what the template puts around it)
+    need = 3 * env.max_prompt_tokens + len(b"E:service unavailable\n") + 2 * (cfg.task.max_digits + 3) \
+        + 6 * turns.overhead
+    if need > seq or env.max_prompt_tokens + turns.overhead + budget > seq:
         raise ConfigError(f"model.seq_length {seq} is too short for a calculator episode: a recovered one of "
                           f"{cfg.task.max_digits}-digit operands takes {need} tokens")
     # held-out reward measures the policy, not the service's luck: the same delays, no failures or hangs
@@ -66,10 +69,11 @@ def make_workload(cfg) -> Workload:
     heldout = held_env.heldout()
 
     def evaluate(trainer) -> tuple[float, dict]:
-        def decode(prompts: list[bytes], keys: list[str]):
-            return generate(trainer.model, prompts, budget, seq, 0.0, 1.0, torch.Generator())
-        return agent.evaluate(held_env, heldout, decode, budget, seq)
+        def decode(prompts: list[list[int]], keys: list[str]):
+            return generate(trainer.model, prompts, budget, seq, 0.0, 1.0, torch.Generator(),
+                            stop_ids=turns.stop_ids)
+        return agent.evaluate(held_env, heldout, decode, budget, seq, turns)
 
     return Workload(env, budget, agent.warm_start_batches(env, cfg.train.warm_start_batch, cfg.rl.error_masking,
-                                                          cfg.train.seed),
-                    evaluate, AgentRolloutWorker, {"max_len": seq})
+                                                          cfg.train.seed, turns),
+                    evaluate, AgentRolloutWorker, {"max_len": seq, "turns": turns})

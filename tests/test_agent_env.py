@@ -195,7 +195,7 @@ def test_partial_rollouts_keep_each_actions_version_and_log_probs(parallel):
         context = r.transcript.segments[0].tokens
         for seg in r.transcript.segments[1:]:
             if seg.kind == "action":
-                made_by = by_tokens[(bytes(context), tuple(seg.tokens))]
+                made_by = by_tokens[(tuple(context), tuple(seg.tokens))]
                 assert seg.logp == made_by.logp_infer and seg.version == made_by.version
             context = context + seg.tokens
         c = as_completion(r, error_masking=True)

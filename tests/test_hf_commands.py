@@ -1,7 +1,7 @@
 """Hugging Face models in the commands: ``model.hf_path`` / ``model.hf_init``; in the RL command the chat-template
 task, stop at the checkpoint's EOS ids, export after RL, and the exported policy generating in ``transformers``
-the greedy tokens our engine generates (BF16 on both sides); in the LM command the corpus in the checkpoint's
-tokens.
+the greedy tokens our engine generates (BF16 on both sides), the calculator agent's turns as chat messages; in
+the LM command the corpus in the checkpoint's tokens.
 
 The tokenizer is the committed ``configs/tokenizers/chatml-bpe-512`` (``tools/make_tokenizer.py``), the
 checkpoints tiny random Qwen3 models made here with transformers' own classes."""
@@ -74,8 +74,6 @@ def test_rl_preflight_names_tokenizer_problems(checkpoint, tmp_path):
         check("model.vocab_size=256")
     with pytest.raises(ConfigError, match="model.tokenizer_path: .*no usable tokenizer"):
         check(f'model.tokenizer_path="{tmp_path}"')
-    with pytest.raises(ConfigError, match="task.name: the calculator agent speaks bytes"):
-        check('task.name="calculator"')
     with pytest.raises(ConfigError, match="train.export_hf: only a Hugging Face architecture"):
         check('model.hf_init=""', 'model.num_query_groups=0', 'model.tokenizer_path=""', "model.vocab_size=256")
 
@@ -265,3 +263,115 @@ def test_gpu_config_for_a_released_qwen_passes_preflight(checkpoint, tmp_path):
                       [f'model.hf_path="{checkpoint}"', 'run.device="cpu"', f'run.dir="{tmp_path / "lm"}"'])
     check_config(cfg)
     assert cfg.train.export_hf and cfg.model.dims().vocab_size == 512
+
+
+# ----------------------------------------------------------------------------------- the agent in chat
+
+def _episode_messages():
+    return [{"role": "user", "content": "Q:12+34"}, {"role": "assistant", "content": "C12+34"},
+            {"role": "tool", "content": "E:malformed call"}, {"role": "assistant", "content": "C:12+34"},
+            {"role": "tool", "content": "R:46"}, {"role": "assistant", "content": "A:46"}]
+
+
+def test_agent_turns_are_the_chat_transcript_turn_by_turn():
+    """An episode made turn by turn (prompt, generated action + EOS, observation) is, as text, exactly the chat
+    template's rendering of its messages; each action's text is what the environment parses."""
+    from rl.envs.chat import ChatTurns
+
+    tok = _tok()
+    turns = ChatTurns(tok)
+    msgs = _episode_messages()
+    ids = list(turns.prompt(b"Q:12+34\n"))
+    for m in msgs[1:]:
+        text = (m["content"] + "\n").encode()
+        part = turns.action(text) if m["role"] == "assistant" else turns.observation(text)
+        if m["role"] == "assistant":
+            assert turns.action_text(part + tok.encode("junk")) == m["content"].encode()
+        ids += part
+    assert tok.decode(ids) == tok.chat_text(msgs)[:len(tok.decode(ids))]
+    assert tok.chat_text(msgs).startswith(tok.decode(ids)) and tok.chat_text(msgs).endswith("<|im_end|>\n")
+    assert tok.decode(turns.observation(b"R:46\n")) == "\n<|im_start|>tool\nR:46<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_agent_error_mask_in_chat_is_exactly_the_failed_assistant_turn():
+    """GLM-5 error masking on a chat demonstration: the untrained action tokens are exactly the malformed call
+    and its EOS; the recovery call and the answer (each with its EOS) are trained; no template token of the
+    tool's turns is."""
+    from rl.agent import tokenized
+    from rl.envs.agent import Segment, Transcript
+    from rl.envs.chat import ChatTurns
+
+    tok = _tok()
+    byte_demo = Transcript([Segment("prompt", list(b"Q:12+34\n")),
+                            Segment("action", list(b"C12+34\n"), error="malformed"),
+                            Segment("observation", list(b"E:malformed call\n")),
+                            Segment("action", list(b"C:12+34\n")), Segment("observation", list(b"R:46\n")),
+                            Segment("action", list(b"A:46\n"))])
+    t = tokenized(byte_demo, ChatTurns(tok))
+    ids = t.tokens
+
+    def trained(error_masking):
+        return tok.decode([i for i, m in zip(ids, t.loss_mask(error_masking)) if m])
+
+    assert trained(True) == "C:12+34<|im_end|>A:46<|im_end|>"
+    assert trained(False) == "C12+34<|im_end|>C:12+34<|im_end|>A:46<|im_end|>"
+
+
+def test_calculator_episode_in_chat_is_the_rendered_conversation():
+    """The episode loop with the real calculator and its tool, a policy that writes the right call and answer
+    as chat tokens (the plumbing under test, not the model): the environment parses the decoded actions, its
+    results come back as tool messages, and the transcript is the chat template's rendering of the
+    conversation, token for token as the engine saw it."""
+    import asyncio
+
+    from rl.agent import DecodeBatcher, run_episode
+    from rl.envs import TaskConfig
+    from rl.envs.calculator import CalculatorEnv, EnvConfig, ToolConfig
+    from rl.envs.chat import ChatTurns
+    from rl.rollout import Completion
+
+    tok = _tok()
+    turns = ChatTurns(tok)
+    env = CalculatorEnv(TaskConfig(name="calculator", min_digits=2, max_digits=2, heldout_size=4),
+                        EnvConfig(tool=ToolConfig(delay_median=0.0, failure_rate=0.0, hang_rate=0.0)))
+    episode = env.heldout()[0]
+
+    def policy(prompts, keys):
+        out = []
+        for p in prompts:
+            seen = tok.decode(list(p))
+            last = seen.rsplit("<|im_start|>", 2)[-2]   # the turn before the generation prompt
+            text = f"C:{episode.a}{episode.op}{episode.b}" if last.startswith("user") else \
+                "A:" + last.split("R:")[1].split("<|im_end|>")[0]
+            tokens = tok.encode(text) + [tok.eos_ids[0]]
+            out.append(Completion(tuple(p), tokens, [0.0] * len(tokens), 0, stopped=True))
+        return out
+
+    async def one():
+        return await run_episode(env, episode, DecodeBatcher(policy), 14, 160, turns=turns)
+    result = asyncio.run(one())
+    assert result.reward == 1.0 and episode.answer == str(episode.result).encode()
+    q = f"Q:{episode.a}{episode.op}{episode.b}"
+    conversation = [{"role": "user", "content": q}, {"role": "assistant", "content": "C:" + q[2:]},
+                    {"role": "tool", "content": f"R:{episode.result}"},
+                    {"role": "assistant", "content": f"A:{episode.result}"}]
+    assert tok.decode(result.transcript.tokens) == tok.chat_text(conversation).removesuffix("\n")
+    kinds = [s.kind for s in result.transcript.segments]
+    assert kinds == ["prompt", "action", "observation", "action"]
+
+
+def test_calculator_agent_runs_on_a_qwen3_in_chat(tmp_path):
+    """The multi-turn RL command on a Hugging Face architecture and tokenizer: episodes run, error masking
+    counts chat tokens, the held-out evaluation decodes to <|im_end|> (a short warm start; learning the task
+    takes the README's run)."""
+    from precisionrt.config import load_config
+    from rl.train import RLConfig, train
+
+    s = train(load_config(RLConfig, ROOT / "configs" / "rl_agent_cpu.toml", [
+        'model.hf_init="qwen3"', "model.num_query_groups=2", "model.vocab_size=512", "model.seq_length=160",
+        f'model.tokenizer_path="{TOKENIZER}"', 'precision.mode="bf16"', 'rollout.precision="bf16"',
+        "train.steps=2", "train.warm_start_steps=20", "train.warm_start_batch=16", "train.eval_every=2",
+        "train.log_every=1", "rl.prompts_per_step=2", "rl.group_size=2", "task.heldout_size=4",
+        'executor.mode="sync"', "env.tool.delay_median=0.0", f'run.dir="{tmp_path / "run"}"']))
+    assert s["samples"]["trained"] == 8 and s["agent"]["episodes"] == 4 * 2, (s["samples"], s["agent"])
+    assert s["agent"]["error_masked_tokens"] >= s["agent"]["error_turns"] > 0, s["agent"]

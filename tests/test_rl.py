@@ -331,7 +331,7 @@ def test_a_lost_sample_breaks_the_accounting(tmp_path, monkeypatch):
     ("train.lr=-1e-3", "train.lr: must be in (0, 10]"),
     ("rl.loss.tis_cap=0", "rl.loss.tis_cap: must be in (0, 1e6]"),
     ("train.warm_start_batch=0", "train.warm_start_batch: must be in [1, 2^20]"),
-    ("model.vocab_size=10", "model.vocab_size must be 256"),
+    ("model.vocab_size=10", "model.vocab_size: the tokenizer (bytes) has 256 tokens, more than the model's vocabulary of 10"),
     ("task.heldout_size=60000", "heldout_size 60000 needs more than half of the 111000 distinct problems"),
 ])
 def test_meaningless_rl_values_are_refused_before_anything_is_written(tmp_path, override, message):

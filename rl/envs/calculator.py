@@ -1,6 +1,7 @@
 """Arithmetic with a calculator tool: the built-in multi-turn task (``rl/envs/agent.py``'s interface).
 
-A byte protocol, one line per turn::
+A line protocol, one line per turn (the lines are the tokens of a byte-level model; under a real tokenizer
+each is the content of a chat message, ``rl.envs.chat.ChatTurns``)::
 
     Q:4821*367          the prompt: 3-4 digit operands, + or *
     C:4821*367          the policy calls the calculator with the question's expression

@@ -1,4 +1,5 @@
-"""A single-turn task spoken through a real tokenizer and its chat template.
+"""Tasks spoken through a real tokenizer and its chat template: single-turn tasks (``ChatTask``) and the
+turns of multi-turn episodes (``ChatTurns``).
 
 The task itself stays text: a problem's prompt (``"472+391="``) and target (``"368"``) are its text, and its
 reward scores the answer text. ``ChatTask`` puts that text where a chat model expects it:
@@ -12,7 +13,8 @@ reward scores the answer text. ``ChatTask`` puts that text where a chat model ex
   sequence the policy would generate, so the supervised start trains what RL samples.
 
 Under the byte tokenizer a task needs none of this (``rl.envs.task.HeldOutTask``: bytes are the tokens and
-``"\\n"`` ends a completion); ``wrap`` returns it unchanged, so byte-level runs are what they were.
+``"\\n"`` ends a completion); ``wrap`` returns it unchanged and ``turns`` gives ``ByteTurns``, so byte-level
+runs are what they were.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import random
 
 from precisionrt.tokenizer import ByteTokenizer, Tokenizer
-from rl.envs.task import Problem, Task
+from rl.envs.task import STOP, Problem, Task
 
 
 class ChatTask:
@@ -69,3 +71,77 @@ class ChatTask:
 def wrap(task: Task, tokenizer: Tokenizer) -> Task:
     """``task`` as the policy's tokenizer speaks it: unchanged for bytes, a ``ChatTask`` otherwise."""
     return task if isinstance(tokenizer, ByteTokenizer) else ChatTask(task, tokenizer)
+
+
+class ByteTurns:
+    """A multi-turn episode's turns for the byte-level models: the environment's bytes are the tokens, and
+    ``"\\n"`` ends an action."""
+
+    stop_ids = (STOP,)
+    overhead = 0   # tokens a turn adds around its text
+
+    def prompt(self, text: bytes) -> list[int]:
+        return list(text)
+
+    def action(self, text: bytes) -> list[int]:
+        """A demonstration's action (its text, stop excluded) as the tokens the policy generates."""
+        return list(text) + [STOP]
+
+    def action_text(self, tokens: list[int]) -> bytes:
+        return bytes(t for t in tokens if t != STOP)
+
+    def observation(self, text: bytes) -> list[int]:
+        return list(text)
+
+
+class ChatTurns:
+    """A multi-turn episode as chat messages, rendered by ``tokenizer``'s template: the prompt is a user message
+    (with the generation prompt), each action an assistant message (a tool call or the answer, ended by the
+    EOS id it generates), each observation a ``tool`` message followed by the next generation prompt.
+
+    The tokens of an episode are its turns' tokens in order, each turn encoded by itself: the engine generates
+    an action after the context it was given and the environment appends the next turn's tokens, so a token
+    never spans two turns and the loss masks of ``rl.envs.agent.Transcript`` (observations untrained, the
+    policy's failed calls masked under error masking) fall on turn boundaries exactly. What the template puts
+    between an assistant turn's EOS and the tool's text (``\\n<|im_start|>tool\\n`` under ChatML) is part of the
+    observation. The line protocol's trailing newlines are dropped: messages delimit themselves."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        if not hasattr(tokenizer, "render"):
+            raise ValueError(f"{type(tokenizer).__name__} has no chat template to render turns with")
+        self.tokenizer = tokenizer
+        self.stop_ids = tuple(tokenizer.eos_ids)
+        self._eos_text = tokenizer.decode([self.stop_ids[0]])
+        self._before, self._after = self._tool_wrapping()
+        self.overhead = max(len(self.prompt(b"")), len(self.observation(b""))) + 1   # + an action's EOS
+
+    def _tool_wrapping(self) -> tuple[str, str]:
+        """The template's text between an assistant turn's EOS and a tool message's content, and after the
+        content up to the next generation prompt (probed with marker messages)."""
+        user, reply, result = {"role": "user", "content": "Q"}, {"role": "assistant", "content": "C"}, "\x01R\x01"
+        seen = self.tokenizer.chat_text([user], True) + "C" + self._eos_text
+        full = self.tokenizer.chat_text([user, reply, {"role": "tool", "content": result}], True)
+        if not full.startswith(seen) or full.count(result) != 1:
+            raise ValueError("the chat template does not continue an assistant turn that ends with its EOS token "
+                             "by a tool message: its turns cannot be generated one at a time")
+        rest = full[len(seen):]
+        return rest[:rest.index(result)], rest[rest.index(result) + len(result):]
+
+    def prompt(self, text: bytes) -> tuple[int, ...]:
+        content = text.decode("utf-8").removesuffix("\n")
+        return tuple(self.tokenizer.render([{"role": "user", "content": content}], add_generation_prompt=True).ids)
+
+    def action(self, text: bytes) -> list[int]:
+        return self.tokenizer.encode(text.decode("utf-8").removesuffix("\n")) + [self.stop_ids[0]]
+
+    def action_text(self, tokens: list[int]) -> bytes:
+        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
+        return self.tokenizer.decode(list(tokens[:end])).encode("utf-8")
+
+    def observation(self, text: bytes) -> list[int]:
+        return self.tokenizer.encode(self._before + text.decode("utf-8").removesuffix("\n") + self._after)
+
+
+def turns(tokenizer: Tokenizer) -> ByteTurns | ChatTurns:
+    """How a multi-turn episode's turns become tokens under the policy's tokenizer."""
+    return ByteTurns() if isinstance(tokenizer, ByteTokenizer) else ChatTurns(tokenizer)
