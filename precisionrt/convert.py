@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from precisionrt.linear import PrecisionColumnParallelLinear, PrecisionRowParallelLinear
 
 _SWAP = {ColumnParallelLinear: PrecisionColumnParallelLinear, RowParallelLinear: PrecisionRowParallelLinear}
+_GROUPED_EXPERTS = ("GroupedMLP", "TEGroupedMLP")   # megatron's grouped-GEMM experts: no linear to swap inside
 log = logging.getLogger(__name__)
 
 
@@ -32,7 +33,8 @@ def convert_layer_spec(spec, filter_fn: Callable[[str], bool] | None = None, *, 
     dimensions FP8 GEMMs cannot take when the model is built (the runtime otherwise warns about those, by
     name, when it starts). ``cpu_attention=True`` also replaces megatron's ``DotProductAttention``, which
     allocates on the CUDA device, by ``SDPACoreAttention`` (CPU and CUDA), so the model runs on a CPU too.
-    Transformer Engine modules (fused norm + linear) cannot be converted: they are an error naming their path.
+    Transformer Engine modules (fused norm + linear) and grouped-GEMM MoE experts (``GroupedMLP``) cannot be
+    converted: they are an error naming their path (``SequentialMLP`` experts are converted, one layer each).
     """
     left: list[str] = []
     converted = _Converter(filter_fn or (lambda path: True), cpu_attention, strict, left).node(spec, "")
@@ -81,6 +83,11 @@ class _Converter:
                 return _SWAP[cls]
             self.left.append(path)
             return cls
+        if cls.__name__ in _GROUPED_EXPERTS:
+            raise ValueError(f"{path}: {cls.__name__} runs every expert in one grouped GEMM, which precisionrt does not "
+                             "convert (its experts would stay unmanaged); build the MoE layer with SequentialMLP "
+                             "experts instead (get_gpt_layer_local_spec(..., moe_grouped_gemm=False)), whose "
+                             "per-expert linears are converted and switch one by one")
         if cls.__name__.startswith("TE") and "Linear" in cls.__name__:
             raise ValueError(f"{path}: {cls.__name__} is a Transformer Engine module; precisionrt converts "
                              "megatron's local ColumnParallelLinear/RowParallelLinear (use get_gpt_layer_local_spec)")

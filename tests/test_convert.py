@@ -69,3 +69,23 @@ def test_strict_keeps_the_params_a_spec_already_gives(parallel):
     assert fc1.module is PrecisionColumnParallelLinear and fc1.params == {"scaling": scaling, "strict": True}
     layer = precision_layers(_build(converted))["decoder.layers.0.mlp.linear_fc1"]
     assert layer.numerics.scaling_config is scaling
+
+
+def test_grouped_gemm_experts_are_refused_naming_their_path_and_sequential_ones_converted():
+    """Issue 26, item 4: megatron's GroupedMLP has no linear inside to swap, so converting would leave every
+    expert unmanaged without a word; it is refused, naming the module path. SequentialMLP experts convert."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from precisionrt import convert_layer_spec
+    from precisionrt.linear import PrecisionColumnParallelLinear, PrecisionRowParallelLinear
+
+    grouped = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=True, normalization="RMSNorm")
+    with pytest.raises(ValueError, match=r"^mlp\.experts: GroupedMLP runs every expert "
+                                         r"in one grouped GEMM.*moe_grouped_gemm=False"):
+        convert_layer_spec(grouped)
+    sequential = convert_layer_spec(get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False,
+                                                             normalization="RMSNorm"))
+    experts = sequential.submodules.mlp.submodules.experts
+    assert experts.module.__name__ == "SequentialMLP"
+    assert (experts.submodules.linear_fc1, experts.submodules.linear_fc2) == \
+        (PrecisionColumnParallelLinear, PrecisionRowParallelLinear)
