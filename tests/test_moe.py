@@ -1,0 +1,78 @@
+"""Mixture-of-experts layers (issue 26, item 4): a megatron-core GPT with SequentialMLP experts, converted by
+``convert_layer_spec``, trains on the CPU (``precisionrt.moe.install``: megatron 0.16.1's router moves its
+weight to CUDA and, without Transformer Engine, its gating raises NameError), and each expert's linears are
+layers of their own: a fault in one expert promotes that expert's layer only."""
+
+import pytest
+import torch
+
+EXPERTS = 4
+
+
+def _moe_model():
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from precisionrt import convert_layer_spec, moe
+    from precisionrt.megatron import megatron_transformer_config
+
+    torch.manual_seed(0)
+    spec = convert_layer_spec(get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False,
+                                                       normalization="RMSNorm"), cpu_attention=True)
+    config = megatron_transformer_config(
+        "cpu", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, normalization="RMSNorm",
+        num_moe_experts=EXPERTS, moe_router_topk=2, moe_ffn_hidden_size=128, moe_token_dispatcher_type="allgather",
+        params_dtype=torch.float32)
+    model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=256, max_sequence_length=32,
+                     position_embedding_type="learned_absolute")
+    assert moe.install(model) == 2
+    return model
+
+
+def _train(model, runtime, injector, steps: int):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    switches = []
+    for step in range(1, steps + 1):
+        injector.before_step(step - 1)
+        tokens = torch.randint(0, 256, (4, 17), generator=g)
+        loss = model(tokens[:, :-1], torch.arange(16).expand(4, 16), None, labels=tokens[:, 1:]).float().mean()
+        loss.backward()
+        if not runtime.should_skip_step(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        switches += runtime.end_step(step)
+    return switches
+
+
+def test_router_gating_equals_megatrons_non_te_formula(parallel):
+    """The installed gating is megatron's non-TE branch (``inp @ weight.T`` in the router dtype) and keeps the
+    router on its device."""
+    from megatron.core.transformer.moe.router import Router
+
+    model = _moe_model()
+    router = next(m for m in model.modules() if isinstance(m, Router))
+    x = torch.randn(5, 64, dtype=torch.float64)
+    assert torch.equal(router.gating(x), x @ router.weight.double().t())
+    assert router.weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("expert", [1, 3])
+def test_a_fault_in_one_expert_promotes_that_expert_only(parallel, expert):
+    from precisionrt import PrecisionRuntime, RuntimeConfig, ScalingConfig
+    from precisionrt.inject import FaultInjector, InjectConfig
+    from precisionrt.monitors import MonitorConfig
+
+    model = _moe_model()
+    runtime = PrecisionRuntime(model, RuntimeConfig(mode="dynamic", scaling=ScalingConfig(recipe="delayed",
+                                                                                        amax_history_len=4),
+                                                    monitor=MonitorConfig(check_interval=5)))
+    experts = {n for n in runtime.names if ".local_experts." in n}
+    assert len(experts) == 2 * 2 * EXPERTS, "every expert's fc1 and fc2, in both layers, is a layer"
+    layer = f"decoder.layers.0.mlp.experts.local_experts.{expert}.linear_fc1"
+    injector = FaultInjector(InjectConfig(kind="spike", layer=layer, start_step=7, factor=3e38), model)
+    switches = _train(model, runtime, injector, 20)
+    promoted = {e.layer for e in switches if e.to == "bf16"}
+    assert promoted == {layer}, promoted
+    assert runtime.precisions()[layer] == "bf16"
+    assert all(p == "fp8" for n, p in runtime.precisions().items() if n != layer)
