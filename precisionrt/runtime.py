@@ -76,6 +76,23 @@ def _tensor_parallel_group():
     return group if torch.distributed.get_world_size(group) > 1 else None
 
 
+def check_parallelism() -> None:
+    """Refuse the parallel layouts whose layers the runtime would mix up: under pipeline parallelism every stage
+    names its layers ``decoder.layers.0..`` (local numbers) and under expert parallelism every rank names its
+    experts ``local_experts.0..`` (local indices), while statistics and decisions are reduced by name over all
+    ranks, so one stage's or rank's fault would move another's layer (issue 26, item 1)."""
+    from megatron.core import parallel_state
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return
+    for what, size in (("pipeline", parallel_state.get_pipeline_model_parallel_world_size()),
+                       ("expert", parallel_state.get_expert_model_parallel_world_size())):
+        if size > 1:
+            raise NotImplementedError(
+                f"PrecisionRuntime: {what}_model_parallel_size {size} is not supported yet: its ranks name their "
+                f"layers by local index, so decisions would mix layers of different ranks; use {what} size 1")
+
+
 def _default_rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
@@ -86,6 +103,7 @@ class PrecisionRuntime:
         """``rank`` defaults to this process's rank in ``torch.distributed`` (0 when it is not initialised):
         rank 0 writes the switch log and reads the control file."""
         self.config = config
+        check_parallelism()
         rank = _default_rank() if rank is None else rank
         self.layers = precision_layers(model)
         if not self.layers:

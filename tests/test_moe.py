@@ -3,13 +3,21 @@
 weight to CUDA and, without Transformer Engine, its gating raises NameError), and each expert's linears are
 layers of their own: a fault in one expert promotes that expert's layer only."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+from test_tensor_parallel import free_port
+
+HERE = Path(__file__).parent
 
 EXPERTS = 4
 
 
-def _moe_model():
+def _moe_model(**parallel):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -22,7 +30,7 @@ def _moe_model():
     config = megatron_transformer_config(
         "cpu", num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, normalization="RMSNorm",
         num_moe_experts=EXPERTS, moe_router_topk=2, moe_ffn_hidden_size=128, moe_token_dispatcher_type="allgather",
-        params_dtype=torch.float32)
+        params_dtype=torch.float32, **parallel)
     model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=256, max_sequence_length=32,
                      position_embedding_type="learned_absolute")
     assert moe.install(model) == 2
@@ -76,3 +84,17 @@ def test_a_fault_in_one_expert_promotes_that_expert_only(parallel, expert):
     assert promoted == {layer}, promoted
     assert runtime.precisions()[layer] == "bf16"
     assert all(p == "fp8" for n, p in runtime.precisions().items() if n != layer)
+
+
+@pytest.mark.parametrize("kind", ["ep", "pp"])
+def test_expert_and_pipeline_parallel_are_refused_until_layers_are_named_globally(kind):
+    """At EP=2 both ranks name their experts ``local_experts.0..1`` (rank 1's are experts 2-3), at PP=2 both stages
+    name their layers ``decoder.layers.0..`` (issue 26, item 1): reduced by name, one rank's fault would move the
+    other's layer, so the runtime refuses both, naming the size."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(HERE / "moe_parallel_worker.py"), kind]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    what = "expert" if kind == "ep" else "pipeline"
+    refused = [line for line in proc.stdout.splitlines() if line.startswith("REFUSED")]
+    assert len(refused) == 2 and all(f"{what}_model_parallel_size 2 is not supported" in r for r in refused)
