@@ -286,6 +286,8 @@ def to_hf(model: GPTModel, out_dir: str | os.PathLike, *, tokenizer_dir: str | o
     """
     if tokenizer_dir is not None and not os.path.isdir(tokenizer_dir):
         raise FileNotFoundError(f"to_hf: tokenizer_dir {os.fspath(tokenizer_dir)!r} is not a directory")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"to_hf: dtype {dtype!r}: supported are {list(DTYPES)} (None: the model's)")
     tensors = hf_state_dict(model)
     if dtype is not None:
         tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}

@@ -151,6 +151,27 @@ def test_round_trip_is_bit_exact_and_transformers_loads_the_export(parallel, che
     assert torch.equal(a, b)
 
 
+def test_export_in_another_dtype_casts_every_tensor_and_says_so(parallel, checkpoints, tmp_path):
+    """``to_hf(dtype="bfloat16")`` of an fp32 model: every tensor is the fp32 one rounded to bf16 (as torch
+    rounds), config.json names the dtype, transformers loads it; an unknown dtype is refused before writing."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from precisionrt.hf import to_hf
+
+    path, _ = checkpoints["qwen3"]
+    out = to_hf(_ours(path), tmp_path / "bf16", dtype="bfloat16")
+    before, after = _tensors(path), _tensors(out)
+    assert all(after[k].dtype == torch.bfloat16 and torch.equal(after[k], before[k].to(torch.bfloat16))
+               for k in before)
+    assert json.loads((Path(out) / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="to_hf: dtype 'float16': supported are"):
+        to_hf(_ours(path), tmp_path / "fp16", dtype="float16")
+    assert not (tmp_path / "fp16").exists()
+
+
 def test_sharded_checkpoints_of_several_families_in_one_process(parallel, tmp_path):
     """Sharded input (an index and several files); sharded output; families loaded one after another (a name
     map shared between them would leak a tied head into an untied model)."""
