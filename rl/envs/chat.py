@@ -58,14 +58,19 @@ class ChatTask:
 
     def decode(self, tokens: list[int]) -> bytes:
         """The answer text of a completion: its tokens before the first stop id, decoded."""
-        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
-        return self.tokenizer.decode(list(tokens[:end])).encode("utf-8")
+        return text_before_stop(self.tokenizer, tokens, self.stop_ids)
 
     def reward(self, problem: Problem, completion: bytes) -> float:
         return self.task.reward(problem, completion)
 
     def format_example(self, problem: Problem, answer: bytes) -> tuple[tuple[int, ...], list[int]]:
         return problem.prompt, self.tokenizer.encode(answer.decode("utf-8")) + [self.stop_ids[0]]
+
+
+def text_before_stop(tokenizer: Tokenizer, tokens: list[int], stop_ids: tuple[int, ...]) -> bytes:
+    """What a generation says: its tokens before the first of ``stop_ids``, decoded (UTF-8 bytes)."""
+    end = next((i for i, t in enumerate(tokens) if t in stop_ids), len(tokens))
+    return tokenizer.decode(list(tokens[:end])).encode("utf-8")
 
 
 def wrap(task: Task, tokenizer: Tokenizer) -> Task:
@@ -135,8 +140,7 @@ class ChatTurns:
         return self.tokenizer.encode(text.decode("utf-8").removesuffix("\n")) + [self.stop_ids[0]]
 
     def action_text(self, tokens: list[int]) -> bytes:
-        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
-        return self.tokenizer.decode(list(tokens[:end])).encode("utf-8")
+        return text_before_stop(self.tokenizer, tokens, self.stop_ids)
 
     def observation(self, text: bytes) -> list[int]:
         return self.tokenizer.encode(self._before + text.decode("utf-8").removesuffix("\n") + self._after)
