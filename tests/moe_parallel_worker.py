@@ -17,8 +17,7 @@ def main(kind: str) -> int:
     torch.distributed.init_process_group("gloo")
     parallel_state.initialize_model_parallel(**{f"{'expert' if kind == 'ep' else 'pipeline'}_model_parallel_size": 2})
     if kind == "ep":
-        sys.path.insert(0, sys.path[0])
-        from test_moe import _moe_model
+        from test_moe import _moe_model   # the worker runs from tests/: its directory is on sys.path
 
         model = _moe_model(expert_model_parallel_size=2)
     else:
