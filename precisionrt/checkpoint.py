@@ -1,10 +1,12 @@
-"""Checkpoints of a run directory: ``checkpoints/step_000123.pt`` (one process or tensor-parallel size 1) or,
-under tensor parallelism, one file per TP rank, ``step_000123.tp0.pt``, ``step_000123.tp1.pt``, ... (each rank
-holds its own shard of the weights, of the optimizer state and of the FP8 scaling state; data-parallel
-replicas are identical, so the processes of data-parallel rank 0 write). Files are written atomically and
+"""Checkpoints of a run directory: ``checkpoints/step_000123.pt`` (one process, or no model parallelism) or,
+under model parallelism, one file per model-parallel rank: ``step_000123.tp1.pt`` under tensor parallelism,
+``step_000123.pp1.pt`` under pipeline parallelism, ``step_000123.tp1.pp0.pt`` under both (each rank holds its
+own shard of the weights, of the optimizer state and of the FP8 scaling state; data-parallel replicas are
+identical, so the processes of data-parallel rank 0 write). Files are written atomically and
 durably (fsync of the file and of its directory), read with ``weights_only=True``, and only the newest
 ``keep`` steps are kept. A truncated or corrupt newest checkpoint is reported by name and the previous one is
-used, the same step on every rank. A checkpoint written at another TP size is refused with both sizes named."""
+used, the same step on every rank. A checkpoint written at another layout (TP or PP size) is refused with both
+layouts named."""
 
 from __future__ import annotations
 
@@ -20,15 +22,29 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_NAME = re.compile(r"^step_(\d{6,})(?:\.tp(\d+))?\.pt$")
+_NAME = re.compile(r"^step_(\d{6,})(?:\.(tp\d+(?:\.pp\d+)?|pp\d+))?\.pt$")
 # What torch.load raises for a file that was cut short or damaged (a zip archive that does not read back).
 _DAMAGED = (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError)
 
 
-def checkpoint_path(run_dir: str | Path, step: int, tp_rank: int | None = None) -> Path:
-    """The file of ``step`` (of TP rank ``tp_rank`` under tensor parallelism; None: the unsharded file)."""
-    shard = "" if tp_rank is None else f".tp{tp_rank}"
-    return Path(run_dir) / "checkpoints" / f"step_{step:06d}{shard}.pt"
+def shard_name(tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1) -> str | None:
+    """This model-parallel rank's part of a checkpoint's file name (``tp1``, ``pp0``, ``tp1.pp0``); None
+    without model parallelism (the unsharded file)."""
+    parts = ([f"tp{tp_rank}"] if tp_size > 1 else []) + ([f"pp{pp_rank}"] if pp_size > 1 else [])
+    return ".".join(parts) or None
+
+
+def layout_of(shards: set[str | None]) -> str:
+    """The parallel layout that wrote files of ``shards``, in words."""
+    tp = len({s.split(".")[0] for s in shards if s and s.startswith("tp")}) or 1
+    pp = len({p for s in shards if s for p in s.split(".") if p.startswith("pp")}) or 1
+    return f"tensor_model_parallel_size {tp}, pipeline_model_parallel_size {pp}"
+
+
+def checkpoint_path(run_dir: str | Path, step: int, shard: str | None = None) -> Path:
+    """The file of ``step`` (of model-parallel shard ``shard``, see ``shard_name``; None: the unsharded file)."""
+    suffix = "" if shard is None else f".{shard}"
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}{suffix}.pt"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -39,12 +55,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0, tp_rank: int | None = None) -> Path:
-    """Write ``state`` as the checkpoint of ``step`` (this TP rank's shard when ``tp_rank`` is given); then
-    delete all but the newest ``keep`` of this rank's (0: keep all).
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0, shard: str | None = None) -> Path:
+    """Write ``state`` as the checkpoint of ``step`` (this model-parallel rank's ``shard``, see ``shard_name``);
+    then delete all but the newest ``keep`` of this rank's (0: keep all).
 
     A failed write (a full disk) removes its partial ``.tmp`` and raises an error naming the path."""
-    path = checkpoint_path(run_dir, step, tp_rank)
+    path = checkpoint_path(run_dir, step, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".pt.tmp")
     digest = _digest_path(path)
@@ -62,7 +78,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0, 
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"could not write checkpoint {path}: {type(e).__name__}: {e}") from e
     if keep > 0:
-        for _, old in list_checkpoints(run_dir, tp_rank)[:-keep]:
+        for _, old in list_checkpoints(run_dir, shard)[:-keep]:
             old.unlink(missing_ok=True)
             _digest_path(old).unlink(missing_ok=True)
     return path
@@ -80,10 +96,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def list_checkpoints(run_dir: str | Path, tp_rank: int | None = None) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the checkpoints of one layout (unsharded, or TP rank ``tp_rank``), oldest first."""
-    want = None if tp_rank is None else str(tp_rank)
-    return sorted((step, p) for step, shard, p in _all_files(run_dir) if shard == want)
+def list_checkpoints(run_dir: str | Path, shard: str | None = None) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoints of one shard (None: unsharded), oldest first."""
+    return sorted((step, p) for step, theirs, p in _all_files(run_dir) if theirs == shard)
 
 
 def _all_files(run_dir: str | Path) -> list[tuple[int, str | None, Path]]:
@@ -135,26 +150,27 @@ def _common_steps(steps: set[int], group) -> set[int]:
     return set.intersection(*(set(s) for s in everyone))
 
 
-def load_latest_checkpoint(run_dir: str | Path, tp_rank: int | None = None, tp_size: int = 1,
+def load_latest_checkpoint(run_dir: str | Path, shard: str | None = None, layout: dict | None = None,
                            group=None) -> tuple[int, dict] | None:
     """The newest checkpoint readable on every rank of ``group``, as ``(step, this rank's state)``, or None if
-    the run has none. ``tp_rank``/``tp_size`` name this process's shard (``tp_rank`` None: unsharded); files of
-    another layout are refused with an error naming both tensor-parallel sizes."""
+    the run has none. ``shard`` names this process's files (``shard_name``; None: unsharded), ``layout`` its
+    parallel sizes (``{"tensor_model_parallel_size": 2, ...}``, as saved under the state's ``"parallel"``);
+    files of another layout are refused with an error naming both layouts."""
+    layout = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, **(layout or {})}
+    described = ", ".join(f"{k} {v}" for k, v in layout.items())
     files = _all_files(run_dir)
-    mine = list_checkpoints(run_dir, tp_rank)
+    mine = list_checkpoints(run_dir, shard)
     if files and not mine:
-        shards = {shard for _, shard, _ in files}
-        theirs = 1 if shards == {None} else len(shards - {None})
         raise ValueError(f"checkpoints in {Path(run_dir) / 'checkpoints'} were written at "
-                         f"tensor_model_parallel_size {theirs}; this run uses {tp_size}")
+                         f"{layout_of({s for _, s, _ in files})}; this run uses {described}")
     # every rank walks the same candidate steps, newest first, and all must read a step for it to be taken
     for step in sorted(_common_steps({step for step, _ in mine}, group), reverse=True):
-        state = _load(checkpoint_path(run_dir, step, tp_rank))
+        state = _load(checkpoint_path(run_dir, step, shard))
         if _all_ranks_agree(state is not None, group):
-            saved = state.get("parallel", {}).get("tensor_model_parallel_size", tp_size)
-            if saved != tp_size:
-                raise ValueError(f"checkpoint {checkpoint_path(run_dir, step, tp_rank)} was written at "
-                                 f"tensor_model_parallel_size {saved}; this run uses {tp_size}")
+            saved = {k: state.get("parallel", {}).get(k, 1) for k in layout}
+            if saved != layout:
+                raise ValueError(f"checkpoint {checkpoint_path(run_dir, step, shard)} was written at "
+                                 f"{', '.join(f'{k} {v}' for k, v in saved.items())}; this run uses {described}")
             return step, state
     if mine:
         raise RuntimeError(f"no readable checkpoint among {len(mine)} in {Path(run_dir) / 'checkpoints'}")

@@ -139,11 +139,11 @@ def resolved_paths(cfg, run_dir: Path) -> dict:
             "control_file": str(root / control) if control else None, "switch_log": str(root / EVENTS_FILE)}
 
 
-def open_run(cfg, model, layers: list[str], end: int, is_main: bool = True, tp_rank: int | None = None,
-             tp_size: int = 1, group=None) -> OpenedRun:
+def open_run(cfg, model, layers: list[str], end: int, is_main: bool = True, shard: str | None = None,
+             layout: dict | None = None, group=None) -> OpenedRun:
     """What both commands do before their first step: claim ``run.dir`` (or reopen it with ``train.resume``),
     find the checkpoint to resume from and refuse what cannot be resumed (a held run without a checkpoint,
-    another tensor-parallel size, another model, a change of what the run is) before anything is written; then
+    another parallel layout, another model, a change of what the run is) before anything is written; then
     drop the metrics rows a resumed run logs again, write ``config.json`` (a fresh run) or the segment's line
     of ``segments.jsonl`` (a resumed one) and open the loggers (rank 0)."""
     held_a_run = holds_run(cfg.run.dir, cfg.train.resume)
@@ -160,8 +160,8 @@ def open_run(cfg, model, layers: list[str], end: int, is_main: bool = True, tp_r
     with OpenedRun(run_dir, None, None, None, written).starting():   # a refusal takes back the claim
         if cfg.train.resume:
             try:
-                found = load_latest_checkpoint(run_dir, tp_rank, tp_size, group=group)
-            except ValueError as e:   # another tensor-parallel size: a configuration problem, named as one
+                found = load_latest_checkpoint(run_dir, shard, layout, group=group)
+            except ValueError as e:   # another parallel layout: a configuration problem, named as one
                 raise ConfigError(f"train.resume: {e}") from None
             except RuntimeError as e:   # every checkpoint damaged, or refused by weights_only
                 raise StartupError(f"train.resume: {e}") from None

@@ -54,7 +54,9 @@ def check_inject_ranks(cfg: InjectConfig, world_size: int) -> None:
 class FaultInjector:
     """Applies an InjectConfig to a model; call ``before_step(step)`` before each step's forward."""
 
-    def __init__(self, config: InjectConfig, model: torch.nn.Module, rank: int = 0):
+    def __init__(self, config: InjectConfig, model: torch.nn.Module, rank: int = 0, names: list[str] | None = None):
+        """``names``: the whole model's managed layers (``PrecisionRuntime.names``) when this rank holds only
+        some of them (pipeline stages): a layer of another stage injects nothing here."""
         self.config = config
         self.active = config.kind != "none" and (not config.ranks or rank in config.ranks)
         self.layer = None
@@ -63,7 +65,11 @@ class FaultInjector:
             return
         layers = precision_layers(model)
         if config.layer not in layers:
-            raise ConfigError(f"inject.layer {config.layer!r} is not a managed layer; e.g. {list(layers)[:3]}")
+            if names is not None and config.layer in names:   # another stage's layer
+                self.active = False
+                return
+            known = names or list(layers)
+            raise ConfigError(f"inject.layer {config.layer!r} is not a managed layer; e.g. {known[:3]}")
         self.layer = layers[config.layer]
         in_features = self.layer.weight.shape[1]
         bad = [c for c in config.channels if not 0 <= c < in_features]

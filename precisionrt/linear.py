@@ -13,7 +13,6 @@ are, in the model's dtype (the fp32 master copy on CPU); only the GEMM operands 
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +30,6 @@ from precisionrt.events import PRECISIONS
 from precisionrt.fp8 import E4M3, E5M2, ScalingConfig
 from precisionrt.numerics import GRAD_FIELDS, GRAD_INDEX, ROLES, LayerNumerics  # noqa: F401  (re-exported)
 
-_FORWARD_SEQ = itertools.count()  # host-side order of forwards: recovers execution order of layers
 _GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -259,7 +257,6 @@ class PrecisionLinearMixin:
         self._precision = "bf16"
         # Function-preserving per-input-channel scale (fault injection, contract C6): x * s and W / s.
         self.channel_scale: torch.Tensor | None = None
-        self.forward_seq = -1
 
     @property
     def precision(self) -> str:
@@ -284,7 +281,6 @@ class PrecisionLinearMixin:
         if grad_output_buffer is not None:
             raise ValueError(f"{type(self).__name__} does not support deferred embedding wgrad compute")
         self.numerics.training = self.training
-        self.forward_seq = next(_FORWARD_SEQ)
         if self.training:  # FLOP accounting covers training GEMMs, not evaluation
             tokens = input.numel() // input.shape[-1] * (tp_group.size() if sequence_parallel else 1)
             counted = tokens * self.gemm_flops_per_token
@@ -321,6 +317,45 @@ class PrecisionRowParallelLinear(PrecisionLinearMixin, RowParallelLinear):
 PrecisionLinear = (PrecisionColumnParallelLinear, PrecisionRowParallelLinear)
 
 
-def precision_layers(model: torch.nn.Module) -> dict[str, PrecisionLinearMixin]:
-    """All managed layers of ``model`` by qualified name, in module order."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, PrecisionLinearMixin)}
+def precision_layers(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, PrecisionLinearMixin]:
+    """All managed layers of ``model`` (a module, or the list of a virtual pipeline's model chunks) by **global**
+    name, in module order.
+
+    A global name is the module path with two local indices made global, so that one name means one layer on
+    every rank of any parallel layout: a transformer layer's index in its stage's ``layers`` list becomes its
+    index in the whole model (``layer_number - 1``, which megatron offsets by pipeline and virtual stage), and a
+    ``SequentialMLP``'s local expert index becomes the expert's global index (``ep_rank x num_local_experts +
+    j``, the numbering megatron's own ``sharded_state_dict`` uses). Without pipeline or expert parallelism the
+    global name is the module path."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    out: dict[str, PrecisionLinearMixin] = {}
+    for chunk in chunks:
+        renamed = _global_components(chunk)
+        for path, module in chunk.named_modules():
+            if not isinstance(module, PrecisionLinearMixin):
+                continue
+            parts, prefix = path.split("."), ""
+            for i, part in enumerate(parts):
+                prefix = f"{prefix}.{part}" if prefix else part
+                parts[i] = renamed.get(prefix, part)
+            name = ".".join(parts)
+            if name in out:
+                raise ValueError(f"two managed layers share the global name {name!r}: the model chunks overlap")
+            out[name] = module
+    return out
+
+
+def _global_components(model: torch.nn.Module) -> dict[str, str]:
+    """Module paths whose last component is a local index, mapped to the global index that replaces it."""
+    renamed: dict[str, str] = {}
+    for path, module in model.named_modules():
+        last = path.rsplit(".", 1)[-1]
+        number = getattr(module, "layer_number", None)
+        if last.isdigit() and isinstance(number, int) and hasattr(module, "self_attention"):  # a TransformerLayer
+            renamed[path] = str(number - 1)
+        experts = getattr(module, "local_experts", None)
+        if isinstance(experts, torch.nn.ModuleList) and hasattr(module, "ep_group"):    # a SequentialMLP
+            offset = module.ep_group.rank() * module.num_local_experts
+            for j in range(len(experts)):
+                renamed[f"{path}.local_experts.{j}"] = str(offset + j)
+    return renamed

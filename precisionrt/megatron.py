@@ -246,7 +246,7 @@ class ModelConfig(Checked):
 
 
 def transformer_config(cfg: ModelConfig, tensor_parallel_size: int = 1, params_dtype: torch.dtype | None = None,
-                       device: str | torch.device = "cpu") -> TransformerConfig:
+                       device: str | torch.device = "cpu", pipeline_parallel_size: int = 1) -> TransformerConfig:
     """Megatron's config for ``device``. On CPU every CUDA-only fusion is off; on CUDA the fusions that
     megatron-core offers without Transformer Engine or Apex are on (bias-dropout-add, SwiGLU, native fused
     vocab-parallel cross-entropy). RoPE fusion and gradient-accumulation fusion need Transformer Engine or
@@ -256,7 +256,8 @@ def transformer_config(cfg: ModelConfig, tensor_parallel_size: int = 1, params_d
         num_attention_heads=cfg.num_attention_heads, ffn_hidden_size=cfg.ffn_hidden_size,
         normalization=cfg.normalization, gated_linear_unit=cfg.swiglu,
         activation_func=F.silu if cfg.swiglu else F.gelu, init_method_std=cfg.init_std,
-        tensor_model_parallel_size=tensor_parallel_size, params_dtype=params_dtype or cfg.torch_dtype)
+        tensor_model_parallel_size=tensor_parallel_size, params_dtype=params_dtype or cfg.torch_dtype,
+        pipeline_model_parallel_size=pipeline_parallel_size, pipeline_dtype=params_dtype or cfg.torch_dtype)
 
 
 def megatron_transformer_config(device: str | torch.device, **dims) -> TransformerConfig:
@@ -268,6 +269,8 @@ def megatron_transformer_config(device: str | torch.device, **dims) -> Transform
                     use_cpu_initialization=True, masked_softmax_fusion=False, persist_layer_norm=False,
                     gradient_accumulation_fusion=False, apply_rope_fusion=False,
                     bias_dropout_fusion=cuda, cross_entropy_loss_fusion=cuda,
+                    # the synchronize after batched pipeline send/receive guards a CUDA stream race
+                    batch_p2p_sync=cuda,
                     bias_activation_fusion=cuda and dims.get("gated_linear_unit", False))
     settings.update(dims)
     with warnings.catch_warnings():  # megatron-core 0.16 warns about its own default cuda_graph_scope
@@ -295,12 +298,16 @@ def build_gpt(cfg: ModelConfig, scaling: ScalingConfig | None = None, tensor_par
         if cfg.hf_path and load_weights:
             return hf.from_hf(cfg.hf_path, scaling=scaling, dtype=dtype, device=device)
         return hf.build_from_arch(cfg.hf_arch(tp), scaling=scaling, dtype=dtype, device=device)
-    model = GPTModel(
-        config=transformer_config(cfg, tensor_parallel_size, params_dtype, device),
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if cfg.num_layers % pp:
+        raise ValueError(f"num_layers ({cfg.num_layers}) must be divisible by the pipeline size ({pp})")
+    model = GPTModel(   # under pipeline parallelism: this stage's layers, the embedding first, the head last
+        config=transformer_config(cfg, tensor_parallel_size, params_dtype, device, pp),
         transformer_layer_spec=precision_layer_spec(scaling),
         vocab_size=cfg.vocab_size, max_sequence_length=cfg.seq_length,
         position_embedding_type=cfg.position_embedding,
         share_embeddings_and_output_weights=False,
+        pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
     )
     return place_model(model, params_dtype or cfg.torch_dtype, device)
 
@@ -340,11 +347,12 @@ def _free_localhost_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(tensor_parallel_size: int = 1, seed: int = 0, device: str | torch.device = "cpu") -> None:
+def init_parallel(tensor_parallel_size: int = 1, seed: int = 0, device: str | torch.device = "cpu",
+                  pipeline_parallel_size: int = 1) -> None:
     """Bring up torch.distributed (gloo for ``device`` CPU, nccl for CUDA) and Megatron's parallel state.
 
     Under ``torchrun`` the launcher's rendezvous is used; a plain process becomes a world of one bound to
-    localhost. Idempotent for the same tensor-parallel size.
+    localhost. Idempotent for the same tensor- and pipeline-parallel sizes.
     """
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
@@ -355,14 +363,18 @@ def init_parallel(tensor_parallel_size: int = 1, seed: int = 0, device: str | to
                 backend=backend, init_method=f"tcp://127.0.0.1:{_free_localhost_port()}", rank=0, world_size=1
             )
     world = torch.distributed.get_world_size()
-    if world % tensor_parallel_size:
-        raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size {tensor_parallel_size}")
+    if world % (tensor_parallel_size * pipeline_parallel_size):
+        raise ValueError(f"world size {world} is not divisible by tensor_model_parallel_size {tensor_parallel_size} "
+                         f"x pipeline_model_parallel_size {pipeline_parallel_size}")
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() != tensor_parallel_size:
+        if (parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size()) != (tensor_parallel_size,
+                                                                            pipeline_parallel_size):
             parallel_state.destroy_model_parallel()
         else:
             return
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size,
+                                             pipeline_model_parallel_size=pipeline_parallel_size)
     if torch.device(device).type == "cuda":
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -370,8 +382,12 @@ def init_parallel(tensor_parallel_size: int = 1, seed: int = 0, device: str | to
 
 
 def match_layers(model: torch.nn.Module, patterns: list[str], what: str = "pattern") -> list[str]:
-    """Managed layer names matching any fnmatch pattern; a pattern that matches nothing is an error."""
-    names = list(precision_layers(model))
+    """Managed layer names of ``model`` matching any fnmatch pattern; a pattern that matches nothing is an error."""
+    return match_names(list(precision_layers(model)), patterns, what)
+
+
+def match_names(names: list[str], patterns: list[str], what: str = "pattern") -> list[str]:
+    """The ``names`` matching any fnmatch pattern; a pattern that matches nothing is an error."""
     matched: list[str] = []
     for pat in patterns:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pat)]

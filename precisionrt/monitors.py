@@ -75,8 +75,21 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(b > 0, a / b.clamp_min(1e-30), torch.zeros_like(a))
 
 
-def pack(layers: list, control: torch.Tensor) -> torch.Tensor:
-    """Drain every layer's statistics into one ``[len(layers), len(COLUMNS)]`` fp32 device tensor."""
+def pack(layers: list, control: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Drain every layer's statistics into one ``[len(control), len(COLUMNS)]`` fp32 device tensor: this rank's
+    ``layers`` at the whole model's ``rows`` (default: ``layers`` are the whole model), zeros in the rows of
+    layers other ranks hold (``layout.py``), and the operator control codes of every layer."""
+    total = control.shape[0]
+    if rows is None:
+        rows = torch.arange(len(layers), device=control.device)
+    out = torch.zeros(total, len(COLUMNS), dtype=torch.float32, device=control.device)
+    if layers:
+        out.index_copy_(0, rows, _pack_local(layers).float())
+    out[:, COLUMNS.index("control")] = control
+    return out
+
+
+def _pack_local(layers: list) -> torch.Tensor:
     drained = [layer.numerics.drain_stats() for layer in layers]
     stats = torch.stack([d[0] for d in drained])         # [L, roles, fields]
     grad = torch.stack([d[1] for d in drained])          # [L, grad fields]
@@ -102,7 +115,7 @@ def pack(layers: list, control: torch.Tensor) -> torch.Tensor:
         grad[:, GRAD_INDEX["shadow_count"]],
         grad[:, GRAD_INDEX["wgrad_sq"]].sqrt(),
         (col("numel").sum(1) > 0).float(),
-        control,
+        torch.zeros_like(headroom[:, 0]),   # control: set by ``pack`` for every layer
         flushed_share[:, :2].amax(1),
         flushed_share[:, 2],
     ], dim=1)

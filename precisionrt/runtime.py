@@ -37,8 +37,9 @@ from precisionrt.control import OperatorControl
 from precisionrt.events import EVENTS_FILE, PRECISIONS, EventLog, Precision, Reason, SwitchEvent, json_safe, read_log
 from precisionrt.flops import FlopAccounting
 from precisionrt.fp8 import ScalingConfig
+from precisionrt.layout import LayerTable
 from precisionrt.linear import precision_layers
-from precisionrt.megatron import match_layers
+from precisionrt.megatron import match_names
 from precisionrt.monitors import MonitorConfig, MonitorState
 from precisionrt.numerics import LayerNumerics
 from precisionrt.policy import Policy, PolicyConfig
@@ -76,21 +77,28 @@ def _tensor_parallel_group():
     return group if torch.distributed.get_world_size(group) > 1 else None
 
 
+def _pipeline_group():
+    """Megatron's pipeline group when it has more than one stage, else None."""
+    from megatron.core import parallel_state
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_pipeline_model_parallel_group()
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
 def check_parallelism() -> None:
-    """Refuse the parallel layouts whose layers the runtime would mix up: under pipeline parallelism every stage
-    names its layers ``decoder.layers.0..`` (local numbers) and under expert parallelism every rank names its
-    experts ``local_experts.0..`` (local indices), while statistics and decisions are reduced by name over all
-    ranks, so one stage's or rank's fault would move another's layer (issue 26, item 1)."""
+    """Refuse expert parallelism: its layers are named and decided globally (``layout.py``), but megatron-core
+    0.16's token dispatchers need CUDA, so no test has run an EP step through the runtime yet."""
     from megatron.core import parallel_state
 
     if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
         return
-    for what, size in (("pipeline", parallel_state.get_pipeline_model_parallel_world_size()),
-                       ("expert", parallel_state.get_expert_model_parallel_world_size())):
-        if size > 1:
-            raise NotImplementedError(
-                f"PrecisionRuntime: {what}_model_parallel_size {size} is not supported yet: its ranks name their "
-                f"layers by local index, so decisions would mix layers of different ranks; use {what} size 1")
+    size = parallel_state.get_expert_model_parallel_world_size()
+    if size > 1:
+        raise NotImplementedError(
+            f"PrecisionRuntime: expert_model_parallel_size {size} is not supported yet (untested: megatron's "
+            "token dispatchers need CUDA); use expert size 1")
 
 
 def _default_rank() -> int:
@@ -98,17 +106,26 @@ def _default_rank() -> int:
 
 
 class PrecisionRuntime:
-    def __init__(self, model: torch.nn.Module, config: RuntimeConfig, run_dir: str | Path | None = None,
-                 run_config: dict | None = None, rank: int | None = None):
-        """``rank`` defaults to this process's rank in ``torch.distributed`` (0 when it is not initialised):
-        rank 0 writes the switch log and reads the control file."""
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module], config: RuntimeConfig,
+                 run_dir: str | Path | None = None, run_config: dict | None = None, rank: int | None = None):
+        """``model``: this rank's model, or the list of its model chunks under virtual pipelining. ``rank``
+        defaults to this process's rank in ``torch.distributed`` (0 when it is not initialised): rank 0 writes
+        the switch log and reads the control file.
+
+        Under model parallelism ``layers`` holds this rank's layers and ``names`` the whole model's, by global
+        name (``layout.py``); construction then makes one ``all_gather_object`` over the world, so every rank
+        constructs its runtime."""
         self.config = config
         check_parallelism()
         rank = _default_rank() if rank is None else rank
-        self.layers = precision_layers(model)
-        if not self.layers:
+        self.layers = precision_layers(model)   # this rank's
+        self.table = LayerTable.gather(self.layers)
+        if not self.table.names:
             raise ValueError("model has no PrecisionLinear layers: build it with precisionrt.megatron.precision_layer_spec")
-        self.names = list(self.layers)
+        self.names = self.table.names            # the whole model's, in forward order
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        self.device = next(p for chunk in chunks for p in chunk.parameters()).device
+        self._rows = self.table.rows_of(list(self.layers), self.device)
         for layer in self.layers.values():
             layer.numerics = LayerNumerics(config.scaling, layer.weight.device)
             layer.numerics.fused = config.fused_kernels
@@ -121,23 +138,26 @@ class PrecisionRuntime:
                 for state in layer.numerics.scaling.values():
                     state.defer = True
         self.pinned: dict[str, str] = {}
-        for name in match_layers(model, config.pin_bf16, "precision.pin_bf16 pattern"):
+        info = self.table.by_name
+        for name in match_names(self.names, config.pin_bf16, "precision.pin_bf16 pattern"):
             self.pinned[name] = "bf16"
-        for name in match_layers(model, config.pin_fp8, "precision.pin_fp8 pattern"):
+        for name in match_names(self.names, config.pin_fp8, "precision.pin_fp8 pattern"):
             if self.pinned.get(name) == "bf16":
                 raise ValueError(f"layer {name!r} is pinned to both bf16 and fp8")
-            if not self.layers[name].fp8_capable:
-                raise ValueError(f"layer {name!r} is pinned to fp8 but {self.layers[name].fp8_unsupported_reason}")
+            if not info[name].fp8_capable:
+                raise ValueError(f"layer {name!r} is pinned to fp8 but {info[name].fp8_unsupported}")
             self.pinned[name] = "fp8"
         initial = "bf16" if config.mode == "bf16" else "fp8"
-        stuck = {n: l.fp8_unsupported_reason for n, l in self.layers.items() if not l.fp8_capable}
-        if stuck and config.mode != "bf16":   # a run that is silently 60% FP8 instead of 100% must say so
-            log.warning("%d of %d managed layers cannot run FP8 and stay BF16: %s", len(stuck), len(self.layers),
+        stuck = {n: i.fp8_unsupported for n, i in info.items() if not i.fp8_capable}
+        if stuck and config.mode != "bf16" and rank == 0:   # a run silently 60% FP8 instead of 100% must say so
+            log.warning("%d of %d managed layers cannot run FP8 and stay BF16: %s", len(stuck), len(self.names),
                         "; ".join(f"{n} ({why})" for n, why in stuck.items()))
-        for name, layer in self.layers.items():
-            layer.precision = self.pinned.get(name, initial) if layer.fp8_capable else "bf16"
+        # the precision of each layer another rank holds (every rank follows every layer's decisions)
+        self._remote: dict[str, str] = {}
+        for name in self.names:
+            self._assign(name, self.pinned.get(name, initial) if info[name].fp8_capable else "bf16")
         # layers that cannot run fp8 are, for the policy, pinned to bf16
-        fixed = {**{n: "bf16" for n, l in self.layers.items() if not l.fp8_capable}, **self.pinned}
+        fixed = {**{n: "bf16" for n, i in info.items() if not i.fp8_capable}, **self.pinned}
         self.policy = Policy(config.policy, self.names, fixed, self.precisions())
         self.monitor_state = MonitorState()
         monitoring = config.mode == "dynamic" or config.observe
@@ -145,7 +165,7 @@ class PrecisionRuntime:
             layer.numerics.collect = monitoring
         self.last_signals: dict[str, dict] = {}
         self.rank = rank
-        self.flops = FlopAccounting(self.layers)
+        self.flops = FlopAccounting(self.layers, _pipeline_group(), self.device)
         self.sampling = SamplingSchedule(self.layers, config.monitor, monitoring)
         self.skips = NonfiniteSkips(config.skip_nonfinite_steps)
         self.control = OperatorControl(self.names)   # reads a file once the run directory is known
@@ -179,15 +199,26 @@ class PrecisionRuntime:
     # ------------------------------------------------------------------------------------------ queries
 
     def precisions(self) -> dict[str, str]:
-        return {name: layer.precision for name, layer in self.layers.items()}
+        """Every layer of the model (this rank's and the other ranks') -> its precision."""
+        return {name: self._precision_of(name) for name in self.names}
+
+    def _precision_of(self, name: str) -> str:
+        return self.layers[name].precision if name in self.layers else self._remote[name]
+
+    def _assign(self, name: str, precision: str) -> None:
+        if name in self.layers:
+            self.layers[name].precision = precision   # validates; resets scaling state on a return to fp8
+        else:
+            self._remote[name] = precision
 
     def layer_table(self) -> list[dict]:
-        """The run_start layer table: name, index, GEMM FLOPs per token, initial precision, pin, fallback."""
+        """The run_start layer table, of the whole model in forward order: name, index, GEMM FLOPs per token
+        (of one tensor-parallel shard), initial precision, pin, fallback."""
         return [
-            {"name": name, "index": i, "gemm_flops_per_token": layer.gemm_flops_per_token,
-             "precision": layer.precision, "pinned": self.pinned.get(name),
-             "fp8_unsupported": layer.fp8_unsupported_reason}
-            for i, (name, layer) in enumerate(self.layers.items())
+            {"name": i.name, "index": index, "gemm_flops_per_token": i.gemm_flops_per_token,
+             "precision": self._precision_of(i.name), "pinned": self.pinned.get(i.name),
+             "fp8_unsupported": i.fp8_unsupported}
+            for index, i in enumerate(self.table.infos)
         ]
 
     @property
@@ -200,7 +231,8 @@ class PrecisionRuntime:
         self.sampling.monitoring = on
 
     def fp8_flop_fraction(self, window: Literal["run", "step"] = "run") -> float:
-        """Share of the managed layers' GEMM FLOPs that ran in FP8, over the run or the last step (``flops.py``)."""
+        """Share of the managed layers' GEMM FLOPs that ran in FP8, over the run or the last step (``flops.py``;
+        under pipeline parallelism a collective over the pipeline group)."""
         return self.flops.fraction(window)
 
     @property
@@ -210,13 +242,15 @@ class PrecisionRuntime:
 
     def metrics(self) -> dict:
         """Run-level metrics, the worst layer per signal, and (after a check) per-layer metrics
-        (``precision/<layer>/<signal>``; a W&B logger shows those of ``wandb.layer_panels`` only)."""
-        out = {"precision/fp8_flop_fraction": self.fp8_flop_fraction(),
-               "precision/fp8_flop_fraction_step": self.flops.step_fraction,
-               "precision/bf16_layers": sum(p == "bf16" for p in self.precisions().values()),
+        (``precision/<layer>/<signal>``; a W&B logger shows those of ``wandb.layer_panels`` only). Under
+        pipeline parallelism a collective over the pipeline group (the FLOP shares)."""
+        run, step = self.flops.fractions()
+        precisions = self.precisions()
+        out = {"precision/fp8_flop_fraction": run, "precision/fp8_flop_fraction_step": step,
+               "precision/bf16_layers": sum(p == "bf16" for p in precisions.values()),
                **monitors.worst(self.last_signals, self.names)}
         for name, sig in self.last_signals.items():
-            out[f"precision/{name}/is_fp8"] = int(self.layers[name].precision == "fp8")
+            out[f"precision/{name}/is_fp8"] = int(precisions[name] == "fp8")
             out.update({f"precision/{name}/{k}": v for k, v in sig.items() if isinstance(v, float)})
         return out
 
@@ -227,22 +261,23 @@ class PrecisionRuntime:
         """Switch one layer (effective from its next forward) and log it. Returns the event, or None if the
         layer already runs at ``precision``. A manual switch holds the layer there until ``release``.
         Unknown layers and impossible requests raise ValueError."""
-        if name not in self.layers:
+        if name not in self.table.by_name:
             raise ValueError(f"unknown layer {name!r}; managed layers: {self.names[:4]} ... ({len(self.names)})")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        layer = self.layers[name]
+        info = self.table.by_name[name]
         if reason == "manual":
             if name in self.pinned and self.pinned[name] != precision:
                 raise ValueError(f"layer {name!r} is pinned to {self.pinned[name]}")
-            if precision == "fp8" and not layer.fp8_capable:
-                raise ValueError(f"layer {name!r} cannot run fp8: {layer.fp8_unsupported_reason}")
+            if precision == "fp8" and not info.fp8_capable:
+                raise ValueError(f"layer {name!r} cannot run fp8: {info.fp8_unsupported}")
             self.policy.hold(name, precision)
-        if layer.precision == precision:
+        current = self._precision_of(name)
+        if current == precision:
             return None
-        event = SwitchEvent(step=step, layer=name, from_=layer.precision, to=precision, reason=reason,
+        event = SwitchEvent(step=step, layer=name, from_=current, to=precision, reason=reason,
                             signals={k: json_safe(v) for k, v in (signals or {}).items()})
-        layer.precision = precision  # validates; resets scaling state on a return to fp8
+        self._assign(name, precision)
         if self.events is not None:
             self.events.switch(event)
         return event
@@ -252,7 +287,7 @@ class PrecisionRuntime:
         """Promote ``name`` to BF16 on a signal from outside the monitors (RL: ``reason="mismatch"``). Unlike a
         manual switch it holds nothing: the policy brings the layer back as any promoted one (cooldown, pre-flight,
         probation). None when the policy keeps it where it is (pinned, held, already BF16). Dynamic mode only."""
-        if name not in self.layers:
+        if name not in self.table.by_name:
             raise ValueError(f"unknown layer {name!r}")
         if self.config.mode != "dynamic":
             raise ValueError(f"promote needs precision mode 'dynamic' (a policy to bring the layer back), "
@@ -263,7 +298,7 @@ class PrecisionRuntime:
 
     def release(self, name: str) -> None:
         """End a manual hold: the policy decides for this layer again."""
-        if name not in self.layers:
+        if name not in self.table.by_name:
             raise ValueError(f"unknown layer {name!r}")
         self.policy.hold(name, None)
 
@@ -298,21 +333,20 @@ class PrecisionRuntime:
                 self.skips.fetch(None)
             return []
         self.skips.check_next = False
-        device = next(iter(self.layers.values())).weight.device
-        packed = monitors.reduce(monitors.pack(list(self.layers.values()), self.control.codes(device)))
+        packed = monitors.reduce(monitors.pack(list(self.layers.values()), self.control.codes(self.device),
+                                               self._rows))
         host = self.skips.fetch(packed)
         signals = monitors.signals_from(host, self.names, self.monitor_state, self.config.monitor)
-        order = sorted(self.names, key=lambda n: self.layers[n].forward_seq)
-        monitors.mark_nonfinite_origins(signals, host, self.names, order)
+        monitors.mark_nonfinite_origins(signals, host, self.names, self.names)   # names are in forward order
         self.last_signals = signals
         events = self.control.apply(monitors.control_codes(host), step, self.set_precision, self.release)
         if self.config.mode == "dynamic":
-            flops = {n: l.gemm_flops_per_token for n, l in self.layers.items()}
+            flops = {i.name: i.gemm_flops_per_token for i in self.table.infos}
             for d in self.policy.decide(signals, flops):
                 if (e := self.set_precision(d.layer, d.to, reason=d.reason, step=step, signals=d.signals)):
                     events.append(e)
         if self.events is not None:
-            self.events.stats(step, {n: {"precision": self.layers[n].precision, "state": self.policy.layers[n].state,
+            self.events.stats(step, {n: {"precision": self._precision_of(n), "state": self.policy.layers[n].state,
                                          "preflight_holds": self.policy.layers[n].preflight_holds,
                                          **{k: json_safe(v) for k, v in s.items()}} for n, s in signals.items()})
         return events
@@ -353,13 +387,17 @@ class PrecisionRuntime:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        missing = set(self.layers) - set(sd["precisions"])
-        unknown = set(sd["precisions"]) - set(self.layers)
+        missing = set(self.names) - set(sd["precisions"])
+        unknown = set(sd["precisions"]) - set(self.names)
         if missing or unknown:
             raise ValueError(f"runtime state does not match the model: missing {sorted(missing)[:3]}, "
                              f"unknown {sorted(unknown)[:3]}")
+        if (absent := sorted(set(self.layers) - set(sd["numerics"]))):
+            raise ValueError(f"runtime state holds no numerics for this rank's layers {absent[:3]}: it was saved "
+                             "by a rank that held other layers")
+        for name in self.names:
+            self._assign(name, sd["precisions"][name])
         for name, layer in self.layers.items():
-            layer.precision = sd["precisions"][name]
             layer.numerics.load_state_dict(sd["numerics"][name])
         self.flops.load_state_dict(sd)
         self.policy.load_state_dict(sd["policy"])

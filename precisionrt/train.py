@@ -2,6 +2,10 @@
 
     python -m precisionrt.train --config configs/lm_tiny_cpu.toml [--set dotted.key=value ...]
     torchrun --nproc-per-node 2 -m precisionrt.train --config ... --set parallel.tensor_model_parallel_size=2
+    torchrun --nproc-per-node 2 -m precisionrt.train --config ... --set parallel.pipeline_model_parallel_size=2
+
+Each step runs megatron-core's own schedule (``get_forward_backward_func``: 1F1B across pipeline stages) over
+``train.micro_batches`` micro-batches (``precisionrt.pipeline``).
 
 Writes the run directory of contract C3: config.json, metrics.jsonl, precision_events.jsonl, summary.json,
 checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``run.dir``.
@@ -21,7 +25,7 @@ import torch
 import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 
-from precisionrt.checkpoint import save_checkpoint
+from precisionrt.checkpoint import save_checkpoint, shard_name
 from precisionrt.clipping import clip_grad_norm_
 from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed, Steps,
                                 run_cli, to_dict)
@@ -31,6 +35,7 @@ from precisionrt.hf import to_hf
 from precisionrt.inject import FaultInjector, InjectConfig, check_inject_ranks
 from precisionrt.loggers import WandbConfig, panel_layers
 from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
+from precisionrt.pipeline import forward_backward, from_last_stage, per_token_loss_step
 from precisionrt.resources import check_fits, training_memory
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
@@ -42,6 +47,10 @@ class TrainConfig(Checked):
     steps: Steps = 300
     seed: Seed = 0
     batch_size: Annotated[int, Range(ge=1, le=2**20)] = 16
+    """Sequences per step and data-parallel rank."""
+    micro_batches: Annotated[int, Range(ge=1, le=2**20)] = 1
+    """Micro-batches per step (divides batch_size): megatron's schedule pipelines them across the stages of
+    ``parallel.pipeline_model_parallel_size``; the gradient is the whole batch's mean either way."""
     lr: LearningRate = 3e-3
     min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
     warmup_steps: Every = 20
@@ -75,6 +84,9 @@ class TrainConfig(Checked):
 class ParallelConfig(Checked):
     tensor_model_parallel_size: Annotated[int, Range(ge=1, le=1024)] = 1
     """Divides the world size, model.num_attention_heads and model.ffn_hidden_size."""
+    pipeline_model_parallel_size: Annotated[int, Range(ge=1, le=1024)] = 1
+    """Pipeline stages (tensor x pipeline divides the world size; the stages split model.num_layers evenly).
+    Layers keep their global names in the switch log and metrics (``precisionrt.layout``)."""
 
 
 @dataclass
@@ -97,10 +109,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+def token_losses(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Next-token losses ``[batch, seq]`` of ``tokens`` (on a pipeline stage before the last: its hidden states)."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0).expand_as(inputs)
-    return model(inputs, positions, None, labels=labels).float().mean()  # per-token losses -> mean
+    return model(inputs, positions, None, labels=labels)
+
+
+def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of a model without pipeline stages."""
+    return token_losses(model, tokens).float().mean()
+
+
+LM_STEP = per_token_loss_step(token_losses)   # megatron's forward_step_func for this loss
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -117,11 +138,13 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[torch.Tensor]) -> float:
+def evaluate(model, batches: list[torch.Tensor], seq_length: int) -> float:
+    """The mean loss over ``batches``, through megatron's schedule (forward only), on every rank."""
     model.eval()
-    loss = sum(lm_loss(model, b).item() for b in batches) / len(batches)
+    losses = [forward_backward(model, LM_STEP, [b], seq_length, forward_only=True) for b in batches]
     model.train()
-    return loss
+    mean = None if losses[0] is None else torch.stack(losses).mean()
+    return from_last_stage(mean, batches[0].device)
 
 
 def allreduce_grads(model, group) -> None:
@@ -141,12 +164,22 @@ def allreduce_grads(model, group) -> None:
 def check_config(cfg: LMConfig) -> None:
     """The rules that join several tables, or need the machine (world size, memory), checked before anything
     is built or written; each error names the keys involved."""
-    tp, model = cfg.parallel.tensor_model_parallel_size, cfg.model
+    tp, pp, model = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, cfg.model
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world % tp:
-        raise ConfigError(f"parallel.tensor_model_parallel_size ({tp}) must divide the world size ({world} "
-                          "process(es)); data parallel is the rest of the world")
+    if world % (tp * pp):
+        raise ConfigError(f"parallel.tensor_model_parallel_size ({tp}) x parallel.pipeline_model_parallel_size "
+                          f"({pp}) must divide the world size ({world} process(es)); data parallel is the rest "
+                          "of the world")
+    if cfg.train.batch_size % cfg.train.micro_batches:
+        raise ConfigError(f"train.micro_batches ({cfg.train.micro_batches}) must divide train.batch_size "
+                          f"({cfg.train.batch_size}): micro-batches are of equal size")
+    if pp > 1 and model.is_hf:
+        raise ConfigError("parallel.pipeline_model_parallel_size: Hugging Face models (model.hf_path, "
+                          "model.hf_init) are loaded and exported whole; pipeline stages are for the byte model")
     dims = model.dims()   # an hf_path checkpoint's own
+    if dims.num_layers % pp:
+        raise ConfigError(f"parallel.pipeline_model_parallel_size ({pp}) must divide model.num_layers "
+                          f"({dims.num_layers}): each stage holds an equal share")
     for key in ("num_attention_heads", "ffn_hidden_size"):
         if getattr(dims, key) % tp:
             raise ConfigError(f"parallel.tensor_model_parallel_size ({tp}) must divide model.{key} "
@@ -172,7 +205,8 @@ def check_config(cfg: LMConfig) -> None:
 def train(cfg: LMConfig) -> dict:
     check_config(cfg)
     device = resolve_device(cfg.run.device)
-    init_parallel(cfg.parallel.tensor_model_parallel_size, seed=cfg.train.seed, device=device)
+    init_parallel(cfg.parallel.tensor_model_parallel_size, seed=cfg.train.seed, device=device,
+                  pipeline_parallel_size=cfg.parallel.pipeline_model_parallel_size)
     rank = torch.distributed.get_rank()
     dp_group = parallel_state.get_data_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
@@ -181,17 +215,19 @@ def train(cfg: LMConfig) -> dict:
     model = build_gpt(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, device=device)
     runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
     panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
-    injector = FaultInjector(cfg.inject, model, rank)
+    injector = FaultInjector(cfg.inject, model, rank, runtime.names)
     corpus = ByteCorpus(cfg.data, load_tokenizer(cfg.model))
     corpus.check_fits(cfg.model.seq_length)
     if is_main:
         print(f"corpus: {corpus.num_bytes:,} bytes of {cfg.data.source!r} Python sources, {corpus.num_tokens:,} "
               f"tokens ({len(corpus.heldout):,} held out)", flush=True)
 
-    tp_size = cfg.parallel.tensor_model_parallel_size
-    tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp_size > 1 else None   # None: unsharded files
+    layout = {"tensor_model_parallel_size": cfg.parallel.tensor_model_parallel_size,
+              "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size}
+    shard = shard_name(parallel_state.get_tensor_model_parallel_rank(), layout["tensor_model_parallel_size"],
+                       parallel_state.get_pipeline_model_parallel_rank(), layout["pipeline_model_parallel_size"])
     end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
-    opened = open_run(cfg, model, runtime.names, end, is_main, tp_rank, tp_size, group=torch.distributed.group.WORLD)
+    opened = open_run(cfg, model, runtime.names, end, is_main, shard, layout, group=torch.distributed.group.WORLD)
     if opened.finished is not None:
         return opened.finished
     run_dir, logger = opened.run_dir, opened.logger
@@ -209,13 +245,13 @@ def train(cfg: LMConfig) -> dict:
                    corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)]
 
     def checkpoint(step: int) -> None:
-        # every TP rank of data-parallel rank 0 writes its own shard (data-parallel replicas are identical)
+        # every model-parallel rank of data-parallel rank 0 writes its own shard (data-parallel replicas are
+        # identical)
         if dp_rank == 0:
             save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
                                             "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict(),
-                                            "history": history(),
-                                            "parallel": {"tensor_model_parallel_size": tp_size}},
-                            keep=cfg.train.keep_checkpoints, tp_rank=tp_rank)
+                                            "history": history(), "parallel": layout},
+                            keep=cfg.train.keep_checkpoints, shard=shard)
 
     def history() -> dict:
         """The run's switches and skipped steps so far, so that a resumed run's summary covers the whole run."""
@@ -233,8 +269,7 @@ def train(cfg: LMConfig) -> dict:
         injector.before_step(step)
         batch = to_device(corpus.train_batch(step, cfg.train.batch_size, cfg.model.seq_length, cfg.train.seed,
                                              dp_rank), device)
-        loss = lm_loss(model, batch)
-        loss.backward()
+        loss = forward_backward(model, LM_STEP, list(batch.chunk(cfg.train.micro_batches)), cfg.model.seq_length)
         allreduce_grads(model, dp_group)
         grad_norm = clip_grad_norm_(model, cfg.train.grad_clip)   # the whole model's norm, on every TP rank
         if device.type == "cuda":   # decided on the device: no host synchronisation on ordinary steps
@@ -261,7 +296,7 @@ def train(cfg: LMConfig) -> dict:
 
         evaluating = done % cfg.train.eval_every == 0 or done == end
         if done % cfg.train.log_every == 0 or evaluating:
-            loss_val = loss.item()
+            loss_val = from_last_stage(loss, device)
             elapsed = time.time() - t_window
             n_steps, last_logged = done - last_logged, done
             metrics = {"train/loss": loss_val, "train/lr": optimizer.param_groups[0]["lr"],
@@ -269,7 +304,7 @@ def train(cfg: LMConfig) -> dict:
                        "perf/throughput": tokens_per_step * n_steps / elapsed,
                        **runtime.metrics()}
             if evaluating:
-                eval_loss = evaluate(model, heldout)
+                eval_loss = evaluate(model, heldout, cfg.model.seq_length)
                 metrics["eval/loss"] = eval_loss
             logger.log(done, metrics)
             if is_main:

@@ -1,7 +1,9 @@
-"""Under torchrun (2 gloo processes): with expert parallelism 2 (``ep``) or pipeline parallelism 2 (``pp``), the
-runtime refuses the model, since both name their layers by local index. Prints one ``REFUSED <message>`` line
-per rank; exits 1 if the runtime accepted."""
+"""Under torchrun (2 gloo processes) at expert parallelism 2: each rank's experts carry their global indices
+(rank 1 holds experts 2-3 and names them so), and the runtime refuses the model all the same, since no EP step
+can run here to test it (megatron's token dispatchers need CUDA). Prints ``EXPERTS <json>`` and one
+``REFUSED <message>`` line per rank; exits 1 if the runtime accepted."""
 
+import json
 import sys
 
 import torch
@@ -10,18 +12,18 @@ import precisionrt.mcore  # noqa: F401
 from megatron.core import parallel_state
 
 from precisionrt import PrecisionRuntime, RuntimeConfig
-from precisionrt.megatron import ModelConfig, build_gpt
+from precisionrt.linear import precision_layers
 
 
-def main(kind: str) -> int:
+def main() -> int:
     torch.distributed.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(**{f"{'expert' if kind == 'ep' else 'pipeline'}_model_parallel_size": 2})
-    if kind == "ep":
-        from test_moe import _moe_model   # the worker runs from tests/: its directory is on sys.path
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=2)
+    from test_moe import _moe_model   # the worker runs from tests/: its directory is on sys.path
 
-        model = _moe_model(expert_model_parallel_size=2)
-    else:
-        model = build_gpt(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128))
+    model = _moe_model(expert_model_parallel_size=2)
+    experts = sorted({n.split(".local_experts.")[1].split(".")[0] for n in precision_layers(model)
+                      if ".local_experts." in n})
+    print(f"EXPERTS {json.dumps([torch.distributed.get_rank(), experts])}", flush=True)
     try:
         PrecisionRuntime(model, RuntimeConfig(mode="dynamic"))
     except NotImplementedError as e:
@@ -31,4 +33,4 @@ def main(kind: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main())
