@@ -91,3 +91,37 @@ class LayerTable:
     def rows_of(self, names: list[str], device: torch.device) -> torch.Tensor:
         """The global row indices of ``names`` (a device index tensor, made once)."""
         return torch.tensor([self.row[n] for n in names], dtype=torch.long, device=device)
+
+
+def tensor_parallel_group():
+    """Megatron's tensor-parallel group when it has more than one rank, else None."""
+    from megatron.core import parallel_state
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_tensor_model_parallel_group()
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def pipeline_group():
+    """Megatron's pipeline group when it has more than one stage, else None."""
+    from megatron.core import parallel_state
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return None
+    group = parallel_state.get_pipeline_model_parallel_group()
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def check_parallelism() -> None:
+    """Refuse expert parallelism: its layers are named and decided globally (``layout.py``), but megatron-core
+    0.16's token dispatchers need CUDA, so no test has run an EP step through the runtime yet."""
+    from megatron.core import parallel_state
+
+    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
+        return
+    size = parallel_state.get_expert_model_parallel_world_size()
+    if size > 1:
+        raise NotImplementedError(
+            f"PrecisionRuntime: expert_model_parallel_size {size} is not supported yet (untested: megatron's "
+            "token dispatchers need CUDA); use expert size 1")

@@ -4,8 +4,9 @@
 without pipeline parallelism, 1F1B across stages with it. The last stage computes the loss; ``from_last_stage``
 brings a last-stage value to every rank (one collective, at logging only).
 
-megatron-core 0.16.1's schedules assume CUDA in three places on this path, which ``megatron_on_cpu`` works around
-while a schedule runs on a machine without CUDA (and changes nothing where CUDA is present):
+megatron-core 0.16.1 assumes CUDA in these places on a Megatron user's CPU path (its schedule, DDP,
+``dist_checkpointing``); ``megatron_on_cpu`` works around them while the call runs on a machine without CUDA (and
+changes nothing where CUDA is present):
 
 =========================================================  =========================================================
 megatron-core 0.16.1                                       workaround
@@ -16,7 +17,17 @@ torch.zeros([], ..., device="cuda")``                      functions to the CPU
 ``torch.cuda.current_device()``                            schedule runs
 ``p2p_communication.py:398``: ``torch.cuda.synchronize()`` ``batch_p2p_sync=False`` in the model's config (the
 after batched send/receive                                 race it guards is between CUDA streams; gloo has none)
+``distributed/param_and_grad_buffer.py:783``: DDP's grad   ``torch.cuda.current_device`` answers ``"cpu"``
+buffers on ``torch.cuda.current_device()``
+``dist_checkpointing/strategies/filesystem_async.py:230``  ``torch.cuda.synchronize`` is a no-op while the call runs
+``torch.cuda.synchronize()``; ``state_dict_saver.py:252``  (a CPU copy is complete when it returns); the device as
+a flag on ``torch.cuda.current_device()``                  above
+``optimizer/clip_grads.py:167`` asserts                    none: ``OptimizerConfig(clip_grad=0.0)`` (no clipping) on
+``torch.cuda.FloatTensor`` gradients                       a CPU; megatron's ``clip_grad`` on a GPU
 =========================================================  =========================================================
+
+``dist_checkpointing.save`` also needs ``psutil`` (the ``dist-ckpt`` extra) and an existing directory, and spawns a
+helper process: the script that calls it needs an ``if __name__ == "__main__"`` guard.
 """
 
 from __future__ import annotations
@@ -47,13 +58,14 @@ def megatron_on_cpu():
     if torch.cuda.is_available():
         yield
         return
-    current_device = torch.cuda.current_device
+    current_device, synchronize = torch.cuda.current_device, torch.cuda.synchronize
     torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None   # the CPU's copies are complete when they return
     try:
         with _CudaFactoriesOnCpu():
             yield
     finally:
-        torch.cuda.current_device = current_device
+        torch.cuda.current_device, torch.cuda.synchronize = current_device, synchronize
 
 
 def per_token_loss_step(loss_of: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]):

@@ -37,7 +37,7 @@ from precisionrt.control import OperatorControl
 from precisionrt.events import EVENTS_FILE, PRECISIONS, EventLog, Precision, Reason, SwitchEvent, json_safe, read_log
 from precisionrt.flops import FlopAccounting
 from precisionrt.fp8 import ScalingConfig
-from precisionrt.layout import LayerTable
+from precisionrt.layout import LayerTable, check_parallelism, pipeline_group, tensor_parallel_group
 from precisionrt.linear import precision_layers
 from precisionrt.megatron import match_names
 from precisionrt.monitors import MonitorConfig, MonitorState
@@ -65,40 +65,6 @@ class RuntimeConfig(Checked):
     skip_nonfinite_steps: bool = True
     fused_kernels: bool = True
     """CUDA: fused quantization kernels (False: the eager reference path)"""
-
-
-def _tensor_parallel_group():
-    """Megatron's tensor-parallel group when it has more than one rank, else None."""
-    from megatron.core import parallel_state
-
-    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return None
-    group = parallel_state.get_tensor_model_parallel_group()
-    return group if torch.distributed.get_world_size(group) > 1 else None
-
-
-def _pipeline_group():
-    """Megatron's pipeline group when it has more than one stage, else None."""
-    from megatron.core import parallel_state
-
-    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return None
-    group = parallel_state.get_pipeline_model_parallel_group()
-    return group if torch.distributed.get_world_size(group) > 1 else None
-
-
-def check_parallelism() -> None:
-    """Refuse expert parallelism: its layers are named and decided globally (``layout.py``), but megatron-core
-    0.16's token dispatchers need CUDA, so no test has run an EP step through the runtime yet."""
-    from megatron.core import parallel_state
-
-    if not (torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()):
-        return
-    size = parallel_state.get_expert_model_parallel_world_size()
-    if size > 1:
-        raise NotImplementedError(
-            f"PrecisionRuntime: expert_model_parallel_size {size} is not supported yet (untested: megatron's "
-            "token dispatchers need CUDA); use expert size 1")
 
 
 def _default_rank() -> int:
@@ -132,7 +98,7 @@ class PrecisionRuntime:
         # Delayed scaling under tensor parallelism: every rank quantizes a shard of the same logical tensor, so
         # the amax histories are reduced across the TP group (one collective per step, in end_step), as
         # Transformer Engine does; otherwise each rank would scale its shard differently.
-        self._tp_group = _tensor_parallel_group()
+        self._tp_group = tensor_parallel_group()
         if config.scaling.recipe == "delayed" and self._tp_group is not None:
             for layer in self.layers.values():
                 for state in layer.numerics.scaling.values():
@@ -165,7 +131,7 @@ class PrecisionRuntime:
             layer.numerics.collect = monitoring
         self.last_signals: dict[str, dict] = {}
         self.rank = rank
-        self.flops = FlopAccounting(self.layers, _pipeline_group(), self.device)
+        self.flops = FlopAccounting(self.layers, pipeline_group(), self.device)
         self.sampling = SamplingSchedule(self.layers, config.monitor, monitoring)
         self.skips = NonfiniteSkips(config.skip_nonfinite_steps)
         self.control = OperatorControl(self.names)   # reads a file once the run directory is known
@@ -385,6 +351,20 @@ class PrecisionRuntime:
                            "grad_stats": l.numerics.grad_stats.detach().cpu().clone()}
                        for n, l in self.layers.items()},
         }
+
+    def sharded_state_dict(self, prefix: str = "precision_runtime.") -> dict:
+        """The runtime's state as entries of megatron's ``sharded_state_dict``, saved by ``dist_checkpointing``
+        beside the model's and resharded with it (``dist_state.py``). A collective: call it on every rank."""
+        from precisionrt import dist_state
+
+        return dist_state.sharded_state_dict(self, prefix)
+
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        """Restore what ``dist_checkpointing.load`` returned for ``sharded_state_dict()``, in this layout or
+        another (``dist_state.py``)."""
+        from precisionrt import dist_state
+
+        dist_state.load_sharded_state_dict(self, loaded)
 
     def load_state_dict(self, sd: dict) -> None:
         missing = set(self.names) - set(sd["precisions"])

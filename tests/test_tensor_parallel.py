@@ -104,7 +104,8 @@ def test_tp2_resume_loads_each_ranks_own_shard(tmp_path):
     config = (tmp_path / "split" / "config.json").read_text()
     wrong = lm(tmp_path / "split", 1, "train.resume=true", "train.steps=8")
     assert wrong.returncode == 2
-    assert "tensor_model_parallel_size 2; this run uses 1" in wrong.stderr
+    assert ("written at tensor_model_parallel_size 2, pipeline_model_parallel_size 1; this run uses "
+            "tensor_model_parallel_size 1, pipeline_model_parallel_size 1") in wrong.stderr
     assert (tmp_path / "split" / "config.json").read_text() == config, "a refused resume writes nothing"
 
 
