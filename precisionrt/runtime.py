@@ -188,6 +188,11 @@ class PrecisionRuntime:
         ]
 
     @property
+    def last_step(self) -> int:
+        """The step the last ``end_step`` closed (0 before the first; restored by ``load_state_dict``)."""
+        return self._last_step
+
+    @property
     def monitoring(self) -> bool:
         """Whether the monitors run (dynamic mode, or ``observe``); the sampling schedule follows it."""
         return self.sampling.monitoring

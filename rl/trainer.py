@@ -65,8 +65,22 @@ class RLAlgoConfig(Checked):
     """Multi-turn tasks, async mode: GRPO groups in flight at once (each still admitted by staleness control)."""
     mismatch_policy: MismatchPolicyConfig = field(default_factory=MismatchPolicyConfig)
     """The ``[rl.mismatch_policy]`` table: promote the layer that carries the mismatch (off by default)."""
+    ppo_minibatches: Annotated[int, Range(ge=1, le=2**16)] = 1
+    """Optimizer steps per epoch over a trainer batch, each on a shuffled share of its samples (verl's
+    ``ppo_mini_batch_size`` as a count); divides prompts_per_step x group_size. Each is a runtime step too."""
+    ppo_epochs: Annotated[int, Range(ge=1, le=1024)] = 1
+    """Passes over each trainer batch (verl's ``ppo_epochs``). pi_prox, the PPO clip's anchor, is the policy
+    before the batch's first step, computed once per batch."""
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer (and runtime) steps per trainer batch."""
+        return self.ppo_minibatches * self.ppo_epochs
 
     def validate(self) -> None:
+        if (self.prompts_per_step * self.group_size) % self.ppo_minibatches:
+            raise ValueError(f"ppo_minibatches ({self.ppo_minibatches}) must divide prompts_per_step x group_size "
+                             f"({self.prompts_per_step * self.group_size} samples): minibatches are of equal size")
         if self.mismatch_policy.promote_share > 0 and self.attribution_every == 0:
             raise ValueError("mismatch_policy.promote_share acts on the attribution's measurements: set "
                              "attribution_every > 0")
@@ -79,7 +93,7 @@ class RLTrainer:
         """``worker``: the rollout worker class (``rl.agent_worker.AgentRolloutWorker`` for multi-turn tasks),
         built with ``worker_args`` beside the common arguments."""
         self.model, self.runtime, self.optimizer, self.engine, self.task = model, runtime, optimizer, engine, task
-        self.algo, self.mode = algo, mode
+        self.algo, self.mode, self.seed = algo, mode, seed
         self.batch_samples = algo.prompts_per_step * algo.group_size
         self.ctrl = StalenessController(StalenessConfig(algo.max_staleness), self.batch_samples)
         self.loss_cfg = algo.loss
@@ -125,6 +139,14 @@ class RLTrainer:
         return batch
 
     def loss_inputs(self, batch: list[Group]) -> tuple[LossInputs, torch.Tensor, torch.Tensor]:
+        """The batch's loss inputs with pi_theta's log-probs (with grad) and entropy, and its rewards."""
+        tokens, mask, logp_infer, rewards, adv = self._batch_tensors(batch)
+        logp, entropy = self._policy_logp(tokens, mask)
+        return LossInputs(logp=logp * mask, logp_prox=(logp * mask).detach(), logp_infer=logp_infer,
+                          advantages=adv, mask=mask), rewards, entropy
+
+    def _batch_tensors(self, batch: list[Group]):
+        """tokens, completion mask, behaviour log-probs, rewards and GRPO advantages of the batch's samples."""
         comps = [c for g in batch for c in g.completions]
         seqs = [list(c.prompt) + c.tokens for c in comps]
         width = max(len(s) for s in seqs)
@@ -137,57 +159,99 @@ class RLTrainer:
             trained = 1 if c.mask is None else torch.tensor(c.mask, dtype=torch.float32)   # episodes: actions only
             mask[i, start:start + len(c.tokens)] = trained
             logp_infer[i, start:start + len(c.tokens)] = torch.tensor(c.logp_infer)
+        rewards = torch.tensor([r for g in batch for r in g.rewards], dtype=torch.float64)
+        adv = grpo_advantages(rewards, self.algo.group_size, std=self.algo.advantage_std)
+        return tokens, mask, logp_infer, rewards, adv
+
+    def _policy_logp(self, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """pi_theta's log-probs of ``tokens`` and its entropy on completion tokens (watched for collapse,
+        optionally rewarded: rl.entropy_coef)."""
         logits = logits_of(self.model, tokens[:, :-1]) / self.temperature
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, tokens[:, 1:, None]).squeeze(-1)
-        # policy entropy on completion tokens: watched for collapse, optionally rewarded (rl.entropy_coef)
         entropy = -((logp_all.exp() * logp_all).sum(-1) * mask).sum() / mask.sum().clamp(min=1)
-        rewards = torch.tensor([r for g in batch for r in g.rewards], dtype=torch.float64)
-        adv = grpo_advantages(rewards, self.algo.group_size, std=self.algo.advantage_std)
-        return LossInputs(logp=logp * mask, logp_prox=(logp * mask).detach(), logp_infer=logp_infer,
-                          advantages=adv, mask=mask), rewards, entropy
+        return logp, entropy
 
     def train_step(self, step: int, grad_clip: float) -> dict:
+        """One trainer batch: ``rl.ppo_epochs`` x ``rl.ppo_minibatches`` optimizer steps (one by default), each a
+        runtime step (numbered on from the runtime's last, so the switch log counts optimizer steps); then the
+        batch's accounting and one weight publication."""
         t0 = time.perf_counter()
         batch = self.next_batch()
-        inputs, rewards, entropy = self.loss_inputs(batch)
-        loss, metrics = ppo_loss(inputs, self.loss_cfg)
-        by_map = self._split_by_map(batch, metrics.pop("k3_per_sequence"))
+        if self.algo.steps_per_batch == 1:
+            inputs, rewards, entropy = self.loss_inputs(batch)
+            parts = [(torch.arange(len(rewards)), inputs, entropy)]
+        else:
+            tokens, mask, logp_infer, rewards, adv = self._batch_tensors(batch)
+            with torch.no_grad():   # pi_prox: the policy before the batch's first step, once per batch
+                old = self._policy_logp(tokens, mask)[0] * mask
+            inputs = LossInputs(logp=old, logp_prox=old, logp_infer=logp_infer, advantages=adv, mask=mask)
+            parts = self._minibatches(step, tokens, mask, inputs)
         attributed = self.attribution.due(step)
-        if attributed:   # on pi_prox, before the update
-            metrics.update(self._attribute(batch, inputs))
-        (loss - self.algo.entropy_coef * entropy).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
-        # one transfer for the step's scalars (the loss metrics came in one already)
-        loss_v, metrics["entropy"], norm_v = torch.stack([loss.detach().float(), entropy.detach().float(),
-                                                           grad_norm.detach().float()]).tolist()
-        skipped = self.runtime.should_skip_step(grad_norm)
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        extra = self._attribute(batch, inputs) if attributed else {}   # on pi_prox, before the update
+        applied = torch.zeros(len(rewards), dtype=torch.bool)
+        k3 = [0.0] * len(rewards)
+        events, per_step, steps_applied, first = [], [], 0, self.runtime.last_step
+        for k, (rows, part, entropy) in enumerate(parts, start=1):
+            loss, metrics = ppo_loss(part, self.loss_cfg)
+            for i, v in zip(rows.tolist(), metrics.pop("k3_per_sequence")):
+                k3[i] = v   # pi_prox against the behaviour policy: the same in every epoch
+            (loss - self.algo.entropy_coef * entropy).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+            # one transfer for the step's scalars (the loss metrics came in one already)
+            loss_v, metrics["entropy"], norm_v = torch.stack([loss.detach().float(), entropy.detach().float(),
+                                                               grad_norm.detach().float()]).tolist()
+            if not self.runtime.should_skip_step(grad_norm):
+                self.optimizer.step()
+                applied[rows] = True
+                steps_applied += 1
+            self.optimizer.zero_grad(set_to_none=True)
+            # the switches apply at the next forward, on both sides
+            events += self.runtime.end_step(first + k)
+            per_step.append({"loss": loss_v, "grad_norm": norm_v, **metrics})
+        metrics = {**_combine(per_step), **extra}
+        skipped = not bool(applied.any())
+        by_map = self._split_by_map(batch, k3)
         staleness = [self.ctrl.staleness(g.version) for g in batch]
-        events = self.runtime.end_step(step)   # the switches apply at the next forward, on both sides:
         if attributed:
             events += self._act_on_mismatch(step)
         self._publish_precisions(step)         # the map goes out first, the weights (if any) join it
+        comps = [(g.version, c.map_version) for g in batch for c in g.completions]
+        trained = applied.tolist()
         if skipped:
-            # nothing was learnt from these samples and the weights did not change: the samples are dropped
-            # with their reason, the policy version stays, and no weights are published
-            self.ctrl.drop(sum(len(g.completions) for g in batch), "skipped_step")
             self.skipped_steps.append(step)
-        else:
-            self.ctrl.trained([g.version for g in batch for _ in g.completions])
-            self.trained_by_map.update(c.map_version for g in batch for c in g.completions)
+        # a sample none of whose steps applied taught nothing: dropped with its reason. If no step applied the
+        # weights did not change: the policy version stays and no weights are published
+        if not all(trained):
+            self.ctrl.drop(trained.count(False), "skipped_step")
+        if not skipped:
+            self.ctrl.trained([v for (v, _), t in zip(comps, trained) if t])
+            self.trained_by_map.update(m for (_, m), t in zip(comps, trained) if t)
             # publish first, then advance: a rollout admitted by the new version must find its weights
             self.worker.publish(self.ctrl.version + 1, _snapshot(self.model))
             self.ctrl.advance()
-        return {"loss": loss_v, "reward": float(rewards.mean()), "grad_norm": norm_v,
+        return {"reward": float(rewards.mean()),
                 "zero_variance_groups": float(flat_groups(rewards, self.algo.group_size).double().mean()),
                 "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0,
                 "map_version_oldest": min(c.map_version for g in batch for c in g.completions),
-                "k3_kl_by_map_version": by_map, **metrics}
+                "k3_kl_by_map_version": by_map, "minibatch_steps": steps_applied,
+                **metrics}
+
+    def _minibatches(self, step: int, tokens: torch.Tensor, mask: torch.Tensor, full: LossInputs):
+        """(rows, loss inputs, entropy) of each optimizer step of the batch: every epoch a fresh shuffle (seeded by
+        the run's seed and the step: the same on resume), split into ``ppo_minibatches`` equal parts, pi_theta
+        computed for each part as it comes (after the previous part's update)."""
+        n = tokens.shape[0]
+        size = n // self.algo.ppo_minibatches
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        for _ in range(self.algo.ppo_epochs):
+            for rows in torch.randperm(n, generator=gen).split(size):
+                logp, entropy = self._policy_logp(tokens[rows], mask[rows])
+                yield rows, LossInputs(logp=logp * mask[rows], logp_prox=full.logp_prox[rows],
+                                       logp_infer=full.logp_infer[rows], advantages=full.advantages[rows],
+                                       mask=mask[rows]), entropy
 
     def _split_by_map(self, batch: list[Group], k3_per_sequence: list[float]) -> dict[str, dict]:
         """``rollout_corr/k3_kl`` of the step's samples split by the precision-map version that made them (and
@@ -301,6 +365,19 @@ class RLTrainer:
     def evaluate(self, problems: list[Problem]) -> float:
         """Mean held-out reward of the trainer's policy, greedy decoding."""
         return greedy_reward(self.model, self.task, problems, self.max_new_tokens, self.engine.model_cfg.seq_length)
+
+
+def _combine(per_step: list[dict]) -> dict:
+    """The metrics of a batch's optimizer steps as one row: extremes (``*_min``, ``*_max``) over the steps, every
+    other metric their mean."""
+    if len(per_step) == 1:
+        return per_step[0]
+    out = {}
+    for key in per_step[0]:
+        values = [m[key] for m in per_step]
+        out[key] = min(values) if key.endswith("_min") else max(values) if key.endswith("_max") \
+            else sum(values) / len(values)
+    return out
 
 
 def greedy_reward(model, task: Task, problems: list[Problem], max_new_tokens: int, seq_length: int) -> float:
