@@ -220,9 +220,9 @@ def worst(signals: dict[str, dict], names: list[str]) -> dict[str, float]:
     return out
 
 
-def mark_nonfinite_origins(signals: dict[str, dict], host: np.ndarray, names: list[str],
-                           forward_order: list[str]) -> None:
+def mark_nonfinite_origins(signals: dict[str, dict], host: np.ndarray, names: list[str]) -> None:
     """Set ``nonfinite_origin`` on the layers where NaN/Inf entered, not every layer it flowed through.
+    ``names`` (the rows of ``host``) are in forward order (``layout.LayerTable``).
 
     A nonfinite value in the forward pass propagates downstream, so its origin is the first layer in forward
     order that saw one in its input or weight; one born in the backward pass propagates upstream, so its origin
@@ -230,8 +230,8 @@ def mark_nonfinite_origins(signals: dict[str, dict], host: np.ndarray, names: li
     """
     c = {name: i for i, name in enumerate(COLUMNS)}
     row = {n: host[i] for i, n in enumerate(names)}
-    fwd = [n for n in forward_order if row[n][c["nonfinite_fwd"]] > 0]
-    bwd = [n for n in forward_order if row[n][c["nonfinite_grad"]] > 0]
+    fwd = [n for n in names if row[n][c["nonfinite_fwd"]] > 0]
+    bwd = [n for n in names if row[n][c["nonfinite_grad"]] > 0]
     origins = set(fwd[:1]) if fwd else set(bwd[-1:])
     for n in names:
         signals[n]["nonfinite_origin"] = n in origins

@@ -308,7 +308,7 @@ class PrecisionRuntime:
                                                self._rows))
         host = self.skips.fetch(packed)
         signals = monitors.signals_from(host, self.names, self.monitor_state, self.config.monitor)
-        monitors.mark_nonfinite_origins(signals, host, self.names, self.names)   # names are in forward order
+        monitors.mark_nonfinite_origins(signals, host, self.names)
         self.last_signals = signals
         events = self.control.apply(monitors.control_codes(host), step, self.set_precision, self.release)
         if self.config.mode == "dynamic":

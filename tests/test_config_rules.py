@@ -33,6 +33,10 @@ def lm(run_dir: Path, *sets: str) -> list[str]:
     ("train.batch_size=1048576", "train.batch_size"),                     # the memory floor
     ('inject.kind="outlier"', "inject: layer"),                           # a rule of one table
     ('wandb.layer_panels=["nomatch*"]', "wandb.layer_panels"),            # checked against the built model
+    ("train.micro_batches=3", "train.micro_batches (3) must divide train.batch_size (4)"),
+    ("train.micro_batches=0", "train.micro_batches"),
+    ("parallel.pipeline_model_parallel_size=2", "must divide the world size (1 process(es))"),
+    ("parallel.pipeline_model_parallel_size=0", "parallel.pipeline_model_parallel_size"),
 ])
 def test_a_refused_configuration_writes_nothing(tmp_path, parallel, capsys, bad, named):
     run_dir = tmp_path / "runs" / "r"

@@ -129,3 +129,21 @@ def test_fp8_flop_fraction_counts_what_ran(parallel):
     fc1 = flops["decoder.layers.0.mlp.linear_fc1"] / sum(flops.values())
     assert rt.fp8_flop_fraction() == pytest.approx(1 - fc1 * 2 / 4)
     assert rt.fp8_flop_fraction("step") == pytest.approx(1 - fc1)
+
+
+def test_a_dist_checkpoint_of_another_model_is_refused_by_name(small_model, parallel):
+    """What ``dist_checkpointing.load`` hands back for ``sharded_state_dict()`` (each ShardedObject replaced by its
+    data) loads into the same model, and is refused, naming a layer, by a model with other layers."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rt = PrecisionRuntime(small_model, RuntimeConfig(mode="dynamic"))
+    rt.set_precision("decoder.layers.1.mlp.linear_fc1", "bf16")
+    loaded = {k: v.data if isinstance(v, ShardedObject) else v for k, v in rt.sharded_state_dict().items()}
+    again = PrecisionRuntime(small_model, RuntimeConfig(mode="dynamic"))
+    again.load_sharded_state_dict(loaded)
+    assert again.precisions() == rt.precisions() and again.precisions()["decoder.layers.1.mlp.linear_fc1"] == "bf16"
+    torch.manual_seed(0)
+    deeper = PrecisionRuntime(build_gpt(ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4,
+                                                    ffn_hidden_size=128)), RuntimeConfig(mode="dynamic"))
+    with pytest.raises(ValueError, match="missing \\['decoder.layers.2"):
+        deeper.load_sharded_state_dict(loaded)
