@@ -9,7 +9,8 @@ Arms (each an async run of ``--config``, dynamic training precision, over ``--se
   at staleness 0 / 4 / 8 with the FP8 rollout.
 
 Per arm it records the held-out reward (initial, final, best), the share of tokens the correction masked,
-TIS's clipped share, the mismatch (``rollout_corr/k3_kl``, mean over logged steps), the staleness of the
+TIS's clipped share, the PPO clip's share (``rl/clip_fraction``) and ``rl/ppo_kl``, the mismatch
+(``rollout_corr/k3_kl``, mean over logged steps), the staleness of the
 trained samples and the samples/s; an arm that fails is recorded with its error, not fatal. Writes to
 ``--out``: ``correction_study.json``, ``correction_study.md`` (the README table, means over seeds) and
 ``correction_study.png`` (final reward against max staleness, one panel per rollout precision). ``--resume``
@@ -62,6 +63,7 @@ def measure(run_dir: Path, summary: dict) -> dict:
     return {"reward_initial": summary["reward_initial"], "reward_final": summary["reward_final"],
             "reward_best": max(evals, default=None), "masked_fraction": summary["icepop_masked_fraction"],
             "tis_clipfrac": mean("tis_clipfrac"), "k3_kl": mean("rollout_corr/k3_kl"),
+            "clip_fraction": mean("rl/clip_fraction"), "ppo_kl": mean("rl/ppo_kl"),
             "staleness_mean": sum(k * v for k, v in hist.items()) / max(sum(hist.values()), 1),
             "samples_per_s": summary["samples_per_s"], "rl_wall_s": summary["rl_wall_s"]}
 
@@ -100,20 +102,20 @@ def table(results: dict) -> list[dict]:
                      "reward_initial": avg("reward_initial"), "reward_final": avg("reward_final"),
                      "reward_final_by_seed": [r.get("reward_final") for r in rs],
                      "masked_fraction": avg("masked_fraction"), "k3_kl": avg("k3_kl"),
-                     "staleness_mean": avg("staleness_mean")})
+                     "clip_fraction": avg("clip_fraction"), "staleness_mean": avg("staleness_mean")})
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     lines = ["| loss | max staleness | rollout | held-out reward (per seed) | masked | `rollout_corr/k3_kl` | "
-             "mean staleness |", "|---|---|---|---|---|---|---|"]
+             "`rl/clip_fraction` | mean staleness |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         seeds = " / ".join(f(v, ".3f") for v in r["reward_final_by_seed"])
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
         lines.append(f"| {r['loss']} | {r['max_staleness']} | {r['rollout']} | {f(r['reward_initial'], '.3f')} -> "
                      f"**{f(r['reward_final'], '.3f')}** ({seeds}){failed} | {f(r['masked_fraction'], '.2%')} | "
-                     f"{f(r['k3_kl'], '.1e')} | {f(r['staleness_mean'], '.2f')} |")
+                     f"{f(r['k3_kl'], '.1e')} | {f(r.get('clip_fraction'), '.2%')} | {f(r['staleness_mean'], '.2f')} |")
     return "\n".join(lines) + "\n"
 
 
