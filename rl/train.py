@@ -163,7 +163,8 @@ def train(cfg: RLConfig) -> dict:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             runtime.load_state_dict(state["runtime"])
-            runtime.start_log(run_dir, to_dict(cfg), resumed_from=offset + start)
+            # the runtime counts optimizer steps (rl.ppo_minibatches x rl.ppo_epochs per RL step)
+            runtime.start_log(run_dir, to_dict(cfg), resumed_from=runtime.last_step)
             masked, warm_loss = state["rl"]["masked"], math.nan
             earlier_switches = state["rl"].get("switches", [])
     trainer = RLTrainer(model, runtime, optimizer, engine, work.task, cfg.rl, cfg.executor.mode, cfg.train.seed + 1,

@@ -40,6 +40,18 @@ def test_one_step_per_batch_leaves_the_clip_nothing_to_do(tmp_path):
     assert logged and all(r["rl/clip_fraction"] == 0 and r["rl/minibatch_steps"] == 1 for r in logged)
 
 
+@pytest.mark.slow
+def test_a_resumed_minibatch_run_continues_the_runtime_steps(tmp_path):
+    first = run(tmp_path, *MINI, "train.stop_at_step=3")
+    resumed = run(tmp_path, *MINI, "train.resume=true")
+    assert resumed["resumed_from"] == 3 and resumed["samples"]["trained"] == 6 * 8
+    starts = events(tmp_path / "run", "run_start")
+    assert [s.get("resumed_from") for s in starts] == [None, 5 + 3 * 8], "resumed at the runtime's own step"
+    checks = [r["step"] for r in events(tmp_path / "run", "stats")]
+    assert checks == sorted(set(checks)) and checks[-1] == 52, "no check counted twice, none skipped at the end"
+    assert first["samples"]["trained"] == 3 * 8
+
+
 def test_minibatches_must_divide_the_batch(tmp_path):
     with pytest.raises(ConfigError, match="ppo_minibatches \\(3\\) must divide"):
         run(tmp_path, "rl.ppo_minibatches=3")
