@@ -284,6 +284,13 @@ class PrecisionRuntime:
         learnt at the next check (``take_skipped``), where the layer where NaN/Inf entered is promoted."""
         self.skips.on_device(grad_norm, optimizer, step)
 
+    def fetch(self, values: torch.Tensor):
+        """``values`` (a device tensor) on the host, as a numpy array, in one device->host transfer together
+        with the skip flags that ``skip_on_device`` left on the device: a training loop's one transfer per step
+        for its own metrics. The skips it learns are in ``take_skipped``, and the next ``end_step`` then checks
+        at once, as after ``should_skip_step``."""
+        return self.skips.fetch(values, check_after_skip=True)
+
     def take_skipped(self, flush: bool = False) -> list[int]:
         """Steps skipped on the device that the last check learnt of; clears them. ``flush`` fetches the flags
         not yet fetched first (one transfer: at the end of a run)."""

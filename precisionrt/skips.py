@@ -48,9 +48,10 @@ class NonfiniteSkips:
         optimizer.found_inf = bad
         self._pending.append((step, bad))
 
-    def fetch(self, packed: torch.Tensor | None):
+    def fetch(self, packed: torch.Tensor | None, check_after_skip: bool = False):
         """One device->host transfer of ``packed`` (a check's buffer, or None) together with the pending
-        flags; returns ``packed`` on the host."""
+        flags; returns ``packed`` on the host. ``check_after_skip``: a skip learnt here makes the next check
+        come at once (as ``check`` does)."""
         steps = [s for s, _ in self._pending]
         flags = [f.reshape(1) for _, f in self._pending]
         self._pending = []
@@ -59,7 +60,9 @@ class NonfiniteSkips:
             return None
         host = torch.cat(parts).cpu().numpy() if len(parts) > 1 else parts[0].cpu().numpy()
         n_flags = len(flags)
-        self._learnt += [s for s, f in zip(steps, host[len(host) - n_flags:]) if f > 0]
+        new = [s for s, f in zip(steps, host[len(host) - n_flags:]) if f > 0]
+        self._learnt += new
+        self.check_next |= check_after_skip and bool(new)
         return host[: len(host) - n_flags].reshape(packed.shape) if packed is not None else None
 
     def take(self, flush: bool = False) -> list[int]:

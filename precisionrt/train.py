@@ -39,6 +39,7 @@ from precisionrt.pipeline import forward_backward, from_last_stage, per_token_lo
 from precisionrt.resources import check_fits, training_memory
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
+from precisionrt.syncs import to_device
 from precisionrt.tokenizer import check_tokenizer, load_tokenizer
 
 
@@ -122,13 +123,6 @@ def lm_loss(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 LM_STEP = per_token_loss_step(token_losses)   # megatron's forward_step_func for this loss
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host batch on ``device``; to CUDA through pinned memory, asynchronously (no host synchronisation)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:

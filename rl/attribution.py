@@ -121,6 +121,7 @@ def score(model, sequences: list[list[int]], starts: list[int], temperature: flo
     tokens = torch.zeros(len(sequences), width, dtype=torch.long)
     for i, s in enumerate(sequences):
         tokens[i, :len(s)] = torch.tensor(s)
+    tokens = tokens.to(next(model.parameters()).device)   # a measurement, not an ordinary step: may synchronise
     with torch.no_grad():
         logp = torch.log_softmax(logits_of(model, tokens[:, :-1]).float() / temperature, dim=-1)
         picked = logp.gather(-1, tokens[:, 1:, None]).squeeze(-1).tolist()

@@ -27,6 +27,7 @@ class InferenceEngine(Protocol):
     version: int             # the policy version of the weights loaded; -1 before any
     map_version: int         # the version of the trainer's precision map last set; -1 before any
     model_cfg: ModelConfig   # the policy's architecture (sequence length for generation)
+    device: torch.device     # where ``generate``'s generator lives (an engine in another process: the CPU)
 
     def load_weights(self, state: dict, version: int) -> None:
         """Replace the policy's weights with ``state`` (a state dict of CPU tensors) of ``version``."""

@@ -58,6 +58,7 @@ class RayRolloutEngine:
         except ImportError:
             raise ImportError("executor.kind = 'ray' needs ray: pip install -e '.[ray]'") from None
         self.ray, self.model_cfg, self.version, self.map_version = ray, model_cfg, -1, -1
+        self.device = torch.device("cpu")   # the caller's generator only draws the actor's seed
         if not ray.is_initialized():
             ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=object_store_mib * 2**20, log_to_driver=False,
@@ -113,12 +114,13 @@ class RayRolloutEngine:
             self.ray.shutdown()
 
 
-def make_engine(kind: str, model_cfg: ModelConfig, cfg: RolloutConfig, num_workers: int = 1) -> InferenceEngine:
-    """``num_workers`` engines (Ray actors, or policy copies in this process) behind one interface
+def make_engine(kind: str, model_cfg: ModelConfig, cfg: RolloutConfig, num_workers: int = 1,
+                device: torch.device | str = "cpu") -> InferenceEngine:
+    """``num_workers`` engines (Ray actors, or policy copies in this process on ``device``) behind one interface
     (``rl.pool.EnginePool``); one is the engine itself."""
     def one():
         return RayRolloutEngine(model_cfg, cfg, num_cpus=max(2, num_workers)) if kind == "ray" \
-            else RolloutEngine(model_cfg, cfg)
+            else RolloutEngine(model_cfg, cfg, device)
     if num_workers == 1:
         return one()
     from rl.pool import EnginePool

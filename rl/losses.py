@@ -199,11 +199,25 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: AggMode) -> tor
 
 
 def ppo_loss(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
+    """``ppo_loss_terms`` with its metrics fetched to the host in one transfer (``finish_metrics``)."""
+    loss, stats = ppo_loss_terms(inp, cfg)
+    return loss, finish_metrics(mismatch.to_host(stats))
+
+
+def finish_metrics(host: dict) -> dict:
+    """``ppo_loss_terms``' statistics, on the host, as metrics: without a completion token there are no
+    extremes, and the neutral ratio 1 is reported."""
+    if host.pop("tokens") == 0:
+        host["ratio_min"] = host["ratio_max"] = 1.0
+    return host
+
+
+def ppo_loss_terms(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Decoupled PPO clipped surrogate with behaviour correction and sequence guards, aggregated by
     ``cfg.agg_mode``.
 
-    Returns the loss and detached metrics, fetched in one transfer: ``masked_fraction`` (tokens given no
-    gradient by the correction or the guards), ratio mean/min/max of pi_prox/pi_infer, ``clip_fraction`` and
+    Returns the loss and detached statistics, left on the device (``finish_metrics`` turns them, on the host,
+    into the metrics): ``masked_fraction`` (tokens given no gradient by the correction or the guards), ratio mean/min/max of pi_prox/pi_infer, ``clip_fraction`` and
     ``ppo_kl`` as verl computes them (and ``clip_fraction_lower`` with the dual clip), the guards' dropped
     shares (``veto_fraction``, ``seq_max_k2_fraction``, of the sequences with completion tokens),
     ``applied_weight_ess`` and the mismatch metrics of ``rl/mismatch.py`` under the names verl, slime and
@@ -252,7 +266,4 @@ def ppo_loss(inp: LossInputs, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
         }
         if cfg.clip_ratio_c:
             stats["clip_fraction_lower"] = (clipped_lower & on).sum() / n
-        metrics = mismatch.to_host(stats)
-        if metrics.pop("tokens") == 0:   # no completion token: no extremes; report the neutral ratio
-            metrics["ratio_min"] = metrics["ratio_max"] = 1.0
-    return loss, metrics
+    return loss, stats

@@ -136,12 +136,20 @@ def sequence_k3(logp_train: torch.Tensor, logp_infer: torch.Tensor, mask: torch.
     return ((torch.exp(d) - 1 - d) * m).sum(dim=1)
 
 
+def flatten(metrics: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The metrics as one float64 vector on their device, in order (``unflatten`` reads it back)."""
+    return torch.cat([v.detach().double().reshape(-1) for v in metrics.values()])
+
+
+def unflatten(metrics: dict[str, torch.Tensor], values: list[float]) -> dict[str, float | list[float]]:
+    """``values`` (a ``flatten`` of ``metrics`` on the host) by name: 0-dim tensors as floats, vectors as lists."""
+    out, i = {}, 0
+    for key, v in metrics.items():
+        out[key] = values[i] if v.dim() == 0 else values[i:i + v.numel()]
+        i += v.numel()
+    return out
+
+
 def to_host(metrics: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
     """All metrics in one device->host transfer: 0-dim tensors become floats, vectors lists."""
-    flat = [v.detach().double().reshape(-1) for v in metrics.values()]
-    values = torch.cat(flat).tolist()
-    out, i = {}, 0
-    for (key, v), f in zip(metrics.items(), flat):
-        out[key] = values[i] if v.dim() == 0 else values[i:i + f.numel()]
-        i += f.numel()
-    return out
+    return unflatten(metrics, flatten(metrics).tolist())

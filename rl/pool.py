@@ -23,6 +23,7 @@ class EnginePool:
             raise ValueError("an engine pool needs at least one engine")
         self.engines = engines
         self.model_cfg = engines[0].model_cfg
+        self.device = torch.device("cpu")   # the caller's generator only seeds one per engine, on its device
         self.version, self.map_version = -1, -1
         self._weights: tuple[dict, int] | None = None
         self._map: tuple | None = None
@@ -63,8 +64,9 @@ class EnginePool:
             self._sync(i)
             # an episode on another engine than last time misses its cache: a full encode, the same result
             share_keys = {} if keys is None else {"keys": keys[bounds[i]:bounds[i + 1]]}
-            return self.engines[i].generate(prompts[bounds[i]:bounds[i + 1]], max_new_tokens,
-                                            torch.Generator().manual_seed(seeds[i]), **share_keys)
+            engine = self.engines[i]
+            return engine.generate(prompts[bounds[i]:bounds[i + 1]], max_new_tokens,
+                                   torch.Generator(engine.device).manual_seed(seeds[i]), **share_keys)
         return [c for part in self._threads.map(share, range(n)) for c in part]
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from precisionrt.config import Checked, Range
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import KVCache, ModelConfig, SDPACoreAttention, build_gpt
+from precisionrt.syncs import to_device
 from precisionrt.tokenizer import load_tokenizer
 from rl import attribution
 
@@ -42,6 +43,10 @@ class RolloutConfig(Checked):
     kv_cache: bool = False
     """Decode incrementally with a KV cache (each prompt encoded once, then one token per step) instead of
     recomputing the whole sequence at every step."""
+    sync_every: Annotated[int, Range(ge=1, le=2**16)] = 16
+    """Decode steps between two looks from the host at whether every row has stopped: the only read from the
+    device while decoding (on a GPU each is a synchronisation). A batch decodes up to ``sync_every - 1`` steps
+    past its last stop; the samples are the same for any value."""
 
 
 
@@ -70,8 +75,12 @@ class Completion:
         return bytes(t for t in self.tokens if t != STOP)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def logits_of(model, tokens: torch.Tensor) -> torch.Tensor:
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     return model(tokens, positions, None).float()   # [b, s, vocab]
 
 
@@ -98,30 +107,53 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 class Decoded:
-    """What a batched decode made so far: each row's tokens and their log-probs, and which rows stopped (at
-    one of ``stop_ids``)."""
+    """What a batched decode made so far, kept on the model's device: each row's tokens and their log-probs, how
+    many of them count (up to and including the row's first stop token, one of ``stop_ids``), which rows stopped.
+    Nothing comes back to the host while decoding except ``finished`` (one read); ``rows`` brings everything in
+    one transfer at the end. A stopped row goes on sampling with the batch, unkept: the batch decodes until a
+    read finds every row stopped."""
 
-    def __init__(self, rows: int, stop_ids: tuple[int, ...] = (STOP,)):
+    def __init__(self, rows: int, max_new_tokens: int, stop_ids: tuple[int, ...] = (STOP,),
+                 device: torch.device | str = "cpu"):
         self.stop_ids = tuple(stop_ids)
-        self._stop = torch.tensor(self.stop_ids)
-        self.done = torch.zeros(rows, dtype=torch.bool)
-        self.tokens: list[list[int]] = [[] for _ in range(rows)]
-        self.logp: list[list[float]] = [[] for _ in range(rows)]
+        self._stop = to_device(torch.tensor(self.stop_ids), device)
+        self.tokens = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+        self.logp = torch.zeros(rows, max_new_tokens, device=device)
+        self.length = torch.zeros(rows, dtype=torch.long, device=device)
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        self.steps = 0
 
     def take(self, logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
              ) -> torch.Tensor:
-        """Sample the next token of every row; keep it for the rows not yet stopped. Returns the tokens."""
+        """Sample the next token of every row; it counts for the rows not yet stopped. Returns the tokens."""
         tok, lp = sample_next(logits, temperature, top_p, generator)
-        for j in (~self.done).nonzero().flatten().tolist():
-            self.tokens[j].append(int(tok[j]))
-            self.logp[j].append(float(lp[j]))
+        self.tokens[:, self.steps] = tok
+        self.logp[:, self.steps] = lp
+        self.length += ~self.done
         self.done |= torch.isin(tok, self._stop)
+        self.steps += 1
         return tok
+
+    def finished(self) -> bool:
+        """Whether every row has stopped: one read from the device."""
+        return bool(self.done.all())
+
+    def rows(self) -> list[tuple[list[int], list[float]]]:
+        """Each row's kept tokens and their log-probs, in one transfer (float64 holds both exactly)."""
+        n = self.steps
+        host = torch.cat([self.tokens[:, :n].double(), self.logp[:, :n].double(), self.length[:, None].double()],
+                         dim=1).tolist()
+        return [([int(t) for t in r[:int(r[-1])]], r[n:n + int(r[-1])]) for r in host]
 
     def completions(self, prompts: list[bytes], version: int, map_version: int) -> list[Completion]:
         return [Completion(p if isinstance(p, (bytes, tuple)) else tuple(p),   # immutable: a sample's identity
                            g, lp, version, stopped=any(t in self.stop_ids for t in g), map_version=map_version)
-                for p, g, lp in zip(prompts, self.tokens, self.logp)]
+                for p, (g, lp) in zip(prompts, self.rows())]
+
+    def should_stop(self, step: int, max_new_tokens: int, sync_every: int) -> bool:
+        """After decode step ``step`` (from 0): the budget is spent, or (looked at every ``sync_every`` steps) every
+        row has stopped."""
+        return step == max_new_tokens - 1 or ((step + 1) % sync_every == 0 and self.finished())
 
 
 @contextmanager
@@ -143,8 +175,8 @@ def _padding_mask(pad: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
     """Megatron's attention mask (True = masked out, ``[b, 1, sq, sk]``) for left-padded rows whose queries are
     the last ``sq`` of ``sk`` positions: causal, and no real query sees a pad key. A pad query sees itself only,
     so that no row of the softmax is empty (an empty one is NaN, and NaN times a zero weight poisons the rest)."""
-    q = torch.arange(sk - sq, sk)[:, None]
-    k = torch.arange(sk)[None, :]
+    q = torch.arange(sk - sq, sk, device=pad.device)[:, None]
+    k = torch.arange(sk, device=pad.device)[None, :]
     real_key = k[None] >= pad[:, None, None]                      # [b, 1, sk]
     attend = (k <= q)[None] & (real_key | (k == q)[None])           # [b, sq, sk]
     return ~attend[:, None]
@@ -160,26 +192,31 @@ def check_fits(prompts: list[bytes], max_new_tokens: int, max_len: int) -> None:
 @torch.no_grad()
 def generate(model, prompts: list[Sequence[int]], max_new_tokens: int, max_len: int, temperature: float,
              top_p: float, generator: torch.Generator, version: int = -1, map_version: int = 0,
-             kv_cache: bool = False, stop_ids: tuple[int, ...] = (STOP,)) -> list[Completion]:
-    """Batched sampling of token-id prompts (bytes are byte tokens) until a row produces one of ``stop_ids`` or
-    the budget ends; prompts longer than the context raise ValueError naming the prompt. ``kv_cache``:
+             kv_cache: bool = False, stop_ids: tuple[int, ...] = (STOP,), sync_every: int = 16) -> list[Completion]:
+    """Batched sampling of token-id prompts (bytes are byte tokens) until every row produced one of ``stop_ids``
+    or the budget ends; prompts longer than the context raise ValueError naming the prompt. ``kv_cache``:
     encode each prompt once and then only each new token, against the cached keys and values (without it,
     every step recomputes the whole sequence). Prompts of different lengths decode in one batch, left-padded
-    (each row keeps its own positions; pad keys are masked); prompts of one length need no mask at all."""
+    (each row keeps its own positions; pad keys are masked); prompts of one length need no mask at all.
+
+    Runs on the model's device (``generator`` must be on it too). Sampling, stop detection and the cache stay
+    there: the host reads once every ``sync_every`` steps (have all rows stopped?) and once at the end."""
     was_training = model.training
     model.eval()
     check_fits(prompts, max_new_tokens, max_len)
+    device = model_device(model)
     width = max(len(p) for p in prompts)
-    pad = torch.tensor([width - len(p) for p in prompts])
-    padded = bool(pad.any())
+    padded = any(len(p) != width for p in prompts)
     seqs = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, p in enumerate(prompts):
         seqs[i, width - len(p):] = torch.tensor(list(p))
-    out = Decoded(len(prompts), stop_ids)
+    seqs = to_device(seqs, device)
+    pad = to_device(torch.tensor([width - len(p) for p in prompts]), device)
+    out = Decoded(len(prompts), max_new_tokens, stop_ids, device)
 
     def forward(tokens: torch.Tensor, first: int) -> torch.Tensor:
         """Logits of the last position, for ``tokens`` at positions ``first..`` of the padded rows."""
-        positions = (torch.arange(first, first + tokens.shape[1])[None] - pad[:, None]).clamp(min=0)
+        positions = (torch.arange(first, first + tokens.shape[1], device=device)[None] - pad[:, None]).clamp(min=0)
         mask = _padding_mask(pad, tokens.shape[1], first + tokens.shape[1]) if padded else None
         return model(tokens, positions, mask).float()[:, -1]
 
@@ -187,7 +224,7 @@ def generate(model, prompts: list[Sequence[int]], max_new_tokens: int, max_len: 
         logits = forward(seqs, 0)
         for step in range(max_new_tokens):
             tok = out.take(logits, temperature, top_p, generator)
-            if out.done.all() or step == max_new_tokens - 1:
+            if out.should_stop(step, max_new_tokens, sync_every):
                 break
             seqs = torch.cat([seqs, tok[:, None]], dim=1)
             logits = forward(tok[:, None], seqs.shape[1] - 1) if kv_cache else forward(seqs, 0)
@@ -211,13 +248,15 @@ def rollout_precisions(mode: str, trainer: dict[str, str], rollout_bf16, fp8_cap
 
 
 class RolloutEngine:
-    """A separate policy copy for generation, with its own precision and a weight version."""
+    """A separate policy copy for generation, on ``device``, with its own precision and a weight version. It
+    shares no tensor with the trainer: weights arrive by copy (``load_weights``)."""
 
-    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig):
+    def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.model_cfg = model_cfg
+        self.device = torch.device(device)
         self.stop_ids = load_tokenizer(model_cfg).eos_ids
-        self.model = build_gpt(model_cfg, load_weights=False)   # its weights come by weight sync
+        self.model = build_gpt(model_cfg, load_weights=False, device=self.device)   # weights come by weight sync
         self.model.eval()
         for layer in precision_layers(self.model).values():
             # inference: every tensor scaled from its own amax, no statistics
@@ -235,7 +274,8 @@ class RolloutEngine:
         scales = {k[: -len(CHANNEL_SCALE) - 1]: v for k, v in state.items() if k.endswith("." + CHANNEL_SCALE)}
         self.model.load_state_dict({k: v for k, v in state.items() if not k.endswith("." + CHANNEL_SCALE)})
         for name, layer in precision_layers(self.model).items():
-            layer.channel_scale = scales.get(name)
+            scale = scales.get(name)
+            layer.channel_scale = None if scale is None else scale.to(self.device)
         self.version = version
         self.sessions.clear()   # computed with the old weights
 
@@ -279,17 +319,19 @@ class RolloutEngine:
 
     def generate(self, prompts: list[Sequence[int]], max_new_tokens: int, generator: torch.Generator,
                  keys: list | None = None) -> list[Completion]:
-        """Completions that end at the tokenizer's EOS ids (``model.tokenizer_path``; bytes: ``"\n"``). ``keys``: multi-turn episodes, one key per prompt; with ``rollout.kv_cache`` each keeps its keys and
-        values across calls (``rl/sessions.py``), so a call encodes only what is new since the key's last call."""
+        """Completions that end at the tokenizer's EOS ids (``model.tokenizer_path``; bytes: ``"\n"``).
+        ``generator``: on the engine's ``device``. ``keys``: multi-turn episodes, one key per prompt; with
+        ``rollout.kv_cache`` each keeps its keys and values across calls (``rl/sessions.py``), so a call encodes
+        only what is new since the key's last call."""
         if keys is None or not self.cfg.kv_cache:
             return generate(self.model, prompts, max_new_tokens, self.model_cfg.seq_length, self.cfg.temperature,
                             self.cfg.top_p, generator, self.version, self.map_version, self.cfg.kv_cache,
-                            self.stop_ids)
+                            self.stop_ids, self.cfg.sync_every)
         from rl.sessions import generate_continued
         check_fits(prompts, max_new_tokens, self.model_cfg.seq_length)
         comps, prefixes, reused = generate_continued(
             self.model, prompts, [self.sessions.get(k) for k in keys], max_new_tokens, self.cfg.temperature,
-            self.cfg.top_p, generator, self.version, self.map_version, self.stop_ids)
+            self.cfg.top_p, generator, self.version, self.map_version, self.stop_ids, self.cfg.sync_every)
         self.sessions.update(zip(keys, prefixes))
         self.reused_tokens += reused
         return comps

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from precisionrt.megatron import KVCache, SDPACoreAttention
-from rl.rollout import STOP, Completion, Decoded
+from precisionrt.syncs import to_device
+from rl.rollout import STOP, Completion, Decoded, model_device
 
 
 @dataclass
@@ -33,8 +34,8 @@ def attention_mask(valid: torch.Tensor, sq: int) -> torch.Tensor:
     key positions, where ``valid[b, k]`` says which keys are real: causal, no real query sees a pad key, and a
     pad query sees itself only (an empty softmax row is NaN, and NaN times a zero weight poisons the rest)."""
     sk = valid.shape[1]
-    q = torch.arange(sk - sq, sk)[:, None]
-    k = torch.arange(sk)[None, :]
+    q = torch.arange(sk - sq, sk, device=valid.device)[:, None]
+    k = torch.arange(sk, device=valid.device)[None, :]
     attend = (k <= q)[None] & (valid[:, None, :] | (k == q)[None])
     return ~attend[:, None]
 
@@ -42,10 +43,12 @@ def attention_mask(valid: torch.Tensor, sq: int) -> torch.Tensor:
 @torch.no_grad()
 def generate_continued(model, prompts: list[Sequence[int]], prefixes: list[Prefix | None], max_new_tokens: int,
                        temperature: float, top_p: float, generator: torch.Generator, version: int = -1,
-                       map_version: int = 0, stop_ids: tuple[int, ...] = (STOP,)
+                       map_version: int = 0, stop_ids: tuple[int, ...] = (STOP,), sync_every: int = 16
                        ) -> tuple[list[Completion], list[Prefix], int]:
     """One completion per prompt, each continuing its row's cached prefix; returns the completions, each row's
-    new prefix (its prompt and all generated tokens but the last) and how many prompt tokens the caches spared."""
+    new prefix (its prompt and all generated tokens but the last) and how many prompt tokens the caches spared.
+    On the model's device, with ``rl.rollout.generate``'s read budget (one read every ``sync_every`` steps, one
+    transfer at the end)."""
     attn = [m for m in model.modules() if isinstance(m, SDPACoreAttention)]
     usable = [p if p is not None and len(p.tokens) < len(q) and list(q[:len(p.tokens)]) == p.tokens else None
               for p, q in zip(prefixes, prompts)]
@@ -59,6 +62,7 @@ def generate_continued(model, prompts: list[Sequence[int]], prefixes: list[Prefi
         valid[i, width_c + width_s - len(s):] = True
         tokens[i, width_s - len(s):] = torch.tensor(list(s))
     start = torch.tensor(cached) - torch.tensor([width_s - len(s) for s in suffix])   # position of column 0
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -72,24 +76,28 @@ def generate_continued(model, prompts: list[Sequence[int]], prefixes: list[Prefi
                     if p is not None:
                         key[width_c - cached[i]:, i], value[width_c - cached[i]:, i] = p.kv[layer]
                 m.kv_cache.key, m.kv_cache.value = key, value
-        positions = (start[:, None] + torch.arange(width_s)[None]).clamp(min=0)
-        logits = model(tokens, positions, attention_mask(valid, width_s)).float()[:, -1]
-        length = torch.tensor([len(q) for q in prompts])   # the next position of each row
-        out = Decoded(b, stop_ids)
+        positions = to_device((start[:, None] + torch.arange(width_s)[None]).clamp(min=0), device)
+        valid_d = to_device(valid, device)
+        logits = model(to_device(tokens, device), positions, attention_mask(valid_d, width_s)).float()[:, -1]
+        length = to_device(torch.tensor([len(q) for q in prompts]), device)   # the next position of each row
+        out = Decoded(b, max_new_tokens, stop_ids, device)
+        ones = torch.ones(b, 1, dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             tok = out.take(logits, temperature, top_p, generator)
-            if out.done.all() or step == max_new_tokens - 1:
+            if out.should_stop(step, max_new_tokens, sync_every):
                 break
-            valid = torch.cat([valid, torch.ones(b, 1, dtype=torch.bool)], dim=1)
-            logits = model(tok[:, None], length[:, None], attention_mask(valid, 1)).float()[:, -1]
+            valid_d = torch.cat([valid_d, ones], dim=1)
+            logits = model(tok[:, None], length[:, None], attention_mask(valid_d, 1)).float()[:, -1]
             length += 1
+        comps = out.completions(prompts, version, map_version)
         new = []
-        for i, (q, gen) in enumerate(zip(prompts, out.tokens)):   # the row's real positions, in order
-            keep = valid[i].nonzero().flatten()[:len(q) + len(gen) - 1]
-            new.append(Prefix(list(q) + gen[:-1], [(m.kv_cache.key[keep, i], m.kv_cache.value[keep, i])
-                                                   for m in attn]))
+        for i, (q, c) in enumerate(zip(prompts, comps)):   # the row's real positions, in order (host bookkeeping)
+            real = [*range(width_c - cached[i], width_c), *range(width_c + width_s - len(suffix[i]), valid_d.shape[1])]
+            keep = to_device(torch.tensor(real[:len(q) + len(c.tokens) - 1]), device)
+            new.append(Prefix(list(q) + c.tokens[:-1], [(m.kv_cache.key[keep, i], m.kv_cache.value[keep, i])
+                                                        for m in attn]))
     finally:
         for m in attn:
             m.kv_cache = None
         model.train(was_training)
-    return out.completions(prompts, version, map_version), new, sum(cached)
+    return comps, new, sum(cached)

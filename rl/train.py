@@ -27,7 +27,7 @@ from precisionrt.harness import check_skipped, open_run
 from precisionrt.hf import to_hf
 from precisionrt.inject import FaultInjector, InjectConfig, check_inject_ranks
 from precisionrt.loggers import WandbConfig, panel_layers
-from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
+from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
 from precisionrt.resources import check_fits, training_memory
 from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
 from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
@@ -113,9 +113,6 @@ def idle_ratios(trainer: RLTrainer, elapsed: float) -> dict[str, float]:
 def check_config(cfg: RLConfig) -> None:
     """The rules that join several tables, or need the machine (memory), checked before anything is built or
     written; each error names the keys involved."""
-    if cfg.run.device == "cuda":   # "auto" runs on the CPU, where the RL loop has been built and measured
-        raise ConfigError('run.device: rl.train runs on the CPU for now (its rollout engine and loss metrics '
-                          'still synchronise per token and per step); use run.device="cpu" or "auto"')
     if cfg.rl.mismatch_policy.scope == "both" and cfg.rl.mismatch_policy.promote_share > 0 \
             and cfg.precision.mode != "dynamic":
         raise ConfigError(f'rl.mismatch_policy.scope: "both" promotes the trainer\'s layer through the precision '
@@ -127,15 +124,23 @@ def check_config(cfg: RLConfig) -> None:
     check_inject_ranks(cfg.inject, 1)
     batch = cfg.rl.prompts_per_step * cfg.rl.group_size
     check_fits(training_memory(cfg.model.dims(), max(batch, cfg.train.warm_start_batch)), "a trainer step",
-               "rl.prompts_per_step x rl.group_size (or train.warm_start_batch), model.*")
+               "rl.prompts_per_step x rl.group_size (or train.warm_start_batch), model.*",
+               resolve_device(cfg.run.device).type)   # run.device = "cuda" without a GPU: refused here, by name
     check_run_dir(resolve_run_dir(cfg.run))
+
+
+def make_optimizer(model, lr: float, **kw) -> torch.optim.AdamW:
+    """AdamW, fused: it skips a step with nonfinite gradients on the device (``found_inf``), so an ordinary RL
+    step reads nothing back but its one transfer of metrics (``RLTrainer.train_step``)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, fused=True, **kw)
 
 
 def train(cfg: RLConfig) -> dict:
     check_config(cfg)
-    init_parallel(1, seed=cfg.train.seed)
+    device = resolve_device(cfg.run.device)
+    init_parallel(1, seed=cfg.train.seed, device=device)
     torch.manual_seed(cfg.train.seed)
-    model = build_gpt(cfg.model)
+    model = build_gpt(cfg.model, device=device)
     runtime = PrecisionRuntime(model, cfg.precision)
     panel_layers(cfg.wandb, runtime.names)   # a W&B layer pattern that matches nothing: refused before writing
     injector = FaultInjector(cfg.inject, model)
@@ -147,14 +152,14 @@ def train(cfg: RLConfig) -> dict:
     run_dir, logger, found = opened.run_dir, opened.logger, opened.checkpoint
     t_start = time.time()
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = make_optimizer(model, cfg.train.lr, betas=(0.9, 0.95), weight_decay=0.0)
     offset = cfg.train.warm_start_steps  # optimizer steps before RL: the switch log counts all of them
     start, masked, earlier_switches = 0, [], []   # switches before a resumed run's checkpoint
     with opened.starting():
-        engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout, cfg.executor.num_workers)
+        engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout, cfg.executor.num_workers, device)
         if found is None:
             runtime.start_log(run_dir, to_dict(cfg))
-            warm_opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.warm_start_lr)
+            warm_opt = make_optimizer(model, cfg.train.warm_start_lr)
             warm = supervised_warm_start(model, warm_opt, work.warm_batches, cfg.train.warm_start_steps,
                                          cfg.train.seed, runtime, before_step=injector.before_step)
             warm_loss, earlier_switches = warm.loss, [e.summary() for e in warm.switches]

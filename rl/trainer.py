@@ -21,11 +21,13 @@ import torch
 from precisionrt.config import Checked, Every, Range
 from precisionrt.linear import precision_layers
 from precisionrt.runtime import PrecisionRuntime
+from precisionrt.syncs import to_device
 from rl.attribution import MismatchAttribution, MismatchPolicyConfig
 from rl.engine import InferenceEngine
 from rl.envs import Problem, Task
-from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, ppo_loss
-from rl.rollout import CHANNEL_SCALE, RolloutConfig, generate, logits_of, rollout_precisions
+from rl.losses import LossConfig, LossInputs, finish_metrics, flat_groups, grpo_advantages, ppo_loss_terms
+from rl.mismatch import flatten, unflatten
+from rl.rollout import CHANNEL_SCALE, RolloutConfig, generate, logits_of, model_device, rollout_precisions
 from rl.staleness import StalenessConfig, StalenessController
 from rl.worker import Group, RolloutWorker
 
@@ -93,6 +95,7 @@ class RLTrainer:
         """``worker``: the rollout worker class (``rl.agent_worker.AgentRolloutWorker`` for multi-turn tasks),
         built with ``worker_args`` beside the common arguments."""
         self.model, self.runtime, self.optimizer, self.engine, self.task = model, runtime, optimizer, engine, task
+        self.device = model_device(model)
         self.algo, self.mode, self.seed = algo, mode, seed
         self.batch_samples = algo.prompts_per_step * algo.group_size
         self.ctrl = StalenessController(StalenessConfig(algo.max_staleness), self.batch_samples)
@@ -139,14 +142,16 @@ class RLTrainer:
         return batch
 
     def loss_inputs(self, batch: list[Group]) -> tuple[LossInputs, torch.Tensor, torch.Tensor]:
-        """The batch's loss inputs with pi_theta's log-probs (with grad) and entropy, and its rewards."""
+        """The batch's loss inputs with pi_theta's log-probs (with grad) and entropy, and its rewards (all on the
+        policy's device)."""
         tokens, mask, logp_infer, rewards, adv = self._batch_tensors(batch)
         logp, entropy = self._policy_logp(tokens, mask)
         return LossInputs(logp=logp * mask, logp_prox=(logp * mask).detach(), logp_infer=logp_infer,
                           advantages=adv, mask=mask), rewards, entropy
 
     def _batch_tensors(self, batch: list[Group]):
-        """tokens, completion mask, behaviour log-probs, rewards and GRPO advantages of the batch's samples."""
+        """tokens, completion mask, behaviour log-probs, rewards and GRPO advantages of the batch's samples, on
+        the policy's device (built on the host, copied without a synchronisation)."""
         comps = [c for g in batch for c in g.completions]
         seqs = [list(c.prompt) + c.tokens for c in comps]
         width = max(len(s) for s in seqs)
@@ -160,6 +165,7 @@ class RLTrainer:
             mask[i, start:start + len(c.tokens)] = trained
             logp_infer[i, start:start + len(c.tokens)] = torch.tensor(c.logp_infer)
         rewards = torch.tensor([r for g in batch for r in g.rewards], dtype=torch.float64)
+        tokens, mask, logp_infer, rewards = (to_device(t, self.device) for t in (tokens, mask, logp_infer, rewards))
         adv = grpo_advantages(rewards, self.algo.group_size, std=self.algo.advantage_std)
         return tokens, mask, logp_infer, rewards, adv
 
@@ -175,12 +181,18 @@ class RLTrainer:
     def train_step(self, step: int, grad_clip: float) -> dict:
         """One trainer batch: ``rl.ppo_epochs`` x ``rl.ppo_minibatches`` optimizer steps (one by default), each a
         runtime step (numbered on from the runtime's last, so the switch log counts optimizer steps); then the
-        batch's accounting and one weight publication."""
+        batch's accounting and one weight publication.
+
+        Host synchronisation: one device->host transfer for the whole batch, at the end of its last optimizer
+        step, carrying every step's metrics and nonfinite flags. With an optimizer that skips on the device
+        (``found_inf``: a fused Adam/AdamW) nothing else is read; with another, each step reads its flag first
+        (``should_skip_step``)."""
         t0 = time.perf_counter()
         batch = self.next_batch()
+        n = sum(len(g.completions) for g in batch)
         if self.algo.steps_per_batch == 1:
             inputs, rewards, entropy = self.loss_inputs(batch)
-            parts = [(torch.arange(len(rewards)), inputs, entropy)]
+            parts = [(torch.arange(n, device=self.device), inputs, entropy)]
         else:
             tokens, mask, logp_infer, rewards, adv = self._batch_tensors(batch)
             with torch.no_grad():   # pi_prox: the policy before the batch's first step, once per batch
@@ -189,49 +201,62 @@ class RLTrainer:
             parts = self._minibatches(step, tokens, mask, inputs)
         attributed = self.attribution.due(step)
         extra = self._attribute(batch, inputs) if attributed else {}   # on pi_prox, before the update
-        applied = torch.zeros(len(rewards), dtype=torch.bool)
-        k3 = [0.0] * len(rewards)
-        events, per_step, steps_applied, first = [], [], 0, self.runtime.last_step
-        for k, (rows, part, entropy) in enumerate(parts, start=1):
-            loss, metrics = ppo_loss(part, self.loss_cfg)
-            for i, v in zip(rows.tolist(), metrics.pop("k3_per_sequence")):
-                k3[i] = v   # pi_prox against the behaviour policy: the same in every epoch
+        on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        events, stats, host_skipped, first = [], [], set(), self.runtime.last_step
+        last = first + self.algo.steps_per_batch
+        for k, (rows, part, entropy) in enumerate(parts, start=first + 1):
+            loss, terms = ppo_loss_terms(part, self.loss_cfg)
             (loss - self.algo.entropy_coef * entropy).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
-            # one transfer for the step's scalars (the loss metrics came in one already)
-            loss_v, metrics["entropy"], norm_v = torch.stack([loss.detach().float(), entropy.detach().float(),
-                                                               grad_norm.detach().float()]).tolist()
-            if not self.runtime.should_skip_step(grad_norm):
+            if on_device:   # skipped, if it must be, by the optimizer itself; the flag comes with the transfer
+                self.runtime.skip_on_device(grad_norm, self.optimizer, k)
                 self.optimizer.step()
-                applied[rows] = True
-                steps_applied += 1
+            elif self.runtime.should_skip_step(grad_norm):
+                host_skipped.add(k)
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            # the switches apply at the next forward, on both sides
-            events += self.runtime.end_step(first + k)
-            per_step.append({"loss": loss_v, "grad_norm": norm_v, **metrics})
+            stats.append({"rows": rows, "loss": loss.detach(), "entropy": entropy.detach(),
+                          "grad_norm": grad_norm.detach(), **terms})
+            if k < last:   # the switches apply at the next forward, on both sides
+                events += self.runtime.end_step(k)
+        summary = {"reward": rewards.mean(),
+                   "zero_variance_groups": flat_groups(rewards, self.algo.group_size).double().mean()}
+        host = self.runtime.fetch(torch.cat([flatten(s) for s in stats + [summary]])).tolist()   # the one transfer
+        skipped_steps = host_skipped | set(self.runtime.take_skipped())
+        events += self.runtime.end_step(last)   # at once after a skip: the layer where NaN entered is promoted
+        applied, k3, per_step, i = [False] * n, [0.0] * n, [], 0
+        for k, s in enumerate(stats, start=first + 1):
+            width = sum(v.numel() for v in s.values())
+            m = unflatten(s, host[i:i + width])
+            i += width
+            for r, v in zip(m.pop("rows"), m.pop("k3_per_sequence")):
+                k3[int(r)] = v   # pi_prox against the behaviour policy: the same in every epoch
+                applied[int(r)] |= k not in skipped_steps
+            per_step.append(finish_metrics(m))
+        batch_summary = unflatten(summary, host[i:])
         metrics = {**_combine(per_step), **extra}
-        skipped = not bool(applied.any())
+        steps_applied = self.algo.steps_per_batch - len(skipped_steps)
+        skipped = not any(applied)
         by_map = self._split_by_map(batch, k3)
         staleness = [self.ctrl.staleness(g.version) for g in batch]
         if attributed:
             events += self._act_on_mismatch(step)
         self._publish_precisions(step)         # the map goes out first, the weights (if any) join it
         comps = [(g.version, c.map_version) for g in batch for c in g.completions]
-        trained = applied.tolist()
         if skipped:
             self.skipped_steps.append(step)
         # a sample none of whose steps applied taught nothing: dropped with its reason. If no step applied the
         # weights did not change: the policy version stays and no weights are published
-        if not all(trained):
-            self.ctrl.drop(trained.count(False), "skipped_step")
+        if not all(applied):
+            self.ctrl.drop(applied.count(False), "skipped_step")
         if not skipped:
-            self.ctrl.trained([v for (v, _), t in zip(comps, trained) if t])
-            self.trained_by_map.update(m for (_, m), t in zip(comps, trained) if t)
+            self.ctrl.trained([v for (v, _), t in zip(comps, applied) if t])
+            self.trained_by_map.update(m for (_, m), t in zip(comps, applied) if t)
             # publish first, then advance: a rollout admitted by the new version must find its weights
             self.worker.publish(self.ctrl.version + 1, _snapshot(self.model))
             self.ctrl.advance()
-        return {"reward": float(rewards.mean()),
-                "zero_variance_groups": float(flat_groups(rewards, self.algo.group_size).double().mean()),
+        return {**batch_summary,
                 "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0,
@@ -242,12 +267,12 @@ class RLTrainer:
     def _minibatches(self, step: int, tokens: torch.Tensor, mask: torch.Tensor, full: LossInputs):
         """(rows, loss inputs, entropy) of each optimizer step of the batch: every epoch a fresh shuffle (seeded by
         the run's seed and the step: the same on resume), split into ``ppo_minibatches`` equal parts, pi_theta
-        computed for each part as it comes (after the previous part's update)."""
+        computed for each part as it comes (after the previous part's update). ``rows``: on the device."""
         n = tokens.shape[0]
         size = n // self.algo.ppo_minibatches
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         for _ in range(self.algo.ppo_epochs):
-            for rows in torch.randperm(n, generator=gen).split(size):
+            for rows in to_device(torch.randperm(n, generator=gen), self.device).split(size):
                 logp, entropy = self._policy_logp(tokens[rows], mask[rows])
                 yield rows, LossInputs(logp=logp * mask[rows], logp_prox=full.logp_prox[rows],
                                        logp_infer=full.logp_infer[rows], advantages=full.advantages[rows],

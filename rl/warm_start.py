@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from precisionrt.runtime import PrecisionRuntime
+from precisionrt.syncs import to_device
 from rl.envs import Task
 from rl.rollout import logits_of
 
@@ -57,26 +58,37 @@ def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], t
     alone does not get it over, and RL sharpens what the warm start found (README, "Main job").
 
     Its steps are optimizer steps like any other: ``before_step(step - 1)`` (fault injection) runs before each,
-    a step with nonfinite gradients is skipped and reported, and the runtime's switches are returned.
+    a step with nonfinite gradients is skipped and reported, and the runtime's switches are returned. Batches
+    go to the model's device; a step reads its loss and (fused AdamW, which skips on the device) its nonfinite
+    flag back in one transfer, so that the layer where NaN entered is promoted before the next forward.
     ``after_step(step)`` runs after each (``tools/warm_start_curve.py`` measures the held-out reward there)."""
     rng = random.Random(seed)
+    device = next(model.parameters()).device
+    on_device = getattr(optimizer, "_step_supports_amp_scaling", False)
     loss_val, skipped, switches = math.nan, [], []
     for step in range(1, steps + 1):
         if before_step is not None:
             before_step(step - 1)
-        tokens, mask = batches(rng)
+        tokens, mask = (to_device(t, device) for t in batches(rng))
         logp = torch.log_softmax(logits_of(model, tokens[:, :-1]), -1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
         loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if runtime.should_skip_step(norm):
+        if on_device:
+            runtime.skip_on_device(norm, optimizer, step)
+            optimizer.step()
+        elif runtime.should_skip_step(norm):
             skipped.append(step)
-            log.warning("warm start step %d: nonfinite gradients, optimizer step skipped", step)
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # the step's one transfer: the loss and the skip flag, before end_step, which then checks at once
+        loss_val = float(runtime.fetch(loss.detach().reshape(1))[0])
+        for s in runtime.take_skipped():
+            skipped.append(s)
+        if skipped and skipped[-1] == step:
+            log.warning("warm start step %d: nonfinite gradients, optimizer step skipped", step)
         switches += runtime.end_step(step)
-        loss_val = float(loss.detach())
         if after_step is not None:
             after_step(step)
     return WarmStart(loss_val, skipped, switches)

@@ -64,7 +64,7 @@ class RolloutWorker:
         self.counters = Counters()
         self.consecutive_failures = 0
         self.rng = random.Random(seed)                    # which problems
-        self.generator = torch.Generator().manual_seed(seed)   # which tokens
+        self.generator = torch.Generator(engine.device).manual_seed(seed)   # which tokens (where they are drawn)
         self._weights_lock = threading.Lock()
         self.engine_lock = threading.Lock()   # one user of the engine at a time: the worker, or an attribution
         # policy version, weights, precision-map version, the trainer's precisions, the rollout-only BF16 layers

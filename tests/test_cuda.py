@@ -134,7 +134,8 @@ def test_dynamic_step_host_syncs(tmp_path):
     """0 host synchronisations on an ordinary dynamic step, exactly 1 on a check step, for any layer count."""
     from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
     from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-    from precisionrt.train import TrainConfig, lm_loss, make_optimizer, to_device
+    from precisionrt.syncs import to_device
+    from precisionrt.train import TrainConfig, lm_loss, make_optimizer
 
     init_parallel(1, device=DEV)
     counts = {}
@@ -175,3 +176,44 @@ def test_dynamic_step_host_syncs(tmp_path):
     for layers, (ordinary, check) in counts.items():
         assert ordinary == [[]] * 9, f"{layers} layers: syncs on ordinary steps at {ordinary}"
         assert len(check) == 1, f"{layers} layers: {len(check)} syncs on a check step, at {check}"
+
+
+def test_rl_decode_and_trainer_steps_synchronise_as_budgeted(tmp_path, monkeypatch):
+    """The RL loop on the GPU (issue 24): a decode of 64 steps at ``rollout.sync_every`` 16 synchronises 4 times
+    (3 looks, 1 transfer); an ordinary trainer step exactly once (its one transfer); a check step once more.
+    Sync mode, each step's rollout made before the trainer's measured region."""
+    from pathlib import Path
+
+    from precisionrt.config import load_config
+    from precisionrt.megatron import ModelConfig, build_gpt
+    from precisionrt.syncs import host_syncs
+    from rl.rollout import generate
+    from rl.train import RLConfig, train
+    from rl.trainer import RLTrainer
+
+    step_syncs, original_step = [], RLTrainer.train_step
+
+    def measured_step(self, step, grad_clip):
+        self.worker.rollout_once()   # the batch, outside the measured region
+        out = []
+        step_syncs.append(host_syncs(lambda: out.append(original_step(self, step, grad_clip))))
+        return out[0]
+
+    monkeypatch.setattr(RLTrainer, "train_step", measured_step)
+    config = Path(__file__).parent.parent / "configs/rl_tiny_cpu.toml"
+    train(load_config(RLConfig, config, [
+        'run.device="cuda"', f'run.dir="{tmp_path / "run"}"', 'executor.mode="sync"', "train.steps=12",
+        "train.warm_start_steps=4", "train.eval_every=12", "train.log_every=12", "precision.monitor.check_interval=4"]))
+    for step, syncs in enumerate(step_syncs[2:], start=4 + 3):   # optimizer steps 7.. (after 4 warm-start steps)
+        assert len(syncs) == 1 + (step % 4 == 0), (step, syncs)
+
+    torch.manual_seed(0)
+    model = build_gpt(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                                  seq_length=80), device=DEV)
+    gen = torch.Generator(DEV).manual_seed(0)
+
+    def decode():
+        generate(model, [b"12+34=", b"7+8="], 64, 80, 1.0, 1.0, gen, kv_cache=True, stop_ids=(-1,), sync_every=16)
+
+    decode()   # warm up
+    assert len(host_syncs(decode)) == 4
