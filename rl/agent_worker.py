@@ -42,6 +42,7 @@ class AgentRolloutWorker(RolloutWorker):
             self._pull_weights()
             comps = self.engine.generate(prompts, self.max_new_tokens, self.generator, keys=keys)
         self.counters.rollout_busy += time.perf_counter() - t0
+        self.counters.generated_tokens += sum(len(c.tokens) for c in comps)
         return comps
 
     async def _group(self) -> None:

@@ -30,7 +30,9 @@ class InferenceEngine(Protocol):
     device: torch.device     # where ``generate``'s generator lives (an engine in another process: the CPU)
 
     def load_weights(self, state: dict, version: int) -> None:
-        """Replace the policy's weights with ``state`` (a state dict of CPU tensors) of ``version``."""
+        """Replace the policy's weights with ``state`` (a mapping of tensors, on any device) of ``version``.
+        ``state`` is valid during the call only (a slot of ``rl.weight_sync.WeightChannel``): an engine that
+        keeps weights past it (to load later, to restart a worker) keeps its own copy."""
 
     def set_precisions(self, precisions: dict[str, str], map_version: int, rollout_bf16=()) -> None:
         """The trainer's per-layer precisions (``{layer: "fp8" | "bf16"}``) of ``map_version``, and the layers

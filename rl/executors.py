@@ -20,8 +20,9 @@ class _Actor:
         from precisionrt.megatron import init_parallel
 
         torch.set_num_threads(1)
-        init_parallel(1)
-        self.engine = RolloutEngine(model_cfg, cfg)
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")   # Ray's GPU, if any
+        init_parallel(1, device=device)
+        self.engine = RolloutEngine(model_cfg, cfg, device)
 
     def load_weights(self, state: dict, version: int) -> int:
         self.engine.load_weights(state, version)
@@ -38,7 +39,12 @@ class _Actor:
         return self.engine.score(sequences, starts, bf16_layers)
 
     def generate(self, prompts: list[bytes], max_new_tokens: int, seed: int, keys=None) -> list[Completion]:
-        return self.engine.generate(prompts, max_new_tokens, torch.Generator().manual_seed(seed), keys=keys)
+        generator = torch.Generator(self.engine.device).manual_seed(seed)
+        return self.engine.generate(prompts, max_new_tokens, generator, keys=keys)
+
+    def pid(self) -> int:
+        import os
+        return os.getpid()
 
 
 class RolloutActorLost(WorkerLost):
@@ -52,7 +58,7 @@ class RayRolloutEngine:
     ``max_restarts`` times, and raises ``RolloutActorLost`` for that call."""
 
     def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, object_store_mib: int = 256,
-                 max_restarts: int = 3, num_cpus: int = 2):
+                 max_restarts: int = 3, num_cpus: int = 2, num_gpus: float = 0.0):
         try:
             import ray
         except ImportError:
@@ -63,13 +69,13 @@ class RayRolloutEngine:
             ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                      object_store_memory=object_store_mib * 2**20, log_to_driver=False,
                      runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-        self.cfg, self.max_restarts, self.restarts = cfg, max_restarts, 0
+        self.cfg, self.max_restarts, self.restarts, self.num_gpus = cfg, max_restarts, 0, num_gpus
         self._weights: tuple[dict, int] | None = None
         self._map: tuple[dict, int] | None = None
         self.actor = self._start_actor()
 
     def _start_actor(self):
-        return self.ray.remote(num_cpus=1)(_Actor).remote(self.model_cfg, self.cfg)
+        return self.ray.remote(num_cpus=1, num_gpus=self.num_gpus)(_Actor).remote(self.model_cfg, self.cfg)
 
     def _call(self, method: str, *args):
         from ray.exceptions import RayActorError
@@ -90,8 +96,11 @@ class RayRolloutEngine:
                                    f"{self.max_restarts}): {type(e).__name__}") from e
 
     def load_weights(self, state: dict, version: int) -> None:
-        self._weights = (state, version)
-        self.version = self._call("load_weights", state, version)
+        """Into the object store once (a few buckets when ``state`` is packed): the actor loads from there, and
+        a restarted actor too (``state`` is the caller's only for this call)."""
+        ref = self.ray.put(state)
+        self._weights = (ref, version)
+        self.version = self._call("load_weights", ref, version)
 
     def set_precisions(self, precisions: dict[str, str], map_version: int, rollout_bf16=()) -> None:
         self._map = (precisions, map_version, tuple(rollout_bf16))
@@ -99,6 +108,10 @@ class RayRolloutEngine:
 
     def precisions(self) -> dict[str, str]:
         return self._call("precisions")
+
+    def pid(self) -> int:
+        """The actor's process id."""
+        return self._call("pid")
 
     def score(self, sequences: list[list[int]], starts: list[int], bf16_layers: list[str]) -> list[list[float]]:
         return self._call("score", sequences, starts, bf16_layers)
@@ -115,12 +128,14 @@ class RayRolloutEngine:
 
 
 def make_engine(kind: str, model_cfg: ModelConfig, cfg: RolloutConfig, num_workers: int = 1,
-                device: torch.device | str = "cpu") -> InferenceEngine:
-    """``num_workers`` engines (Ray actors, or policy copies in this process on ``device``) behind one interface
-    (``rl.pool.EnginePool``); one is the engine itself."""
+                device: torch.device | str = "cpu", num_gpus: float = 0.0, object_store_mib: int = 256
+                ) -> InferenceEngine:
+    """``num_workers`` engines (Ray actors of ``num_gpus`` GPUs each, or policy copies in this process on
+    ``device``) behind one interface (``rl.pool.EnginePool``); one is the engine itself."""
     def one():
-        return RayRolloutEngine(model_cfg, cfg, num_cpus=max(2, num_workers)) if kind == "ray" \
-            else RolloutEngine(model_cfg, cfg, device)
+        if kind == "ray":
+            return RayRolloutEngine(model_cfg, cfg, object_store_mib, num_cpus=max(2, num_workers), num_gpus=num_gpus)
+        return RolloutEngine(model_cfg, cfg, device)
     if num_workers == 1:
         return one()
     from rl.pool import EnginePool

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from rl.rollout import Completion
+from rl.weight_sync import own_copy
 
 
 class EnginePool:
@@ -31,8 +32,9 @@ class EnginePool:
         self.pulls = [0] * len(engines)   # weight loads per engine: only when it was behind
 
     def load_weights(self, state: dict, version: int) -> None:
-        """The newest weights; each engine takes them when it next generates."""
-        self._weights, self.version = (state, version), version
+        """The newest weights; each engine takes them when it next generates (from the pool's own copy: ``state``
+        is the caller's only for this call)."""
+        self._weights, self.version = (own_copy(state), version), version
 
     def set_precisions(self, precisions: dict[str, str], map_version: int, rollout_bf16=()) -> None:
         self._map, self.map_version = (precisions, map_version, tuple(rollout_bf16)), map_version

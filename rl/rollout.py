@@ -43,6 +43,14 @@ class RolloutConfig(Checked):
     kv_cache: bool = False
     """Decode incrementally with a KV cache (each prompt encoded once, then one token per step) instead of
     recomputing the whole sequence at every step."""
+    placement: Literal["colocated", "split"] = "colocated"
+    """``colocated``: the rollout copy on the trainer's device (its own tensors: it shares nothing mutable with
+    the trainer). ``split``: on another device: ``rollout.device`` for an engine in the trainer's process, or a
+    Ray actor's own (``executor.kind = "ray"``, ``executor.num_gpus`` per actor; on a CPU machine, another
+    process)."""
+    device: str = "auto"
+    """``auto``: the trainer's device (colocated), the actor's (split, Ray). ``split`` in the trainer's process
+    names another device here, e.g. ``"cuda:1"``."""
     sync_every: Annotated[int, Range(ge=1, le=2**16)] = 16
     """Decode steps between two looks from the host at whether every row has stopped: the only read from the
     device while decoding (on a GPU each is a synchronisation). A batch decodes up to ``sync_every - 1`` steps

@@ -77,6 +77,9 @@ class ExecutorConfig(Checked):
     num_workers: Annotated[int, Range(ge=1, le=256)] = 1
     """Rollout engines (Ray actors under ``kind = "ray"``); each pulls the newest weights by version when it is
     behind, just before it generates (``rl/pool.py``)."""
+    num_gpus: Annotated[float, Range(ge=0, le=64)] | None = None
+    """GPUs each Ray rollout actor asks for (its engine runs on CUDA when it has one). Default: 1 when the
+    trainer is on a GPU and ``rollout.placement = "split"``, else 0."""
 
 
 
@@ -102,12 +105,56 @@ class RLConfig:
 
 def idle_ratios(trainer: RLTrainer, elapsed: float) -> dict[str, float]:
     """Shares of ``elapsed`` that the trainer waited for samples, that the rollout engine was not generating
-    and (multi-turn tasks) that no tool call was in flight."""
+    and (multi-turn tasks) that no tool call was in flight; the engine's completion tokens per second of its
+    busy time."""
     c = trainer.counters
-    out = {"rl/trainer_idle_ratio": c.trainer_wait / elapsed, "rl/rollout_idle_ratio": 1 - c.rollout_busy / elapsed}
+    out = {"rl/trainer_idle_ratio": c.trainer_wait / elapsed, "rl/rollout_idle_ratio": 1 - c.rollout_busy / elapsed,
+           "rl/rollout_tokens_per_s": c.generated_tokens / max(c.rollout_busy, 1e-9)}
     if hasattr(trainer.worker, "clock"):
         out["rl/env_idle_ratio"] = 1 - trainer.worker.clock.busy / elapsed
     return out
+
+
+def rollout_device(cfg: RLConfig, trainer: torch.device) -> torch.device:
+    """Where an engine in the trainer's process runs (``rollout.placement``, ``rollout.device``)."""
+    if cfg.rollout.device == "auto":
+        return trainer
+    return torch.device(cfg.rollout.device)
+
+
+def actor_gpus(cfg: RLConfig, trainer: torch.device) -> float:
+    if cfg.executor.num_gpus is not None:
+        return cfg.executor.num_gpus
+    return 1.0 if trainer.type == "cuda" and cfg.rollout.placement == "split" else 0.0
+
+
+def check_placement(cfg: RLConfig, trainer: torch.device) -> None:
+    """``rollout.placement`` against where the engines can run; each error names the keys."""
+    r, kind = cfg.rollout, cfg.executor.kind
+    if r.device != "auto":
+        if kind == "ray":
+            raise ConfigError(f'rollout.device = {r.device!r}: a Ray actor runs on its own device (executor.num_gpus); '
+                              f'leave rollout.device = "auto" with executor.kind = "ray"')
+        try:
+            device = torch.device(r.device)
+        except RuntimeError as e:
+            raise ConfigError(f"rollout.device: {e}") from None
+        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+            raise ConfigError(f"rollout.device = {r.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if r.placement == "colocated":
+        if r.device != "auto" and torch.device(r.device) != trainer:
+            raise ConfigError(f'rollout.placement = "colocated" puts the engine on the trainer\'s device ({trainer}), '
+                              f'not rollout.device = {r.device!r}: use placement = "split"')
+        if kind == "ray" and trainer.type == "cuda":
+            raise ConfigError('rollout.placement = "colocated" with executor.kind = "ray": a Ray actor cannot share the '
+                              'trainer\'s GPU; use executor.kind = "local" (same process) or placement = "split"')
+    elif kind == "local" and rollout_device(cfg, trainer) == trainer:
+        raise ConfigError(f'rollout.placement = "split" in the trainer\'s process needs rollout.device naming another '
+                          f'device than the trainer\'s ({trainer}), e.g. "cuda:1"; or executor.kind = "ray" (a process of '
+                          f'its own, executor.num_gpus GPUs)')
+    if kind == "local" and cfg.executor.num_gpus:
+        raise ConfigError("executor.num_gpus is what a Ray actor asks for; with executor.kind = \"local\" use "
+                          "rollout.device")
 
 
 def check_config(cfg: RLConfig) -> None:
@@ -122,6 +169,7 @@ def check_config(cfg: RLConfig) -> None:
         raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "
                           "or model.hf_init")
     check_inject_ranks(cfg.inject, 1)
+    check_placement(cfg, resolve_device(cfg.run.device))
     batch = cfg.rl.prompts_per_step * cfg.rl.group_size
     check_fits(training_memory(cfg.model.dims(), max(batch, cfg.train.warm_start_batch)), "a trainer step",
                "rl.prompts_per_step x rl.group_size (or train.warm_start_batch), model.*",
@@ -156,7 +204,10 @@ def train(cfg: RLConfig) -> dict:
     offset = cfg.train.warm_start_steps  # optimizer steps before RL: the switch log counts all of them
     start, masked, earlier_switches = 0, [], []   # switches before a resumed run's checkpoint
     with opened.starting():
-        engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout, cfg.executor.num_workers, device)
+        weights_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        engine = make_engine(cfg.executor.kind, cfg.model, cfg.rollout, cfg.executor.num_workers,
+                             rollout_device(cfg, device), actor_gpus(cfg, device),
+                             object_store_mib=max(256, int(4 * weights_mib)))   # a few publications in flight
         if found is None:
             runtime.start_log(run_dir, to_dict(cfg))
             warm_opt = make_optimizer(model, cfg.train.warm_start_lr)
@@ -194,7 +245,7 @@ def train(cfg: RLConfig) -> dict:
                    "switches": earlier_switches + [e.summary() for e in switches]}},
             keep=cfg.train.keep_checkpoints)
 
-    switches, reward_final, eval_final, agent_totals = [], reward_initial, eval_initial, Counter()
+    switches, reward_final, eval_final, agent_totals, trainer_rates = [], reward_initial, eval_initial, Counter(), []
     trained_before = trainer.ctrl.acct.trained
     trainer.start()
     t_rl = time.time()
@@ -203,6 +254,7 @@ def train(cfg: RLConfig) -> dict:
             injector.before_step(offset + step - 1)
             m = trainer.train_step(offset + step, cfg.train.grad_clip)
             switches += m["events"]
+            trainer_rates.append(m["trainer_tokens_per_s"])
             if m["skipped"]:
                 print(f"step {step}: nonfinite gradients, optimizer step skipped (its samples dropped)", flush=True)
             check_skipped(sum(s > offset + start for s in trainer.skipped_steps), step - start,
@@ -246,6 +298,7 @@ def train(cfg: RLConfig) -> dict:
     c = trainer.counters
     summary = {
         "steps": end, "resumed_from": start, "wall_s": time.time() - t_start, "rl_wall_s": rl_wall,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "reward_initial": reward_initial, "reward_final": reward_final, "samples": acct.as_dict(),
         "skipped_steps": trainer.skipped_steps, "control_rejected": runtime.control_rejected,
         "max_staleness_trained": max(acct.staleness_trained, default=0),
@@ -253,6 +306,8 @@ def train(cfg: RLConfig) -> dict:
         "icepop_masked_fraction": sum(masked) / len(masked) if masked else math.nan,
         "samples_per_s": (acct.trained - trained_before) / rl_wall,
         **{k.removeprefix("rl/"): v for k, v in idle_ratios(trainer, rl_wall).items()},
+        "trainer_tokens_per_s": sum(trainer_rates) / max(len(trainer_rates), 1),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "rollout_errors": c.errors[:10], "fp8_flop_fraction": runtime.fp8_flop_fraction(),
         "switches": earlier_switches + [e.summary() for e in switches], "executor": to_dict(cfg.executor),
         "rollout_precision": cfg.rollout.precision, "correction": cfg.rl.loss.correction,

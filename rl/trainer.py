@@ -70,6 +70,9 @@ class RLAlgoConfig(Checked):
     ppo_minibatches: Annotated[int, Range(ge=1, le=2**16)] = 1
     """Optimizer steps per epoch over a trainer batch, each on a shuffled share of its samples (verl's
     ``ppo_mini_batch_size`` as a count); divides prompts_per_step x group_size. Each is a runtime step too."""
+    sync_bucket_mb: Annotated[float, Range(gt=0, le=2**20)] = 256.0
+    """Weight sync to the rollout engines: the largest bucket, in MiB, that a publication copies at once
+    (``rl/weight_sync.py``; a tensor larger than that travels in a bucket of its own)."""
     ppo_epochs: Annotated[int, Range(ge=1, le=1024)] = 1
     """Passes over each trainer batch (verl's ``ppo_epochs``). pi_prox, the PPO clip's anchor, is the policy
     before the batch's first step, computed once per batch."""
@@ -112,7 +115,7 @@ class RLTrainer:
         self.attribution = MismatchAttribution(algo.attribution_every, algo.attribution_samples)
         self.rollout_bf16: dict[str, dict] = {}   # layers promoted on the rollout side -> why (step, share, k3)
         self._map_bf16: set[str] = set()   # ... as the last published map has them
-        self.worker = worker(engine, task, self.ctrl, algo, max_new_tokens, seed, _snapshot(model), self._map,
+        self.worker = worker(engine, task, self.ctrl, algo, max_new_tokens, seed, policy_state(model), self._map,
                              **worker_args)
         self.queue, self.counters = self.worker.queue, self.worker.counters
 
@@ -189,6 +192,7 @@ class RLTrainer:
         (``should_skip_step``)."""
         t0 = time.perf_counter()
         batch = self.next_batch()
+        t_batch = time.perf_counter()
         n = sum(len(g.completions) for g in batch)
         if self.algo.steps_per_batch == 1:
             inputs, rewards, entropy = self.loss_inputs(batch)
@@ -254,9 +258,11 @@ class RLTrainer:
             self.ctrl.trained([v for (v, _), t in zip(comps, applied) if t])
             self.trained_by_map.update(m for (_, m), t in zip(comps, applied) if t)
             # publish first, then advance: a rollout admitted by the new version must find its weights
-            self.worker.publish(self.ctrl.version + 1, _snapshot(self.model))
+            self.worker.publish(self.ctrl.version + 1, policy_state(self.model))
             self.ctrl.advance()
+        tokens = sum(len(c.prompt) + len(c.tokens) for g in batch for c in g.completions) * self.algo.ppo_epochs
         return {**batch_summary,
+                "trainer_tokens_per_s": tokens / (time.perf_counter() - t_batch),
                 "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0,
@@ -375,7 +381,7 @@ class RLTrainer:
         self.mismatch_by_map = {int(k): list(v) for k, v in sd.get("mismatch_by_map", {}).items()}
         self.rollout_bf16 = dict(sd.get("rollout_bf16", {}))
         self._map_bf16 = set(self.rollout_bf16)
-        self.worker.load_state_dict(sd, self.ctrl.version, _snapshot(self.model), self.map_version, self._map,
+        self.worker.load_state_dict(sd, self.ctrl.version, policy_state(self.model), self.map_version, self._map,
                                     self._map_bf16)
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -412,11 +418,12 @@ def greedy_reward(model, task: Task, problems: list[Problem], max_new_tokens: in
     return sum(task.reward(p, task.decode(c.tokens)) for p, c in zip(problems, comps)) / len(problems)
 
 
-def _snapshot(model) -> dict:
-    """The weights to publish. An injected fault's channel scaling (``inject.kind = "outlier"`` / ``"spike"``)
-    travels with them (``<layer>.channel_scale``): a real outlier lives in what both sides compute with."""
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+def policy_state(model) -> dict:
+    """The weights to publish: the model's own tensors (the weight channel copies them). An injected fault's
+    channel scaling (``inject.kind = "outlier"`` / ``"spike"``) travels with them (``<layer>.channel_scale``): a
+    real outlier lives in what both sides compute with."""
+    state = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     for name, layer in precision_layers(model).items():
         if layer.channel_scale is not None:
-            state[f"{name}.{CHANNEL_SCALE}"] = layer.channel_scale.detach().clone()
+            state[f"{name}.{CHANNEL_SCALE}"] = layer.channel_scale.detach()
     return state

@@ -27,6 +27,7 @@ from rl.engine import InferenceEngine, WorkerLost
 from rl.envs import Problem
 from rl.rollout import Completion
 from rl.staleness import StalenessController
+from rl.weight_sync import WeightChannel, channel_device
 
 _KEPT_ERRORS = 100   # the newest rollout errors kept for reports (the count is in the accounting)
 
@@ -49,6 +50,8 @@ class Counters:
     rollout_wait: float = 0.0
     """Rollout worker blocked by admission control."""
     rollout_busy: float = 0.0
+    generated_tokens: int = 0
+    """Completion tokens the engine generated (``rollout_tokens_per_s`` = these / ``rollout_busy``)."""
     trainer_wait: float = 0.0
     """Trainer waiting for samples."""
     errors: list = field(default_factory=list)
@@ -67,8 +70,11 @@ class RolloutWorker:
         self.generator = torch.Generator(engine.device).manual_seed(seed)   # which tokens (where they are drawn)
         self._weights_lock = threading.Lock()
         self.engine_lock = threading.Lock()   # one user of the engine at a time: the worker, or an attribution
-        # policy version, weights, precision-map version, the trainer's precisions, the rollout-only BF16 layers
-        self._published = (0, weights, 0, precisions, ())
+        # the weights: versioned, bucketed, never seen half-written (rl/weight_sync.py)
+        self.channel = WeightChannel(algo.sync_bucket_mb, channel_device(weights, engine))
+        # precision-map version, the trainer's precisions, the rollout-only BF16 layers
+        self._published = (0, precisions, ())
+        self.channel.publish(weights, 0, 0)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._error: tuple[BaseException, str] | None = None
@@ -78,22 +84,26 @@ class RolloutWorker:
     # ------------------------------------------------------------------------------------ weights
 
     def publish(self, version: int, weights: dict) -> None:
-        """The trainer's weights of ``version``; the engine loads them when it next starts a rollout."""
+        """The trainer's weights (its own tensors: they are copied here, into the weight channel) as ``version``;
+        the engine loads them when it next starts a rollout."""
         with self._weights_lock:
-            self._published = (version, weights, *self._published[2:])
+            map_version = self._published[0]
+        self.channel.publish(weights, version, map_version)
 
     def publish_precisions(self, map_version: int, precisions: dict[str, str], rollout_bf16=()) -> None:
         """The trainer's per-layer precisions and the layers promoted on the rollout side only, version
         ``map_version``; they travel with the weights (the engine takes both from one snapshot, so a map never
         reaches it with weights of another version)."""
         with self._weights_lock:
-            self._published = (*self._published[:2], map_version, dict(precisions), tuple(sorted(rollout_bf16)))
+            self._published = (map_version, dict(precisions), tuple(sorted(rollout_bf16)))
 
     def _pull_weights(self) -> None:
-        with self._weights_lock:
-            version, weights, map_version, precisions, rollout_bf16 = self._published
-        if version > self.engine.version:
-            self.engine.load_weights(weights, version)
+        with self.channel.acquire() as slot:   # held: no publication writes into it while the engine loads
+            if slot.version > self.engine.version:
+                self.engine.load_weights(slot.state, slot.version)
+            version = slot.version
+        with self._weights_lock:   # read after the weights: a map is never older than the weights it goes with
+            map_version, precisions, rollout_bf16 = self._published
         if map_version > self.engine.map_version:
             self.engine.set_precisions(precisions, map_version, rollout_bf16)
             self.maps_applied.append((map_version, version))
@@ -116,6 +126,7 @@ class RolloutWorker:
             self._failed(e)   # ... up to the limits it checks
             return True
         self.consecutive_failures = 0
+        self.counters.generated_tokens += sum(len(c.tokens) for c in comps)
         self.ctrl.returned(self.batch_samples)
         self.ctrl.created(len(comps))
         for i, problem in enumerate(problems):
@@ -199,7 +210,8 @@ class RolloutWorker:
         self.rng.setstate((sd["rng_version"], tuple(sd["rng"]), None))
         self.generator.set_state(sd["gen"])
         with self._weights_lock:
-            self._published = (version, weights, map_version, dict(precisions), tuple(sorted(rollout_bf16)))
+            self._published = (map_version, dict(precisions), tuple(sorted(rollout_bf16)))
+        self.channel.publish(weights, version, map_version)
         self.engine.load_weights(weights, version)
         self.engine.set_precisions(precisions, map_version, tuple(sorted(rollout_bf16)))
         self.maps_applied = [(map_version, version)]   # this segment starts from the checkpoint's map

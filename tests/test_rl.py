@@ -216,7 +216,7 @@ def test_weights_are_published_before_the_version_advances(tmp_path, monkeypatch
     advance = StalenessController.advance
 
     def checked_advance(ctrl):
-        seen.append(RLTrainer.current.worker._published[0] == ctrl.version + 1)
+        seen.append(RLTrainer.current.worker.channel.version == ctrl.version + 1)
         return advance(ctrl)
 
     init = RLTrainer.__init__
