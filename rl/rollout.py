@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 import torch
 
-from precisionrt.config import Checked, Range
+from precisionrt.config import Checked, Range, Text
 from precisionrt.fp8 import ScalingConfig
 from precisionrt.linear import LayerNumerics, precision_layers
 from precisionrt.megatron import KVCache, ModelConfig, SDPACoreAttention, build_gpt
@@ -48,7 +48,7 @@ class RolloutConfig(Checked):
     the trainer). ``split``: on another device: ``rollout.device`` for an engine in the trainer's process, or a
     Ray actor's own (``executor.kind = "ray"``, ``executor.num_gpus`` per actor; on a CPU machine, another
     process)."""
-    device: str = "auto"
+    device: Annotated[str, Text("auto, cpu, cuda or cuda:N", pattern=r"auto|cpu|cuda(:[0-9]{1,3})?")] = "auto"
     """``auto``: the trainer's device (colocated), the actor's (split, Ray). ``split`` in the trainer's process
     names another device here, e.g. ``"cuda:1"``."""
     sync_every: Annotated[int, Range(ge=1, le=2**16)] = 16

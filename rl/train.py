@@ -77,9 +77,9 @@ class ExecutorConfig(Checked):
     num_workers: Annotated[int, Range(ge=1, le=256)] = 1
     """Rollout engines (Ray actors under ``kind = "ray"``); each pulls the newest weights by version when it is
     behind, just before it generates (``rl/pool.py``)."""
-    num_gpus: Annotated[float, Range(ge=0, le=64)] | None = None
-    """GPUs each Ray rollout actor asks for (its engine runs on CUDA when it has one). Default: 1 when the
-    trainer is on a GPU and ``rollout.placement = "split"``, else 0."""
+    num_gpus: Annotated[float, Range(ge=-1, le=64)] = -1
+    """GPUs each Ray rollout actor asks for (its engine runs on CUDA when it has one). -1: 1 when the trainer is
+    on a GPU and ``rollout.placement = "split"``, else 0."""
 
 
 
@@ -123,7 +123,7 @@ def rollout_device(cfg: RLConfig, trainer: torch.device) -> torch.device:
 
 
 def actor_gpus(cfg: RLConfig, trainer: torch.device) -> float:
-    if cfg.executor.num_gpus is not None:
+    if cfg.executor.num_gpus >= 0:
         return cfg.executor.num_gpus
     return 1.0 if trainer.type == "cuda" and cfg.rollout.placement == "split" else 0.0
 
@@ -135,10 +135,7 @@ def check_placement(cfg: RLConfig, trainer: torch.device) -> None:
         if kind == "ray":
             raise ConfigError(f'rollout.device = {r.device!r}: a Ray actor runs on its own device (executor.num_gpus); '
                               f'leave rollout.device = "auto" with executor.kind = "ray"')
-        try:
-            device = torch.device(r.device)
-        except RuntimeError as e:
-            raise ConfigError(f"rollout.device: {e}") from None
+        device = torch.device(r.device)
         if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
             raise ConfigError(f"rollout.device = {r.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     if r.placement == "colocated":
@@ -152,7 +149,7 @@ def check_placement(cfg: RLConfig, trainer: torch.device) -> None:
         raise ConfigError(f'rollout.placement = "split" in the trainer\'s process needs rollout.device naming another '
                           f'device than the trainer\'s ({trainer}), e.g. "cuda:1"; or executor.kind = "ray" (a process of '
                           f'its own, executor.num_gpus GPUs)')
-    if kind == "local" and cfg.executor.num_gpus:
+    if kind == "local" and cfg.executor.num_gpus > 0:
         raise ConfigError("executor.num_gpus is what a Ray actor asks for; with executor.kind = \"local\" use "
                           "rollout.device")
 

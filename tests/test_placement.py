@@ -76,7 +76,7 @@ def test_a_split_rollout_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
     (['rollout.device="tpu:3"'], "rollout.device"),
     (['executor.kind="ray"', 'rollout.device="cpu"'], "a Ray actor runs on its own device"),
     (["executor.num_gpus=1"], "executor.num_gpus is what a Ray actor asks for"),
-    (["executor.num_gpus=-1"], "executor.num_gpus"),
+    (["executor.num_gpus=-2"], "executor.num_gpus"),
 ])
 def test_placements_that_cannot_be_honoured_are_refused_by_name(tmp_path, overrides, message):
     if torch.cuda.is_available():
