@@ -11,6 +11,8 @@ The public API (everything else is internal and may change):
 * ``from_hf(path, spec=None, dtype=None)`` / ``to_hf(model, out_dir)``: a Hugging Face checkpoint directory
   (Llama, Qwen2/2.5, Qwen3) as a megatron-core ``GPTModel`` with precisionrt's layers, and back, bit-exact
   (``precisionrt.hf``; needs the ``hf`` extra).
+* ``compile_model(model, regions="block" | "model", backend=...)``: ``torch.compile`` of such a model, per
+  transformer block or whole, without a graph break in any precision mode (``precisionrt.compile``).
 * ``RuntimeConfig`` and its parts ``ScalingConfig`` (the one place the scaling recipe is set), ``MonitorConfig``
   and ``PolicyConfig``.
 
@@ -23,12 +25,12 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["convert_layer_spec", "PrecisionRuntime", "RuntimeConfig", "ScalingConfig", "MonitorConfig",
-           "PolicyConfig", "clip_grad_norm_", "from_hf", "to_hf"]
+           "PolicyConfig", "clip_grad_norm_", "compile_model", "from_hf", "to_hf"]
 
 _HOME = {"convert_layer_spec": "precisionrt.convert", "PrecisionRuntime": "precisionrt.runtime",
          "RuntimeConfig": "precisionrt.runtime", "ScalingConfig": "precisionrt.fp8",
          "MonitorConfig": "precisionrt.monitors", "PolicyConfig": "precisionrt.policy",
-         "clip_grad_norm_": "precisionrt.clipping", "from_hf": "precisionrt.hf", "to_hf": "precisionrt.hf"}
+         "clip_grad_norm_": "precisionrt.clipping", "compile_model": "precisionrt.compile", "from_hf": "precisionrt.hf", "to_hf": "precisionrt.hf"}
 
 
 def __getattr__(name: str):

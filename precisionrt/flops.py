@@ -1,13 +1,16 @@
 """FLOP accounting: the share of the managed layers' GEMM FLOPs that ran in FP8, over the run and per step.
 
-Each layer counts its own GEMM FLOPs by precision from tensor shapes on the host (``layer.flops``), so the
-accounting costs no device work. Attention score GEMMs, the embedding and the output head are not managed
-layers and are in neither the numerator nor the denominator.
+Each layer counts the training tokens through it by precision, from tensor shapes, into a device buffer
+(``layer.flop_tokens``: a host integer that changes at every forward would make compiled code recompile at every
+call, and a captured CUDA graph would count once). FLOPs are those tokens times the layer's GEMM FLOPs per token.
+``end_step`` keeps the step's FLOPs on the device too; they reach the host only when a share is asked for (at
+logging, at a checkpoint, at the end of a run): one transfer, never in ``end_step``. Attention score GEMMs, the
+embedding and the output head are not managed layers and are in neither the numerator nor the denominator.
 
 Under pipeline parallelism a rank counts only its stage's layers; the whole model's share then takes one
-all-reduce over the pipeline group, made when a share is asked for (at logging, at the end of a run), never in
-``end_step``. So under pipeline parallelism ``fraction`` is a collective: every rank of the pipeline group calls
-it. (Tensor-parallel shards and data-parallel replicas count alike and need no reduction.)
+all-reduce over the pipeline group, made when a share is asked for. So under pipeline parallelism ``fraction``
+is a collective: every rank of the pipeline group calls it. (Tensor-parallel shards and data-parallel replicas
+count alike and need no reduction.)
 """
 
 from __future__ import annotations
@@ -22,24 +25,36 @@ class FlopAccounting:
         """``layers``: this rank's managed layers; ``group``: the pipeline group whose other stages hold the rest
         of the model (None: this rank holds every layer, or a shard of it)."""
         self.layers, self.group, self.device = layers, group, device or torch.device("cpu")
-        self._at_last_step = self.totals()
-        self._step = (0, 0)   # the last step that ran a forward: GEMM FLOPs in (FP8, BF16)
+        self._per_token = torch.tensor([[l.gemm_flops_per_token] for l in layers.values()], dtype=torch.float64,
+                                       device=self.device).reshape(-1, 1)
+        self._at_last_step = self._tokens()
+        self._step = torch.zeros(2, dtype=torch.float64, device=self.device)   # last step with a forward: (FP8, BF16)
+
+    def _tokens(self) -> torch.Tensor:
+        """``[layers, 2]`` training tokens so far by (FP8, BF16), on the device."""
+        if not self.layers:
+            return torch.zeros(0, 2, dtype=torch.int64, device=self.device)
+        return torch.stack([l.flop_tokens for l in self.layers.values()])
+
+    def _flops(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens.double() * self._per_token).sum(0)
 
     def totals(self) -> tuple[int, int]:
-        """This rank's GEMM FLOPs run so far in (FP8, BF16)."""
-        return (sum(l.flops.fp8 for l in self.layers.values()), sum(l.flops.bf16 for l in self.layers.values()))
+        """This rank's GEMM FLOPs run so far in (FP8, BF16), exactly (one transfer)."""
+        per_token = [l.gemm_flops_per_token for l in self.layers.values()]
+        rows = self._tokens().tolist()
+        return (sum(t[0] * p for t, p in zip(rows, per_token)), sum(t[1] * p for t, p in zip(rows, per_token)))
 
     def fractions(self) -> tuple[float, float]:
-        """FP8's share over the run and over the last step, for the whole model. Before any forward: the share
-        of FLOPs per token that the layers' current precisions assign to FP8."""
-        per_token = [sum(l.gemm_flops_per_token for l in self.layers.values() if l.precision == p)
+        """FP8's share over the run and over the last step, for the whole model (one transfer). Before any
+        forward: the share of FLOPs per token that the layers' current precisions assign to FP8."""
+        per_token = [float(sum(l.gemm_flops_per_token for l in self.layers.values() if l.precision == p))
                      for p in ("fp8", "bf16")]
-        counts = [*self.totals(), *self._step, *per_token]
+        counts = torch.cat([self._flops(self._tokens()), self._step,
+                            torch.tensor(per_token, dtype=torch.float64, device=self.device)])
         if self.group is not None:
-            reduced = torch.tensor(counts, dtype=torch.float64, device=self.device)
-            torch.distributed.all_reduce(reduced, group=self.group)
-            counts = reduced.tolist()
-        run_fp8, run_bf16, step_fp8, step_bf16, tok_fp8, tok_bf16 = counts
+            torch.distributed.all_reduce(counts, group=self.group)
+        run_fp8, run_bf16, step_fp8, step_bf16, tok_fp8, tok_bf16 = counts.tolist()
         share = lambda a, b: a / (a + b) if a + b else None   # noqa: E731
         planned = share(tok_fp8, tok_bf16) or 0.0
         run = share(run_fp8, run_bf16)
@@ -50,22 +65,30 @@ class FlopAccounting:
         return self.fractions()[window == "step"]
 
     def end_step(self) -> None:
-        totals = self.totals()
-        delta = tuple(t - p for t, p in zip(totals, self._at_last_step))
-        if any(delta):   # a step without a forward keeps the last step's share
-            self._step = delta
-        self._at_last_step = totals
+        """Close a step on the device: its FLOPs become the step's, unless it ran no forward (then the last
+        step's share stays)."""
+        tokens = self._tokens()
+        delta = self._flops(tokens - self._at_last_step)
+        self._step = torch.where(delta.sum() > 0, delta, self._step)
+        self._at_last_step = tokens
 
     def state_dict(self) -> dict:
-        return {"flops": {n: [l.flops.fp8, l.flops.bf16] for n, l in self.layers.items()},
-                "step_flops": list(self._step)}
+        per_token = [l.gemm_flops_per_token for l in self.layers.values()]
+        rows = self._tokens().tolist()
+        return {"flops": {n: [t[0] * p, t[1] * p] for n, t, p in zip(self.layers, rows, per_token)},
+                "step_flops": [int(v) for v in self._step.tolist()]}
 
     def load_state_dict(self, sd: dict) -> None:
         for name, layer in self.layers.items():
-            layer.flops.fp8, layer.flops.bf16 = sd["flops"][name]
-        self._at_last_step = self.totals()
+            fp8, bf16 = sd["flops"][name]
+            per_token = layer.gemm_flops_per_token
+            layer.flop_tokens.copy_(torch.tensor([fp8 // per_token, bf16 // per_token]))
+        self._at_last_step = self._tokens()
         if "step_flops" in sd:
-            self._step = tuple(int(v) for v in sd["step_flops"])
+            step = [float(v) for v in sd["step_flops"]]
         elif "step_fraction" in sd:   # checkpoints before step_flops kept only the share
             share = float(sd["step_fraction"])
-            self._step = (round(share * 10**6), 10**6 - round(share * 10**6))
+            step = [round(share * 10**6), 10**6 - round(share * 10**6)]
+        else:
+            return
+        self._step = torch.tensor(step, dtype=torch.float64, device=self.device)

@@ -54,6 +54,7 @@ cannot run FP8 on CUDA; ``fp8_gemm_unsupported_reason`` says why and the layer s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -137,16 +138,17 @@ def abs_max(x: torch.Tensor) -> torch.Tensor:
     the previous scale (``compute_scale``) and flags the tensor as nonfinite in the cheap statistics."""
     if x.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=x.device)
-    return x.detach().abs().amax().float()
+    # one reduction, computing in fp32 (max |x|, NaN propagating: exactly abs().amax().float())
+    return torch.linalg.vector_norm(x.detach(), math.inf, dtype=torch.float32)
 
 
 def cheap_stats(amax: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """The statistics every step can afford, from the amax that scaling computes anyway: amax (finite part),
     scaled amax and a nonfinite indicator (exact counts come with ``tensor_stats`` on sampled steps)."""
-    finite = torch.isfinite(amax)
+    finite = amax < math.inf   # an amax is >= 0, +inf or NaN
     zero = torch.zeros((), dtype=torch.float32, device=amax.device)
     fields = dict.fromkeys(STAT_FIELDS, zero)
-    fields["amax"] = torch.where(finite, amax, zero)
+    fields["amax"] = torch.where(finite, amax, 0.0)
     if scale is not None:
         fields["scaled_amax"] = fields["amax"] * scale
     fields["nonfinite"] = (~finite).float()
@@ -206,8 +208,9 @@ def dry_run_stats(x: torch.Tensor, fmt: FP8Format, margin: int = 0,
 
 def combine_stats(acc: torch.Tensor, new: torch.Tensor) -> None:
     """Accumulate ``new`` into ``acc`` in place: max for the amax fields, sums for the rest. No host sync."""
-    acc[..., _MAX_FIELDS] = torch.maximum(acc[..., _MAX_FIELDS], new[..., _MAX_FIELDS])
-    acc[..., _SUM_FIELDS] += new[..., _SUM_FIELDS]
+    maxed = acc[..., _MAX_FIELDS]   # views: updated in place, without __setitem__'s write-back
+    maxed.copy_(torch.maximum(maxed, new[..., _MAX_FIELDS]))
+    acc[..., _SUM_FIELDS].add_(new[..., _SUM_FIELDS])
 
 
 # --------------------------------------------------------------------------------------------- scaling
@@ -228,18 +231,23 @@ class ScalingConfig(Checked):
 def compute_scale(amax: torch.Tensor, fmt: FP8Format, margin: int, prev_scale: torch.Tensor) -> torch.Tensor:
     """``(fmt.max / amax) / 2**margin`` (at most the largest fp32); keeps ``prev_scale`` where amax is 0 or
     not finite. ``kernels.py`` repeats these operations in this order, bit for bit."""
-    usable = torch.isfinite(amax) & (amax > 0)
-    safe_amax = torch.where(usable, amax, torch.ones_like(amax))
-    # Clamped to the largest fp32: a tiny nonzero amax (1e-36) would otherwise give an infinite scale.
-    scale = ((fmt.max / safe_amax) / (2.0**margin)).clamp(max=SCALE_MAX)
-    return torch.where(usable, scale, prev_scale)
+    usable = (amax > 0) & (amax < math.inf)   # an amax is >= 0 or NaN: finite and positive, in 3 operations
+    # Clamped to the largest fp32: a tiny nonzero amax (1e-36) would otherwise give an infinite scale. Where the
+    # amax is not usable the quotient is inf or NaN, and the previous scale is taken instead.
+    scale = fmt.max / amax
+    if margin:
+        scale = scale / (2.0**margin)
+    return torch.where(usable, scale.clamp(max=SCALE_MAX), prev_scale)
 
 
 class ScalingState:
     """Scale and amax history of one tensor role (input, weight or output gradient) of one layer.
 
-    Lives on the layer's device; every update is a tensor op. ``history_filled`` counts pushes (saturating
-    at the history length) so an empty history can fall back to current scaling without a branch on the host.
+    Lives on the layer's device; every update is a tensor op, in place: the tensors are allocated once, so
+    compiled code can update them (``torch.compile`` refuses to rebind Python state inside an autograd function)
+    and a captured CUDA graph keeps their addresses. ``history_filled`` counts pushes (saturating at the history
+    length) so an empty history can fall back to current scaling without a branch on the host; ``cursor`` is the
+    ring buffer's next slot, on the device too, so no host integer changes from step to step.
     """
 
     def __init__(self, fmt: FP8Format, config: ScalingConfig, device: torch.device | str = "cpu"):
@@ -247,20 +255,24 @@ class ScalingState:
         self.config = config
         self.device = torch.device(device)
         self.defer = False   # set by the runtime for delayed scaling under tensor parallelism (see update)
-        self.reset()
-
-    def reset(self) -> None:
-        """Fresh state: no history, scale 1. Used when a layer returns to FP8."""
-        n = self.config.amax_history_len
+        n = config.amax_history_len
         self.amax_history = torch.zeros(n, dtype=torch.float32, device=self.device)
         self.scale = torch.ones((), dtype=torch.float32, device=self.device)
         self.history_filled = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._cursor = 0  # host-side position in the ring buffer: advances identically on every rank
+        self.cursor = torch.zeros((), dtype=torch.int64, device=self.device)
         self.pending: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Fresh state: no history, scale 1. Used when a layer returns to FP8."""
+        self.amax_history.zero_()
+        self.scale.fill_(1.0)
+        self.history_filled.zero_()
+        self.cursor.zero_()
+        self.pending = None
 
     def _history_amax(self) -> torch.Tensor:
         if self.config.amax_compute_algo == "most_recent":
-            return self.amax_history[(self._cursor - 1) % self.amax_history.numel()]
+            return self.amax_history[(self.cursor - 1) % self.amax_history.numel()]
         return self.amax_history.max()
 
     def scale_for(self, amax: torch.Tensor) -> torch.Tensor:
@@ -269,6 +281,14 @@ class ScalingState:
         if self.config.recipe == "current":
             return current
         return torch.where(self.history_filled > 0, self.scale, current)
+
+    def commit(self, amax: torch.Tensor, scale: torch.Tensor) -> None:
+        """``update`` after quantizing with ``scale = scale_for(amax)``: under current scaling that scale is the
+        next one already (``update`` would compute it again), under delayed scaling the history moves on."""
+        if self.config.recipe == "current":
+            self.scale.copy_(scale)
+        else:
+            self.update(amax)
 
     def update(self, amax: torch.Tensor) -> None:
         """Record the amax of the tensor just quantized and derive the next delayed scale.
@@ -289,21 +309,22 @@ class ScalingState:
 
     def _apply(self, amax: torch.Tensor) -> None:
         if self.config.recipe == "current":
-            self.scale = compute_scale(amax, self.fmt, self.config.margin, self.scale)
+            self.scale.copy_(compute_scale(amax, self.fmt, self.config.margin, self.scale))
             return
+        n = self.amax_history.numel()
         usable = torch.isfinite(amax) & (amax > 0)
-        slot = self._cursor
-        self.amax_history[slot] = torch.where(usable, amax, self.amax_history[slot])
-        self.history_filled = torch.where(
-            usable, torch.clamp(self.history_filled + 1, max=self.amax_history.numel()), self.history_filled
-        )
-        self._cursor = (self._cursor + 1) % self.amax_history.numel()
-        self.scale = compute_scale(self._history_amax(), self.fmt, self.config.margin, self.scale)
+        slot = self.cursor.reshape(1)
+        kept = torch.where(usable, amax.reshape(()), self.amax_history.index_select(0, slot).reshape(()))
+        self.amax_history.index_copy_(0, slot, kept.reshape(1).to(self.amax_history.dtype))
+        self.history_filled.copy_(torch.where(usable, torch.clamp(self.history_filled + 1, max=n),
+                                              self.history_filled))
+        self.cursor.copy_((self.cursor + 1) % n)
+        self.scale.copy_(compute_scale(self._history_amax(), self.fmt, self.config.margin, self.scale))
 
     def state_dict(self) -> dict:
         return {
             "amax_history": self.amax_history.clone(), "scale": self.scale.clone(),
-            "history_filled": self.history_filled.clone(), "cursor": self._cursor,
+            "history_filled": self.history_filled.clone(), "cursor": int(self.cursor),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -313,9 +334,9 @@ class ScalingState:
                 f"configured {tuple(self.amax_history.shape)}"
             )
         self.amax_history.copy_(sd["amax_history"])
-        self.scale = sd["scale"].to(self.device).clone()
-        self.history_filled = sd["history_filled"].to(self.device).clone()
-        self._cursor = int(sd["cursor"])
+        self.scale.copy_(sd["scale"])
+        self.history_filled.copy_(sd["history_filled"])
+        self.cursor.fill_(int(sd["cursor"]))
 
 
 # ----------------------------------------------------------------------------------------------- GEMM
@@ -370,8 +391,12 @@ def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_inv_a: torch.Tensor, scale
     for s in (scale_inv_a, scale_inv_b):
         if s.dtype != torch.float32 or s.numel() != 1:
             raise TypeError("scaled_mm: scales must be single fp32 values (per-tensor scaling)")
-    return torch._scaled_mm(a, b, scale_a=scale_inv_a.reshape(()), scale_b=scale_inv_b.reshape(()),
-                            out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+    return torch._scaled_mm(a, b, scale_a=_scalar(scale_inv_a), scale_b=_scalar(scale_inv_b), out_dtype=out_dtype,
+                            use_fast_accum=use_fast_accum)
+
+
+def _scalar(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dim() == 0 else t.reshape(())
 
 
 def quantize_tensor(x: torch.Tensor, state: ScalingState, update: bool = True,
@@ -389,7 +414,7 @@ def quantize_tensor(x: torch.Tensor, state: ScalingState, update: bool = True,
     elif stats == "cheap":
         out = cheap_stats(amax, scale)
     if update:
-        state.update(amax)
+        state.commit(amax, scale)
     return q, scale, out
 
 

@@ -376,7 +376,7 @@ def quantize(x: torch.Tensor, fmt: FP8Format, state: ScalingState | None, *, upd
         if update and mode == _SCALE_DELAYED:
             state.update(amax)
     if update and mode == _SCALE_CURRENT and state is not None:
-        state.scale = scale_out   # what ScalingState.update computes under current scaling
+        state.scale.copy_(scale_out)   # what ScalingState.update computes under current scaling
     return q, q_t, scale_out, scale_inv
 
 

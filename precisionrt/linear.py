@@ -13,8 +13,6 @@ are, in the model's dtype (the fp32 master copy on CPU); only the GEMM operands 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
@@ -31,14 +29,7 @@ from precisionrt.fp8 import E4M3, E5M2, ScalingConfig
 from precisionrt.numerics import GRAD_FIELDS, GRAD_INDEX, ROLES, LayerNumerics  # noqa: F401  (re-exported)
 
 _GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@dataclass
-class GemmCounters:
-    """Host-side FLOP accounting from tensor shapes (never a device sync)."""
-
-    fp8: int = 0
-    bf16: int = 0
+FLOP_SLOT = {"fp8": 0, "bf16": 1}   # the columns of a layer's ``flop_tokens``
 
 
 def _gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,12 +78,13 @@ class PrecisionLinearFunction(torch.autograd.Function):
                                                numerics.partner_weights(x2d, weight, "weight"))
             numerics.record("input", st_x)
             numerics.record("weight", st_w)
+            sx_inv, sw_inv = sx.reciprocal(), sw.reciprocal()   # once each: backward takes them too
             # Fast (reduced-precision) accumulation only in forward, as Transformer Engine does on Hopper.
-            y = fp8.scaled_mm(xq, wq.t(), sx.reciprocal(), sw.reciprocal(), out_dtype, use_fast_accum=True)
+            y = fp8.scaled_mm(xq, wq.t(), sx_inv, sw_inv, out_dtype, use_fast_accum=True)
             # A shadow step keeps the high-precision operands too, for the BF16 reference gradients.
             ctx.shadow = numerics.shadow and numerics.training
             # the weight parameter itself costs no memory: the gradient's statistics weigh by its rows
-            ctx.save_for_backward(xq, wq, sx, sw, weight, *((x2d,) if ctx.shadow else ()))
+            ctx.save_for_backward(xq, wq, sx_inv, sw_inv, weight, *((x2d,) if ctx.shadow else ()))
         else:
             numerics.record_bf16(x2d, "input", numerics.partner_weights(x2d, weight, "input"))
             if numerics.stats_level == "full":  # the weight's amax alone tells nothing: only the dry run
@@ -115,14 +107,13 @@ class PrecisionLinearFunction(torch.autograd.Function):
         if ctx.precision == "fp8" and ctx.fused:
             return _fused_backward(ctx, g2d)
         if ctx.precision == "fp8":
-            xq, wq, sx, sw, weight, *shadow_input = ctx.saved_tensors
+            xq, wq, sx_inv, sw_inv, weight, *shadow_input = ctx.saved_tensors
             gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"], numerics.training,
                                                numerics.stats_level,
                                                numerics.partner_weights(None, weight, "grad_output"))
             numerics.record("grad_output", st_g)
             sg_inv = sg.reciprocal()
-            grad_input = fp8.scaled_mm(gq, fp8.column_major(wq), sg_inv, sw.reciprocal(),
-                                       _gemm_out_dtype(ctx.input_dtype))
+            grad_input = fp8.scaled_mm(gq, fp8.column_major(wq), sg_inv, sw_inv, _gemm_out_dtype(ctx.input_dtype))
         else:
             x2d, weight = ctx.saved_tensors
             numerics.record_bf16(g2d, "grad_output", numerics.partner_weights(None, weight, "grad_output"))
@@ -140,7 +131,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
                 # wgrad reduces over tokens: zero-pad them to the GEMM alignment.
                 a = fp8.pad_rows(gq).t().contiguous()
                 b = fp8.column_major(fp8.pad_rows(xq))
-                grad_weight = fp8.scaled_mm(a, b, sg_inv, sx.reciprocal(), torch.float32)
+                grad_weight = fp8.scaled_mm(a, b, sg_inv, sx_inv, torch.float32)
             else:
                 grad_weight = (g_bf16.t() @ x2d.to(torch.bfloat16)).float()
             grad_weight = grad_weight.to(ctx.weight_dtype)
@@ -253,7 +244,11 @@ class PrecisionLinearMixin:
                              f"cannot run FP8: {self.fp8_unsupported_reason} (convert_layer_spec(strict=True))")
         self.numerics = LayerNumerics(scaling or ScalingConfig(), self.weight.device)
         self.gemm_flops_per_token = 6 * in_f * out_f  # forward + dgrad + wgrad, this rank's shard
-        self.flops = GemmCounters()
+        # Training tokens through this layer by precision (FLOP_SLOT), counted on the device: a host integer
+        # changing at every forward would make compiled code recompile at every call (``flops.py`` reads these
+        # only when a share is asked for). Not in state_dict: the runtime checkpoints it.
+        self.register_buffer("flop_tokens", torch.zeros(2, dtype=torch.int64, device=self.weight.device),
+                             persistent=False)
         self._precision = "bf16"
         # Function-preserving per-input-channel scale (fault injection, contract C6): x * s and W / s.
         self.channel_scale: torch.Tensor | None = None
@@ -280,11 +275,11 @@ class PrecisionLinearMixin:
                       sequence_parallel, grad_output_buffer=None, wgrad_deferral_limit=None, tp_group=None):
         if grad_output_buffer is not None:
             raise ValueError(f"{type(self).__name__} does not support deferred embedding wgrad compute")
-        self.numerics.training = self.training
+        if self.numerics.training != self.training:   # set on a change only: compiled code guards on it
+            self.numerics.training = self.training
         if self.training:  # FLOP accounting covers training GEMMs, not evaluation
             tokens = input.numel() // input.shape[-1] * (tp_group.size() if sequence_parallel else 1)
-            counted = tokens * self.gemm_flops_per_token
-            setattr(self.flops, self._precision, getattr(self.flops, self._precision) + counted)
+            self.flop_tokens[FLOP_SLOT[self._precision]].add_(tokens)   # in place: one kernel, no index_put
         if self.channel_scale is not None:
             input, weight = input * self.channel_scale, weight / self.channel_scale
         return PrecisionLinearFunction.apply(input, weight, bias, self.numerics, self._precision,

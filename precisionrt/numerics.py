@@ -53,8 +53,10 @@ class LayerNumerics:
         self.fused = True
 
     def use_fused(self, x: torch.Tensor) -> bool:
-        """Fused CUDA kernels (``kernels.py``) unless turned off; the eager reference everywhere else."""
-        return self.fused and kernels.available(x)
+        """Fused CUDA kernels (``kernels.py``) unless turned off; the eager reference everywhere else, and under
+        ``torch.compile``, which fuses the reference's operations itself (and cannot trace into a Triton launch
+        that allocates its own buffers)."""
+        return self.fused and kernels.available(x) and not torch.compiler.is_compiling()
 
     @property
     def recording(self) -> bool:

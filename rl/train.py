@@ -266,12 +266,12 @@ def train(cfg: RLConfig) -> dict:
             elapsed = time.time() - t_rl
             row.update({"rl/staleness_histogram": m["staleness"], "rl/k3_kl_by_map_version": m["k3_kl_by_map_version"],
                         **idle_ratios(trainer, elapsed)})
-            row.update(runtime.metrics())
             evaluating = step % cfg.train.eval_every == 0 or step == end
             if evaluating:
                 reward_final, eval_final = work.evaluate(trainer)
                 row.update({"eval/reward": reward_final, **{f"eval/{k}": v for k, v in eval_final.items()}})
             if step % cfg.train.log_every == 0 or evaluating:   # an evaluation is always logged
+                row.update(runtime.metrics())   # FLOP shares: a read from the device, at log steps only
                 acct = trainer.ctrl.acct
                 row.update({"samples/generated": acct.generated, "samples/trained": acct.trained,
                             "samples/dropped": sum(acct.dropped.values()), "samples/in_flight": acct.in_flight})
@@ -282,7 +282,7 @@ def train(cfg: RLConfig) -> dict:
                 logger.log(step, row)
                 print(f"step {step:>4}/{cfg.train.steps}  reward {m['reward']:.3f}  held-out {reward_final:.3f}  "
                       f"staleness {m['staleness_mean']:.1f}  icepop masked {m['masked_fraction']:.1%}  "
-                      f"k3 kl {m['rollout_corr/k3_kl']:.2e}  fp8 {runtime.fp8_flop_fraction():.0%}", flush=True)
+                      f"k3 kl {m['rollout_corr/k3_kl']:.2e}  fp8 {row['precision/fp8_flop_fraction']:.0%}", flush=True)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != end:
                 checkpoint(step)
     finally:

@@ -27,6 +27,12 @@ def test_readme_embedding_example_runs_as_written(tmp_path):
     assert (tmp_path / "runs/embedded/precision_events.jsonl").is_file()
 
 
+def test_readme_compiled_example_runs_as_written(tmp_path):
+    out = run_readme_example("### Compiled", tmp_path)
+    assert "compiled: " in out and "of GEMM FLOPs in FP8" in out
+    assert (tmp_path / "runs/compiled/precision_events.jsonl").is_file()
+
+
 def test_megatron_local_spec_converted_promotes_an_injected_outlier(parallel, tmp_path):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
