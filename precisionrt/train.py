@@ -29,6 +29,7 @@ from precisionrt.checkpoint import save_checkpoint, shard_name
 from precisionrt.clipping import clip_grad_norm_
 from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed, Steps,
                                 run_cli, to_dict)
+from precisionrt.cuda_graphs import CapturedStep
 from precisionrt.data import ByteCorpus, DataConfig
 from precisionrt.harness import check_skipped, open_run
 from precisionrt.hf import to_hf
@@ -76,6 +77,9 @@ class TrainConfig(Checked):
     stop_at_step: Every = 0
     """Stop early (with a checkpoint) after this step, e.g. to fit a job's time limit; a resumed run continues the
     same schedule up to `steps`. 0: run to `steps`."""
+    cuda_graphs: bool = False
+    """Replay ordinary steps' forward and backward as CUDA graphs (``precisionrt/cuda_graphs.py``: one per precision
+    map, captured after two eager warm-ups; sampled steps and injected faults run eagerly). One GPU only."""
     export_hf: bool = False
     """At the end, write the model as a Hugging Face checkpoint directory, ``<run dir>/hf`` (config.json,
     safetensors, the tokenizer's files; gathered across TP ranks): needs ``model.hf_path`` or ``model.hf_init``."""
@@ -191,6 +195,10 @@ def check_config(cfg: LMConfig) -> None:
         raise ConfigError(f"model.seq_length ({model.seq_length}) does not fit the held-out data: data.max_bytes x "
                           f"data.heldout_fraction = {cfg.data.heldout_bytes():,} bytes; raise them or shorten the sequence")
     check_inject_ranks(cfg.inject, world)
+    if cfg.train.cuda_graphs and (resolve_device(cfg.run.device).type != "cuda" or world > 1):
+        raise ConfigError(f"train.cuda_graphs: needs run.device = \"cuda\" on one GPU (device "
+                          f"{resolve_device(cfg.run.device).type}, world size {world}); collectives inside a "
+                          f"captured step are not tested yet")
     check_fits(training_memory(dims, cfg.train.batch_size, tp), "a training step", "train.batch_size, model.*",
                resolve_device(cfg.run.device).type)
     check_run_dir(resolve_run_dir(cfg.run))
@@ -255,6 +263,10 @@ def train(cfg: LMConfig) -> dict:
     tokens_per_step = cfg.train.batch_size * cfg.model.seq_length
     t_start, t_window, eval_loss, loss_val = time.time(), time.time(), math.nan, math.nan
     last_logged = start
+    def step_fn(batch: torch.Tensor) -> torch.Tensor:
+        return forward_backward(model, LM_STEP, list(batch.chunk(cfg.train.micro_batches)), cfg.model.seq_length)
+
+    run_step = CapturedStep(step_fn, runtime, model.parameters()) if cfg.train.cuda_graphs else step_fn
     switches, skipped = [], []
     for step in range(start, end):
         for group in optimizer.param_groups:
@@ -263,7 +275,7 @@ def train(cfg: LMConfig) -> dict:
         injector.before_step(step)
         batch = to_device(corpus.train_batch(step, cfg.train.batch_size, cfg.model.seq_length, cfg.train.seed,
                                              dp_rank), device)
-        loss = forward_backward(model, LM_STEP, list(batch.chunk(cfg.train.micro_batches)), cfg.model.seq_length)
+        loss = run_step(batch)
         allreduce_grads(model, dp_group)
         grad_norm = clip_grad_norm_(model, cfg.train.grad_clip)   # the whole model's norm, on every TP rank
         if device.type == "cuda":   # decided on the device: no host synchronisation on ordinary steps

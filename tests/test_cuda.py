@@ -217,3 +217,67 @@ def test_rl_decode_and_trainer_steps_synchronise_as_budgeted(tmp_path, monkeypat
 
     decode()   # warm up
     assert len(host_syncs(decode)) == 4
+
+
+def test_captured_steps_equal_eager_ones_and_recapture_after_a_switch(tmp_path):
+    """Issue 25, item 2: 24 dynamic steps eagerly and through ``CapturedStep`` from one seed: the same losses,
+    weights and scales bit for bit; the graph is captured after its warm-ups, a switch captures the new
+    precision map, the return replays the old graph, sampled steps run eagerly, a replayed step synchronises
+    nothing."""
+    from precisionrt.cuda_graphs import CapturedStep
+    from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
+    from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+    from precisionrt.syncs import host_syncs
+    from precisionrt.train import TrainConfig, lm_loss, make_optimizer
+
+    init_parallel(1, device=DEV)
+    layer = "decoder.layers.1.mlp.linear_fc1"
+    g = torch.Generator(device=DEV).manual_seed(0)
+    batches = [torch.randint(0, 256, (4, 65), generator=g, device=DEV) for _ in range(24)]
+
+    def run(captured: bool):
+        torch.manual_seed(0)
+        model = build_gpt(ModelConfig(num_layers=2, hidden_size=128, num_attention_heads=4, ffn_hidden_size=256,
+                                      seq_length=64, params_dtype="bfloat16"), device=DEV)
+        rt = PrecisionRuntime(model, RuntimeConfig(mode="dynamic"), run_dir=tmp_path / str(captured))
+        opt = make_optimizer(model, TrainConfig(), torch.device(DEV))
+
+        def step_fn(tokens):
+            loss = lm_loss(model, tokens)
+            loss.backward()
+            return loss
+
+        step = CapturedStep(step_fn, rt, model.parameters()) if captured else step_fn
+        record, syncs = [], None
+        for n, tokens in enumerate(batches, start=1):
+            if n == 7:
+                rt.set_precision(layer, "bf16")
+            if n == 15:
+                rt.set_precision(layer, "fp8")
+            if captured and n == 13:   # a replayed step
+                out = []
+                syncs = host_syncs(lambda: out.append(step(tokens)))
+                loss = out[0]
+            else:
+                loss = step(tokens)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            rt.skip_on_device(norm, opt, n)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            rt.end_step(n)
+            scales = [s.scale.clone() for l in rt.layers.values() for s in l.numerics.scaling.values()]
+            record.append((loss.detach().clone(), [p.detach().clone() for p in model.parameters()], scales))
+        rt.close(24)
+        return record, step, syncs
+
+    eager, _, _ = run(False)
+    captured, step, syncs = run(True)
+    for n, (e, c) in enumerate(zip(eager, captured), start=1):
+        assert torch.equal(e[0], c[0]), n
+        assert all(torch.equal(a, b) for a, b in zip(e[1], c[1])), n
+        assert all(torch.equal(a, b) for a, b in zip(e[2], c[2])), n
+    d = step.decisions
+    assert d[:4] == ["eager", "eager", "capture", "replay"] and d[6:9] == ["eager", "eager", "capture"]
+    assert d[9] == d[19] == "eager", "sampled steps run eagerly"
+    assert d[14] == "replay", "the return to FP8 replays the first graph"
+    assert d.count("capture") == 2 and syncs == []

@@ -1,17 +1,22 @@
-"""GPU benchmark: FP8 vs BF16 speed, statistics cost, host syncs and activation memory, in one process.
+"""GPU benchmark at the shapes users train: FP8 against BF16, eager, compiled and CUDA graphs, beside the peers.
 
-    python tools/bench_gpu.py [--out bench_gpu.json] [--steps 30] [--vocab 32000] [--skip-model]
+    python tools/bench_gpu.py [--out bench_gpu.json] [--models llama8b] [--steps 20] [--iters 20]
+        [--skip-layers] [--skip-model] [--skip-memory] [--device cuda] [--quick] [--backend inductor]
 
-Needs a CUDA GPU (refuses without one). Prints tables and writes every number to JSON:
+One process; prints tables and writes every number to JSON. Rehearse it anywhere with ``--device cpu --quick``
+(small shapes, ``aot_eager``; times there mean nothing), so that on a GPU only the device is new.
 
-1. Layer fwd+bwd at Llama-8B linear shapes (8192 tokens, bf16 activations): torch bf16 (``F.linear``),
-   precisionrt bf16, precisionrt fp8 with no / cheap / full statistics (fused kernels), fp8 through the eager
-   reference path, and torchao float8 (tensorwise, ``torch.compile``) when torchao is installed.
-2. Whole-model training step (megatron GPT, 8 layers, hidden 2048, ffn 5632, 16 heads, seq 2048,
-   micro-batch 4, bf16 parameters, fused AdamW, RoPE): bf16, static fp8, dynamic; median and mean.
-3. Host synchronisations per ordinary and per check step in dynamic mode (``set_sync_debug_mode``).
-4. Activation memory held after forward at micro-batch 8, bf16 vs fp8, and what holds it (saved tensors
-   by dtype).
+1. Layer fwd+bwd at Llama-3-8B's linear shapes (hidden 4096, ffn 14336, GQA 32/8; 8192 tokens, bf16
+   activations): torch BF16 (eager, compiled), precisionrt BF16, FP8 without / with cheap / with full
+   statistics (eager: the fused Triton kernels), FP8 compiled, torchao float8 tensorwise compiled.
+2. Whole training step (forward, backward, clipping, fused AdamW) of an 8-layer model at hidden 4096 (``llama8b``:
+   ffn 14336, GQA 32/8, seq 4096, micro-batch 1, vocab 32000, RoPE, bf16 parameters; ``h2048``: the earlier
+   anchor): plain torch BF16 eager and compiled, torchao float8 tensorwise compiled (head in BF16), and
+   precisionrt's megatron model in BF16, static FP8 and dynamic mode, each eager, compiled
+   (``compile_model``, per block) and with CUDA graphs (``CapturedStep``).
+3. Host synchronisations of ordinary and check steps in dynamic mode (eager).
+4. Activation memory held after forward, BF16 against FP8.
+5. The targets of issue 25, each with its measured value.
 """
 
 from __future__ import annotations
@@ -28,242 +33,356 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-LAYER_SHAPES = {"qkv": (4096, 6144), "proj": (4096, 4096), "fc1": (4096, 28672), "fc2": (14336, 4096)}
+from _torch_llama import TorchGPT  # noqa: E402
+
+MODELS = {"llama8b": dict(hidden=4096, heads=32, groups=8, ffn=14336, seq=4096, batch=1, layers=8, vocab=32000),
+          "h2048": dict(hidden=2048, heads=16, groups=16, ffn=5632, seq=2048, batch=4, layers=8, vocab=32000)}
+QUICK = dict(hidden=128, heads=4, groups=2, ffn=256, seq=64, batch=2, layers=2, vocab=256)
 
 
-def time_cuda(fn, iters: int, warmup: int = 3, host: list | None = None) -> list[float]:
-    """Per-iteration milliseconds, each between CUDA events (after warm-up). With ``host``, also the host
-    time to issue each iteration (when it is close to the GPU time, launches are the bottleneck)."""
+def layer_shapes(m: dict) -> dict[str, tuple[int, int]]:
+    kv = 2 * m["groups"] * (m["hidden"] // m["heads"])
+    return {"qkv": (m["hidden"], m["hidden"] + kv), "proj": (m["hidden"], m["hidden"]),
+            "fc1": (m["hidden"], 2 * m["ffn"]), "fc2": (m["ffn"], m["hidden"])}
+
+
+def timed(fn, iters: int, device: torch.device, warmup: int = 3) -> tuple[list[float], list[float]]:
+    """Per-iteration ms (CUDA events on a GPU) and the host's ms to issue each (close to the GPU time: launch
+    bound)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    out = []
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    gpu, host = [], []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
         t0 = time.perf_counter()
         fn()
-        if host is not None:
-            host.append((time.perf_counter() - t0) * 1e3)
-        end.record()
-        end.synchronize()
-        out.append(start.elapsed_time(end))
-    return out
+        host.append((time.perf_counter() - t0) * 1e3)
+        if cuda:
+            end.record()
+            end.synchronize()
+            gpu.append(start.elapsed_time(end))
+        else:
+            gpu.append(host[-1])
+    return gpu, host
 
 
-def layer_table(tokens: int, iters: int) -> dict:
+def torchao_convert():
+    try:
+        from torchao.float8 import convert_to_float8_training
+        return convert_to_float8_training, None
+    except ImportError as e:
+        return None, f"torchao not installed ({e})"
+
+
+def layer_table(args, shapes: dict, tokens: int) -> dict:
     from precisionrt.fp8 import ScalingConfig
     from precisionrt.linear import LayerNumerics, PrecisionLinearFunction
 
-    def ours(precision: str, collect: bool, full: bool, fused: bool = True):
-        numerics = LayerNumerics(ScalingConfig(), "cuda")
-        numerics.collect, numerics.full_stats, numerics.fused = collect, full, fused
+    dev = args.device
+
+    def ours(precision: str, collect: bool, full: bool):
+        numerics = LayerNumerics(ScalingConfig(), dev)
+        numerics.collect, numerics.full_stats = collect, full
         return lambda x, w: PrecisionLinearFunction.apply(x, w, None, numerics, precision, False, False, None)
 
-    variants = {
-        "torch_bf16": lambda x, w: F.linear(x, w),
-        "prt_bf16": ours("bf16", False, False),
-        "fp8_no_stats": ours("fp8", False, False),
-        "fp8_cheap_stats": ours("fp8", True, False),
-        "fp8_full_stats": ours("fp8", True, True),
-        "fp8_eager_no_stats": ours("fp8", False, False, fused=False),
-    }
-    torchao_error = None
-    try:
-        from torchao.float8 import convert_to_float8_training
-    except ImportError as e:
-        convert_to_float8_training, torchao_error = None, f"torchao not installed ({e})"
-    results, host = {}, {}
-    for name, (k, n) in LAYER_SHAPES.items():
-        g = torch.Generator(device="cuda").manual_seed(0)
-        x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
-        w = (torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02).requires_grad_()
-        dy = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16, generator=g)
-        row, host_row = {}, {}
-        for vname, fn in variants.items():
+    arms = {"torch_bf16": ("eager", lambda x, w: F.linear(x, w)),
+            "torch_bf16_compiled": ("compiled", torch.compile(lambda x, w: F.linear(x, w), backend=args.backend)),
+            "prt_bf16": ("eager", ours("bf16", False, False)),
+            "fp8_no_stats": ("eager", ours("fp8", False, False)),
+            "fp8_cheap_stats": ("eager", ours("fp8", True, False)),
+            "fp8_full_stats": ("eager", ours("fp8", True, True)),
+            "fp8_compiled": ("compiled", torch.compile(ours("fp8", False, False), backend=args.backend))}
+    convert, ao_error = torchao_convert()
+    rows = {}
+    for name, (k, n) in shapes.items():
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randn(tokens, k, device=dev, dtype=torch.bfloat16, generator=g).requires_grad_()
+        w = (torch.randn(n, k, device=dev, dtype=torch.bfloat16, generator=g) * 0.02).requires_grad_()
+        dy = torch.randn(tokens, n, device=dev, dtype=torch.bfloat16, generator=g)
+        row = {}
+        for arm, (execution, fn) in arms.items():
             def step(fn=fn):
                 x.grad = w.grad = None
                 fn(x, w).backward(dy)
-            host_ms: list[float] = []
-            row[vname] = statistics.median(time_cuda(step, iters, host=host_ms))
-            host_row[vname] = statistics.median(host_ms)
-        if convert_to_float8_training is not None:
-            lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+            gpu, host = timed(step, args.iters, dev, warmup=5)
+            row[arm] = {"exec": execution, "ms": statistics.median(gpu), "host_ms": statistics.median(host)}
+        if convert is not None:
+            lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
             lin.weight.data.copy_(w.detach())
-            convert_to_float8_training(lin)
-            compiled = torch.compile(lin)
+            convert(lin)
+            compiled = torch.compile(lin, backend=args.backend)
 
             def ao_step():
-                x.grad = None
-                lin.weight.grad = None
+                x.grad = lin.weight.grad = None
                 compiled(x).backward(dy)
-            row["torchao_fp8_compiled"] = statistics.median(time_cuda(ao_step, iters, warmup=5))
-        results[name], host[name] = row, host_row
-        print(f"  layer {name}: " + ", ".join(f"{k_} {v:.2f} ms (host {host_row.get(k_, 0):.2f})"
-                                            for k_, v in row.items()), flush=True)
-    return {"tokens": tokens, "ms": results, "host_ms": host, "torchao_error": torchao_error}
+            gpu, host = timed(ao_step, args.iters, dev, warmup=5)
+            row["torchao_fp8_compiled"] = {"exec": "compiled", "ms": statistics.median(gpu),
+                                           "host_ms": statistics.median(host)}
+        rows[name] = row
+        print(f"  layer {name}: " + ", ".join(f"{a} {r['ms']:.2f} ms" for a, r in row.items()), flush=True)
+    return {"tokens": tokens, "rows": rows, "torchao_error": ao_error}
 
 
-def build(mode: str, vocab: int, seq: int, layers: int, run_dir: Path):
+def megatron_arm(args, m: dict, mode: str, execution: str, run_dir: Path):
+    """(step, runtime, step counter, model) of precisionrt's megatron model: forward, backward, clip, fused AdamW,
+    ``end_step``."""
+    from precisionrt.compile import compile_model
+    from precisionrt.cuda_graphs import CapturedStep
     from precisionrt.megatron import ModelConfig, build_gpt
     from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-    from precisionrt.train import TrainConfig, make_optimizer
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_layers=layers, hidden_size=2048, num_attention_heads=16, ffn_hidden_size=5632,
-                      seq_length=seq, vocab_size=vocab, params_dtype="bfloat16", position_embedding="rope")
-    model = build_gpt(cfg, device="cuda")
-    rt = PrecisionRuntime(model, RuntimeConfig(mode=mode), run_dir=run_dir / mode)
-    opt = make_optimizer(model, TrainConfig(lr=1e-4), torch.device("cuda"))
-    return model, rt, opt
-
-
-def model_step_fn(model, rt, opt, batch):
     from precisionrt.train import lm_loss
 
+    torch.manual_seed(0)
+    dims = dict(num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
+                ffn_hidden_size=m["ffn"], seq_length=m["seq"], vocab_size=m["vocab"], params_dtype="bfloat16")
+    if m["groups"] != m["heads"]:   # grouped-query attention: Llama's own architecture (precisionrt.rope)
+        cfg = ModelConfig(**dims, hf_init="llama", num_query_groups=m["groups"])
+    else:                           # the earlier anchor: megatron's GPT with its RoPE (CUDA only)
+        cfg = ModelConfig(**dims, position_embedding="rope" if args.device.type == "cuda" else "learned_absolute")
+    model = build_gpt(cfg, device=args.device)
+    rt = PrecisionRuntime(model, RuntimeConfig(mode=mode), run_dir=run_dir / f"{mode}_{execution}")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)   # skips on the device
+    if execution == "compiled":
+        compile_model(model, "block", backend=args.backend)
+
+    def forward_backward(tokens):
+        loss = lm_loss(model, tokens)
+        loss.backward()
+        return loss
+    run = CapturedStep(forward_backward, rt, model.parameters()) if execution == "graphs" else forward_backward
     counter = {"n": 0}
 
     def step():
         counter["n"] += 1
-        loss = lm_loss(model, batch)
-        loss.backward()
+        run(args.batch)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         rt.skip_on_device(norm, opt, counter["n"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         rt.end_step(counter["n"])
-    return step, counter
+    return step, rt, counter, model
 
 
-def count_syncs(fn) -> tuple[int, list[str]]:
-    from precisionrt.syncs import host_syncs
+def torch_arm(args, m: dict, kind: str):
+    torch.manual_seed(0)
+    model = TorchGPT(m["layers"], m["hidden"], m["heads"], m["groups"], m["ffn"], m["vocab"], m["seq"])
+    model = model.to(device=args.device, dtype=torch.bfloat16)
+    if kind == "torchao":
+        convert, error = torchao_convert()
+        if convert is None:
+            return None, error
+        convert(model, module_filter_fn=lambda mod, fqn: fqn != "head")
+    run = torch.compile(model, backend=args.backend) if kind != "torch_eager" else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
 
-    where = host_syncs(fn)
-    return len(where), where
+    def step():
+        run(args.batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, None
 
 
-def model_steps(args, run_dir: Path) -> dict:
+def model_table(args, m: dict, run_dir: Path) -> dict:
+    args.batch = torch.randint(0, m["vocab"], (m["batch"], m["seq"] + 1), device=args.device)
+    arms = [("torch", "bf16", "eager"), ("torch", "bf16", "compiled"), ("torchao", "fp8", "compiled")]
+    arms += [("precisionrt", mode, ex) for mode in ("bf16", "fp8", "dynamic") for ex in ("eager", "compiled", "graphs")]
     out = {}
-    batch = torch.randint(0, args.vocab, (4, 2049), device="cuda")
-    for mode in ("bf16", "fp8", "dynamic"):
-        model, rt, opt = build(mode, args.vocab, 2048, 8, run_dir)
-        step, counter = model_step_fn(model, rt, opt, batch)
-        for _ in range(12):   # warm-up (compilation, allocator, a first check)
-            step()
-        torch.cuda.synchronize()
-        times = time_cuda(step, args.steps, warmup=0)
-        out[mode] = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times),
-                     "steps": len(times), "fp8_flop_fraction": rt.fp8_flop_fraction("step")}
-        if mode == "dynamic":
-            interval = rt.config.monitor.check_interval
-            while (counter["n"] + 1) % interval == 0:
-                step()
-            count_syncs(lambda: None)   # the first switch into "warn" mode reports itself once
-            ordinary, where_ordinary = count_syncs(step)
-            while (counter["n"] + 1) % interval:
-                step()
-            check, where_check = count_syncs(step)
-            out["host_syncs"] = {"ordinary_step": ordinary, "check_step": check,
-                                 "where": {"ordinary": where_ordinary, "check": where_check}}
-        print(f"  model {mode}: median {out[mode]['median_ms']:.1f} ms, mean {out[mode]['mean_ms']:.1f} ms",
-              flush=True)
-        rt.close(counter["n"])
-        del model, rt, opt
-        torch.cuda.empty_cache()
+    for who, mode, execution in arms:
+        name = f"{who}_{mode}_{execution}"
+        rt = None
+        if who == "precisionrt":
+            step, rt, counter, _ = megatron_arm(args, m, mode, execution, run_dir)
+        else:
+            step, error = torch_arm(args, m, {"bf16": "torch_eager" if execution == "eager" else "torch_compiled",
+                                              "fp8": "torchao"}[mode])
+            if step is None:
+                out[name] = {"error": error}
+                continue
+        gpu, host = timed(step, args.steps, args.device, warmup=args.warmup)   # warm-up: compile, capture
+        out[name] = {"who": who, "mode": mode, "exec": execution, "median_ms": statistics.median(gpu),
+                     "mean_ms": statistics.fmean(gpu), "host_ms": statistics.median(host)}
+        if who == "precisionrt" and mode == "dynamic" and execution == "eager":
+            out["host_syncs"] = host_syncs(args, step, rt, counter)
+        print(f"  model {name}: median {out[name]['median_ms']:.1f} ms", flush=True)
+        if rt is not None:
+            rt.close(counter["n"])
+        del step, rt
+        if args.device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
-def activation_memory(args, run_dir: Path) -> dict:
+def host_syncs(args, step, rt, counter) -> dict:
+    """Synchronising calls of an ordinary and of a check step (host reads, on the CPU)."""
+    from precisionrt.syncs import HostReads, host_syncs as cuda_syncs
+
+    def count(fn) -> list[str]:
+        if args.device.type == "cuda":
+            return cuda_syncs(fn)
+        with HostReads() as reads:
+            fn()
+        return [site for _, site in reads.sites]
+    interval = rt.config.monitor.check_interval
+    while (counter["n"] + 1) % interval == 0 or (counter["n"] + 1) % rt.config.monitor.full_stats_every == 0:
+        step()
+    count(lambda: None)   # the first switch into "warn" mode reports itself once
+    ordinary = count(step)
+    while (counter["n"] + 1) % interval:
+        step()
+    check = count(step)
+    return {"ordinary_step": len(ordinary), "check_step": len(check), "where": {"ordinary": ordinary, "check": check}}
+
+
+def activation_memory(args, m: dict, run_dir: Path) -> dict:
+    """Memory held between forward and backward (what a step keeps for backward), BF16 against FP8."""
     from precisionrt.train import lm_loss
 
     out = {}
-    batch = torch.randint(0, args.vocab, (8, 2049), device="cuda")
     for mode in ("bf16", "fp8"):
-        model, rt, opt = build(mode, args.vocab, 2048, 8, run_dir / "mem")
-        params = {p.data_ptr() for p in model.parameters()}
-        lm_loss(model, batch).backward()   # warm-up
-        model.zero_grad(set_to_none=True)
+        step, rt, counter, model = megatron_arm(args, m, mode, "eager", run_dir / "mem")
+        step()   # warm-up
         torch.cuda.synchronize()
-        seen: dict[int, tuple[int, str]] = {}
-
-        def pack(t):
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in params:
-                seen[ptr] = (t.untyped_storage().nbytes(), str(t.dtype).replace("torch.", ""))
-            return t
-
         before = torch.cuda.memory_allocated()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = lm_loss(model, batch)
+        loss = lm_loss(model, args.batch)
         torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated() - before
-        by_dtype: dict[str, int] = {}
-        for nbytes, dtype in seen.values():
-            by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
-        out[mode] = {"held_bytes": held, "saved_by_dtype_bytes": by_dtype}
+        out[mode] = {"held_bytes": torch.cuda.memory_allocated() - before}
         loss.backward()
-        print(f"  memory {mode}: held after forward {held / 2**30:.2f} GiB; saved by dtype "
-              + ", ".join(f"{d} {b / 2**30:.2f} GiB" for d, b in sorted(by_dtype.items())), flush=True)
-        rt.close(0)
-        del model, rt, opt, loss
+        rt.close(counter["n"])
+        print(f"  memory {mode}: held after forward {out[mode]['held_bytes'] / 2**30:.2f} GiB", flush=True)
+        del step, rt, model, loss
         torch.cuda.empty_cache()
     out["fp8_over_bf16"] = out["fp8"]["held_bytes"] / out["bf16"]["held_bytes"]
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench_gpu.json")
-    ap.add_argument("--steps", type=int, default=30, help="timed whole-model steps per mode")
-    ap.add_argument("--iters", type=int, default=20, help="timed iterations per layer variant")
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--skip-model", action="store_true", help="layer table only")
-    ap.add_argument("--run-dir", default="runs/bench_gpu")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_gpu.py needs a CUDA GPU; torch sees none (torch "
-              f"{torch.__version__}). Run it on a GPU machine.", file=sys.stderr)
-        return 2
-    from precisionrt.megatron import init_parallel
+def best(rows: dict, who: str, mode: str) -> tuple[float, str]:
+    """The fastest execution (eager, compiled, graphs) of an arm: (median ms, execution)."""
+    found = [(r["median_ms"], r["exec"]) for r in rows.values()
+             if isinstance(r, dict) and r.get("who") == who and r.get("mode") == mode]
+    return min(found) if found else (float("nan"), "-")
 
-    init_parallel(1, device="cuda")
-    run_dir = Path(args.run_dir) / time.strftime("%Y%m%d-%H%M%S")
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    print(f"device {report['device']}, torch {report['torch']}", flush=True)
-    report["layers"] = layer_table(args.tokens, args.iters)
-    if not args.skip_model:
-        report["model"] = model_steps(args, run_dir)
-        report["memory"] = activation_memory(args, run_dir)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print_tables(report)
-    print(f"wrote {args.out}")
-    return 0
+
+def targets(report: dict) -> list[dict]:
+    """Issue 25's targets with what was measured (a ratio < 1 of times is a speed-up of its inverse)."""
+    out = []
+    layers = report.get("layers", {}).get("rows", {})
+    if "fc1" in layers:
+        fc1 = layers["fc1"]
+        fp8 = min(fc1[a]["ms"] for a in ("fp8_no_stats", "fp8_compiled"))
+        out.append({"what": "layer fp8 / bf16 speed-up, fc1", "target": ">= 1.6x",
+                    "value": fc1["torch_bf16"]["ms"] / fp8, "met": fc1["torch_bf16"]["ms"] / fp8 >= 1.6})
+        if "torchao_fp8_compiled" in fc1:
+            ao = fc1["torchao_fp8_compiled"]["ms"]
+            out.append({"what": "layer fc1 against torchao (ours / theirs)", "target": "< 1", "value": fp8 / ao,
+                        "met": fp8 < ao})
+    for name, rows in report.get("models", {}).items():
+        fp8, fp8_exec = best(rows, "precisionrt", "fp8")
+        bf16, _ = best(rows, "precisionrt", "bf16")
+        dyn, _ = best(rows, "precisionrt", "dynamic")
+        out.append({"what": f"{name}: whole step fp8 / bf16 (best execution: {fp8_exec})", "target": "<= 0.80",
+                    "value": fp8 / bf16, "met": fp8 / bf16 <= 0.80})
+        out.append({"what": f"{name}: dynamic / static", "target": "<= 1.03", "value": dyn / fp8,
+                    "met": dyn / fp8 <= 1.03})
+        ao = rows.get("torchao_fp8_compiled", {})
+        if "median_ms" in ao:
+            out.append({"what": f"{name}: whole step against torchao (ours / theirs)", "target": "< 1",
+                        "value": fp8 / ao["median_ms"], "met": fp8 < ao["median_ms"]})
+        syncs = rows.get("host_syncs")
+        if syncs:
+            out.append({"what": f"{name}: host syncs ordinary / check", "target": "0 / 1",
+                        "value": f"{syncs['ordinary_step']} / {syncs['check_step']}",
+                        "met": (syncs["ordinary_step"], syncs["check_step"]) == (0, 1)})
+    return out
 
 
 def print_tables(r: dict) -> None:
-    ms = r["layers"]["ms"]
-    cols = list(next(iter(ms.values())))
-    print(f"\nLayer fwd+bwd, {r['layers']['tokens']} tokens, ms (x = torch bf16 / this), {r['device']}")
-    print("| layer | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
-    for name, row in ms.items():
-        base = row["torch_bf16"]
-        print(f"| {name} | " + " | ".join(f"{row[c]:.2f} ({base / row[c]:.2f}x)" for c in cols) + " |")
-    if "model" in r:
-        m = r["model"]
-        print("\nWhole model step (8 layers, hidden 2048, seq 2048, micro-batch 4, bf16 params)")
-        print("| mode | median ms | mean ms | vs bf16 (median) |")
-        print("|---|---|---|---|")
-        for mode in ("bf16", "fp8", "dynamic"):
-            print(f"| {mode} | {m[mode]['median_ms']:.1f} | {m[mode]['mean_ms']:.1f} | "
-                  f"{m[mode]['median_ms'] / m['bf16']['median_ms']:.2f} |")
-        print(f"dynamic / fp8: median {m['dynamic']['median_ms'] / m['fp8']['median_ms']:.3f}, "
-              f"mean {m['dynamic']['mean_ms'] / m['fp8']['mean_ms']:.3f}")
-        print(f"host syncs: {m['host_syncs']}")
+    if "layers" in r:
+        rows = r["layers"]["rows"]
+        arms = list(next(iter(rows.values())))
+        print(f"\nLayer fwd+bwd, {r['layers']['tokens']} tokens, median ms (x: torch bf16 eager / this), {r['device']}")
+        print("| layer | " + " | ".join(f"{a} ({rows[next(iter(rows))][a]['exec']})" for a in arms) + " |")
+        print("|---" * (len(arms) + 1) + "|")
+        for name, row in rows.items():
+            base = row["torch_bf16"]["ms"]
+            print(f"| {name} | " + " | ".join(f"{row[a]['ms']:.2f} ({base / row[a]['ms']:.2f}x)" if a in row else "-"
+                                             for a in arms) + " |")
+    for name, rows in r.get("models", {}).items():
+        print(f"\nWhole step, {name} {r['shapes'][name]}, median ms (x: torch bf16 eager / this)")
+        base = rows.get("torch_bf16_eager", {}).get("median_ms")
+        print("| who | mode | execution | median ms | mean ms | host ms | x |")
+        print("|---|---|---|---|---|---|---|")
+        for arm, row in rows.items():
+            if arm == "host_syncs":
+                continue
+            if "error" in row:
+                print(f"| {arm} | | | {row['error']} | | | |")
+                continue
+            x = f"{base / row['median_ms']:.2f}x" if base else "-"
+            print(f"| {row['who']} | {row['mode']} | {row['exec']} | {row['median_ms']:.1f} | {row['mean_ms']:.1f} | "
+                  f"{row['host_ms']:.1f} | {x} |")
+        if "host_syncs" in rows:
+            print(f"host syncs: ordinary {rows['host_syncs']['ordinary_step']}, check {rows['host_syncs']['check_step']}")
+    if "memory" in r:
         mem = r["memory"]
-        print(f"activation memory held after forward (micro-batch 8): bf16 {mem['bf16']['held_bytes'] / 2**30:.2f} "
-              f"GiB, fp8 {mem['fp8']['held_bytes'] / 2**30:.2f} GiB, ratio {mem['fp8_over_bf16']:.3f}")
+        print(f"\nactivation memory held after forward: bf16 {mem['bf16']['held_bytes'] / 2**30:.2f} GiB, fp8 "
+              f"{mem['fp8']['held_bytes'] / 2**30:.2f} GiB, ratio {mem['fp8_over_bf16']:.3f}")
+    print("\nTargets (issue 25)")
+    for t in r["targets"]:
+        value = t["value"] if isinstance(t["value"], str) else f"{t['value']:.3f}"
+        print(f"  {t['what']:<58} target {t['target']:<8} measured {value:<9} {'met' if t['met'] else 'NOT met'}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench_gpu.json")
+    ap.add_argument("--models", nargs="+", default=["llama8b"], choices=list(MODELS))
+    ap.add_argument("--steps", type=int, default=20, help="timed whole-model steps per arm")
+    ap.add_argument("--warmup", type=int, default=6, help="untimed steps per arm (compilation, graph capture)")
+    ap.add_argument("--iters", type=int, default=20, help="timed iterations per layer arm")
+    ap.add_argument("--tokens", type=int, default=8192, help="layer table: tokens (2 sequences of 4096)")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="small shapes: a rehearsal of every section")
+    ap.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; aot_eager on CPU)")
+    ap.add_argument("--run-dir", default="runs/bench_gpu")
+    args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_gpu.py: --device cuda, but torch sees no CUDA device (torch "
+              f"{torch.__version__}); rehearse with --device cpu --quick", file=sys.stderr)
+        return 2
+    args.device = torch.device(args.device)
+    args.backend = args.backend or ("inductor" if args.device.type == "cuda" else "aot_eager")
+    from precisionrt.compile import compile_model  # noqa: F401  (raises dynamo's cache limit on first use)
+    from precisionrt.megatron import init_parallel
+
+    init_parallel(1, device=args.device)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    run_dir = Path(args.run_dir) / time.strftime("%Y%m%d-%H%M%S")
+    name = torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu"
+    report = {"device": name, "torch": torch.__version__, "backend": args.backend, "quick": args.quick}
+    print(f"device {name}, torch {torch.__version__}, compile backend {args.backend}", flush=True)
+    shapes = {n: QUICK if args.quick else MODELS[n] for n in args.models}
+    report["shapes"] = shapes
+    if not args.skip_layers:
+        first = next(iter(shapes.values()))
+        report["layers"] = layer_table(args, layer_shapes(first), 256 if args.quick else args.tokens)
+    if not args.skip_model:
+        report["models"] = {n: model_table(args, m, run_dir) for n, m in shapes.items()}
+        if args.device.type == "cuda" and not args.skip_memory:
+            report["memory"] = activation_memory(args, next(iter(shapes.values())), run_dir)
+    report["targets"] = targets(report)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print_tables(report)
+    print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
-# Everything a lent GPU session runs, in one call, writing its report under $OUT (the device tool brings back
-# at most 8 files). Rehearse it here with: tools/gpu_session.sh --device cpu --quick
+# What a lent GPU session runs, in one call, writing its report under $OUT (the device tool brings back at most 8
+# files). A session has 15 minutes of device time, start-up included; each part fits in about 10:
+#   bash tools/gpu_session.sh rl      issue 24: tools/gpu_check.py (tests/test_cuda.py, host syncs, the main job on
+#                                     CUDA, a 0.5B Qwen-architecture RL step), under 8 minutes
+#   bash tools/gpu_session.sh fp8     issue 25: tests/test_cuda.py, then tools/bench_gpu.py (Llama-3-8B shapes:
+#                                     layers, whole steps eager / compiled / CUDA graphs, torch and torchao arms,
+#                                     the targets), about 9 minutes
+#   bash tools/gpu_session.sh demo    issue 25: the 154M rescue demo (dynamic, healthy FP8, BF16 and unrescued FP8;
+#                                     2 seeds): 8 processes side by side on the one GPU (a session of its own)
+# Rehearse any part here first:  tools/gpu_session.sh rl --device cpu --quick
 #
 # The GPU machine has torch, triton, transformers, tokenizers, safetensors, psutil and pytest, but not
 # megatron-core or torchao: fetch their wheels here once (cp312, into the git-ignored .whl/):
 #   tools/gpu_session.sh --fetch-wheels
-# and name .whl in the device call's carry. The call's command is then just:  bash tools/gpu_session.sh
+# and name .whl in the device call's carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,5 +39,27 @@ else                                 # the GPU machine: its python3, plus the ca
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
-# issue 24: the RL loop on the GPU (under 8 minutes)
-"$PY" tools/gpu_check.py --out "$OUT" --scratch /tmp/gpu_check_runs "$@" 2>&1 | tee "$OUT/gpu_check.log"
+part=${1:-rl}
+shift || true
+case "$part" in
+  rl)   "$PY" tools/gpu_check.py --out "$OUT" --scratch /tmp/gpu_check_runs "$@" 2>&1 | tee "$OUT/gpu_check.log" ;;
+  fp8)  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+        "$PY" tools/bench_gpu.py --out "$OUT/bench_gpu.json" --run-dir /tmp/bench_gpu_runs "$@" 2>&1 \
+          | tee "$OUT/bench_gpu.log" ;;
+  demo) for seed in 0 1; do   # every (seed, arm) its own process: 8 runs of a 154M model share the GPU
+          for arm in dynamic fp8_healthy bf16 fp8; do
+            "$PY" tools/outlier_demo.py --config configs/lm_150m_gpu.toml --seeds "$seed" --arms "$arm" \
+              --layer decoder.layers.6.mlp.linear_fc2 --start 700 --ramp 50 --out "/tmp/outlier_demo/s$seed-$arm" \
+              "$@" > "/tmp/outlier_demo_s$seed-$arm.log" 2>&1 &
+          done
+        done
+        wait
+        "$PY" - "$OUT/outlier_demo.json" <<'PYEOF'
+import json, pathlib, sys
+runs = {p.parent.name: json.loads(p.read_text()) for p in pathlib.Path("/tmp/outlier_demo").glob("*/outlier_demo.json")}
+pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=1))
+print(f"{len(runs)} demo runs -> {sys.argv[1]}")
+PYEOF
+        ;;
+  *)    echo "usage: tools/gpu_session.sh [rl|fp8|demo] [--device cpu --quick] | --fetch-wheels" >&2; exit 2 ;;
+esac
