@@ -36,6 +36,7 @@ from rl.envs import TaskConfig
 from rl.envs.calculator import EnvConfig
 from rl.executors import make_engine
 from rl.mismatch import FIELD_NAMES
+from rl.placement import actor_gpus, check_placement, rollout_device
 from rl.rollout import RolloutConfig
 from rl.trainer import RLAlgoConfig, RLTrainer
 from rl.warm_start import supervised_warm_start
@@ -113,45 +114,6 @@ def idle_ratios(trainer: RLTrainer, elapsed: float) -> dict[str, float]:
     if hasattr(trainer.worker, "clock"):
         out["rl/env_idle_ratio"] = 1 - trainer.worker.clock.busy / elapsed
     return out
-
-
-def rollout_device(cfg: RLConfig, trainer: torch.device) -> torch.device:
-    """Where an engine in the trainer's process runs (``rollout.placement``, ``rollout.device``)."""
-    if cfg.rollout.device == "auto":
-        return trainer
-    return torch.device(cfg.rollout.device)
-
-
-def actor_gpus(cfg: RLConfig, trainer: torch.device) -> float:
-    if cfg.executor.num_gpus >= 0:
-        return cfg.executor.num_gpus
-    return 1.0 if trainer.type == "cuda" and cfg.rollout.placement == "split" else 0.0
-
-
-def check_placement(cfg: RLConfig, trainer: torch.device) -> None:
-    """``rollout.placement`` against where the engines can run; each error names the keys."""
-    r, kind = cfg.rollout, cfg.executor.kind
-    if r.device != "auto":
-        if kind == "ray":
-            raise ConfigError(f'rollout.device = {r.device!r}: a Ray actor runs on its own device (executor.num_gpus); '
-                              f'leave rollout.device = "auto" with executor.kind = "ray"')
-        device = torch.device(r.device)
-        if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-            raise ConfigError(f"rollout.device = {r.device!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-    if r.placement == "colocated":
-        if r.device != "auto" and torch.device(r.device) != trainer:
-            raise ConfigError(f'rollout.placement = "colocated" puts the engine on the trainer\'s device ({trainer}), '
-                              f'not rollout.device = {r.device!r}: use placement = "split"')
-        if kind == "ray" and trainer.type == "cuda":
-            raise ConfigError('rollout.placement = "colocated" with executor.kind = "ray": a Ray actor cannot share the '
-                              'trainer\'s GPU; use executor.kind = "local" (same process) or placement = "split"')
-    elif kind == "local" and rollout_device(cfg, trainer) == trainer:
-        raise ConfigError(f'rollout.placement = "split" in the trainer\'s process needs rollout.device naming another '
-                          f'device than the trainer\'s ({trainer}), e.g. "cuda:1"; or executor.kind = "ray" (a process of '
-                          f'its own, executor.num_gpus GPUs)')
-    if kind == "local" and cfg.executor.num_gpus > 0:
-        raise ConfigError("executor.num_gpus is what a Ray actor asks for; with executor.kind = \"local\" use "
-                          "rollout.device")
 
 
 def check_config(cfg: RLConfig) -> None:
