@@ -91,6 +91,16 @@ class RLAlgoConfig(Checked):
                              "attribution_every > 0")
 
 
+@dataclass
+class ReadBack:
+    """What a trainer batch learns from its one transfer."""
+    applied: list[bool]      # per sample: trained by at least one applied optimizer step
+    k3: list[float]          # per sample: k3 of pi_prox against the behaviour policy
+    per_step: list[dict]     # per optimizer step: its metrics
+    summary: dict            # the batch's reward summary
+    skipped_steps: set[int]  # optimizer steps skipped for nonfinite gradients
+
+
 class RLTrainer:
     def __init__(self, model, runtime: PrecisionRuntime, optimizer, engine: InferenceEngine, task: Task,
                  algo: RLAlgoConfig, mode: str, seed: int, max_new_tokens: int, rollout: RolloutConfig,
@@ -226,21 +236,11 @@ class RLTrainer:
                 events += self.runtime.end_step(k)
         summary = {"reward": rewards.mean(),
                    "zero_variance_groups": flat_groups(rewards, self.algo.group_size).double().mean()}
-        host = self.runtime.fetch(torch.cat([flatten(s) for s in stats + [summary]])).tolist()   # the one transfer
-        skipped_steps = host_skipped | set(self.runtime.take_skipped())
+        back = self._read_back(stats, summary, first, host_skipped, n)
         events += self.runtime.end_step(last)   # at once after a skip: the layer where NaN entered is promoted
-        applied, k3, per_step, i = [False] * n, [0.0] * n, [], 0
-        for k, s in enumerate(stats, start=first + 1):
-            width = sum(v.numel() for v in s.values())
-            m = unflatten(s, host[i:i + width])
-            i += width
-            for r, v in zip(m.pop("rows"), m.pop("k3_per_sequence")):
-                k3[int(r)] = v   # pi_prox against the behaviour policy: the same in every epoch
-                applied[int(r)] |= k not in skipped_steps
-            per_step.append(finish_metrics(m))
-        batch_summary = unflatten(summary, host[i:])
-        metrics = {**_combine(per_step), **extra}
-        steps_applied = self.algo.steps_per_batch - len(skipped_steps)
+        applied, k3, batch_summary = back.applied, back.k3, back.summary
+        metrics = {**_combine(back.per_step), **extra}
+        steps_applied = self.algo.steps_per_batch - len(back.skipped_steps)
         skipped = not any(applied)
         by_map = self._split_by_map(batch, k3)
         staleness = [self.ctrl.staleness(g.version) for g in batch]
@@ -269,6 +269,22 @@ class RLTrainer:
                 "map_version_oldest": min(c.map_version for g in batch for c in g.completions),
                 "k3_kl_by_map_version": by_map, "minibatch_steps": steps_applied,
                 **metrics}
+
+    def _read_back(self, stats: list[dict], summary: dict, first: int, host_skipped: set[int], n: int) -> "ReadBack":
+        """The batch's one device->host transfer (every step's statistics, the summary, the device-side skip
+        flags), unpacked: which samples some applied step trained, each sample's k3, each step's metrics."""
+        host = self.runtime.fetch(torch.cat([flatten(s) for s in stats + [summary]])).tolist()
+        skipped_steps = host_skipped | set(self.runtime.take_skipped())
+        applied, k3, per_step, i = [False] * n, [0.0] * n, [], 0
+        for k, s in enumerate(stats, start=first + 1):
+            width = sum(v.numel() for v in s.values())
+            m = unflatten(s, host[i:i + width])
+            i += width
+            for r, v in zip(m.pop("rows"), m.pop("k3_per_sequence")):
+                k3[int(r)] = v   # pi_prox against the behaviour policy: the same in every epoch
+                applied[int(r)] |= k not in skipped_steps
+            per_step.append(finish_metrics(m))
+        return ReadBack(applied, k3, per_step, unflatten(summary, host[i:]), skipped_steps)
 
     def _minibatches(self, step: int, tokens: torch.Tensor, mask: torch.Tensor, full: LossInputs):
         """(rows, loss inputs, entropy) of each optimizer step of the batch: every epoch a fresh shuffle (seeded by

@@ -18,7 +18,7 @@ import torch
 from precisionrt.runtime import PrecisionRuntime
 from precisionrt.syncs import to_device
 from rl.envs import Task
-from rl.rollout import logits_of
+from rl.rollout import logits_of, model_device
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], t
     flag back in one transfer, so that the layer where NaN entered is promoted before the next forward.
     ``after_step(step)`` runs after each (``tools/warm_start_curve.py`` measures the held-out reward there)."""
     rng = random.Random(seed)
-    device = next(model.parameters()).device
+    device = model_device(model)
     on_device = getattr(optimizer, "_step_supports_amp_scaling", False)
     loss_val, skipped, switches = math.nan, [], []
     for step in range(1, steps + 1):

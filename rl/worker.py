@@ -92,8 +92,8 @@ class RolloutWorker:
 
     def publish_precisions(self, map_version: int, precisions: dict[str, str], rollout_bf16=()) -> None:
         """The trainer's per-layer precisions and the layers promoted on the rollout side only, version
-        ``map_version``; they travel with the weights (the engine takes both from one snapshot, so a map never
-        reaches it with weights of another version)."""
+        ``map_version``. The trainer publishes a map before the weights it goes with, and the worker reads the
+        map after taking the weights, so the engine never runs weights with a map older than theirs."""
         with self._weights_lock:
             self._published = (map_version, dict(precisions), tuple(sorted(rollout_bf16)))
 
