@@ -13,6 +13,8 @@ the worker and is raised in the trainer at its next wait, with the worker's trac
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import queue
 import random
@@ -29,6 +31,7 @@ from rl.rollout import Completion
 from rl.staleness import StalenessController
 from rl.weight_sync import WeightChannel, channel_device
 
+log = logging.getLogger(__name__)
 _KEPT_ERRORS = 100   # the newest rollout errors kept for reports (the count is in the accounting)
 
 
@@ -202,13 +205,21 @@ class RolloutWorker:
 
     def state_dict(self) -> dict:
         return {"rng": list(self.rng.getstate()[1]), "rng_version": self.rng.getstate()[0],
-                "gen": self.generator.get_state()}
+                "gen": self.generator.get_state(), "gen_device": self.generator.device.type}
 
     def load_state_dict(self, sd: dict, version: int, weights: dict, map_version: int,
                         precisions: dict[str, str], rollout_bf16=()) -> None:
         """Resume: the RNGs, and the engine on the checkpoint's weights and precision map."""
         self.rng.setstate((sd["rng_version"], tuple(sd["rng"]), None))
-        self.generator.set_state(sd["gen"])
+        saved_on = sd.get("gen_device", "cpu")
+        if saved_on == self.generator.device.type:
+            self.generator.set_state(sd["gen"])
+        else:   # a generator's state is device-specific: continue from a seed the saved state decides
+            seed = int.from_bytes(hashlib.sha256(sd["gen"].numpy().tobytes()).digest()[:8], "little")
+            self.generator.manual_seed(seed)
+            log.warning("resume: the sampling generator was saved on %s and runs on %s now: reseeded from its "
+                        "saved state (samples differ from an uninterrupted run's)", saved_on,
+                        self.generator.device.type)
         with self._weights_lock:
             self._published = (map_version, dict(precisions), tuple(sorted(rollout_bf16)))
         self.channel.publish(weights, version, map_version)

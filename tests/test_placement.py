@@ -84,3 +84,21 @@ def test_placements_that_cannot_be_honoured_are_refused_by_name(tmp_path, overri
     with pytest.raises((ConfigError, ValueError), match=message):
         run(tmp_path, *overrides)
     assert not (tmp_path / "run").exists(), "refused before anything was written"
+
+
+def test_a_resume_on_another_device_reseeds_the_sampler_and_says_so(tmp_path, caplog):
+    """A generator's state is device-specific (a CPU state does not load into a CUDA generator): a checkpoint whose
+    sampler ran on another device continues from a seed its saved state decides, with a warning. Simulated
+    here by marking the CPU checkpoint as saved on CUDA."""
+    run(tmp_path, "train.stop_at_step=3", 'executor.mode="sync"')
+    from precisionrt.checkpoint import save_checkpoint
+
+    path = next((tmp_path / "run" / "checkpoints").glob("step_*3.pt"))
+    state = torch.load(path, weights_only=True)
+    assert state["rl"]["trainer"]["gen_device"] == "cpu"
+    state["rl"]["trainer"]["gen_device"] = "cuda"
+    save_checkpoint(tmp_path / "run", 3, state)   # with its checksum, as the run wrote it
+    with caplog.at_level("WARNING", logger="rl.worker"):
+        resumed = run(tmp_path, "train.resume=true", 'executor.mode="sync"')
+    assert resumed["steps"] == 6 and resumed["resumed_from"] == 3
+    assert any("saved on cuda and runs on cpu now: reseeded" in r.getMessage() for r in caplog.records)
