@@ -27,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -151,8 +152,8 @@ def plot(rows: list[dict], path: Path, title: str = "") -> bool:
     axes[0].set_ylabel("held-out reward (mean; bars: seed range)")
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
     axes[0].legend(list(handles.values()), list(handles), loc="best", fontsize="small")
-    if title:
-        fig.suptitle(title, fontsize="medium")
+    if title:   # wrapped: one panel is narrower than the title (it was clipped at both sides)
+        fig.suptitle(textwrap.fill(title, width=max(40, 48 * len(rollouts))), fontsize="medium")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
