@@ -33,6 +33,8 @@ FLOP_SLOT = {"fp8": 0, "bf16": 1}   # the columns of a layer's ``flop_tokens``
 
 
 def _gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The GEMM writes ``dtype`` itself when it can (its fp32 accumulator rounded once, in its epilogue: the same
+    bits as writing fp32 and casting, tested on the CPU), so no cast pass follows it."""
     return dtype if dtype in _GEMM_OUT_DTYPES else torch.float32
 
 
@@ -131,7 +133,7 @@ class PrecisionLinearFunction(torch.autograd.Function):
                 # wgrad reduces over tokens: zero-pad them to the GEMM alignment.
                 a = fp8.pad_rows(gq).t().contiguous()
                 b = fp8.column_major(fp8.pad_rows(xq))
-                grad_weight = fp8.scaled_mm(a, b, sg_inv, sx_inv, torch.float32)
+                grad_weight = fp8.scaled_mm(a, b, sg_inv, sx_inv, _gemm_out_dtype(ctx.weight_dtype))
             else:
                 grad_weight = (g_bf16.t() @ x2d.to(torch.bfloat16)).float()
             grad_weight = grad_weight.to(ctx.weight_dtype)
@@ -201,7 +203,8 @@ def _fused_backward(ctx, g2d):
     handle, grad_input = _start_dgrad_comm(ctx, grad_input)
     grad_weight = None
     if ctx.needs_input_grad[1]:
-        grad_weight = fp8.scaled_mm(gq_t, xq_t.t(), sg_inv, sx_inv, torch.float32).to(ctx.weight_dtype)
+        grad_weight = fp8.scaled_mm(gq_t, xq_t.t(), sg_inv, sx_inv, _gemm_out_dtype(ctx.weight_dtype))
+        grad_weight = grad_weight.to(ctx.weight_dtype)
         if numerics.stats_level == "full":
             numerics.record_grad({"wgrad_sq": grad_weight.detach().float().square().sum()})
     grad_bias = g2d.sum(dim=0) if ctx.use_bias else None

@@ -96,3 +96,20 @@ def test_shadow_gradients_measure_the_fp8_error_against_bf16():
     assert 0.01 < rel < 0.1, "an FP8 gradient is a few percent from BF16"
     _, _, _, off = run("fp8", x, w, g, shadow=False)
     assert off.grad_stats[GRAD_INDEX["shadow_count"]] == 0 and off.grad_stats[GRAD_INDEX["shadow_err_sq"]] == 0
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_a_gemm_writing_bf16_equals_writing_fp32_and_casting(out_dtype):
+    """The weight-gradient GEMM writes the weight's dtype itself (no cast pass after it): the accumulator is rounded
+    once either way, so the bits must be those of an fp32 output cast afterwards, over magnitudes from 1e-3 to
+    1e2 and both operand formats."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        a = torch.randn(64, 96, generator=g) * 10.0 ** (trial % 6 - 3)
+        b = torch.randn(48, 96, generator=g)
+        sa = fp8.compute_scale(fp8.abs_max(a), fp8.E5M2, 0, torch.ones(()))
+        sb = fp8.compute_scale(fp8.abs_max(b), fp8.E4M3, 0, torch.ones(()))
+        qa, qb = fp8.quantize(a, "e5m2", sa), fp8.quantize(b, "e4m3", sb)
+        cast = fp8.scaled_mm(qa, qb.t(), sa.reciprocal(), sb.reciprocal(), torch.float32).to(out_dtype)
+        direct = fp8.scaled_mm(qa, qb.t(), sa.reciprocal(), sb.reciprocal(), out_dtype)
+        assert torch.equal(cast.view(torch.int16), direct.view(torch.int16)), trial
