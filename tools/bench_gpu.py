@@ -343,7 +343,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench_gpu.json")
     ap.add_argument("--models", nargs="+", default=["llama8b"], choices=list(MODELS))
     ap.add_argument("--steps", type=int, default=20, help="timed whole-model steps per arm")
-    ap.add_argument("--warmup", type=int, default=6, help="untimed steps per arm (compilation, graph capture)")
+    ap.add_argument("--warmup", type=int, default=12,
+                    help="untimed steps per arm: compilation, graph capture and the first sampled step (10)")
     ap.add_argument("--iters", type=int, default=20, help="timed iterations per layer arm")
     ap.add_argument("--tokens", type=int, default=8192, help="layer table: tokens (2 sequences of 4096)")
     ap.add_argument("--skip-layers", action="store_true")
