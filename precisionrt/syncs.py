@@ -8,7 +8,9 @@ with where they came from. The first switch into "warn" mode in a process report
 
 On any device, ``HostReads`` counts the calls that read a tensor's values into Python (``item``, ``tolist``,
 ``bool``/``int``/``float`` of a tensor, ``cpu``, ...). On CUDA each of those is a synchronisation; on
-the CPU nothing synchronises, so this is how a CPU test holds code to the budget it will have on a GPU.
+the CPU nothing synchronises, so this is how a CPU test holds code to the budget it will have on a GPU. It cannot
+see the CUDA synchronisations that read no value into Python (an operation whose output size depends on the data:
+boolean-mask indexing, ``nonzero``, ``unique``) nor pageable host-to-device copies: ``host_syncs`` on CUDA does.
 """
 
 from __future__ import annotations
