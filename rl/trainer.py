@@ -260,9 +260,9 @@ class RLTrainer:
             # publish first, then advance: a rollout admitted by the new version must find its weights
             self.worker.publish(self.ctrl.version + 1, policy_state(self.model))
             self.ctrl.advance()
-        tokens = sum(len(c.prompt) + len(c.tokens) for g in batch for c in g.completions) * self.algo.ppo_epochs
+        processed = sum(len(c.prompt) + len(c.tokens) for g in batch for c in g.completions) * self.algo.ppo_epochs
         return {**batch_summary,
-                "trainer_tokens_per_s": tokens / (time.perf_counter() - t_batch),
+                "trainer_tokens_per_s": processed / (time.perf_counter() - t_batch),
                 "skipped": skipped, "staleness": staleness, "staleness_mean": sum(staleness) / len(staleness),
                 "staleness_max": max(staleness), "queue": self.queue.qsize(), "events": events,
                 "step_time": time.perf_counter() - t0,
