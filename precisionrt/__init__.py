@@ -3,16 +3,16 @@
 The public API (everything else is internal and may change):
 
 * ``convert_layer_spec(spec, filter_fn=None, cpu_attention=False)``: a megatron-core layer spec with
-  precisionrt's switchable linears (``precisionrt.convert``).
+  precisionrt's switchable linears (``precisionrt.layers.convert``).
 * ``PrecisionRuntime(model, RuntimeConfig(...), run_dir=...)``: monitors, policy, switch log, operator control
-  and checkpoint state around a model built from such a spec (``precisionrt.runtime``).
+  and checkpoint state around a model built from such a spec (``precisionrt.runtime.precision_runtime``).
 * ``clip_grad_norm_(model, max_norm)``: gradient clipping by the whole model's norm under tensor (and pipeline)
-  parallelism, counting each TP-duplicated parameter once (``precisionrt.clipping``).
+  parallelism, counting each TP-duplicated parameter once (``precisionrt.distributed.clipping``).
 * ``from_hf(path, spec=None, dtype=None)`` / ``to_hf(model, out_dir)``: a Hugging Face checkpoint directory
   (Llama, Qwen2/2.5, Qwen3) as a megatron-core ``GPTModel`` with precisionrt's layers, and back, bit-exact
-  (``precisionrt.hf``; needs the ``hf`` extra).
+  (``precisionrt.models.hf``; needs the ``hf`` extra).
 * ``compile_model(model, regions="block" | "model", backend=...)``: ``torch.compile`` of such a model, per
-  transformer block or whole, without a graph break in any precision mode (``precisionrt.compile``).
+  transformer block or whole, without a graph break in any precision mode (``precisionrt.distributed.compile``).
 * ``RuntimeConfig`` and its parts ``ScalingConfig`` (the one place the scaling recipe is set), ``MonitorConfig``
   and ``PolicyConfig``.
 
@@ -27,10 +27,10 @@ import importlib
 __all__ = ["convert_layer_spec", "PrecisionRuntime", "RuntimeConfig", "ScalingConfig", "MonitorConfig",
            "PolicyConfig", "clip_grad_norm_", "compile_model", "from_hf", "to_hf"]
 
-_HOME = {"convert_layer_spec": "precisionrt.convert", "PrecisionRuntime": "precisionrt.runtime",
-         "RuntimeConfig": "precisionrt.runtime", "ScalingConfig": "precisionrt.fp8",
-         "MonitorConfig": "precisionrt.monitors", "PolicyConfig": "precisionrt.policy",
-         "clip_grad_norm_": "precisionrt.clipping", "compile_model": "precisionrt.compile", "from_hf": "precisionrt.hf", "to_hf": "precisionrt.hf"}
+_HOME = {"convert_layer_spec": "precisionrt.layers.convert", "PrecisionRuntime": "precisionrt.runtime.precision_runtime",
+         "RuntimeConfig": "precisionrt.runtime.precision_runtime", "ScalingConfig": "precisionrt.numerics.fp8",
+         "MonitorConfig": "precisionrt.runtime.monitors", "PolicyConfig": "precisionrt.runtime.policy",
+         "clip_grad_norm_": "precisionrt.distributed.clipping", "compile_model": "precisionrt.distributed.compile", "from_hf": "precisionrt.models.hf", "to_hf": "precisionrt.models.hf"}
 
 
 def __getattr__(name: str):

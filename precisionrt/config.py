@@ -235,6 +235,18 @@ def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()
     return from_dict(cls, tree)
 
 
+def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """A nested dict as one level, keys joined by ``sep`` (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``); tuples become
+    lists, as JSON has them."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, sep, f"{prefix}{key}{sep}"))
+        else:
+            out[prefix + key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -288,48 +300,3 @@ def print_keys(cls: type) -> None:
 class StartupError(RuntimeError):
     """A run that cannot start (nothing to resume from, a resume that would change the run): one line on
     stderr, exit 2, nothing written."""
-
-
-def run_cli(prog: str, description: str, config_cls: type[T], run, argv: list[str] | None = None) -> int:
-    """The shape every training command shares (contract C5): ``--config FILE [--set dotted.key=value ...]``.
-    A configuration error prints one line naming the problem and exits 2, having written nothing. The library
-    reports through ``logging`` (logger ``precisionrt``); a command shows its INFO and above on stderr."""
-    import argparse
-    import logging
-    import sys
-
-    class Stderr(logging.StreamHandler):
-        """Writes to the ``sys.stderr`` of the moment: a caller (a test, a notebook) may swap it between runs."""
-
-        stream = property(lambda self: sys.stderr, lambda self, value: None)
-
-    for name in ("precisionrt", "rl"):   # the library's loggers only: other libraries' INFO stays quiet
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
-            logger.addHandler(Stderr())
-
-    p = argparse.ArgumentParser(prog=prog, description=f"{description} Every key is listed, with its default and "
-                                "valid values, by --keys.")
-    p.add_argument("--config", help="TOML run configuration (UTF-8)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
-                   help="override one config key (repeatable); the value parses as TOML")
-    p.add_argument("--keys", action="store_true", help="list every config key (type, default, valid values) and exit")
-    args = p.parse_args(argv)
-    if args.keys:
-        try:
-            print_keys(config_cls)
-        except BrokenPipeError:   # `--keys | head`: the reader has what it wanted
-            import os
-
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    try:
-        run(load_config(config_cls, args.config, args.overrides))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except StartupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 -m precisionrt.train --config ... --set parallel.pipeline_model_parallel_size=2
 
 Each step runs megatron-core's own schedule (``get_forward_backward_func``: 1F1B across pipeline stages) over
-``train.micro_batches`` micro-batches (``precisionrt.pipeline``).
+``train.micro_batches`` micro-batches (``precisionrt.distributed.pipeline``).
 
 Writes the run directory of contract C3: config.json, metrics.jsonl, precision_events.jsonl, summary.json,
 checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``run.dir``.
@@ -14,7 +14,6 @@ checkpoints/. ``train.resume = true`` continues from the newest checkpoint in ``
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,67 +21,39 @@ from typing import Annotated
 
 import torch
 
-import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
+import precisionrt.distributed.mcore  # noqa: F401  (first: quiet megatron import)
 from megatron.core import parallel_state
 
-from precisionrt.checkpoint import save_checkpoint, shard_name
-from precisionrt.clipping import clip_grad_norm_
-from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed, Steps,
-                                run_cli, to_dict)
-from precisionrt.cuda_graphs import CapturedStep
-from precisionrt.data import ByteCorpus, DataConfig
-from precisionrt.harness import check_skipped, open_run
-from precisionrt.hf import to_hf
-from precisionrt.inject import FaultInjector, InjectConfig, check_inject_ranks
-from precisionrt.loggers import WandbConfig, panel_layers
-from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
-from precisionrt.pipeline import forward_backward, from_last_stage, per_token_loss_step
-from precisionrt.resources import check_fits, training_memory
-from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
-from precisionrt.syncs import to_device
-from precisionrt.tokenizer import check_tokenizer, load_tokenizer
+from precisionrt.config import Checked, ConfigError, Every, Range, to_dict
+from precisionrt.distributed.clipping import clip_grad_norm_
+from precisionrt.distributed.cuda_graphs import CapturedStep
+from precisionrt.distributed.parallel import resolve_device
+from precisionrt.distributed.pipeline import forward_backward, from_last_stage, per_token_loss_step
+from precisionrt.distributed.syncs import to_device
+from precisionrt.models.tokenizer import load_tokenizer
+from precisionrt.run import command
+from precisionrt.run.checkpoint import save_checkpoint, shard_name
+from precisionrt.run.command import CommandConfig, TrainSchedule, check_common, report_skip, report_switches, run_cli, world_size
+from precisionrt.run.data import ByteCorpus, DataConfig
+from precisionrt.run.harness import check_skipped, open_run
+from precisionrt.run.resources import training_memory
 
 
 @dataclass
-class TrainConfig(Checked):
-    steps: Steps = 300
-    seed: Seed = 0
+class TrainConfig(TrainSchedule):
     batch_size: Annotated[int, Range(ge=1, le=2**20)] = 16
     """Sequences per step and data-parallel rank."""
     micro_batches: Annotated[int, Range(ge=1, le=2**20)] = 1
     """Micro-batches per step (divides batch_size): megatron's schedule pipelines them across the stages of
     ``parallel.pipeline_model_parallel_size``; the gradient is the whole batch's mean either way."""
-    lr: LearningRate = 3e-3
     min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1
     warmup_steps: Every = 20
     weight_decay: Annotated[float, Range(ge=0, le=10)] = 0.1
-    grad_clip: Annotated[float, Range(gt=0, le=1e6)] = 1.0
-    """0 would never learn, a negative clip multiplies gradients by < 0 (ascent)."""
-    log_every: Steps = 10
-    eval_every: Steps = 100
-    """Held-out evaluation (its step also logs a row); the last step always evaluates."""
     eval_batches: Annotated[int, Range(ge=1, le=10**6)] = 8
-    keep_checkpoints: Every = 3
-    """The newest N checkpoints are kept (0: all)"""
-    max_skipped_fraction: Annotated[float, Range(gt=0, le=1)] = 0.5
-    """Stop when more than this share of the steps (and 5 or more) were skipped for nonfinite gradients: such a run
-    trains on nothing."""
-    checkpoint_every: Every = 0
-    """0: only at the end."""
-    resume: bool = False
-    resume_override: list[ConfigKeyPattern] = field(default_factory=list)
-    """Keys a resume may change although they change the run's meaning (``precision.mode``, ``model.*``, ...):
-    dotted keys or fnmatch patterns. Without them such a change is refused (``precisionrt.resume``)."""
-    stop_at_step: Every = 0
-    """Stop early (with a checkpoint) after this step, e.g. to fit a job's time limit; a resumed run continues the
-    same schedule up to `steps`. 0: run to `steps`."""
     cuda_graphs: bool = False
-    """Replay ordinary steps' forward and backward as CUDA graphs (``precisionrt/cuda_graphs.py``: one per precision
-    map, captured after two eager warm-ups; sampled steps and injected faults run eagerly). One GPU only."""
-    export_hf: bool = False
-    """At the end, write the model as a Hugging Face checkpoint directory, ``<run dir>/hf`` (config.json,
-    safetensors, the tokenizer's files; gathered across TP ranks): needs ``model.hf_path`` or ``model.hf_init``."""
+    """Replay ordinary steps' forward and backward as CUDA graphs (``precisionrt/distributed/cuda_graphs.py``: one
+    per precision map, captured after two eager warm-ups; sampled steps and injected faults run eagerly). One GPU
+    only."""
 
 
 @dataclass
@@ -95,15 +66,10 @@ class ParallelConfig(Checked):
 
 
 @dataclass
-class LMConfig:
-    run: RunConfig = field(default_factory=RunConfig)
+class LMConfig(CommandConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    precision: RuntimeConfig = field(default_factory=RuntimeConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    inject: InjectConfig = field(default_factory=InjectConfig)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -163,7 +129,7 @@ def check_config(cfg: LMConfig) -> None:
     """The rules that join several tables, or need the machine (world size, memory), checked before anything
     is built or written; each error names the keys involved."""
     tp, pp, model = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size, cfg.model
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size()
     if world % (tp * pp):
         raise ConfigError(f"parallel.tensor_model_parallel_size ({tp}) x parallel.pipeline_model_parallel_size "
                           f"({pp}) must divide the world size ({world} process(es)); data parallel is the rest "
@@ -187,37 +153,25 @@ def check_config(cfg: LMConfig) -> None:
             model.hf_arch(tp)
         except ValueError as e:
             raise ConfigError(f"parallel.tensor_model_parallel_size: {e}") from None
-    check_tokenizer(model)   # bytes, or model.tokenizer_path / the checkpoint's: the corpus is tokenized with it
-    if cfg.train.export_hf and not model.is_hf:
-        raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "
-                          "or model.hf_init")
     if model.seq_length + 2 > cfg.data.heldout_bytes():
         raise ConfigError(f"model.seq_length ({model.seq_length}) does not fit the held-out data: data.max_bytes x "
                           f"data.heldout_fraction = {cfg.data.heldout_bytes():,} bytes; raise them or shorten the sequence")
-    check_inject_ranks(cfg.inject, world)
     if cfg.train.cuda_graphs and (resolve_device(cfg.run.device).type != "cuda" or world > 1):
         raise ConfigError(f"train.cuda_graphs: needs run.device = \"cuda\" on one GPU (device "
                           f"{resolve_device(cfg.run.device).type}, world size {world}); collectives inside a "
                           f"captured step are not tested yet")
-    check_fits(training_memory(dims, cfg.train.batch_size, tp), "a training step", "train.batch_size, model.*",
-               resolve_device(cfg.run.device).type)
-    check_run_dir(resolve_run_dir(cfg.run))
+    # the tokenizer: bytes, or model.tokenizer_path / the checkpoint's (the corpus is tokenized with it)
+    check_common(cfg, world, training_memory(dims, cfg.train.batch_size, tp), "a training step",
+                 "train.batch_size, model.*")
 
 
 def train(cfg: LMConfig) -> dict:
     check_config(cfg)
-    device = resolve_device(cfg.run.device)
-    init_parallel(cfg.parallel.tensor_model_parallel_size, seed=cfg.train.seed, device=device,
-                  pipeline_parallel_size=cfg.parallel.pipeline_model_parallel_size)
-    rank = torch.distributed.get_rank()
+    started = command.start(cfg, cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size)
+    device, model, runtime, injector, is_main = (started.device, started.model, started.runtime, started.injector,
+                                                 started.is_main)
     dp_group = parallel_state.get_data_parallel_group()
     dp_rank = parallel_state.get_data_parallel_rank()
-    is_main = rank == 0
-    torch.manual_seed(cfg.train.seed)
-    model = build_gpt(cfg.model, tensor_parallel_size=cfg.parallel.tensor_model_parallel_size, device=device)
-    runtime = PrecisionRuntime(model, cfg.precision)  # validates pins before anything is written
-    panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
-    injector = FaultInjector(cfg.inject, model, rank, runtime.names)
     corpus = ByteCorpus(cfg.data, load_tokenizer(cfg.model))
     corpus.check_fits(cfg.model.seq_length)
     if is_main:
@@ -228,7 +182,7 @@ def train(cfg: LMConfig) -> dict:
               "pipeline_model_parallel_size": cfg.parallel.pipeline_model_parallel_size}
     shard = shard_name(parallel_state.get_tensor_model_parallel_rank(), layout["tensor_model_parallel_size"],
                        parallel_state.get_pipeline_model_parallel_rank(), layout["pipeline_model_parallel_size"])
-    end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    end = cfg.train.end
     opened = open_run(cfg, model, runtime.names, end, is_main, shard, layout, group=torch.distributed.group.WORLD)
     if opened.finished is not None:
         return opened.finished
@@ -242,7 +196,7 @@ def train(cfg: LMConfig) -> dict:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             runtime.load_state_dict(state["runtime"])
-        runtime.start_log(run_dir, to_dict(cfg), rank, resumed_from=start if cfg.train.resume else None)
+        runtime.start_log(run_dir, to_dict(cfg), started.rank, resumed_from=start if cfg.train.resume else None)
         heldout = [to_device(b, device) for b in
                    corpus.heldout_batches(cfg.train.eval_batches, cfg.train.batch_size, cfg.model.seq_length)]
 
@@ -278,27 +232,17 @@ def train(cfg: LMConfig) -> dict:
         loss = run_step(batch)
         allreduce_grads(model, dp_group)
         grad_norm = clip_grad_norm_(model, cfg.train.grad_clip)   # the whole model's norm, on every TP rank
-        if device.type == "cuda":   # decided on the device: no host synchronisation on ordinary steps
-            runtime.skip_on_device(grad_norm, optimizer, done)
-            optimizer.step()
-        elif runtime.should_skip_step(grad_norm):
+        # fused AdamW on CUDA decides on the device: no host synchronisation on ordinary steps
+        if runtime.optimizer_step(optimizer, grad_norm, done):
             skipped.append(done)
-            if is_main:
-                print(f"step {done}: nonfinite gradients, optimizer step skipped", flush=True)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            report_skip(done, is_main=is_main)
         events = runtime.end_step(done)
         for s in runtime.take_skipped():   # device-side skips, learnt at this check
             skipped.append(s)
-            if is_main:
-                print(f"step {s}: nonfinite gradients, optimizer step skipped", flush=True)
+            report_skip(s, is_main=is_main)
         switches += events
         check_skipped(len(skipped), done - start, cfg.train.max_skipped_fraction)
-        logger.log_switches(done, [{**e.summary(), "signals": e.signals} for e in events])
-        if is_main:
-            for e in events:
-                print(f"step {done}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
+        report_switches(logger, done, events, is_main)
 
         evaluating = done % cfg.train.eval_every == 0 or done == end
         if done % cfg.train.log_every == 0 or evaluating:
@@ -336,15 +280,9 @@ def train(cfg: LMConfig) -> dict:
         **history(),
         "control_rejected": runtime.control_rejected,
     }
-    if cfg.train.export_hf:   # every rank gathers its shards; rank 0 writes
-        summary["hf_export"] = to_hf(model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
-    runtime.close(end)
-    logger.close()
-    if is_main:
-        write_json(run_dir / "summary.json", summary)
-        print(f"done: eval loss {eval_loss:.4f} (unigram baseline {summary['unigram_baseline_loss']:.4f}), "
-              f"{summary['steps_per_s']:.2f} steps/s, run dir {run_dir}", flush=True)
-    return summary
+    closing = (f"done: eval loss {eval_loss:.4f} (unigram baseline {summary['unigram_baseline_loss']:.4f}), "
+               f"{summary['steps_per_s']:.2f} steps/s")
+    return command.finish(cfg, started, logger, run_dir, summary, end, closing)
 
 
 def main(argv: list[str] | None = None) -> int:

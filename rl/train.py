@@ -19,56 +19,35 @@ from typing import Annotated, Literal
 
 import torch
 
-import precisionrt.mcore  # noqa: F401  (first: quiet megatron import)
-from precisionrt.checkpoint import save_checkpoint
-from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed, Steps,
-                                run_cli, to_dict)
-from precisionrt.harness import check_skipped, open_run
-from precisionrt.hf import to_hf
-from precisionrt.inject import FaultInjector, InjectConfig, check_inject_ranks
-from precisionrt.loggers import WandbConfig, panel_layers
-from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, resolve_device
-from precisionrt.resources import check_fits, training_memory
-from precisionrt.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
-from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-from precisionrt.tokenizer import check_tokenizer
+import precisionrt.distributed.mcore  # noqa: F401  (first: quiet megatron import)
+from precisionrt.config import Checked, ConfigError, Every, LearningRate, Range, Steps, to_dict
+from precisionrt.distributed.parallel import resolve_device
+from precisionrt.models.gpt import ModelConfig
+from precisionrt.run import command
+from precisionrt.run.checkpoint import save_checkpoint
+from precisionrt.run.command import CommandConfig, TrainSchedule, check_common, report_skip, report_switches, run_cli
+from precisionrt.run.harness import check_skipped, open_run
+from precisionrt.run.resources import training_memory
+from precisionrt.run.rundir import RunConfig
 from rl.envs import TaskConfig
 from rl.envs.calculator import EnvConfig
-from rl.executors import make_engine
-from rl.mismatch import FIELD_NAMES
-from rl.placement import actor_gpus, check_placement, rollout_device
-from rl.rollout import RolloutConfig
+from rl.inference.executors import make_engine
+from rl.algo.mismatch import FIELD_NAMES
+from rl.inference.placement import actor_gpus, check_placement, rollout_device
+from rl.inference.rollout import RolloutConfig
 from rl.trainer import RLAlgoConfig, RLTrainer
 from rl.warm_start import supervised_warm_start
 from rl.workload import make_workload
 
 
 @dataclass
-class RLTrainConfig(Checked):
+class RLTrainConfig(TrainSchedule):
     steps: Steps = 400
-    seed: Seed = 0
     lr: LearningRate = 1e-3
-    grad_clip: Annotated[float, Range(gt=0, le=1e6)] = 1.0
+    eval_every: Steps = 50
     warm_start_steps: Every = 25
     warm_start_batch: Annotated[int, Range(ge=1, le=2**20)] = 64
     warm_start_lr: LearningRate = 3e-3
-    log_every: Steps = 10
-    eval_every: Steps = 50
-    keep_checkpoints: Every = 3
-    """The newest N checkpoints are kept (0: all)"""
-    max_skipped_fraction: Annotated[float, Range(gt=0, le=1)] = 0.5
-    """Stop when more than this share of RL steps (and 5 or more) were skipped."""
-    checkpoint_every: Every = 0
-    """0: only at the end."""
-    resume: bool = False
-    """Continue from the newest checkpoint in run.dir (RL steps; no warm start)"""
-    resume_override: list[ConfigKeyPattern] = field(default_factory=list)
-    """Keys a resume may change although they change the run's meaning (``precisionrt.resume``)."""
-    stop_at_step: Every = 0
-    """Stop early, with a checkpoint, after this RL step (0: run to `steps`)"""
-    export_hf: bool = False
-    """At the end, write the policy as a Hugging Face checkpoint directory, ``<run dir>/hf`` (config.json,
-    safetensors, the tokenizer's files): needs ``model.hf_path`` or ``model.hf_init``."""
 
 
 @dataclass
@@ -77,7 +56,7 @@ class ExecutorConfig(Checked):
     mode: Literal["async", "sync"] = "async"
     num_workers: Annotated[int, Range(ge=1, le=256)] = 1
     """Rollout engines (Ray actors under ``kind = "ray"``); each pulls the newest weights by version when it is
-    behind, just before it generates (``rl/pool.py``)."""
+    behind, just before it generates (``rl/inference/pool.py``)."""
     num_gpus: Annotated[float, Range(ge=-1, le=64)] = -1
     """GPUs each Ray rollout actor asks for (its engine runs on CUDA when it has one). -1: 1 when the trainer is
     on a GPU and ``rollout.placement = "split"``, else 0."""
@@ -89,19 +68,16 @@ def _default_model() -> ModelConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(CommandConfig):
     run: RunConfig = field(default_factory=lambda: RunConfig(name="rl"))
     train: RLTrainConfig = field(default_factory=RLTrainConfig)
     model: ModelConfig = field(default_factory=_default_model)
-    precision: RuntimeConfig = field(default_factory=RuntimeConfig)
     rl: RLAlgoConfig = field(default_factory=RLAlgoConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     """Multi-turn tasks (``task.name = "calculator"``): the tool and the turns."""
-    wandb: WandbConfig = field(default_factory=WandbConfig)
-    inject: InjectConfig = field(default_factory=InjectConfig)
 
 
 def idle_ratios(trainer: RLTrainer, elapsed: float) -> dict[str, float]:
@@ -123,17 +99,10 @@ def check_config(cfg: RLConfig) -> None:
             and cfg.precision.mode != "dynamic":
         raise ConfigError(f'rl.mismatch_policy.scope: "both" promotes the trainer\'s layer through the precision '
                           f'policy, which needs precision.mode = "dynamic" (got {cfg.precision.mode!r})')
-    check_tokenizer(cfg.model)   # a directory without a tokenizer, or a vocabulary the model cannot embed
-    if cfg.train.export_hf and not cfg.model.is_hf:
-        raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "
-                          "or model.hf_init")
-    check_inject_ranks(cfg.inject, 1)
     check_placement(cfg, resolve_device(cfg.run.device))
     batch = cfg.rl.prompts_per_step * cfg.rl.group_size
-    check_fits(training_memory(cfg.model.dims(), max(batch, cfg.train.warm_start_batch)), "a trainer step",
-               "rl.prompts_per_step x rl.group_size (or train.warm_start_batch), model.*",
-               resolve_device(cfg.run.device).type)   # run.device = "cuda" without a GPU: refused here, by name
-    check_run_dir(resolve_run_dir(cfg.run))
+    check_common(cfg, 1, training_memory(cfg.model.dims(), max(batch, cfg.train.warm_start_batch)), "a trainer step",
+                 "rl.prompts_per_step x rl.group_size (or train.warm_start_batch), model.*")
 
 
 def make_optimizer(model, lr: float, **kw) -> torch.optim.AdamW:
@@ -144,15 +113,10 @@ def make_optimizer(model, lr: float, **kw) -> torch.optim.AdamW:
 
 def train(cfg: RLConfig) -> dict:
     check_config(cfg)
-    device = resolve_device(cfg.run.device)
-    init_parallel(1, seed=cfg.train.seed, device=device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_gpt(cfg.model, device=device)
-    runtime = PrecisionRuntime(model, cfg.precision)
-    panel_layers(cfg.wandb, runtime.names)   # a W&B layer pattern that matches nothing: refused before writing
-    injector = FaultInjector(cfg.inject, model)
+    started = command.start(cfg)
+    device, model, runtime, injector = started.device, started.model, started.runtime, started.injector
     work = make_workload(cfg)
-    end = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+    end = cfg.train.end
     opened = open_run(cfg, model, runtime.names, end)
     if opened.finished is not None:
         return opened.finished
@@ -215,13 +179,11 @@ def train(cfg: RLConfig) -> dict:
             switches += m["events"]
             trainer_rates.append(m["trainer_tokens_per_s"])
             if m["skipped"]:
-                print(f"step {step}: nonfinite gradients, optimizer step skipped (its samples dropped)", flush=True)
+                report_skip(step, " (its samples dropped)")
             check_skipped(sum(s > offset + start for s in trainer.skipped_steps), step - start,
                           cfg.train.max_skipped_fraction)
-            logger.log_switches(step, [{**e.summary(), "signals": e.signals} for e in m["events"]])
+            report_switches(logger, step, m["events"])
             masked.append(m["masked_fraction"])
-            for e in m["events"]:
-                print(f"step {step}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
             # the field's own metric names (rollout_corr/..., tis_clipfrac, ...) as they are; ours under rl/
             row = {k if "/" in k or k in FIELD_NAMES else f"rl/{k}": v for k, v in m.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -283,14 +245,9 @@ def train(cfg: RLConfig) -> dict:
         agent_totals.update({k: v for k, v in trainer.worker.take_stats().items() if not k.startswith("tool_")})
         summary["heldout_initial"], summary["heldout_final"] = eval_initial, eval_final
         summary["agent"] = {**dict(agent_totals), **{f"tool_{k}": v for k, v in work.task.stats.items()}}
-    if cfg.train.export_hf:
-        summary["hf_export"] = to_hf(model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
-    runtime.close(offset + end)
-    logger.close()
-    write_json(run_dir / "summary.json", summary)
-    print(f"done: held-out reward {reward_initial:.3f} -> {reward_final:.3f}, {summary['samples_per_s']:.1f} "
-          f"samples/s, samples {acct.as_dict()}, run dir {run_dir}", flush=True)
-    return summary
+    return command.finish(cfg, started, logger, run_dir, summary, offset + end,
+                          f"done: held-out reward {reward_initial:.3f} -> {reward_final:.3f}, "
+                          f"{summary['samples_per_s']:.1f} samples/s, samples {acct.as_dict()}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """The RL trainer: GRPO with IcePop on a Megatron policy whose layers are managed by the precision runtime.
 
-``mode = "async"``: the rollout worker (``rl/worker.py``) generates on its own thread with its engine's
+``mode = "async"``: the rollout worker (``rl/workers/worker.py``) generates on its own thread with its engine's
 (possibly FP8, possibly stale) policy copy while the trainer trains; samples flow through a queue bounded by
-admission control (``rl/staleness.py``); weights flow back as versioned snapshots after every optimizer
+admission control (``rl/algo/staleness.py``); weights flow back as versioned snapshots after every optimizer
 step. ``mode = "sync"`` generates, then trains, alternately: the baseline. Every generated sample is
 trained on, dropped with a reason, or still in flight at the end; the run checks that balance.
 """
@@ -19,17 +19,18 @@ from typing import Annotated, Literal
 import torch
 
 from precisionrt.config import Checked, Every, Range
-from precisionrt.linear import precision_layers
-from precisionrt.runtime import PrecisionRuntime
-from precisionrt.syncs import to_device
-from rl.attribution import MismatchAttribution, MismatchPolicyConfig
-from rl.engine import InferenceEngine
+from precisionrt.layers.linear import precision_layers
+from precisionrt.runtime.precision_runtime import PrecisionRuntime
+from precisionrt.distributed.syncs import to_device
+from rl.algo.attribution import MismatchAttribution, MismatchPolicyConfig
+from rl.inference.engine import InferenceEngine
 from rl.envs import Problem, Task
-from rl.losses import LossConfig, LossInputs, finish_metrics, flat_groups, grpo_advantages, ppo_loss_terms
-from rl.mismatch import flatten, unflatten
-from rl.rollout import CHANNEL_SCALE, RolloutConfig, generate, logits_of, model_device, rollout_precisions
-from rl.staleness import StalenessConfig, StalenessController
-from rl.worker import Group, RolloutWorker
+from rl.algo.losses import LossConfig, LossInputs, finish_metrics, flat_groups, grpo_advantages, ppo_loss_terms
+from rl.algo.mismatch import flatten, unflatten
+from rl.inference.rollout import CHANNEL_SCALE, RolloutConfig, generate, rollout_precisions
+from rl.inference.decode import logits_of, model_device
+from rl.algo.staleness import StalenessConfig, StalenessController
+from rl.workers.worker import Group, RolloutWorker
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class RLAlgoConfig(Checked):
     """... or once more than this share of all rollouts failed (counted from five batches of failures on)."""
     attribution_every: Every = 0
     """Every this many optimizer steps, measure one rollout layer's share of the train/inference mismatch
-    (``rl/attribution.py``, round-robin over the rollout's FP8 layers); 0: off."""
+    (``rl/algo/attribution.py``, round-robin over the rollout's FP8 layers); 0: off."""
     attribution_samples: Annotated[int, Range(ge=1, le=2**16)] = 8
     """Samples of the step's batch that the attribution scores (twice, on the rollout engine)."""
     error_masking: bool = False
@@ -72,7 +73,7 @@ class RLAlgoConfig(Checked):
     ``ppo_mini_batch_size`` as a count); divides prompts_per_step x group_size. Each is a runtime step too."""
     sync_bucket_mb: Annotated[float, Range(gt=0, le=2**20)] = 256.0
     """Weight sync to the rollout engines: the largest bucket, in MiB, that a publication copies at once
-    (``rl/weight_sync.py``; a tensor larger than that travels in a bucket of its own)."""
+    (``rl/inference/weight_sync.py``; a tensor larger than that travels in a bucket of its own)."""
     ppo_epochs: Annotated[int, Range(ge=1, le=1024)] = 1
     """Passes over each trainer batch (verl's ``ppo_epochs``). pi_prox, the PPO clip's anchor, is the policy
     before the batch's first step, computed once per batch."""
@@ -105,7 +106,7 @@ class RLTrainer:
     def __init__(self, model, runtime: PrecisionRuntime, optimizer, engine: InferenceEngine, task: Task,
                  algo: RLAlgoConfig, mode: str, seed: int, max_new_tokens: int, rollout: RolloutConfig,
                  worker=RolloutWorker, **worker_args):
-        """``worker``: the rollout worker class (``rl.agent_worker.AgentRolloutWorker`` for multi-turn tasks),
+        """``worker``: the rollout worker class (``rl.workers.agent_worker.AgentRolloutWorker`` for multi-turn tasks),
         built with ``worker_args`` beside the common arguments."""
         self.model, self.runtime, self.optimizer, self.engine, self.task = model, runtime, optimizer, engine, task
         self.device = model_device(model)
@@ -215,21 +216,15 @@ class RLTrainer:
             parts = self._minibatches(step, tokens, mask, inputs)
         attributed = self.attribution.due(step)
         extra = self._attribute(batch, inputs) if attributed else {}   # on pi_prox, before the update
-        on_device = getattr(self.optimizer, "_step_supports_amp_scaling", False)
         events, stats, host_skipped, first = [], [], set(), self.runtime.last_step
         last = first + self.algo.steps_per_batch
         for k, (rows, part, entropy) in enumerate(parts, start=first + 1):
             loss, terms = ppo_loss_terms(part, self.loss_cfg)
             (loss - self.algo.entropy_coef * entropy).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
-            if on_device:   # skipped, if it must be, by the optimizer itself; the flag comes with the transfer
-                self.runtime.skip_on_device(grad_norm, self.optimizer, k)
-                self.optimizer.step()
-            elif self.runtime.should_skip_step(grad_norm):
+            # a fused optimizer skips, if it must, by itself; the flag comes with the batch's one transfer
+            if self.runtime.optimizer_step(self.optimizer, grad_norm, k):
                 host_skipped.add(k)
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             stats.append({"rows": rows, "loss": loss.detach(), "entropy": entropy.detach(),
                           "grad_norm": grad_norm.detach(), **terms})
             if k < last:   # the switches apply at the next forward, on both sides

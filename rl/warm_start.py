@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 
-from precisionrt.runtime import PrecisionRuntime
-from precisionrt.syncs import to_device
+from precisionrt.runtime.precision_runtime import PrecisionRuntime
+from precisionrt.distributed.syncs import to_device
 from rl.envs import Task
-from rl.rollout import logits_of, model_device
+from rl.inference.decode import logits_of, model_device
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], t
                           steps: int, seed: int, runtime: PrecisionRuntime, before_step=None,
                           after_step: Callable[[int], None] | None = None) -> WarmStart:
     """A short supervised start on correct answers (``batches(rng)``: tokens and the mask of the trained
-    targets; ``task_batch`` for single-turn tasks, ``rl.agent.transcript_batch`` for multi-turn ones): the
+    targets; ``task_batch`` for single-turn tasks, ``rl.workers.agent.transcript_batch`` for multi-turn ones): the
     standard SFT-then-RL recipe. How far it goes is the config's choice: a few steps teach the format and RL
     has most of the way to go (reverse-digits); on addition the model must first cross a plateau that reward
     alone does not get it over, and RL sharpens what the warm start found (README, "Main job").
@@ -64,7 +64,6 @@ def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], t
     ``after_step(step)`` runs after each (``tools/warm_start_curve.py`` measures the held-out reward there)."""
     rng = random.Random(seed)
     device = model_device(model)
-    on_device = getattr(optimizer, "_step_supports_amp_scaling", False)
     loss_val, skipped, switches = math.nan, [], []
     for step in range(1, steps + 1):
         if before_step is not None:
@@ -74,14 +73,8 @@ def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], t
         loss = -(logp * mask).sum() / mask.sum().clamp(min=1)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if on_device:
-            runtime.skip_on_device(norm, optimizer, step)
-            optimizer.step()
-        elif runtime.should_skip_step(norm):
+        if runtime.optimizer_step(optimizer, norm, step):
             skipped.append(step)
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         # the step's one transfer: the loss and the skip flag, before end_step, which then checks at once
         loss_val = float(runtime.fetch(loss.detach().reshape(1))[0])
         for s in runtime.take_skipped():

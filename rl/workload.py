@@ -14,14 +14,14 @@ from typing import Callable
 import torch
 
 from precisionrt.config import ConfigError
-from precisionrt.tokenizer import load_tokenizer
-from rl import agent
-from rl.agent_worker import AgentRolloutWorker
+from precisionrt.models.tokenizer import load_tokenizer
+from rl.workers import agent
+from rl.workers.agent_worker import AgentRolloutWorker
 from rl.envs import chat, make_task
 from rl.envs.calculator import CalculatorEnv
-from rl.rollout import generate
+from rl.inference.rollout import generate
 from rl.warm_start import task_batch
-from rl.worker import RolloutWorker
+from rl.workers.worker import RolloutWorker
 
 
 @dataclass

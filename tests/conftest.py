@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
+from precisionrt.models.gpt import ModelConfig, build_gpt
+from precisionrt.distributed.parallel import init_parallel
 
 SMALL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=32,
                     vocab_size=256)

@@ -11,9 +11,9 @@ import torch
 
 from hf_models import batch
 
-import precisionrt.hf as hf
-from precisionrt.hf_arch import HFArch
-from precisionrt.megatron import init_parallel
+import precisionrt.models.hf as hf
+from precisionrt.models.hf.arch import HFArch
+from precisionrt.distributed.parallel import init_parallel
 
 
 def main(out_dir: str, checkpoints: list[str]) -> None:

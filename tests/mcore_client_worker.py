@@ -19,7 +19,7 @@ from functools import partial
 
 import torch
 
-import precisionrt.mcore  # noqa: F401
+import precisionrt.distributed.mcore  # noqa: F401
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -27,9 +27,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from precisionrt import MonitorConfig, PolicyConfig, PrecisionRuntime, RuntimeConfig, ScalingConfig, clip_grad_norm_
 from precisionrt import convert_layer_spec
-from precisionrt.inject import FaultInjector, InjectConfig
-from precisionrt.megatron import ModelConfig, transformer_config
-from precisionrt.pipeline import megatron_on_cpu
+from precisionrt.run.inject import FaultInjector, InjectConfig
+from precisionrt.models.gpt import ModelConfig, transformer_config
+from precisionrt.distributed.pipeline import megatron_on_cpu
 
 SEQ, STEPS, SAVE_AT = 16, 8, 4
 # step 3 (counted from 1), seen by the check of step 3; step 4, inside the window the checkpoint of step 4 carries

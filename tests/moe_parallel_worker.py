@@ -8,11 +8,11 @@ import sys
 
 import torch
 
-import precisionrt.mcore  # noqa: F401
+import precisionrt.distributed.mcore  # noqa: F401
 from megatron.core import parallel_state
 
 from precisionrt import PrecisionRuntime, RuntimeConfig
-from precisionrt.linear import precision_layers
+from precisionrt.layers.linear import precision_layers
 
 
 def main() -> int:

@@ -12,15 +12,17 @@ import sys
 
 import torch
 
-import precisionrt.mcore  # noqa: F401
+import precisionrt.distributed.mcore  # noqa: F401
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from precisionrt.clipping import clip_grad_norm_
-from precisionrt.linear import precision_layers
-from precisionrt.megatron import ModelConfig, build_gpt, init_parallel, precision_layer_spec, transformer_config
-from precisionrt.pipeline import forward_backward, from_last_stage
-from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+from precisionrt.distributed.clipping import clip_grad_norm_
+from precisionrt.layers.linear import precision_layers
+from precisionrt.models.gpt import ModelConfig, build_gpt, transformer_config
+from precisionrt.distributed.parallel import init_parallel
+from precisionrt.layers.spec import precision_layer_spec
+from precisionrt.distributed.pipeline import forward_backward, from_last_stage
+from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.train import LM_STEP
 
 CFG = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=16)

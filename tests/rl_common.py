@@ -19,14 +19,14 @@ def run(tmp_path, *extra) -> dict:
 
 def events(run_dir: Path, kind: str) -> list[dict]:
     """The switch-log records of one kind."""
-    from precisionrt.events import EVENTS_FILE, read_log
+    from precisionrt.observe.events import EVENTS_FILE, read_log
     return [r for r in read_log(run_dir / EVENTS_FILE).records if r["kind"] == kind]
 
 
 def spy_on_rollouts(monkeypatch, layer: str) -> list[tuple[int, str]]:
     """Records, at every rollout engine ``generate`` call, the engine's precision-map version and ``layer``'s
     precision in it; returns the list the calls append to."""
-    from rl.rollout import RolloutEngine
+    from rl.inference.rollout import RolloutEngine
 
     calls, original = [], RolloutEngine.generate
 

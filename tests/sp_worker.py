@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from precisionrt.fp8 import ScalingConfig
-from precisionrt.linear import LayerNumerics, PrecisionLinearFunction
+from precisionrt.numerics.fp8 import ScalingConfig
+from precisionrt.layers.linear import LayerNumerics, PrecisionLinearFunction
 
 SEQ, BATCH, IN, OUT = 32, 2, 64, 64
 

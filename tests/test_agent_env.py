@@ -163,8 +163,8 @@ def test_partial_rollouts_keep_each_actions_version_and_log_probs(parallel):
     episode is as stale as its oldest action."""
     from conftest import SMALL
 
-    from rl.agent import DecodeBatcher, as_completion, run_group
-    from rl.rollout import RolloutConfig, RolloutEngine
+    from rl.workers.agent import DecodeBatcher, as_completion, run_group
+    from rl.inference.rollout import RolloutConfig, RolloutEngine
 
     import dataclasses
     model_cfg = dataclasses.replace(SMALL, seq_length=96)
@@ -261,7 +261,7 @@ def test_cross_turn_kv_cache_equals_full_recomputation(parallel):
 
     from conftest import SMALL
 
-    from rl.rollout import RolloutConfig, RolloutEngine
+    from rl.inference.rollout import RolloutConfig, RolloutEngine
 
     cfg = dataclasses.replace(SMALL, seq_length=128)
     torch.manual_seed(0)

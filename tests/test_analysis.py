@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from precisionrt.cli import main as cli
+from precisionrt.observe.cli import main as cli
 from precisionrt.config import load_config
 from precisionrt.train import LMConfig, train
 from test_dynamic import SPIKE, TINY
@@ -85,7 +85,7 @@ def test_missing_log_is_a_clear_error(tmp_path, capsys):
 
 
 def test_analysis_imports_neither_torch_nor_megatron():
-    code = "import sys, precisionrt.cli, precisionrt.analysis; print('torch' in sys.modules, 'megatron' in sys.modules)"
+    code = "import sys, precisionrt.observe.cli, precisionrt.observe.analysis; print('torch' in sys.modules, 'megatron' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False False"
 
@@ -127,7 +127,7 @@ def test_follow_rereads_until_the_run_ends(spike_run, tmp_path):
     lines = (run / "precision_events.jsonl").read_text().splitlines(keepends=True)
     live = tmp_path / "live.jsonl"
     live.write_text("".join(lines[:-1]))                       # no run_end yet
-    proc = subprocess.Popen([sys.executable, "-m", "precisionrt.cli", "summarize", str(live), "--follow",
+    proc = subprocess.Popen([sys.executable, "-m", "precisionrt.observe.cli", "summarize", str(live), "--follow",
                              "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
     import time
     time.sleep(1.5)
@@ -186,7 +186,7 @@ def test_empty_binary_and_unrelated_logs_are_refused_by_name(spike_run, tmp_path
 def test_the_writers_stats_lines_open_with_the_prefix_the_reader_trusts(spike_run):
     """The reader checks stats lines by a prefix instead of parsing them: a writer that reordered its keys
     would make every stats line skipped as unreadable. Both sides take the prefix from events.py."""
-    from precisionrt.events import EVENTS_FILE, STATS_PREFIX
+    from precisionrt.observe.events import EVENTS_FILE, STATS_PREFIX
 
     lines = (spike_run[0] / EVENTS_FILE).read_bytes().splitlines()
     stats = [line for line in lines if b'"kind":"stats"' in line]

@@ -15,10 +15,10 @@ import torch
 import torch._dynamo as dynamo
 from torch._dynamo.utils import counters
 
-from precisionrt.compile import compile_model, transformer_blocks
-from precisionrt.linear import precision_layers
-from precisionrt.megatron import ModelConfig, build_gpt
-from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+from precisionrt.distributed.compile import compile_model, transformer_blocks
+from precisionrt.layers.linear import precision_layers
+from precisionrt.models.gpt import ModelConfig, build_gpt
+from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
 
 TINY = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, seq_length=16,
                    vocab_size=64)

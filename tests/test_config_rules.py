@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from precisionrt import cli
+from precisionrt.observe import cli
 from precisionrt.config import ConfigError, load_config
 from precisionrt.train import LMConfig, main, train
 
@@ -147,6 +147,6 @@ def test_precisionrt_log_into_a_closed_pipe_ends_quietly(tmp_path):
     lines += ['{"v":1,"kind":"switch","run":"a","time":1,"step":%d,"layer":"l%d","from":"fp8","to":"bf16",'
               '"reason":"overflow"}' % (i, i) for i in range(20000)]
     log = _log(tmp_path / "big.jsonl", lines)
-    p = subprocess.run(f"{sys.executable} -m precisionrt.cli summarize {log} | head -n 1", shell=True,
+    p = subprocess.run(f"{sys.executable} -m precisionrt.observe.cli summarize {log} | head -n 1", shell=True,
                        capture_output=True, text=True, timeout=120)
     assert p.stdout.startswith("run a: ") and p.stderr == "", p.stderr

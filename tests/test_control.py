@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from precisionrt.control import MAX_BYTES, ControlFile
+from precisionrt.runtime.control import MAX_BYTES, ControlFile
 
 NAMES = ["decoder.layers.0.mlp.linear_fc1", "decoder.layers.0.mlp.linear_fc2", "decoder.layers.1.mlp.linear_fc1"]
 

@@ -11,7 +11,7 @@ import torch
 def _build(spec, hidden=64, ffn=128):
     from megatron.core.models.gpt import GPTModel
 
-    from precisionrt.megatron import ModelConfig, transformer_config
+    from precisionrt.models.gpt import ModelConfig, transformer_config
 
     config = transformer_config(ModelConfig(num_layers=2, hidden_size=hidden, ffn_hidden_size=ffn))
     return GPTModel(config=config, transformer_layer_spec=spec, vocab_size=256, max_sequence_length=32)
@@ -26,13 +26,13 @@ def _local():
 def test_filtered_positions_are_named_in_a_warning_and_strict_refuses_them(parallel, caplog):
     from precisionrt import convert_layer_spec
 
-    with caplog.at_level(logging.WARNING, logger="precisionrt.convert"):
+    with caplog.at_level(logging.WARNING, logger="precisionrt.layers.convert"):
         convert_layer_spec(_local(), filter_fn=lambda path: path.startswith("mlp."), cpu_attention=True)
-    (record,) = [r for r in caplog.records if r.name == "precisionrt.convert"]
+    (record,) = [r for r in caplog.records if r.name == "precisionrt.layers.convert"]
     assert "2 linear position(s)" in record.getMessage()
     assert "self_attention.linear_qkv" in record.getMessage() and "self_attention.linear_proj" in record.getMessage()
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="precisionrt.convert"):
+    with caplog.at_level(logging.WARNING, logger="precisionrt.layers.convert"):
         convert_layer_spec(_local(), cpu_attention=True)
     assert not caplog.records, "nothing to say when every position is converted"
     with pytest.raises(ValueError, match=r"strict=True.*2 linear position\(s\).*self_attention.linear_qkv"):
@@ -41,7 +41,7 @@ def test_filtered_positions_are_named_in_a_warning_and_strict_refuses_them(paral
 
 def test_strict_refuses_a_layer_fp8_cannot_run_at_build_naming_it(parallel):
     from precisionrt import convert_layer_spec
-    from precisionrt.linear import precision_layers
+    from precisionrt.layers.linear import precision_layers
 
     strict = convert_layer_spec(_local(), cpu_attention=True, strict=True)
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def test_strict_keeps_the_params_a_spec_already_gives(parallel):
     from megatron.core.transformer.spec_utils import ModuleSpec
 
     from precisionrt import ScalingConfig, convert_layer_spec
-    from precisionrt.linear import PrecisionColumnParallelLinear, precision_layers
+    from precisionrt.layers.linear import PrecisionColumnParallelLinear, precision_layers
 
     spec = _local()
     scaling = ScalingConfig(recipe="delayed")
@@ -77,7 +77,7 @@ def test_grouped_gemm_experts_are_refused_naming_their_path_and_sequential_ones_
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from precisionrt import convert_layer_spec
-    from precisionrt.linear import PrecisionColumnParallelLinear, PrecisionRowParallelLinear
+    from precisionrt.layers.linear import PrecisionColumnParallelLinear, PrecisionRowParallelLinear
 
     grouped = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=True, normalization="RMSNorm")
     with pytest.raises(ValueError, match=r"^mlp\.experts: GroupedMLP runs every expert "

@@ -9,10 +9,10 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 if torch.cuda.is_available():
-    from precisionrt import fp8, kernels
-    from precisionrt.fp8 import E4M3, E5M2, NUM_STATS, STAT_INDEX, ScalingConfig, ScalingState
-    from precisionrt.linear import LayerNumerics, PrecisionLinearFunction
-    from precisionrt.syncs import host_syncs
+    from precisionrt.numerics import fp8, kernels
+    from precisionrt.numerics.fp8 import E4M3, E5M2, NUM_STATS, STAT_INDEX, ScalingConfig, ScalingState
+    from precisionrt.layers.linear import LayerNumerics, PrecisionLinearFunction
+    from precisionrt.distributed.syncs import host_syncs
 
 DEV = "cuda"
 COUNT_FIELDS = ("saturated", "underflow", "nonfinite", "numel", "nonzero")
@@ -132,9 +132,10 @@ def test_fused_layer_equals_eager_layer(tokens, level):
 
 def test_dynamic_step_host_syncs(tmp_path):
     """0 host synchronisations on an ordinary dynamic step, exactly 1 on a check step, for any layer count."""
-    from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
-    from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-    from precisionrt.syncs import to_device
+    from precisionrt.models.gpt import ModelConfig, build_gpt
+    from precisionrt.distributed.parallel import init_parallel
+    from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
+    from precisionrt.distributed.syncs import to_device
     from precisionrt.train import TrainConfig, lm_loss, make_optimizer
 
     init_parallel(1, device=DEV)
@@ -185,9 +186,9 @@ def test_rl_decode_and_trainer_steps_synchronise_as_budgeted(tmp_path, monkeypat
     from pathlib import Path
 
     from precisionrt.config import load_config
-    from precisionrt.megatron import ModelConfig, build_gpt
-    from precisionrt.syncs import host_syncs
-    from rl.rollout import generate
+    from precisionrt.models.gpt import ModelConfig, build_gpt
+    from precisionrt.distributed.syncs import host_syncs
+    from rl.inference.rollout import generate
     from rl.train import RLConfig, train
     from rl.trainer import RLTrainer
 
@@ -224,10 +225,11 @@ def test_captured_steps_equal_eager_ones_and_recapture_after_a_switch(tmp_path):
     weights and scales bit for bit; the graph is captured after its warm-ups, a switch captures the new
     precision map, the return replays the old graph, sampled steps run eagerly, a replayed step synchronises
     nothing."""
-    from precisionrt.cuda_graphs import CapturedStep
-    from precisionrt.megatron import ModelConfig, build_gpt, init_parallel
-    from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
-    from precisionrt.syncs import host_syncs
+    from precisionrt.distributed.cuda_graphs import CapturedStep
+    from precisionrt.models.gpt import ModelConfig, build_gpt
+    from precisionrt.distributed.parallel import init_parallel
+    from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
+    from precisionrt.distributed.syncs import host_syncs
     from precisionrt.train import TrainConfig, lm_loss, make_optimizer
 
     init_parallel(1, device=DEV)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from precisionrt.cuda_graphs import CapturedStep, GraphPlan, graph_key
-from precisionrt.megatron import ModelConfig, build_gpt
-from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+from precisionrt.distributed.cuda_graphs import CapturedStep, GraphPlan, graph_key
+from precisionrt.models.gpt import ModelConfig, build_gpt
+from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
 
 LAYER = "decoder.layers.1.mlp.linear_fc1"
 

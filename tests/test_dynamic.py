@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 from precisionrt.config import load_config
-from precisionrt.events import read_log
+from precisionrt.observe.events import read_log
 from precisionrt.train import LMConfig, train
 
 ROOT = Path(__file__).parent.parent

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from precisionrt import fp8
-from precisionrt.fp8 import E4M3, E5M2, STAT_INDEX, ScalingConfig, ScalingState
+from precisionrt.numerics import fp8
+from precisionrt.numerics.fp8 import E4M3, E5M2, STAT_INDEX, ScalingConfig, ScalingState
 
 ML = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
 

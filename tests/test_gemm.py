@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from precisionrt import fp8
-from precisionrt.fp8 import ScalingConfig
-from precisionrt.linear import GRAD_INDEX, LayerNumerics, PrecisionLinearFunction
+from precisionrt.numerics import fp8
+from precisionrt.numerics.fp8 import ScalingConfig
+from precisionrt.layers.linear import GRAD_INDEX, LayerNumerics, PrecisionLinearFunction
 
 TOL = {("fp8", "y"): 0.05, ("fp8", "dx"): 0.08, ("fp8", "dw"): 0.08,
        ("bf16", "y"): 0.01, ("bf16", "dx"): 0.01, ("bf16", "dw"): 0.01}

@@ -39,8 +39,8 @@ def _valid(logits, hf_mask):
 
 
 def _ours(path, precision=False, **kwargs):
-    from precisionrt.hf import from_hf, hf_layer_spec
-    from precisionrt.hf_arch import HFArch
+    from precisionrt.models.hf.load import from_hf, hf_layer_spec
+    from precisionrt.models.hf.arch import HFArch
 
     return from_hf(path, hf_layer_spec(HFArch.from_dir(path), precision=precision), **kwargs).eval()
 
@@ -60,7 +60,7 @@ def test_float32_logits_match_transformers(parallel, checkpoints, case):
 
 @pytest.mark.parametrize("case", ["llama3-rope", "qwen2", "qwen3"])
 def test_precision_spec_matches_transformers_with_bf16_linears_exactly(parallel, checkpoints, case):
-    from precisionrt.hf import from_hf
+    from precisionrt.models.hf.load import from_hf
 
     path, reference = checkpoints[case]
     ids, hf_mask, positions, mask = batch(seed=1)
@@ -74,8 +74,8 @@ def test_precision_spec_matches_transformers_with_bf16_linears_exactly(parallel,
 
 
 def test_fp8_logit_error_against_bf16_is_bounded(parallel, checkpoints):
-    from precisionrt.hf import from_hf
-    from precisionrt.linear import precision_layers
+    from precisionrt.models.hf.load import from_hf
+    from precisionrt.layers.linear import precision_layers
 
     path, _ = checkpoints["qwen3"]
     model = from_hf(path).eval()
@@ -92,7 +92,7 @@ def test_fp8_logit_error_against_bf16_is_bounded(parallel, checkpoints):
 
 
 def test_bfloat16_checkpoint_loads_in_bfloat16(parallel, tmp_path):
-    from precisionrt.hf import from_hf
+    from precisionrt.models.hf.load import from_hf
 
     reference = make_checkpoint(tmp_path / "bf16", "qwen3", dtype=torch.bfloat16)
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -133,7 +133,7 @@ def _tensors(path):
 def test_round_trip_is_bit_exact_and_transformers_loads_the_export(parallel, checkpoints, tmp_path, case):
     from transformers import AutoModelForCausalLM
 
-    from precisionrt.hf import to_hf
+    from precisionrt.models.hf.save import to_hf
 
     path, reference = checkpoints[case]
     (path / "tokenizer_config.json").write_text("{}")   # a tokenizer file travels with the export
@@ -158,7 +158,7 @@ def test_export_in_another_dtype_casts_every_tensor_and_says_so(parallel, checkp
 
     from transformers import AutoModelForCausalLM
 
-    from precisionrt.hf import to_hf
+    from precisionrt.models.hf.save import to_hf
 
     path, _ = checkpoints["qwen3"]
     out = to_hf(_ours(path), tmp_path / "bf16", dtype="bfloat16")
@@ -175,7 +175,7 @@ def test_export_in_another_dtype_casts_every_tensor_and_says_so(parallel, checkp
 def test_sharded_checkpoints_of_several_families_in_one_process(parallel, tmp_path):
     """Sharded input (an index and several files); sharded output; families loaded one after another (a name
     map shared between them would leak a tied head into an untied model)."""
-    from precisionrt.hf import to_hf
+    from precisionrt.models.hf.save import to_hf
 
     for case in ["qwen2-tied", "llama3-rope", "qwen3-tied", "qwen3"]:
         reference = make_checkpoint(tmp_path / case, case, max_shard_size="100KB")
@@ -242,7 +242,7 @@ def _config(**changes):
     (dict(dtype="float16"), 1, "dtype = 'float16'"),
 ])
 def test_unrepresentable_configs_are_refused_naming_the_field(changes, tp, names):
-    from precisionrt.hf_arch import HFArch, HFCheckpointError
+    from precisionrt.models.hf.arch import HFArch, HFCheckpointError
 
     with pytest.raises(HFCheckpointError, match=names.replace("(", r"\(").replace("[", r"\[")):
         HFArch.from_config(_config(**changes), tp)
@@ -250,7 +250,7 @@ def test_unrepresentable_configs_are_refused_naming_the_field(changes, tp, names
 
 def test_old_style_rope_scaling_is_read_not_dropped():
     """Released Llama 3 checkpoints keep ``rope_theta`` + ``rope_scaling`` at the top level."""
-    from precisionrt.hf_arch import HFArch
+    from precisionrt.models.hf.arch import HFArch
 
     cfg = _config(rope_parameters=None, rope_theta=5e5, rope_scaling={
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -267,8 +267,8 @@ def _copy(src, dst):
 
 
 def test_bad_checkpoints_load_nothing_and_say_what_is_wrong(parallel, checkpoints, tmp_path):
-    from precisionrt.hf import from_hf
-    from precisionrt.hf_arch import HFCheckpointError
+    from precisionrt.models.hf.load import from_hf
+    from precisionrt.models.hf.arch import HFCheckpointError
 
     src, _ = checkpoints["qwen3"]
     cases = {}
@@ -315,7 +315,7 @@ def test_bad_checkpoints_load_nothing_and_say_what_is_wrong(parallel, checkpoint
 def test_export_is_atomic_a_crash_leaves_the_old_directory_whole(parallel, checkpoints, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from precisionrt.hf import to_hf
+    from precisionrt.models.hf.save import to_hf
 
     path, _ = checkpoints["qwen2"]
     model = _ours(path)
@@ -352,9 +352,9 @@ def test_any_spec_through_convert_layer_spec(parallel, checkpoints, case):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from precisionrt import convert_layer_spec, from_hf
-    from precisionrt.hf_arch import HFArch, HFCheckpointError
-    from precisionrt.linear import precision_layers
-    from precisionrt.megatron import precision_layer_spec
+    from precisionrt.models.hf.arch import HFArch, HFCheckpointError
+    from precisionrt.layers.linear import precision_layers
+    from precisionrt.layers.spec import precision_layer_spec
 
     path, _ = checkpoints[case]
     qk = HFArch.from_dir(path).qk_layernorm

@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _tok():
-    from precisionrt.tokenizer import HFTokenizer
+    from precisionrt.models.tokenizer import HFTokenizer
 
     return HFTokenizer(TOKENIZER)
 
@@ -43,7 +43,7 @@ def _tok():
 
 def test_hf_path_decides_the_architecture_and_refuses_what_it_would_override(checkpoint):
     from precisionrt.config import ConfigError, from_dict
-    from precisionrt.megatron import ModelConfig
+    from precisionrt.models.gpt import ModelConfig
 
     cfg = from_dict(ModelConfig, {"hf_path": str(checkpoint), "seq_length": 32})
     dims = cfg.dims()
@@ -79,8 +79,8 @@ def test_rl_preflight_names_tokenizer_problems(checkpoint, tmp_path):
 
 
 def test_build_gpt_dispatches_to_the_importer(parallel, checkpoint):
-    from precisionrt.hf import from_hf
-    from precisionrt.megatron import ModelConfig, build_gpt
+    from precisionrt.models.hf.load import from_hf
+    from precisionrt.models.gpt import ModelConfig, build_gpt
 
     cfg = ModelConfig(hf_path=str(checkpoint), seq_length=32)
     ids = torch.randint(0, 512, (2, 9))
@@ -128,8 +128,8 @@ def test_chat_task_prompts_answers_and_warm_start_examples_are_the_transcript():
 
 def test_generation_stops_at_the_checkpoints_eos_ids(parallel, checkpoint):
     """A stop id above 255 ends a row; the byte stop (10) no longer does."""
-    from precisionrt.hf import from_hf
-    from rl.rollout import generate
+    from precisionrt.models.hf.load import from_hf
+    from rl.inference.rollout import generate
 
     model = from_hf(checkpoint, dtype="float32").eval()
     prompts = [(1, 2, 3, 4), (5, 6, 7)]
@@ -185,10 +185,10 @@ def test_exported_rl_policy_generates_our_greedy_tokens_in_transformers(tmp_path
     16 of 16 prompts identical, log-probabilities of the chosen tokens within 3.6e-4."""
     from transformers import AutoModelForCausalLM
 
-    from precisionrt.hf import from_hf
+    from precisionrt.models.hf.load import from_hf
     from rl.envs import TaskConfig, make_task
     from rl.envs.chat import wrap
-    from rl.rollout import generate
+    from rl.inference.rollout import generate
 
     s = _rl(tmp_path, checkpoint, "train.warm_start_steps=150", "train.warm_start_lr=3e-3",
             'precision.mode="bf16"', 'rollout.precision="bf16"', 'task.name="reverse_digits"',
@@ -297,7 +297,7 @@ def test_agent_error_mask_in_chat_is_exactly_the_failed_assistant_turn():
     """GLM-5 error masking on a chat demonstration: the untrained action tokens are exactly the malformed call
     and its EOS; the recovery call and the answer (each with its EOS) are trained; no template token of the
     tool's turns is."""
-    from rl.agent import tokenized
+    from rl.workers.agent import tokenized
     from rl.envs.agent import Segment, Transcript
     from rl.envs.chat import ChatTurns
 
@@ -324,11 +324,11 @@ def test_calculator_episode_in_chat_is_the_rendered_conversation():
     conversation, token for token as the engine saw it."""
     import asyncio
 
-    from rl.agent import DecodeBatcher, run_episode
+    from rl.workers.agent import DecodeBatcher, run_episode
     from rl.envs import TaskConfig
     from rl.envs.calculator import CalculatorEnv, EnvConfig, ToolConfig
     from rl.envs.chat import ChatTurns
-    from rl.rollout import Completion
+    from rl.inference.decode import Completion
 
     tok = _tok()
     turns = ChatTurns(tok)

@@ -1,7 +1,7 @@
 """The RL loop's host-read budget, held on the CPU (issue 24, item 1).
 
 On a GPU every read of a tensor's value into Python (``item``, ``tolist``, ``bool``, ``cpu``...) is a host
-synchronisation. ``precisionrt.syncs.HostReads`` counts those reads on any device, so these tests hold the CPU
+synchronisation. ``precisionrt.distributed.syncs.HostReads`` counts those reads on any device, so these tests hold the CPU
 path to the budget the GPU will have:
 
 * decoding reads at most once per ``rollout.sync_every`` decode steps, plus one transfer at the end: never
@@ -18,10 +18,12 @@ import pytest
 import torch
 
 from precisionrt.config import ConfigError
-from precisionrt.megatron import ModelConfig, build_gpt
-from precisionrt.syncs import HostReads
-from rl import rollout
-from rl.rollout import STOP, generate, logits_of, sample_next
+from precisionrt.models.gpt import ModelConfig, build_gpt
+from precisionrt.distributed.syncs import HostReads
+from rl.inference import rollout
+from rl.inference.rollout import generate
+from rl.inference.decode import logits_of, sample_next
+from rl.envs.task import STOP
 from rl.trainer import RLTrainer
 from rl_common import run
 

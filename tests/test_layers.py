@@ -6,9 +6,9 @@ import pytest
 import torch
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from precisionrt.fp8 import STAT_INDEX, ScalingConfig
-from precisionrt.linear import LayerNumerics, PrecisionColumnParallelLinear, PrecisionRowParallelLinear, precision_layers
-from precisionrt.megatron import match_layers
+from precisionrt.numerics.fp8 import STAT_INDEX, ScalingConfig
+from precisionrt.layers.linear import LayerNumerics, PrecisionColumnParallelLinear, PrecisionRowParallelLinear, precision_layers
+from precisionrt.layers.names import match_layers
 from precisionrt.train import lm_loss
 
 MANAGED = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
@@ -142,7 +142,7 @@ def test_unaligned_layer_refuses_fp8_with_reason(parallel):
 @pytest.mark.parametrize("precision", ["fp8", "bf16"])
 def test_non_contiguous_output_gradient_reaches_the_gemms_in_their_layout(precision):
     """A transposed output gradient (as a permute downstream can produce) must not reach scaled_mm as is."""
-    from precisionrt.linear import PrecisionLinearFunction
+    from precisionrt.layers.linear import PrecisionLinearFunction
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 64, generator=g, requires_grad=True)

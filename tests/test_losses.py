@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rl.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, icepop_weights, ppo_loss, tis_weights
+from rl.algo.losses import LossConfig, LossInputs, flat_groups, grpo_advantages, icepop_weights, ppo_loss, tis_weights
 
 # train/infer ratios: below the band, at its low end, inside, at its high end, above it
 RATIOS = [0.4, 0.5, 1.3, 2.0, 2.5]

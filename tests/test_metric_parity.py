@@ -6,7 +6,7 @@ comment), in plain torch, independently of ``rl/``: verl's ``rollout_corr/*`` me
 ``token_mult_prob_error``; AReaL's decoupled PPO. The inputs are float64 ``[8, 40]`` batches with prompt
 offsets and right padding, one all-masked row, and gaps ``d = log pi_prox - log pi_infer`` at sigma 0.05, 0.7
 and heavy-tailed (a few tokens at |d| = 25). Everything agrees within 1e-6, except where the module docstrings
-of ``rl/mismatch.py`` and ``rl/losses.py`` document an intended difference (tested as such below).
+of ``rl/algo/mismatch.py`` and ``rl/algo/losses.py`` document an intended difference (tested as such below).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 
-from rl.losses import LossConfig, LossInputs, grpo_advantages, ppo_loss
-from rl.mismatch import mismatch_metrics, to_host
+from rl.algo.losses import LossConfig, LossInputs, grpo_advantages, ppo_loss
+from rl.algo.mismatch import mismatch_metrics, to_host
 
 B, T, EMPTY = 8, 40, 5
 TOL = dict(rel=1e-6, abs=1e-9)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from rl.losses import LossConfig, LossInputs, ppo_loss
-from rl.mismatch import mismatch_metrics, sequence_keep, to_host
+from rl.algo.losses import LossConfig, LossInputs, ppo_loss
+from rl.algo.mismatch import mismatch_metrics, sequence_keep, to_host
 
 # two sequences of 3 positions; the second has 2 completion tokens (the last position is padding)
 LOGP_INFER = [[-1.0, -2.0, -0.5], [-0.3, -1.2, 0.0]]
@@ -22,7 +22,7 @@ def tensors():
 
 
 def by_hand(tis_cap):
-    """The definitions of rl/mismatch.py, token by token in plain Python (no empty row here: the parity tests
+    """The definitions of rl/algo/mismatch.py, token by token in plain Python (no empty row here: the parity tests
     cover it)."""
     toks = [(i, t) for i in range(2) for t in range(3) if MASK[i][t]]
     n = len(toks)
@@ -106,7 +106,7 @@ def test_guarded_sequences_give_no_gradient_and_are_counted():
 def test_per_sequence_k3_and_vectors_in_the_one_transfer():
     """The split by precision-map version sums per-sequence k3 over a version's sequences; the vector leaves the
     device in the same transfer as the scalars."""
-    from rl.mismatch import sequence_k3
+    from rl.algo.mismatch import sequence_k3
 
     train, infer, mask = tensors()
     got = to_host({"a": torch.tensor(2.0), "k3": sequence_k3(train, infer, mask), "b": torch.tensor(3.0)})

@@ -51,10 +51,10 @@ def test_mismatch_policy_acts_only_above_share_and_floor(tmp_path, scope, parall
     """The policy on crafted measurements, through the real trainer, runtime, switch log and engine: below the
     share or below the k3 floor nothing moves; at them the layer runs BF16 on the rollout side and, under
     "both", on the trainer too (a policy promotion, reason "mismatch", not a hold)."""
-    from precisionrt.megatron import build_gpt
-    from precisionrt.runtime import PrecisionRuntime
-    from rl.attribution import Measurement
-    from rl.rollout import RolloutEngine
+    from precisionrt.models.gpt import build_gpt
+    from precisionrt.runtime.precision_runtime import PrecisionRuntime
+    from rl.algo.attribution import Measurement
+    from rl.inference.rollout import RolloutEngine
 
     cfg = load_config(RLConfig, CONFIG, [
         *TINY, "rl.attribution_every=1", "rl.mismatch_policy.promote_share=0.5", "rl.mismatch_policy.min_k3_kl=1e-3",

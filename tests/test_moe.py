@@ -1,5 +1,5 @@
 """Mixture-of-experts layers (issue 26, item 4): a megatron-core GPT with SequentialMLP experts, converted by
-``convert_layer_spec``, trains on the CPU (``precisionrt.moe.install``: megatron 0.16.1's router moves its
+``convert_layer_spec``, trains on the CPU (``precisionrt.layers.moe.install``: megatron 0.16.1's router moves its
 weight to CUDA and, without Transformer Engine, its gating raises NameError), and each expert's linears are
 layers of their own: a fault in one expert promotes that expert's layer only."""
 
@@ -22,8 +22,9 @@ def _moe_model(**parallel):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from precisionrt import convert_layer_spec, moe
-    from precisionrt.megatron import megatron_transformer_config
+    from precisionrt import convert_layer_spec
+    from precisionrt.layers import moe
+    from precisionrt.models.transformer import megatron_transformer_config
 
     torch.manual_seed(0)
     spec = convert_layer_spec(get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False,
@@ -69,8 +70,8 @@ def test_router_gating_equals_megatrons_non_te_formula(parallel):
 @pytest.mark.parametrize("expert", [1, 3])
 def test_a_fault_in_one_expert_promotes_that_expert_only(parallel, expert):
     from precisionrt import PrecisionRuntime, RuntimeConfig, ScalingConfig
-    from precisionrt.inject import FaultInjector, InjectConfig
-    from precisionrt.monitors import MonitorConfig
+    from precisionrt.run.inject import FaultInjector, InjectConfig
+    from precisionrt.runtime.monitors import MonitorConfig
 
     model = _moe_model()
     runtime = PrecisionRuntime(model, RuntimeConfig(mode="dynamic", scaling=ScalingConfig(recipe="delayed",

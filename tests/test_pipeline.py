@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from precisionrt.config import ConfigError, load_config
-from precisionrt.events import read_log
+from precisionrt.observe.events import read_log
 from precisionrt.train import LMConfig, train
 from test_dynamic import SPIKE, TINY
 from test_tensor_parallel import free_port

@@ -52,7 +52,7 @@ def test_a_colocated_rollout_copy_shares_nothing_mutable_with_the_trainer(tmp_pa
 
 def test_a_split_rollout_runs_in_a_process_of_its_own(tmp_path, monkeypatch):
     pytest.importorskip("ray")
-    from rl.executors import RayRolloutEngine
+    from rl.inference.executors import RayRolloutEngine
 
     pids = []
     original = RayRolloutEngine.generate
@@ -91,14 +91,14 @@ def test_a_resume_on_another_device_reseeds_the_sampler_and_says_so(tmp_path, ca
     sampler ran on another device continues from a seed its saved state decides, with a warning. Simulated
     here by marking the CPU checkpoint as saved on CUDA."""
     run(tmp_path, "train.stop_at_step=3", 'executor.mode="sync"')
-    from precisionrt.checkpoint import save_checkpoint
+    from precisionrt.run.checkpoint import save_checkpoint
 
     path = next((tmp_path / "run" / "checkpoints").glob("step_*3.pt"))
     state = torch.load(path, weights_only=True)
     assert state["rl"]["trainer"]["gen_device"] == "cpu"
     state["rl"]["trainer"]["gen_device"] = "cuda"
     save_checkpoint(tmp_path / "run", 3, state)   # with its checksum, as the run wrote it
-    with caplog.at_level("WARNING", logger="rl.worker"):
+    with caplog.at_level("WARNING", logger="rl.workers.worker"):
         resumed = run(tmp_path, "train.resume=true", 'executor.mode="sync"')
     assert resumed["steps"] == 6 and resumed["resumed_from"] == 3
     assert any("saved on cuda and runs on cpu now: reseeded" in r.getMessage() for r in caplog.records)

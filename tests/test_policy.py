@@ -3,7 +3,7 @@
 import pytest
 
 from precisionrt.config import ConfigError, from_dict
-from precisionrt.policy import Policy, PolicyConfig
+from precisionrt.runtime.policy import Policy, PolicyConfig
 
 LAYERS = ["a", "b", "c"]
 FLOPS = {"a": 100, "b": 200, "c": 700}

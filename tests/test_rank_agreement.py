@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from precisionrt.events import read_log
+from precisionrt.observe.events import read_log
 from test_tensor_parallel import free_port
 
 HERE = Path(__file__).parent

@@ -39,9 +39,9 @@ def test_megatron_local_spec_converted_promotes_an_injected_outlier(parallel, tm
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
     from precisionrt import MonitorConfig, PrecisionRuntime, RuntimeConfig, convert_layer_spec
-    from precisionrt.inject import FaultInjector, InjectConfig
-    from precisionrt.linear import precision_layers
-    from precisionrt.megatron import ModelConfig, transformer_config
+    from precisionrt.run.inject import FaultInjector, InjectConfig
+    from precisionrt.layers.linear import precision_layers
+    from precisionrt.models.gpt import ModelConfig, transformer_config
     from precisionrt.train import lm_loss
 
     base = get_gpt_layer_local_spec(normalization="RMSNorm")

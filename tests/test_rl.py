@@ -10,8 +10,8 @@ import torch
 
 from precisionrt.config import ConfigError
 from rl.envs import ReverseDigits, TaskConfig
-from rl.rollout import generate
-from rl.staleness import StalenessConfig, StalenessController
+from rl.inference.rollout import generate
+from rl.algo.staleness import StalenessConfig, StalenessController
 from rl.trainer import RLTrainer
 
 from rl_common import run, spy_on_rollouts
@@ -151,7 +151,7 @@ def test_resume_continues_and_keeps_the_accounting_whole(tmp_path):
     assert acct["dropped"].get("lost_on_restart", 0) == lost
     assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
     assert resumed["reward_initial"] == first["reward_initial"]
-    from precisionrt.events import read_log
+    from precisionrt.observe.events import read_log
     starts = [r for r in read_log(tmp_path / "run" / "precision_events.jsonl").records if r["kind"] == "run_start"]
     assert [s.get("resumed_from") for s in starts] == [None, 5 + 3]
     # resuming the finished run changes nothing (it used to rewrite summary.json with wrong figures)
@@ -164,7 +164,7 @@ def test_resume_continues_and_keeps_the_accounting_whole(tmp_path):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ray_executor_generates_in_actors(tmp_path, monkeypatch, workers):
     pytest.importorskip("ray")
-    from rl.executors import RayRolloutEngine
+    from rl.inference.executors import RayRolloutEngine
 
     calls = []
     original = RayRolloutEngine.generate
@@ -210,7 +210,7 @@ def test_a_skipped_step_trains_nothing_and_keeps_the_version(tmp_path):
 def test_weights_are_published_before_the_version_advances(tmp_path, monkeypatch):
     """A rollout admitted because the version moved on must find that version's weights: the trainer
     publishes them first (otherwise it generates with the old ones and its samples arrive staler)."""
-    from rl.staleness import StalenessController
+    from rl.algo.staleness import StalenessController
 
     seen = []
     advance = StalenessController.advance
@@ -232,7 +232,7 @@ def test_weights_are_published_before_the_version_advances(tmp_path, monkeypatch
 
 
 def test_top_p_samples_from_the_nucleus_and_scores_under_the_full_softmax():
-    from rl.rollout import sample_next
+    from rl.inference.decode import sample_next
 
     logits = torch.tensor([[3.0, 2.5, 0.0, -1.0, -2.0]]).repeat(400, 1)
     tok, logp = sample_next(logits, 1.0, 0.8, torch.Generator().manual_seed(0))
@@ -244,8 +244,8 @@ def test_top_p_samples_from_the_nucleus_and_scores_under_the_full_softmax():
 def test_rollouts_that_keep_failing_end_the_run_with_the_error(tmp_path, monkeypatch):
     """Sync mode used to spin forever (10,000 failed rollouts counted as generated): now the run ends after
     max_consecutive_rollout_failures with the underlying error."""
-    from rl.rollout import RolloutEngine
-    from rl.worker import RolloutFailure
+    from rl.inference.rollout import RolloutEngine
+    from rl.workers.worker import RolloutFailure
 
     def broken(self, *a, **k):
         raise ConnectionError("inference server unreachable")
@@ -259,8 +259,8 @@ def test_rollouts_failing_most_of_the_time_end_the_run(tmp_path, monkeypatch):
     """Failures that are never 3 in a row but two calls of three (a policy blown up by lr=1e30 samples from NaN
     probabilities most of the time: found by the fault suite, where such a run ended rc 0 at reward 0) end the
     run once they exceed rl.max_failed_rollout_fraction; one failure in three does not."""
-    from rl.rollout import RolloutEngine
-    from rl.worker import RolloutFailure
+    from rl.inference.rollout import RolloutEngine
+    from rl.workers.worker import RolloutFailure
 
     original, calls = RolloutEngine.generate, []
 
@@ -298,7 +298,7 @@ def test_a_dead_rollout_worker_is_reported_at_once_with_its_traceback(tmp_path, 
     then waited 120 s. Now it raises at its next wait, with the worker's traceback."""
     import time
 
-    from rl.worker import RolloutFailure
+    from rl.workers.worker import RolloutFailure
 
     monkeypatch.setattr("rl.workload.make_task", RaisingRewards)
     t0 = time.perf_counter()
@@ -345,7 +345,7 @@ def test_meaningless_rl_values_are_refused_before_anything_is_written(tmp_path, 
 def test_a_run_that_skips_most_steps_stops_with_a_clear_error(tmp_path):
     """NaN gradients from the 2nd RL step on (after 5 warm-start steps): every later step is skipped. Such
     a run used to end rc 0, its reward at 0, with nothing saying why."""
-    from precisionrt.harness import TooManySkippedSteps
+    from precisionrt.run.harness import TooManySkippedSteps
 
     with pytest.raises(TooManySkippedSteps, match=r"5 of 6 optimizer steps were skipped.*max_skipped_fraction"):
         run(tmp_path, 'executor.mode="sync"', "train.steps=12", 'inject.kind="nonfinite"',
@@ -366,8 +366,8 @@ def test_an_engine_pool_pulls_weights_by_version_only_when_behind(parallel):
     once, when it next generates, and its completions carry that version. Greedy, the pool gives the tokens
     one engine gives."""
     from conftest import SMALL
-    from rl.pool import EnginePool
-    from rl.rollout import RolloutConfig, RolloutEngine
+    from rl.inference.pool import EnginePool
+    from rl.inference.rollout import RolloutConfig, RolloutEngine
 
     cfg = RolloutConfig(precision="bf16", temperature=0.0)
     pool, single = EnginePool([RolloutEngine(SMALL, cfg), RolloutEngine(SMALL, cfg)]), RolloutEngine(SMALL, cfg)
@@ -392,7 +392,7 @@ def test_a_killed_ray_rollout_actor_is_replaced_and_the_run_completes(tmp_path, 
     """The rollout actor is killed mid-run: the failing call is noticed at once, a new actor takes the last
     weights, the lost rollouts are counted, and every sample is still accounted for."""
     pytest.importorskip("ray")
-    from rl.executors import RayRolloutEngine
+    from rl.inference.executors import RayRolloutEngine
 
     calls = []
     original = RayRolloutEngine.generate
@@ -412,14 +412,14 @@ def test_a_killed_ray_rollout_actor_is_replaced_and_the_run_completes(tmp_path, 
 
 
 def test_both_engines_implement_the_engine_protocol(parallel):
-    """The trainer sees engines only through rl.engine.InferenceEngine: the local engine is one at run time,
+    """The trainer sees engines only through rl.inference.engine.InferenceEngine: the local engine is one at run time,
     and the Ray engine's methods take the same parameters (checked without starting a cluster)."""
     import inspect
 
     from conftest import SMALL
-    from rl.engine import InferenceEngine, WorkerLost
-    from rl.executors import RayRolloutEngine, RolloutActorLost
-    from rl.rollout import RolloutConfig, RolloutEngine
+    from rl.inference.engine import InferenceEngine, WorkerLost
+    from rl.inference.executors import RayRolloutEngine, RolloutActorLost
+    from rl.inference.rollout import RolloutConfig, RolloutEngine
 
     local = RolloutEngine(SMALL, RolloutConfig())
     assert isinstance(local, InferenceEngine) and local.version == -1
@@ -436,7 +436,7 @@ def test_the_precision_map_travels_with_the_weights(tmp_path, monkeypatch, rollo
     engine takes it from the same snapshot as the weights (the step was skipped, so with the same policy
     version 2); under "follow" its layer runs BF16 from then on, under "fp8" it stays FP8 and the version is
     recorded all the same. Every sample records the versions the engine held when it made it."""
-    from rl.rollout import RolloutEngine
+    from rl.inference.rollout import RolloutEngine
 
     layer = "decoder.layers.1.mlp.linear_fc1"
     calls, original = [], RolloutEngine.generate
@@ -463,7 +463,7 @@ def test_the_precision_map_travels_with_the_weights(tmp_path, monkeypatch, rollo
 
 def test_a_precision_map_must_name_the_models_layers(parallel):
     from conftest import SMALL
-    from rl.rollout import RolloutConfig, RolloutEngine
+    from rl.inference.rollout import RolloutConfig, RolloutEngine
 
     engine = RolloutEngine(SMALL, RolloutConfig(precision="follow"))
     names = list(engine.precisions())
@@ -477,8 +477,8 @@ def test_an_injected_outlier_reaches_the_rollout_copy(tmp_path, monkeypatch):
     """The outlier (input channel x factor, weight column / factor) is set on the trainer's layer from RL step
     2; it travels with the weights, so the engine computes with it from the weights of version 2 on (a real
     outlier lives in what both sides share), and not before."""
-    from precisionrt.linear import precision_layers
-    from rl.rollout import RolloutEngine
+    from precisionrt.layers.linear import precision_layers
+    from rl.inference.rollout import RolloutEngine
 
     layer = "decoder.layers.1.mlp.linear_fc2"
     calls, original = [], RolloutEngine.generate
@@ -516,7 +516,7 @@ def test_engine_scores_what_it_generated(parallel):
     the generation's own log-probs (within BF16 GEMM-shape rounding), and forcing a layer to BF16 for one call
     leaves the engine as it was."""
     from conftest import SMALL
-    from rl.rollout import RolloutConfig, RolloutEngine
+    from rl.inference.rollout import RolloutConfig, RolloutEngine
 
     torch.manual_seed(0)
     engine = RolloutEngine(SMALL, RolloutConfig(precision="bf16", temperature=0.0))
@@ -550,8 +550,8 @@ def test_kv_cache_decoding_equals_full_recomputation(parallel):
     log-probs within BF16 GEMM-shape rounding (measured 1.2e-5). FP8 with per-tensor current scaling is not
     held to this: a cached step scales the new tokens by their own amax, a full step by the whole sequence's,
     and greedy paths can part (13 of 16 sequences identical at 40 tokens in a check)."""
-    from precisionrt.megatron import ModelConfig
-    from rl.rollout import RolloutConfig, RolloutEngine
+    from precisionrt.models.gpt import ModelConfig
+    from rl.inference.rollout import RolloutConfig, RolloutEngine
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=64,
                       vocab_size=256)
@@ -565,7 +565,7 @@ def test_kv_cache_decoding_equals_full_recomputation(parallel):
     assert [c.tokens for c in a] == [c.tokens for c in b] and all(len(c.tokens) == 40 for c in a)
     for x, y in zip(a, b):
         assert y.logp_infer == pytest.approx(x.logp_infer, abs=1e-4)
-    from precisionrt.megatron import SDPACoreAttention
+    from precisionrt.layers.attention import SDPACoreAttention
     assert all(m.kv_cache is None for m in cached.model.modules() if isinstance(m, SDPACoreAttention)), \
         "the caches go with the call"
 
@@ -582,8 +582,8 @@ def test_prompts_of_different_lengths_decode_in_one_padded_batch_as_alone(parall
     """Left padding with its mask and per-row positions changes nothing a row computes: greedy BF16, each prompt
     decoded in a batch of seven lengths gives the tokens it gives alone, log-probs within GEMM-shape rounding.
     Breaking the mask (pad keys visible) or the positions (not shifted by the padding) fails this."""
-    from precisionrt.megatron import ModelConfig
-    from rl.rollout import RolloutConfig, RolloutEngine
+    from precisionrt.models.gpt import ModelConfig
+    from rl.inference.rollout import RolloutConfig, RolloutEngine
 
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=64,
                       vocab_size=256)

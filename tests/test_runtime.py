@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from precisionrt.events import read_log
-from precisionrt.megatron import ModelConfig, build_gpt
-from precisionrt.monitors import MonitorConfig
-from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+from precisionrt.observe.events import read_log
+from precisionrt.models.gpt import ModelConfig, build_gpt
+from precisionrt.runtime.monitors import MonitorConfig
+from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.train import lm_loss
 
 

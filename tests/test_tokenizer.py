@@ -1,4 +1,4 @@
-"""Tokenizers behind one interface (``precisionrt.tokenizer``): bytes, and a BPE trained here on local text
+"""Tokenizers behind one interface (``precisionrt.models.tokenizer``): bytes, and a BPE trained here on local text
 (``tokenizers``, seconds, offline) with a chat template; message masks from the transcript's own tokens."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("tokenizers")
 pytest.importorskip("transformers")
 
-from precisionrt.tokenizer import CHATML  # noqa: E402
+from precisionrt.models.tokenizer import CHATML  # noqa: E402
 
 # No special tokens between turns: BPE merges can (and, trained on such text, do) cross message boundaries.
 PLAIN = ("{% for m in messages %}{{ m.role }}:{{ m.content }}{% endfor %}"
@@ -19,14 +19,14 @@ PLAIN = ("{% for m in messages %}{{ m.role }}:{{ m.content }}{% endfor %}"
 def train_bpe(path, template, texts, vocab_size=400, split_words=True):
     """A byte-level BPE trained on ``texts``, saved with ``template`` as a transformers tokenizer directory
     (``split_words=False``: merges may cross words and turns)."""
-    from precisionrt.tokenizer import train_bpe as train
+    from precisionrt.models.tokenizer import train_bpe as train
 
     return Path(train(path, texts, vocab_size=vocab_size, chat_template=template,
                       split="gpt2" if split_words else "none"))
 
 
 def test_byte_tokenizer_round_trips_utf8():
-    from precisionrt.tokenizer import ByteTokenizer
+    from precisionrt.models.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
     text = "12+34=46\n é"
@@ -35,7 +35,7 @@ def test_byte_tokenizer_round_trips_utf8():
 
 
 def test_hf_tokenizer_reads_eos_ids_from_generation_config(tmp_path):
-    from precisionrt.tokenizer import HFTokenizer
+    from precisionrt.models.tokenizer import HFTokenizer
 
     path = train_bpe(tmp_path / "tok", CHATML, ["what is 12+34? 46"] * 50)
     (path / "generation_config.json").unlink()
@@ -48,7 +48,7 @@ def test_hf_tokenizer_reads_eos_ids_from_generation_config(tmp_path):
 
 
 def test_assistant_turn_owns_its_end_of_turn_token_not_its_header(tmp_path):
-    from precisionrt.tokenizer import HFTokenizer
+    from precisionrt.models.tokenizer import HFTokenizer
 
     tok = HFTokenizer(train_bpe(tmp_path / "tok", CHATML, ["what is 12+34? 46"] * 50))
     messages = [{"role": "user", "content": "what is 12+34?"}, {"role": "assistant", "content": "46"}]
@@ -71,7 +71,7 @@ def test_error_mask_covers_exactly_the_failed_turn_when_tokens_straddle_boundari
     ``"tool:error: bad argsassistant:call add("``). Such a token is trained by nobody."""
     import random
 
-    from precisionrt.tokenizer import HFTokenizer
+    from precisionrt.models.tokenizer import HFTokenizer
 
     rng = random.Random(0)
     corpus = ["".join(_transcript(rng.randrange(100), rng.randrange(100))) for _ in range(300)]
@@ -100,13 +100,13 @@ def test_error_mask_covers_exactly_the_failed_turn_when_tokens_straddle_boundari
 
 
 def tok_spans(tok, messages):
-    from precisionrt.tokenizer import message_spans
+    from precisionrt.models.tokenizer import message_spans
 
     return message_spans(tok.tok, messages, False)[1]
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
-    from precisionrt.tokenizer import HFTokenizer
+    from precisionrt.models.tokenizer import HFTokenizer
 
     # drops every assistant turn but the last, as reasoning templates do with earlier thoughts
     rewriting = ("{% for m in messages %}{% if m.role != 'assistant' or loop.last %}<|im_start|>{{ m.role }}\n"

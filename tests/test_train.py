@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from precisionrt.config import ConfigError, load_config
-from precisionrt.events import read_log
+from precisionrt.observe.events import read_log
 from precisionrt.train import LMConfig, main, train
 
 ROOT = Path(__file__).parent.parent
@@ -120,7 +120,7 @@ def test_cli_entry_point_runs(tmp_path):
 
 
 def test_python_corpus_extends_the_stdlib_deterministically():
-    from precisionrt.data import python_corpus
+    from precisionrt.run.data import python_corpus
 
     stdlib = python_corpus(10**9, "stdlib")
     more = python_corpus(len(stdlib) + 500_000, "python")
@@ -132,7 +132,7 @@ def test_python_corpus_extends_the_stdlib_deterministically():
 def test_checkpoints_rotate_and_a_failed_write_leaves_nothing_behind(tmp_path):
     import torch
 
-    from precisionrt.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
+    from precisionrt.run.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 
     for step in (2, 4, 6, 8):
         save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((3,), float(step))}, keep=2)
@@ -156,7 +156,7 @@ class Opaque:
 def test_a_checkpoint_that_weights_only_refuses_is_an_error_not_a_fallback(tmp_path):
     import torch
 
-    from precisionrt.checkpoint import checkpoint_path, load_latest_checkpoint, save_checkpoint
+    from precisionrt.run.checkpoint import checkpoint_path, load_latest_checkpoint, save_checkpoint
 
     save_checkpoint(tmp_path, 2, {"step": 2})
     path = checkpoint_path(tmp_path, 4)
@@ -200,7 +200,7 @@ def test_steps_replayed_after_a_crash_are_logged_once(tmp_path, parallel):
 def test_two_launches_into_one_directory_cannot_both_start(tmp_path, monkeypatch):
     """Two launches that both pass the "already holds a run" check (a race): the atomic claim still lets
     only the first one start."""
-    from precisionrt.rundir import RunConfig, prepare_run_dir
+    from precisionrt.run.rundir import RunConfig, prepare_run_dir
 
     cfg = RunConfig(dir=str(tmp_path / "r"))
     prepare_run_dir(cfg, resume=False)
@@ -210,7 +210,7 @@ def test_two_launches_into_one_directory_cannot_both_start(tmp_path, monkeypatch
 
 
 def test_a_language_model_run_that_skips_most_steps_stops(tmp_path, parallel):
-    from precisionrt.harness import TooManySkippedSteps
+    from precisionrt.run.harness import TooManySkippedSteps
 
     with pytest.raises(TooManySkippedSteps, match="5 of 6 optimizer steps were skipped"):
         train(tiny(tmp_path / "r", 'inject.kind="nonfinite"', 'inject.layer="decoder.layers.1.mlp.linear_fc1"',
@@ -222,7 +222,7 @@ def test_a_corrupted_checkpoint_that_still_loads_is_caught_by_its_checksum(tmp_p
     the sha256 written beside each checkpoint catches it, and the previous checkpoint is used."""
     import torch
 
-    from precisionrt.checkpoint import checkpoint_path, load_latest_checkpoint, save_checkpoint
+    from precisionrt.run.checkpoint import checkpoint_path, load_latest_checkpoint, save_checkpoint
 
     save_checkpoint(tmp_path, 2, {"w": torch.zeros(4096)})
     save_checkpoint(tmp_path, 4, {"w": torch.ones(4096)})

@@ -3,9 +3,9 @@ flushed values. Crafted tensors, checked through the statistics, the monitors' f
 
 import torch
 
-from precisionrt import fp8
-from precisionrt.fp8 import E4M3, E5M2, STAT_INDEX
-from precisionrt.policy import Policy, PolicyConfig
+from precisionrt.numerics import fp8
+from precisionrt.numerics.fp8 import E4M3, E5M2, STAT_INDEX
+from precisionrt.runtime.policy import Policy, PolicyConfig
 
 
 def shares(x: torch.Tensor, fmt, col_weight=None) -> tuple[float, float]:

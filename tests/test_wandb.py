@@ -121,7 +121,7 @@ def test_layer_panels_pick_the_per_layer_series_and_aggregates_are_always_there(
 
 def test_default_panels_stop_at_64_layers_and_a_pattern_must_match():
     from precisionrt.config import ConfigError
-    from precisionrt.loggers import WandbConfig, panel_layers
+    from precisionrt.observe.loggers import WandbConfig, panel_layers
 
     names = [f"decoder.layers.{i}.mlp.linear_fc1" for i in range(65)]
     assert panel_layers(WandbConfig(), names[:64]) == set(names[:64])
@@ -132,7 +132,7 @@ def test_default_panels_stop_at_64_layers_and_a_pattern_must_match():
 
 
 def test_worst_layer_per_signal_takes_the_bad_direction():
-    from precisionrt.monitors import worst
+    from precisionrt.runtime.monitors import worst
 
     signals = {"a": {"overflow": 0.1, "headroom": 8.0, "grad_cos": None},
                "b": {"overflow": 0.3, "headroom": 2.0, "grad_cos": 0.9}}

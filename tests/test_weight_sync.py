@@ -15,8 +15,8 @@ from collections.abc import Mapping
 import pytest
 import torch
 
-from rl import rollout
-from rl.weight_sync import Layout, PackedState, WeightChannel, own_copy
+from rl.inference import rollout
+from rl.inference.weight_sync import Layout, PackedState, WeightChannel, own_copy
 from rl_common import run
 
 

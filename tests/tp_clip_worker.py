@@ -12,7 +12,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 import precisionrt
 from precisionrt import PrecisionRuntime, RuntimeConfig, convert_layer_spec
-from precisionrt.megatron import ModelConfig, init_parallel, transformer_config
+from precisionrt.models.gpt import ModelConfig, transformer_config
+from precisionrt.distributed.parallel import init_parallel
 
 
 def train(clip, run_dir: str) -> tuple[float, list[float]]:

@@ -7,9 +7,10 @@ import sys
 import torch
 
 from conftest import SMALL
-from precisionrt.fp8 import ScalingConfig
-from precisionrt.megatron import build_gpt, init_parallel
-from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+from precisionrt.numerics.fp8 import ScalingConfig
+from precisionrt.models.gpt import build_gpt
+from precisionrt.distributed.parallel import init_parallel
+from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
 from precisionrt.train import lm_loss
 
 

@@ -6,9 +6,10 @@ import sys
 import torch
 
 from conftest import SMALL
-from precisionrt.linear import precision_layers
-from precisionrt.megatron import build_gpt, init_parallel
-from precisionrt.clipping import clip_grad_norm_
+from precisionrt.layers.linear import precision_layers
+from precisionrt.models.gpt import build_gpt
+from precisionrt.distributed.parallel import init_parallel
+from precisionrt.distributed.clipping import clip_grad_norm_
 from precisionrt.train import lm_loss
 
 

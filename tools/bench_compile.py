@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from precisionrt.compile import compile_model  # noqa: E402
-from precisionrt.linear import precision_layers  # noqa: E402
-from precisionrt.megatron import ModelConfig, build_gpt, init_parallel  # noqa: E402
-from precisionrt.runtime import PrecisionRuntime, RuntimeConfig  # noqa: E402
+from precisionrt.distributed.compile import compile_model  # noqa: E402
+from precisionrt.layers.linear import precision_layers  # noqa: E402
+from precisionrt.models.gpt import ModelConfig, build_gpt  # noqa: E402
+from precisionrt.distributed.parallel import init_parallel
+from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig  # noqa: E402
 
 
 def train(cfg: ModelConfig, mode: str, batches, device, compile_args: dict | None) -> list[dict]:

@@ -80,8 +80,8 @@ def torchao_convert():
 
 
 def layer_table(args, shapes: dict, tokens: int) -> dict:
-    from precisionrt.fp8 import ScalingConfig
-    from precisionrt.linear import LayerNumerics, PrecisionLinearFunction
+    from precisionrt.numerics.fp8 import ScalingConfig
+    from precisionrt.layers.linear import LayerNumerics, PrecisionLinearFunction
 
     dev = args.device
 
@@ -131,16 +131,16 @@ def layer_table(args, shapes: dict, tokens: int) -> dict:
 def megatron_arm(args, m: dict, mode: str, execution: str, run_dir: Path):
     """(step, runtime, step counter, model) of precisionrt's megatron model: forward, backward, clip, fused AdamW,
     ``end_step``."""
-    from precisionrt.compile import compile_model
-    from precisionrt.cuda_graphs import CapturedStep
-    from precisionrt.megatron import ModelConfig, build_gpt
-    from precisionrt.runtime import PrecisionRuntime, RuntimeConfig
+    from precisionrt.distributed.compile import compile_model
+    from precisionrt.distributed.cuda_graphs import CapturedStep
+    from precisionrt.models.gpt import ModelConfig, build_gpt
+    from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
     from precisionrt.train import lm_loss
 
     torch.manual_seed(0)
     dims = dict(num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
                 ffn_hidden_size=m["ffn"], seq_length=m["seq"], vocab_size=m["vocab"], params_dtype="bfloat16")
-    if m["groups"] != m["heads"]:   # grouped-query attention: Llama's own architecture (precisionrt.rope)
+    if m["groups"] != m["heads"]:   # grouped-query attention: Llama's own architecture (precisionrt.layers.rope)
         cfg = ModelConfig(**dims, hf_init="llama", num_query_groups=m["groups"])
     else:                           # the earlier anchor: megatron's GPT with its RoPE (CUDA only)
         cfg = ModelConfig(**dims, position_embedding="rope" if args.device.type == "cuda" else "learned_absolute")
@@ -220,7 +220,7 @@ def model_table(args, m: dict, run_dir: Path) -> dict:
 
 def host_syncs(args, step, rt, counter) -> dict:
     """Synchronising calls of an ordinary and of a check step (host reads, on the CPU)."""
-    from precisionrt.syncs import HostReads, host_syncs as cuda_syncs
+    from precisionrt.distributed.syncs import HostReads, host_syncs as cuda_syncs
 
     def count(fn) -> list[str]:
         if args.device.type == "cuda":
@@ -361,8 +361,8 @@ def main() -> int:
         return 2
     args.device = torch.device(args.device)
     args.backend = args.backend or ("inductor" if args.device.type == "cuda" else "aot_eager")
-    from precisionrt.compile import compile_model  # noqa: F401  (raises dynamo's cache limit on first use)
-    from precisionrt.megatron import init_parallel
+    from precisionrt.distributed.compile import compile_model  # noqa: F401  (raises dynamo's cache limit on first use)
+    from precisionrt.distributed.parallel import init_parallel
 
     init_parallel(1, device=args.device)
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)

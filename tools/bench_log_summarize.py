@@ -4,7 +4,7 @@
 
 The log has our writer's shape: a run_start with the layer table, then per step one stats record for
 ``--layers`` layers with every signal, a switch record every 1000 steps, and run_end. The summarize runs in a
-child process (`python -m precisionrt.cli summarize --json`), so its peak RSS is measured alone.
+child process (`python -m precisionrt.observe.cli summarize --json`), so its peak RSS is measured alone.
 Targets (issue 5): under 10 s and under 500 MB.
 """
 
@@ -61,7 +61,7 @@ def main() -> int:
     generate(log, args.records, args.layers)
     print(f"generated {args.records:,} records, {log.stat().st_size / 2**20:.0f} MiB in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "precisionrt.cli", "summarize", str(log), "--json"],
+    proc = subprocess.run([sys.executable, "-m", "precisionrt.observe.cli", "summarize", str(log), "--json"],
                           capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB -> MiB on Linux

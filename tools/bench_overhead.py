@@ -26,9 +26,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from precisionrt.config import load_config  # noqa: E402
-from precisionrt.data import ByteCorpus  # noqa: E402
-from precisionrt.megatron import build_gpt, init_parallel, place_model, precision_layer_spec, transformer_config  # noqa: E402
-from precisionrt.runtime import PrecisionRuntime  # noqa: E402
+from precisionrt.run.data import ByteCorpus  # noqa: E402
+from precisionrt.models.gpt import build_gpt, transformer_config  # noqa: E402
+from precisionrt.distributed.parallel import init_parallel
+from precisionrt.models.transformer import place_model
+from precisionrt.layers.spec import precision_layer_spec
+from precisionrt.runtime.precision_runtime import PrecisionRuntime  # noqa: E402
 from precisionrt.train import LMConfig, lm_loss  # noqa: E402
 
 

@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from precisionrt.config import load_config  # noqa: E402
-from precisionrt.megatron import init_parallel  # noqa: E402
+from precisionrt.distributed.parallel import init_parallel  # noqa: E402
 from rl.envs import make_task  # noqa: E402
-from rl.rollout import RolloutConfig, RolloutEngine  # noqa: E402
+from rl.inference.rollout import RolloutConfig, RolloutEngine  # noqa: E402
 from rl.train import RLConfig  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Weight-sync cost against parameter count: a publication into the weight channel (``rl/weight_sync.py``) and
+"""Weight-sync cost against parameter count: a publication into the weight channel (``rl/inference/weight_sync.py``) and
 the rollout side's load from it, beside the per-tensor clone it replaced.
 
     python tools/bench_weight_sync.py [--params 1e6 1e7 1e8] [--dtype float32] [--bucket-mb 256] [--repeats 5]
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rl.weight_sync import WeightChannel  # noqa: E402
+from rl.inference.weight_sync import WeightChannel  # noqa: E402
 
 
 def gpt_state(params: float, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:

@@ -32,8 +32,8 @@ import numpy as np
 from _arms import fresh_dir, run_arm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from precisionrt.events import EVENTS_FILE, iter_records  # noqa: E402
-from precisionrt.policy import PolicyConfig  # noqa: E402
+from precisionrt.observe.events import EVENTS_FILE, iter_records  # noqa: E402
+from precisionrt.runtime.policy import PolicyConfig  # noqa: E402
 
 # Signals a threshold acts on (others are logged only), and the one where lower is worse.
 ACTING = ("overflow", "headroom", "underflow_energy_fwd", "underflow_energy_grad", "quant_error", "grad_rel_err",

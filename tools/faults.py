@@ -197,7 +197,7 @@ def corrupt_log_lines(out: Path, rng: random.Random) -> dict:
     lines = log.read_text().splitlines()
     bad = ['{"v":1,"kind":"switch"', "\x00\x01garbage", '{"v":1,"kind":"stats","run":"x","time":1,"step":"7"}']
     log.write_text("\n".join(lines[:3] + bad + lines[3:]) + "\n")
-    p = subprocess.run([sys.executable, "-m", "precisionrt.cli", "summarize", str(log), "--json"],
+    p = subprocess.run([sys.executable, "-m", "precisionrt.observe.cli", "summarize", str(log), "--json"],
                        capture_output=True, text=True, cwd=ROOT)
     result = json.loads(p.stdout) if p.returncode == 0 else {}
     good = sum(1 for line in lines if line.strip())
@@ -232,7 +232,7 @@ def failing_rollouts(out: Path, rng: random.Random) -> dict:
     argv = ["--config", "configs/rl_tiny_cpu.toml", *_cmd([], [*RL_TINY, f'run.dir="{out}"',
                                                                'executor.mode="sync"',
                                                                "rl.max_consecutive_rollout_failures=3"])]
-    code = ("import sys, rl.rollout as r\n"
+    code = ("import sys, rl.inference.rollout as r\n"
             "def boom(*a, **k):\n    raise ConnectionError('inference server unreachable')\n"
             "r.RolloutEngine.generate = boom\n"
             f"from rl.train import main\nsys.exit(main({argv!r}))\n")
@@ -297,7 +297,7 @@ def ray_actor_killed(out: Path, rng: random.Random) -> dict:
     in async mode: the run notices at that call, restarts the actor with the last weights, counts the call's
     rollouts as ``worker_lost`` and completes with every sample accounted for."""
     argv = ["--config", "configs/rl_tiny_cpu.toml", *_cmd([], [*RL_TINY, f'run.dir="{out}"', 'executor.kind="ray"'])]
-    code = ("import sys, threading, rl.executors as ex\n"
+    code = ("import sys, threading, rl.inference.executors as ex\n"
             "calls, original = [], ex.RayRolloutEngine.generate\n"
             "def generate(self, *a):\n"
             "    calls.append(1)\n"
@@ -423,7 +423,7 @@ def hostile_switch_log(out: Path, rng: random.Random) -> dict:
     empty.write_text("")
     _run(LM, [*LM_TINY, f'run.dir="{out / "a"}"', "precision.monitor.check_interval=4"])
     _run(LM, [*LM_TINY, f'run.dir="{out / "b"}"', "precision.monitor.check_interval=4", "model.num_layers=3"])
-    cli = [sys.executable, "-m", "precisionrt.cli"]
+    cli = [sys.executable, "-m", "precisionrt.observe.cli"]
     s = subprocess.run([*cli, "summarize", str(empty)], capture_output=True, text=True, cwd=ROOT)
     c = subprocess.run([*cli, "compare", str(out / "a/precision_events.jsonl"), str(out / "b/precision_events.jsonl")],
                        capture_output=True, text=True, cwd=ROOT)

@@ -10,7 +10,7 @@ whole is printed as a table and written to one file, ``<out>/gpu_check.json`` (a
 tail).
 
 1. ``tests``: ``pytest tests/test_cuda.py`` (fused kernels bit for bit, host-sync budgets of the LM and RL steps).
-2. ``syncs``: host synchronisations (``set_sync_debug_mode``; on the CPU, ``precisionrt.syncs.HostReads``) of
+2. ``syncs``: host synchronisations (``set_sync_debug_mode``; on the CPU, ``precisionrt.distributed.syncs.HostReads``) of
    ordinary and check RL trainer steps and of a 64-step decode at ``rollout.sync_every`` 16.
 3. ``qwen05b``: a few RL steps of ``configs/rl_qwen05b_gpu.toml`` (Qwen2.5-0.5B's architecture, random weights):
    rollout and trainer tokens per second, peak GPU memory.
@@ -50,10 +50,10 @@ def rl_run(config: str, out: Path, device: str, overrides: list[str]) -> dict:
 def counter(device: str):
     """``fn -> list of sync sites``: CUDA's sync debug mode on a GPU, host reads elsewhere."""
     if device == "cuda":
-        from precisionrt.syncs import host_syncs
+        from precisionrt.distributed.syncs import host_syncs
         host_syncs(lambda: None)   # the first switch into "warn" mode reports itself once
         return host_syncs
-    from precisionrt.syncs import HostReads
+    from precisionrt.distributed.syncs import HostReads
 
     def reads(fn):
         with HostReads() as r:
@@ -75,8 +75,8 @@ def stage_tests(args) -> dict:
 def stage_syncs(args) -> dict:
     import torch
 
-    from precisionrt.megatron import ModelConfig, build_gpt
-    from rl.rollout import generate
+    from precisionrt.models.gpt import ModelConfig, build_gpt
+    from rl.inference.rollout import generate
     from rl.trainer import RLTrainer
 
     count = counter(args.device)

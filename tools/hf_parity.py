@@ -32,10 +32,10 @@ for c in CASES:
         t = refs[c](input_ids=ids, attention_mask=m, position_ids=pos).logits
     figures[f"{c}/tp2_max_abs"] = (res[c]["logits"][m.bool()] - t[m.bool()]).abs().max().item()
 # bf16
-from precisionrt.megatron import init_parallel
-from precisionrt.hf import from_hf, hf_layer_spec
-from precisionrt.hf_arch import HFArch
-from precisionrt.linear import precision_layers
+from precisionrt.distributed.parallel import init_parallel
+from precisionrt.models.hf.load import from_hf, hf_layer_spec
+from precisionrt.models.hf.arch import HFArch
+from precisionrt.layers.linear import precision_layers
 init_parallel(1)
 for c in CASES:
     r = make_checkpoint(d / (c + "bf"), c, dtype=torch.bfloat16)

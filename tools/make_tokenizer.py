@@ -18,7 +18,7 @@ import re
 import sysconfig
 from pathlib import Path
 
-from precisionrt.tokenizer import CHATML, train_bpe
+from precisionrt.models.tokenizer import CHATML, train_bpe
 from rl.envs import TaskConfig, make_task
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     args = p.parse_args()
     texts = task_transcripts(2000) + docstrings(300_000)
     out = train_bpe(args.out, texts, vocab_size=args.vocab, chat_template=CHATML)
-    from precisionrt.tokenizer import HFTokenizer
+    from precisionrt.models.tokenizer import HFTokenizer
 
     tok = HFTokenizer(out)
     demo = tok.render([{"role": "user", "content": "472+391="}], add_generation_prompt=True).ids

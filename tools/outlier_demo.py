@@ -26,8 +26,8 @@ from pathlib import Path
 from _arms import fresh_dir, run_arm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from precisionrt.events import iter_records  # noqa: E402
-from precisionrt.policy import REASON_OF, PolicyConfig  # noqa: E402
+from precisionrt.observe.events import iter_records  # noqa: E402
+from precisionrt.runtime.policy import REASON_OF, PolicyConfig  # noqa: E402
 
 ARMS = {  # name: (overrides, injected)
     "bf16": (['precision.mode="bf16"'], True),

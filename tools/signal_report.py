@@ -13,8 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from precisionrt.events import iter_records  # noqa: E402
-from precisionrt.policy import PolicyConfig  # noqa: E402
+from precisionrt.observe.events import iter_records  # noqa: E402
+from precisionrt.runtime.policy import PolicyConfig  # noqa: E402
 
 SIGNALS = ("overflow", "headroom", "underflow", "underflow_energy_fwd", "underflow_energy_grad", "nonfinite", "quant_error", "amax_jump", "grad_rel_err",
            "grad_cos", "grad_norm_z")

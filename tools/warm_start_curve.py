@@ -23,9 +23,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from precisionrt.config import ConfigError, load_config  # noqa: E402
-from precisionrt.megatron import build_gpt, init_parallel  # noqa: E402
-from precisionrt.runtime import PrecisionRuntime  # noqa: E402
-from precisionrt.tokenizer import load_tokenizer  # noqa: E402
+from precisionrt.models.gpt import build_gpt  # noqa: E402
+from precisionrt.distributed.parallel import init_parallel
+from precisionrt.runtime.precision_runtime import PrecisionRuntime  # noqa: E402
+from precisionrt.models.tokenizer import load_tokenizer  # noqa: E402
 from rl.envs import chat, make_task  # noqa: E402
 from rl.train import RLConfig  # noqa: E402
 from rl.trainer import greedy_reward  # noqa: E402

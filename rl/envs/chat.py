@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 
-from precisionrt.tokenizer import ByteTokenizer, Tokenizer
+from precisionrt.models.tokenizer import ByteTokenizer, Tokenizer
 from rl.envs.task import STOP, Problem, Task
 
 

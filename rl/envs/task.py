@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol
 
 from precisionrt.config import Checked, Range, Seed
-
-STOP = ord("\n")   # the stop byte every completion ends with
+from precisionrt.models.tokenizer import BYTE_STOP as STOP   # the stop byte every completion ends with
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,277 @@
+"""Offline analysis of switch logs (contract C4), for the ``precisionrt-log`` command.
+
+Streams: memory grows with the number of layers and switches, never with the number of ``stats`` records, so
+a million-record log summarises on a laptop. Imports neither torch nor megatron. Several files (several
+ranks, or a run and its resumed continuation) merge by run id; a resumed segment (``run_start`` with
+``resumed_from = S``) supersedes what an earlier segment logged after step S. Lines that do not parse are
+skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from precisionrt.observe.events import EVENTS_FILE, SCHEMA_VERSION, STATS_PREFIX, foreign_version, parse_line
+
+__all__ = ["RunState", "Skipped", "collect", "compare", "dumps", "export_rows", "log_paths", "main_run", "stream",
+           "summarize", "summarize_run", "timeline"]
+
+_STEP = re.compile(rb'"step":(-?\d+)')
+
+
+@dataclass
+class Skipped:
+    """The unreadable lines of the logs read (and, to say so when nothing was readable, the readable records)."""
+
+    count: int = 0
+    examples: list = field(default_factory=list)
+    records: int = 0
+    versions: Counter = field(default_factory=Counter)
+    """Skipped lines by the schema version they carry, when it is not the one this reader knows."""
+
+    def add(self, where: str, raw: bytes) -> None:
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"{where}: {raw[:80]!r}")
+        if (v := foreign_version(raw)) is not None:
+            self.versions[v] += 1
+
+    def explain(self) -> str:
+        """``"N unreadable line(s) skipped"``, naming the schema versions that made them unreadable."""
+        text = f"{self.count} unreadable line(s) skipped"
+        if self.versions:
+            listed = ", ".join(f"{v!r} ({n} line(s))" for v, n in self.versions.most_common())
+            text += f"; records of schema version {listed}: this precisionrt reads version {SCHEMA_VERSION}"
+        return text
+
+
+def log_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files named directly, or the switch log inside a run directory."""
+    out = []
+    for p in map(Path, paths):
+        f = p / EVENTS_FILE if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"no switch log at {f}")
+        out.append(f)
+    return out
+
+
+def stream(path: Path, skipped: Skipped, want_stats: bool = False) -> Iterator[dict]:
+    """Records of one log. Our own stats lines are only checked for completeness and their step read, unless
+    ``want_stats``: full parsing is the cost of a stats-heavy log."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not want_stats and raw.startswith(STATS_PREFIX):
+                m = _STEP.search(raw, 0, 120)
+                if raw.rstrip().endswith(b"}") and m:
+                    skipped.records += 1
+                    yield {"kind": "stats", "step": int(m.group(1))}
+                else:
+                    skipped.add(f"{path}:{lineno}", raw)
+                continue
+            rec = parse_line(raw)
+            if rec is None:
+                if raw.strip():
+                    skipped.add(f"{path}:{lineno}", raw)
+                continue
+            skipped.records += 1
+            yield rec
+
+
+@dataclass
+class RunState:
+    run: str
+    layers: dict = field(default_factory=dict)
+    """Name -> {"flops": F, "initial": P}."""
+    switches: list = field(default_factory=list)
+    """(step, layer, from, to, reason)"""
+    rollout_switches: list = field(default_factory=list)
+    """(step, layer, from, to, reason, map_version): the RL rollout engine's side"""
+    first_step: int | None = None
+    last_step: int = 0
+    ended: bool = False
+    files: set = field(default_factory=set)
+
+    def resume_at(self, step: int) -> None:
+        self.switches = [s for s in self.switches if s[0] <= step]
+        self.rollout_switches = [s for s in self.rollout_switches if s[0] <= step]
+        self.last_step = min(self.last_step, step)
+        self.ended = False
+
+
+def collect(paths: Iterable[str | Path]) -> tuple[dict[str, RunState], Skipped]:
+    runs: dict[str, RunState] = {}
+    skipped = Skipped()
+    for path in log_paths(paths):
+        current: RunState | None = None
+        for rec in stream(path, skipped):
+            kind = rec["kind"]
+            if kind == "run_start":
+                current = runs.setdefault(rec["run"], RunState(rec["run"]))
+                current.files.add(str(path))
+                for layer in rec.get("layers", []):
+                    current.layers.setdefault(layer["name"], {"flops": layer.get("gemm_flops_per_token", 0),
+                                                              "initial": layer.get("precision", "fp8")})
+                if rec.get("resumed_from") is not None:
+                    current.resume_at(int(rec["resumed_from"]))
+                continue
+            if current is None:
+                current = runs.setdefault("?", RunState("?"))
+            step = int(rec.get("step", 0))
+            current.first_step = step if current.first_step is None else min(current.first_step, step)
+            current.last_step = max(current.last_step, step)
+            if kind == "switch":
+                sw = (step, rec["layer"], rec["from"], rec["to"], rec["reason"])
+                if sw not in current.switches:  # the same decision logged by several ranks
+                    current.switches.append(sw)
+                current.layers.setdefault(rec["layer"], {"flops": 0, "initial": rec["from"]})
+            elif kind == "rollout_switch":
+                sw = (step, rec["layer"], rec["from"], rec["to"], rec["reason"], rec["map_version"])
+                if sw not in current.rollout_switches:
+                    current.rollout_switches.append(sw)
+            elif kind == "run_end":
+                current.ended = True
+    return runs, skipped
+
+
+def summarize_run(state: RunState) -> dict:
+    """Per layer: steps in FP8, promotions/demotions by reason, first promotion; per run: FP8 FLOP share."""
+    steps = max(state.last_step, 0)
+    by_layer: dict[str, list] = {n: [] for n in state.layers}
+    for sw in sorted(state.switches):
+        by_layer.setdefault(sw[1], []).append(sw)
+    layers, fp8_flops, all_flops = {}, 0.0, 0.0
+    for name, switches in by_layer.items():
+        info = state.layers.get(name, {"flops": 0, "initial": "fp8"})
+        precision, since, fp8_steps = info["initial"], 0, 0
+        for step, _, frm, to, _ in switches:
+            if precision == "fp8":
+                fp8_steps += max(0, step - since)
+            precision, since = to, step
+        if precision == "fp8":
+            fp8_steps += max(0, steps - since)
+        promotions = Counter(r for _, _, _, to, r in switches if to == "bf16")
+        demotions = Counter(r for _, _, _, to, r in switches if to == "fp8")
+        layers[name] = {
+            "fp8_steps": fp8_steps, "fp8_time_fraction": fp8_steps / steps if steps else None,
+            "promotions": dict(promotions), "demotions": dict(demotions),
+            "first_promotion_step": next((s for s, _, _, to, _ in switches if to == "bf16"), None),
+            "final_precision": precision,
+        }
+        fp8_flops += info["flops"] * fp8_steps
+        all_flops += info["flops"] * steps
+    return {
+        "run": state.run, "files": sorted(state.files), "steps": steps, "ended": state.ended,
+        "switches": len(state.switches),
+        "promotions": sum(1 for s in state.switches if s[3] == "bf16"),
+        "demotions": sum(1 for s in state.switches if s[3] == "fp8"),
+        "fp8_flop_fraction": fp8_flops / all_flops if all_flops else None,
+        "layers": layers,
+        "rollout_switches": [dict(zip(("step", "layer", "from", "to", "reason", "map_version"), s))
+                             for s in sorted(state.rollout_switches)],
+    }
+
+
+def summarize(paths: Iterable[str | Path]) -> dict:
+    runs, skipped = collect(paths)
+    return {"runs": [summarize_run(r) for r in runs.values()], "skipped_lines": skipped.count,
+            "skipped_examples": skipped.examples,
+            "unsupported_versions": {str(v): n for v, n in skipped.versions.items()}, "unreadable": skipped.explain()}
+
+
+def main_run(path: str | Path) -> RunState:
+    """The run a single-log command looks at: the longest one in the file (a log may hold several ids).
+    A log without one readable run (empty, binary, all lines damaged) is an error that says so."""
+    runs, skipped = collect([path])
+    if not runs:
+        raise ValueError(f"{path}: no readable run in it ({skipped.explain()})")
+    return max(runs.values(), key=lambda r: r.last_step)
+
+
+def compare(path_a: str | Path, path_b: str | Path) -> dict:
+    """Which layers' precision timelines differ between two logs, and from which step."""
+    a, b = main_run(path_a), main_run(path_b)
+    if set(a.layers) != set(b.layers):
+        only_a, only_b = sorted(set(a.layers) - set(b.layers)), sorted(set(b.layers) - set(a.layers))
+        raise ValueError(f"cannot compare runs of different models: {len(only_a)} layer(s) only in {path_a} "
+                         f"(e.g. {only_a[:2]}), {len(only_b)} only in {path_b} (e.g. {only_b[:2]})")
+    sa, sb = set(a.switches), set(b.switches)
+    layers = sorted(set(a.layers) | set(b.layers))
+    diff = {}
+    for name in layers:
+        only_a = sorted(s for s in sa - sb if s[1] == name)
+        only_b = sorted(s for s in sb - sa if s[1] == name)
+        if only_a or only_b:
+            diff[name] = {"first_difference_step": min(s[0] for s in only_a + only_b),
+                          "only_in_a": [_sw(s) for s in only_a], "only_in_b": [_sw(s) for s in only_b]}
+    return {"a": str(path_a), "b": str(path_b), "identical": not diff, "layers": diff}
+
+
+def timeline(path: str | Path, out: str | Path, max_columns: int = 2000) -> Path:
+    """Layer x step picture of precision (FP8 / BF16) with a marker at every switch; needs matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+    except ImportError:
+        raise RuntimeError("timeline needs matplotlib: pip install -e '.[analysis]'") from None
+    state = main_run(path)
+    names = list(state.layers)
+    steps = max(1, state.last_step)
+    stride = max(1, -(-steps // max_columns))
+    cols = -(-steps // stride)
+    grid = [[1.0] * cols for _ in names]          # 1 = fp8, 0 = bf16
+    for i, name in enumerate(names):
+        precision, since = state.layers[name]["initial"], 0
+        changes = sorted(sw for sw in state.switches if sw[1] == name) + [(steps, name, None, None, None)]
+        for step, _, _, to, _ in changes:
+            for c in range(since // stride, min(cols, -(-step // stride))):
+                grid[i][c] = 1.0 if precision == "fp8" else 0.0
+            precision, since = to, step
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(names) + 1.6))
+    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#e07b39", "#3a7dc9"]),
+              vmin=0, vmax=1, extent=(0, steps, len(names) - 0.5, -0.5))
+    for step, layer, _, to, reason in state.switches:
+        ax.plot(step, names.index(layer), marker="v" if to == "bf16" else "^", color="black", markersize=6)
+        ax.annotate(reason, (step, names.index(layer)), xytext=(3, 7 if to == "bf16" else -11),
+                    textcoords="offset points", fontsize=6)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(f"precision timeline of run {state.run}: blue FP8, orange BF16; v promotion, ^ return to FP8",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def _sw(s: tuple) -> dict:
+    return dict(zip(("step", "layer", "from", "to", "reason"), s))
+
+
+def export_rows(paths: Iterable[str | Path], skipped: Skipped) -> Iterator[dict]:
+    """Flat rows: one per switch, one per (stats record, layer)."""
+    for path in log_paths(paths):
+        for rec in stream(path, skipped, want_stats=True):
+            if rec["kind"] == "switch":
+                yield {"kind": "switch", "run": rec.get("run"), "step": rec["step"], "layer": rec["layer"],
+                       "from": rec["from"], "to": rec["to"], "reason": rec["reason"],
+                       **{f"signal_{k}": v for k, v in rec.get("signals", {}).items()}}
+            elif rec["kind"] == "rollout_switch":
+                yield {"kind": "rollout_switch", "run": rec.get("run"), "step": rec["step"], "layer": rec["layer"],
+                       "from": rec["from"], "to": rec["to"], "reason": rec["reason"], "map_version": rec["map_version"],
+                       **{f"signal_{k}": v for k, v in rec.get("signals", {}).items()}}
+            elif rec["kind"] == "stats":
+                for layer, sig in rec.get("layers", {}).items():
+                    yield {"kind": "stats", "run": rec.get("run"), "step": rec["step"], "layer": layer,
+                           **{(k if k in ("precision", "state") else f"signal_{k}"): v for k, v in sig.items()}}
+
+
+def dumps(obj) -> str:
+    return json.dumps(obj, indent=2, default=str)

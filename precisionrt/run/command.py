@@ -1,0 +1,200 @@
+"""The command skeleton both training commands share (``python -m precisionrt.train``, ``python -m rl.train``).
+
+A command is: parse ``--config FILE [--set dotted.key=value ...]`` (contract C5, ``run_cli``); check the
+configuration before anything is built (``check_common`` plus the command's own rules); build the model, its
+runtime and the fault injector (``start``); open the run directory, resuming from a checkpoint if asked
+(``harness.open_run``); the command's own loop, reporting each step's switches (``report_switches``) and
+skipped steps (``report_skip``); then ``finish``: the Hugging Face export, the runtime's last log record, the
+loggers, ``summary.json`` and the closing line. Each command's ``train()`` keeps only what is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import torch
+
+from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, LearningRate, Range, Seed,
+                                StartupError, Steps, load_config, print_keys)
+from precisionrt.distributed.parallel import init_parallel, resolve_device
+from precisionrt.models.gpt import ModelConfig, build_gpt
+from precisionrt.models.hf.save import to_hf
+from precisionrt.models.tokenizer import check_tokenizer
+from precisionrt.observe.loggers import WandbConfig, panel_layers
+from precisionrt.run.inject import FaultInjector, InjectConfig, check_inject_ranks
+from precisionrt.run.resources import check_fits
+from precisionrt.run.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
+from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
+
+T = TypeVar("T")
+
+
+@dataclass
+class TrainSchedule(Checked):
+    """The ``[train]`` keys both commands understand; each command's table extends it (and may change a
+    default)."""
+
+    steps: Steps = 300
+    seed: Seed = 0
+    lr: LearningRate = 3e-3
+    grad_clip: Annotated[float, Range(gt=0, le=1e6)] = 1.0
+    """0 would never learn, a negative clip multiplies gradients by < 0 (ascent)."""
+    log_every: Steps = 10
+    eval_every: Steps = 100
+    """Held-out evaluation (its step also logs a row); the last step always evaluates."""
+    keep_checkpoints: Every = 3
+    """The newest N checkpoints are kept (0: all)"""
+    max_skipped_fraction: Annotated[float, Range(gt=0, le=1)] = 0.5
+    """Stop when more than this share of the steps (and 5 or more) were skipped for nonfinite gradients: such a run
+    trains on nothing."""
+    checkpoint_every: Every = 0
+    """0: only at the end."""
+    resume: bool = False
+    """Continue from the newest checkpoint in run.dir, up to `steps`."""
+    resume_override: list[ConfigKeyPattern] = field(default_factory=list)
+    """Keys a resume may change although they change the run's meaning (``precision.mode``, ``model.*``, ...):
+    dotted keys or fnmatch patterns. Without them such a change is refused (``precisionrt.run.resume``)."""
+    stop_at_step: Every = 0
+    """Stop early (with a checkpoint) after this step, e.g. to fit a job's time limit; a resumed run continues the
+    same schedule up to `steps`. 0: run to `steps`."""
+    export_hf: bool = False
+    """At the end, write the model as a Hugging Face checkpoint directory, ``<run dir>/hf`` (config.json,
+    safetensors, the tokenizer's files; gathered across TP ranks): needs ``model.hf_path`` or ``model.hf_init``."""
+
+    @property
+    def end(self) -> int:
+        """The last step this segment runs: ``stop_at_step`` if set, else ``steps``."""
+        return min(self.steps, self.stop_at_step or self.steps)
+
+
+@dataclass
+class CommandConfig:
+    """The tables every command's configuration has; a command adds its own and may replace ``train`` with its
+    extension of ``TrainSchedule`` (or change a table's default)."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainSchedule = field(default_factory=TrainSchedule)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: RuntimeConfig = field(default_factory=RuntimeConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
+
+
+def check_common(cfg, world: int, memory: int, what: str, keys: str) -> None:
+    """The checks every command makes before anything is built or written, each naming its keys: the
+    tokenizer, the export, the injection's ranks, the memory a step takes (``memory`` bytes for ``what``, set by
+    ``keys``) and the run directory."""
+    check_tokenizer(cfg.model)   # a directory without a tokenizer, or a vocabulary the model cannot embed
+    if cfg.train.export_hf and not cfg.model.is_hf:
+        raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "
+                          "or model.hf_init")
+    check_inject_ranks(cfg.inject, world)
+    # run.device = "cuda" without a GPU is refused here, by name
+    check_fits(memory, what, keys, resolve_device(cfg.run.device).type)
+    check_run_dir(resolve_run_dir(cfg.run))
+
+
+@dataclass
+class Started:
+    """What ``start`` built: the device, the model (this rank's part), its runtime and the fault injector."""
+
+    device: torch.device
+    model: torch.nn.Module
+    runtime: PrecisionRuntime
+    injector: FaultInjector
+    rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start(cfg, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> Started:
+    """Bring up the process group and megatron's parallel state, then build the model at ``train.seed`` and
+    its runtime. Pins, W&B layer patterns and the injected layer are checked here, before anything is written."""
+    device = resolve_device(cfg.run.device)
+    init_parallel(tensor_parallel_size, seed=cfg.train.seed, device=device,
+                  pipeline_parallel_size=pipeline_parallel_size)
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(cfg.train.seed)
+    model = build_gpt(cfg.model, tensor_parallel_size=tensor_parallel_size, device=device)
+    runtime = PrecisionRuntime(model, cfg.precision)   # validates pins before anything is written
+    panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
+    injector = FaultInjector(cfg.inject, model, rank, runtime.names)
+    return Started(device, model, runtime, injector, rank)
+
+
+def report_switches(logger, step: int, events, is_main: bool = True) -> None:
+    """A step's switches: into the loggers (switch table, W&B) and one line each on stdout."""
+    logger.log_switches(step, [{**e.summary(), "signals": e.signals} for e in events])
+    if is_main:
+        for e in events:
+            print(f"step {step}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
+
+
+def report_skip(step: int, what: str = "", is_main: bool = True) -> None:
+    if is_main:
+        print(f"step {step}: nonfinite gradients, optimizer step skipped{what}", flush=True)
+
+
+def finish(cfg, started: Started, logger, run_dir: Path, summary: dict, last_step: int, closing: str) -> dict:
+    """The end of a run: the Hugging Face export (every rank gathers its shards; rank 0 writes), the runtime's
+    ``run_end`` at ``last_step``, the loggers, ``summary.json`` and the ``closing`` line (rank 0)."""
+    if cfg.train.export_hf:
+        summary["hf_export"] = to_hf(started.model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
+    started.runtime.close(last_step)
+    logger.close()
+    if started.is_main:
+        write_json(run_dir / "summary.json", summary)
+        print(f"{closing}, run dir {run_dir}", flush=True)
+    return summary
+
+
+def world_size() -> int:
+    """The processes torchrun started (1 without it), known before torch.distributed is up."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run_cli(prog: str, description: str, config_cls: type[T], run, argv: list[str] | None = None) -> int:
+    """The shape every training command shares (contract C5): ``--config FILE [--set dotted.key=value ...]``.
+    A configuration error prints one line naming the problem and exits 2, having written nothing. The library
+    reports through ``logging`` (logger ``precisionrt``); a command shows its INFO and above on stderr."""
+    class Stderr(logging.StreamHandler):
+        """Writes to the ``sys.stderr`` of the moment: a caller (a test, a notebook) may swap it between runs."""
+
+        stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    for name in ("precisionrt", "rl"):   # the library's loggers only: other libraries' INFO stays quiet
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.INFO)
+        if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
+            logger.addHandler(Stderr())
+
+    p = argparse.ArgumentParser(prog=prog, description=f"{description} Every key is listed, with its default and "
+                                "valid values, by --keys.")
+    p.add_argument("--config", help="TOML run configuration (UTF-8)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="dotted.key=value",
+                   help="override one config key (repeatable); the value parses as TOML")
+    p.add_argument("--keys", action="store_true", help="list every config key (type, default, valid values) and exit")
+    args = p.parse_args(argv)
+    if args.keys:
+        try:
+            print_keys(config_cls)
+        except BrokenPipeError:   # `--keys | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    try:
+        run(load_config(config_cls, args.config, args.overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except StartupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,425 @@
+"""PrecisionRuntime (contract C2): the wiring of managed layers, monitors, policy, switch log, FLOP accounting
+(``flops.py``), sampling schedule (``sampling.py``), nonfinite step skipping (``skips.py``) and operator
+control (``control.py``), and the runtime's checkpoint state.
+
+    rt = PrecisionRuntime(model, RuntimeConfig(mode="dynamic"), run_dir="runs/x")
+    for step in ...:
+        loss.backward()
+        grad_norm = clip_grad_norm_(...)
+        if not rt.should_skip_step(grad_norm):
+            optimizer.step()
+        optimizer.zero_grad()
+        rt.end_step(step)          # decisions apply before the next forward
+    rt.close(step)
+
+Modes: ``fp8`` (every FP8-capable layer in FP8), ``bf16`` (all BF16), ``dynamic`` (start in FP8; monitors
+and policy promote and demote). Pins (fnmatch patterns over layer names) hold layers whatever the mode.
+
+Host synchronisation: ``end_step`` transfers nothing on ordinary steps; on a check step (every
+``monitor.check_interval`` steps) it makes one packed all-reduce and one device->host copy, whatever the number
+of layers. ``should_skip_step`` costs one scalar transfer per step (as Megatron's grad-norm check does) and is
+optional.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+
+from precisionrt.runtime import monitors
+from precisionrt.config import Checked, LayerPattern, Text
+from precisionrt.runtime.control import OperatorControl
+from precisionrt.observe.events import EVENTS_FILE, PRECISIONS, EventLog, Precision, Reason, SwitchEvent, json_safe, read_log
+from precisionrt.runtime.flops import FlopAccounting
+from precisionrt.numerics.fp8 import ScalingConfig
+from precisionrt.runtime.layer_table import LayerTable
+from precisionrt.distributed.groups import check_parallelism, pipeline_group, tensor_parallel_group
+from precisionrt.layers.linear import precision_layers
+from precisionrt.layers.names import match_names
+from precisionrt.runtime.monitors import MonitorConfig, MonitorState
+from precisionrt.numerics.state import LayerNumerics
+from precisionrt.runtime.policy import Policy, PolicyConfig
+from precisionrt.runtime.sampling import SamplingSchedule
+from precisionrt.runtime.skips import NonfiniteSkips
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RuntimeConfig(Checked):
+    mode: Literal["dynamic", "fp8", "bf16"] = "dynamic"
+    pin_bf16: list[LayerPattern] = field(default_factory=list)
+    """Fnmatch patterns over managed layer names."""
+    pin_fp8: list[LayerPattern] = field(default_factory=list)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    observe: bool = False
+    """Static modes: run the monitors and log stats, decide nothing."""
+    control_file: Annotated[str, Text('a file name or path, relative to the run directory ("": no operator control)')] = "precision_control.json"
+    """In the run dir; "" disables operator control."""
+    skip_nonfinite_steps: bool = True
+    fused_kernels: bool = True
+    """CUDA: fused quantization kernels (False: the eager reference path)"""
+
+
+def _default_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class PrecisionRuntime:
+    def __init__(self, model: torch.nn.Module | list[torch.nn.Module], config: RuntimeConfig,
+                 run_dir: str | Path | None = None, run_config: dict | None = None, rank: int | None = None):
+        """``model``: this rank's model, or the list of its model chunks under virtual pipelining. ``rank``
+        defaults to this process's rank in ``torch.distributed`` (0 when it is not initialised): rank 0 writes
+        the switch log and reads the control file.
+
+        Under model parallelism ``layers`` holds this rank's layers and ``names`` the whole model's, by global
+        name (``layout.py``); construction then makes one ``all_gather_object`` over the world, so every rank
+        constructs its runtime."""
+        self.config = config
+        check_parallelism()
+        rank = _default_rank() if rank is None else rank
+        self.layers = precision_layers(model)   # this rank's
+        self.table = LayerTable.gather(self.layers)
+        if not self.table.names:
+            raise ValueError("model has no PrecisionLinear layers: build it with precisionrt.layers.spec.precision_layer_spec")
+        self.names = self.table.names            # the whole model's, in forward order
+        chunks = model if isinstance(model, (list, tuple)) else [model]
+        self.device = next(p for chunk in chunks for p in chunk.parameters()).device
+        self._rows = self.table.rows_of(list(self.layers), self.device)
+        for layer in self.layers.values():
+            layer.numerics = LayerNumerics(config.scaling, layer.weight.device)
+            layer.numerics.fused = config.fused_kernels
+        # Delayed scaling under tensor parallelism: every rank quantizes a shard of the same logical tensor, so
+        # the amax histories are reduced across the TP group (one collective per step, in end_step), as
+        # Transformer Engine does; otherwise each rank would scale its shard differently.
+        self._tp_group = tensor_parallel_group()
+        if config.scaling.recipe == "delayed" and self._tp_group is not None:
+            for layer in self.layers.values():
+                for state in layer.numerics.scaling.values():
+                    state.defer = True
+        self.pinned: dict[str, str] = {}
+        info = self.table.by_name
+        for name in match_names(self.names, config.pin_bf16, "precision.pin_bf16 pattern"):
+            self.pinned[name] = "bf16"
+        for name in match_names(self.names, config.pin_fp8, "precision.pin_fp8 pattern"):
+            if self.pinned.get(name) == "bf16":
+                raise ValueError(f"layer {name!r} is pinned to both bf16 and fp8")
+            if not info[name].fp8_capable:
+                raise ValueError(f"layer {name!r} is pinned to fp8 but {info[name].fp8_unsupported}")
+            self.pinned[name] = "fp8"
+        initial = "bf16" if config.mode == "bf16" else "fp8"
+        stuck = {n: i.fp8_unsupported for n, i in info.items() if not i.fp8_capable}
+        if stuck and config.mode != "bf16" and rank == 0:   # a run silently 60% FP8 instead of 100% must say so
+            log.warning("%d of %d managed layers cannot run FP8 and stay BF16: %s", len(stuck), len(self.names),
+                        "; ".join(f"{n} ({why})" for n, why in stuck.items()))
+        # the precision of each layer another rank holds (every rank follows every layer's decisions)
+        self._remote: dict[str, str] = {}
+        for name in self.names:
+            self._assign(name, self.pinned.get(name, initial) if info[name].fp8_capable else "bf16")
+        # layers that cannot run fp8 are, for the policy, pinned to bf16
+        fixed = {**{n: "bf16" for n, i in info.items() if not i.fp8_capable}, **self.pinned}
+        self.policy = Policy(config.policy, self.names, fixed, self.precisions())
+        self.monitor_state = MonitorState()
+        monitoring = config.mode == "dynamic" or config.observe
+        for layer in self.layers.values():
+            layer.numerics.collect = monitoring
+        self.last_signals: dict[str, dict] = {}
+        self.rank = rank
+        self.flops = FlopAccounting(self.layers, pipeline_group(), self.device)
+        self.sampling = SamplingSchedule(self.layers, config.monitor, monitoring)
+        self.skips = NonfiniteSkips(config.skip_nonfinite_steps)
+        self.control = OperatorControl(self.names)   # reads a file once the run directory is known
+        self._last_step = 0
+        self.run_dir: Path | None = None
+        self.run_id = uuid.uuid4().hex[:12]
+        self.events: EventLog | None = None
+        if run_dir is not None:
+            self.start_log(run_dir, run_config, rank)
+        self.sampling.plan(1)
+
+    def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int | None = None,
+                  resumed_from: int | None = None) -> None:
+        """Open the switch log in ``run_dir`` (rank 0 writes) and record run_start with the layer table.
+        A resumed run appends to the existing log; its unreadable lines are counted and reported, not fatal."""
+        rank = _default_rank() if rank is None else rank
+        self.run_dir, self.rank = Path(run_dir), rank
+        if rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / EVENTS_FILE
+        if rank == 0 and resumed_from is not None and path.exists():
+            existing = read_log(path)
+            if existing.skipped_lines:
+                log.warning("precisionrt: %s: %d unreadable line(s) skipped, e.g. %s", path,
+                            existing.skipped_lines, existing.skipped_examples[0])
+        if rank == 0 and self.config.control_file:
+            self.control.open(self.run_dir / self.config.control_file)
+        self.events = EventLog(path, self.run_id, enabled=rank == 0)
+        self.events.run_start(self.layer_table(), run_config or {"precision": asdict(self.config)}, resumed_from)
+
+    # ------------------------------------------------------------------------------------------ queries
+
+    def precisions(self) -> dict[str, str]:
+        """Every layer of the model (this rank's and the other ranks') -> its precision."""
+        return {name: self._precision_of(name) for name in self.names}
+
+    def _precision_of(self, name: str) -> str:
+        return self.layers[name].precision if name in self.layers else self._remote[name]
+
+    def _assign(self, name: str, precision: str) -> None:
+        if name in self.layers:
+            self.layers[name].precision = precision   # validates; resets scaling state on a return to fp8
+        else:
+            self._remote[name] = precision
+
+    def layer_table(self) -> list[dict]:
+        """The run_start layer table, of the whole model in forward order: name, index, GEMM FLOPs per token
+        (of one tensor-parallel shard), initial precision, pin, fallback."""
+        return [
+            {"name": i.name, "index": index, "gemm_flops_per_token": i.gemm_flops_per_token,
+             "precision": self._precision_of(i.name), "pinned": self.pinned.get(i.name),
+             "fp8_unsupported": i.fp8_unsupported}
+            for index, i in enumerate(self.table.infos)
+        ]
+
+    @property
+    def last_step(self) -> int:
+        """The step the last ``end_step`` closed (0 before the first; restored by ``load_state_dict``)."""
+        return self._last_step
+
+    @property
+    def monitoring(self) -> bool:
+        """Whether the monitors run (dynamic mode, or ``observe``); the sampling schedule follows it."""
+        return self.sampling.monitoring
+
+    @monitoring.setter
+    def monitoring(self, on: bool) -> None:
+        self.sampling.monitoring = on
+
+    def fp8_flop_fraction(self, window: Literal["run", "step"] = "run") -> float:
+        """Share of the managed layers' GEMM FLOPs that ran in FP8, over the run or the last step (``flops.py``;
+        under pipeline parallelism a collective over the pipeline group)."""
+        return self.flops.fraction(window)
+
+    @property
+    def control_rejected(self) -> list[str]:
+        """Operator control entries rejected so far, each with its reason."""
+        return self.control.rejected
+
+    def metrics(self) -> dict:
+        """Run-level metrics, the worst layer per signal, and (after a check) per-layer metrics
+        (``precision/<layer>/<signal>``; a W&B logger shows those of ``wandb.layer_panels`` only). Under
+        pipeline parallelism a collective over the pipeline group (the FLOP shares)."""
+        run, step = self.flops.fractions()
+        precisions = self.precisions()
+        out = {"precision/fp8_flop_fraction": run, "precision/fp8_flop_fraction_step": step,
+               "precision/bf16_layers": sum(p == "bf16" for p in precisions.values()),
+               **monitors.worst(self.last_signals, self.names)}
+        for name, sig in self.last_signals.items():
+            out[f"precision/{name}/is_fp8"] = int(precisions[name] == "fp8")
+            out.update({f"precision/{name}/{k}": v for k, v in sig.items() if isinstance(v, float)})
+        return out
+
+    # ---------------------------------------------------------------------------------------- changes
+
+    def set_precision(self, name: str, precision: Precision, reason: Reason = "manual", step: int = -1,
+                      signals: dict | None = None) -> SwitchEvent | None:
+        """Switch one layer (effective from its next forward) and log it. Returns the event, or None if the
+        layer already runs at ``precision``. A manual switch holds the layer there until ``release``.
+        Unknown layers and impossible requests raise ValueError."""
+        if name not in self.table.by_name:
+            raise ValueError(f"unknown layer {name!r}; managed layers: {self.names[:4]} ... ({len(self.names)})")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        info = self.table.by_name[name]
+        if reason == "manual":
+            if name in self.pinned and self.pinned[name] != precision:
+                raise ValueError(f"layer {name!r} is pinned to {self.pinned[name]}")
+            if precision == "fp8" and not info.fp8_capable:
+                raise ValueError(f"layer {name!r} cannot run fp8: {info.fp8_unsupported}")
+            self.policy.hold(name, precision)
+        current = self._precision_of(name)
+        if current == precision:
+            return None
+        event = SwitchEvent(step=step, layer=name, from_=current, to=precision, reason=reason,
+                            signals={k: json_safe(v) for k, v in (signals or {}).items()})
+        self._assign(name, precision)
+        if self.events is not None:
+            self.events.switch(event)
+        return event
+
+    def promote(self, name: str, reason: Reason, step: int, severity: float = 1.0,
+                signals: dict | None = None) -> SwitchEvent | None:
+        """Promote ``name`` to BF16 on a signal from outside the monitors (RL: ``reason="mismatch"``). Unlike a
+        manual switch it holds nothing: the policy brings the layer back as any promoted one (cooldown, pre-flight,
+        probation). None when the policy keeps it where it is (pinned, held, already BF16). Dynamic mode only."""
+        if name not in self.table.by_name:
+            raise ValueError(f"unknown layer {name!r}")
+        if self.config.mode != "dynamic":
+            raise ValueError(f"promote needs precision mode 'dynamic' (a policy to bring the layer back), "
+                             f"not {self.config.mode!r}")
+        if not self.policy.promote(name, severity):
+            return None
+        return self.set_precision(name, "bf16", reason=reason, step=step, signals=signals)
+
+    def release(self, name: str) -> None:
+        """End a manual hold: the policy decides for this layer again."""
+        if name not in self.table.by_name:
+            raise ValueError(f"unknown layer {name!r}")
+        self.policy.hold(name, None)
+
+    def should_skip_step(self, grad_norm: torch.Tensor) -> bool:
+        """True when the gradients are not finite on any rank: skip the optimizer step. The next ``end_step``
+        then checks at once, so the layer where NaN/Inf entered is promoted before the next forward."""
+        return self.skips.check(grad_norm)
+
+    def skip_on_device(self, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """``should_skip_step`` without a host synchronisation, for CUDA: the nonfinite flag goes to a fused
+        Adam/AdamW as ``optimizer.found_inf``, which skips the update on the device. The skipped steps are
+        learnt at the next check (``take_skipped``), where the layer where NaN/Inf entered is promoted."""
+        self.skips.on_device(grad_norm, optimizer, step)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, step: int) -> bool:
+        """The skip-aware optimizer step, then ``zero_grad``: every training loop's one call after clipping.
+
+        An optimizer that skips on the device (a fused Adam/AdamW: ``found_inf``) always steps, with the
+        nonfinite flag handed over (``skip_on_device``: no host synchronisation; the skip is learnt at the next
+        ``fetch`` or check, see ``take_skipped``). Any other optimizer steps only if ``should_skip_step`` (one
+        read) says the gradients are finite. Returns True when the step was skipped here, on the host."""
+        skipped = False
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            self.skip_on_device(grad_norm, optimizer, step)
+            optimizer.step()
+        elif self.should_skip_step(grad_norm):
+            skipped = True
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return skipped
+
+    def fetch(self, values: torch.Tensor):
+        """``values`` (a device tensor) on the host, as a numpy array, in one device->host transfer together
+        with the skip flags that ``skip_on_device`` left on the device: a training loop's one transfer per step
+        for its own metrics. The skips it learns are in ``take_skipped``, and the next ``end_step`` then checks
+        at once, as after ``should_skip_step``."""
+        return self.skips.fetch(values, check_after_skip=True)
+
+    def take_skipped(self, flush: bool = False) -> list[int]:
+        """Steps skipped on the device that the last check learnt of; clears them. ``flush`` fetches the flags
+        not yet fetched first (one transfer: at the end of a run)."""
+        return self.skips.take(flush)
+
+    def end_step(self, step: int) -> list[SwitchEvent]:
+        """Close optimizer step ``step`` (counted from 1, as metrics count): account FLOPs; on check steps
+        (``step % monitor.check_interval == 0``, or at once after a skipped nonfinite step) monitor, decide and
+        apply. Returns the switches made; they take effect at the next forward."""
+        self._last_step = step
+        self._reduce_pending_amax()
+        self.flops.end_step()
+        self.sampling.plan(step + 1)
+        on_interval = step % self.config.monitor.check_interval == 0
+        check = self.monitoring and (on_interval or self.skips.check_next)
+        if not check:
+            if on_interval and self.skips.pending:   # static modes: report device-side skips all the same
+                self.skips.fetch(None)
+            return []
+        self.skips.check_next = False
+        packed = monitors.reduce(monitors.pack(list(self.layers.values()), self.control.codes(self.device),
+                                               self._rows))
+        host = self.skips.fetch(packed)
+        signals = monitors.signals_from(host, self.names, self.monitor_state, self.config.monitor)
+        monitors.mark_nonfinite_origins(signals, host, self.names)
+        self.last_signals = signals
+        events = self.control.apply(monitors.control_codes(host), step, self.set_precision, self.release)
+        if self.config.mode == "dynamic":
+            flops = {i.name: i.gemm_flops_per_token for i in self.table.infos}
+            for d in self.policy.decide(signals, flops):
+                if (e := self.set_precision(d.layer, d.to, reason=d.reason, step=step, signals=d.signals)):
+                    events.append(e)
+        if self.events is not None:
+            self.events.stats(step, {n: {"precision": self._precision_of(n), "state": self.policy.layers[n].state,
+                                         "preflight_holds": self.policy.layers[n].preflight_holds,
+                                         **{k: json_safe(v) for k, v in s.items()}} for n, s in signals.items()})
+        return events
+
+    def _reduce_pending_amax(self) -> None:
+        """Apply this step's deferred delayed-scaling updates with amaxes reduced (MAX) over the TP group."""
+        states = [st for layer in self.layers.values() for st in layer.numerics.scaling.values()
+                  if st.pending is not None]
+        if not states:
+            return
+        amax = torch.stack([st.pending for st in states])
+        torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=self._tp_group)
+        for st, a in zip(states, amax.unbind()):
+            st.apply_pending(a)
+
+    def close(self, step: int) -> None:
+        if self.events is not None:
+            self.events.run_end(step)
+            self.events.close()
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        return {
+            "precisions": self.precisions(),
+            "numerics": {n: l.numerics.state_dict() for n, l in self.layers.items()},
+            **self.flops.state_dict(),      # flops, step_fraction
+            "policy": self.policy.state_dict(),
+            "monitor": self.monitor_state.state_dict(),
+            **self.sampling.state_dict(),   # shadow_cursor, shadow_next
+            "run_id": self.run_id,
+            # The open check window: a checkpoint between two checks must carry what the next check will read.
+            "last_step": self._last_step,
+            **self.skips.state_dict(),      # force_check, pending_skips
+            "window": {n: {"stats": l.numerics.stats.detach().cpu().clone(),
+                           "grad_stats": l.numerics.grad_stats.detach().cpu().clone()}
+                       for n, l in self.layers.items()},
+        }
+
+    def sharded_state_dict(self, prefix: str = "precision_runtime.") -> dict:
+        """The runtime's state as entries of megatron's ``sharded_state_dict``, saved by ``dist_checkpointing``
+        beside the model's and resharded with it (``dist_state.py``). A collective: call it on every rank."""
+        from precisionrt.runtime import dist_state
+
+        return dist_state.sharded_state_dict(self, prefix)
+
+    def load_sharded_state_dict(self, loaded: dict) -> None:
+        """Restore what ``dist_checkpointing.load`` returned for ``sharded_state_dict()``, in this layout or
+        another (``dist_state.py``)."""
+        from precisionrt.runtime import dist_state
+
+        dist_state.load_sharded_state_dict(self, loaded)
+
+    def load_state_dict(self, sd: dict) -> None:
+        missing = set(self.names) - set(sd["precisions"])
+        unknown = set(sd["precisions"]) - set(self.names)
+        if missing or unknown:
+            raise ValueError(f"runtime state does not match the model: missing {sorted(missing)[:3]}, "
+                             f"unknown {sorted(unknown)[:3]}")
+        if (absent := sorted(set(self.layers) - set(sd["numerics"]))):
+            raise ValueError(f"runtime state holds no numerics for this rank's layers {absent[:3]}: it was saved "
+                             "by a rank that held other layers")
+        for name in self.names:
+            self._assign(name, sd["precisions"][name])
+        for name, layer in self.layers.items():
+            layer.numerics.load_state_dict(sd["numerics"][name])
+        self.flops.load_state_dict(sd)
+        self.policy.load_state_dict(sd["policy"])
+        self.monitor_state.load_state_dict(sd["monitor"])
+        self.run_id = sd["run_id"]  # a resumed run continues the same run in the switch log
+        windowed = "window" in sd   # checkpoints from before the open window was saved resume at checks only
+        self.sampling.load_state_dict(sd, int(sd["last_step"]) + 1 if windowed else None)
+        if windowed:
+            self._last_step = int(sd["last_step"])
+            self.skips.load_state_dict(sd)
+            for name, layer in self.layers.items():
+                layer.numerics.stats.copy_(sd["window"][name]["stats"])
+                layer.numerics.grad_stats.copy_(sd["window"][name]["grad_stats"])
+
