@@ -1,5 +1,5 @@
 """A Megatron user's own loop, shaped like megatron-core's ``examples/run_simple_mcore_train_loop.py``, with
-precisionrt embedded as the README says: megatron's local GPT spec converted, megatron's schedule
+precisionrt embedded as docs/embedding.md says: megatron's local GPT spec converted, megatron's schedule
 (``get_forward_backward_func``), precisionrt's clip, the runtime once per step, and ``dist_checkpointing``
 save/load of the model's and the runtime's ``sharded_state_dict`` together. Run by tests/test_mcore_client.py:
 

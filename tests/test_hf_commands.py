@@ -363,7 +363,7 @@ def test_calculator_episode_in_chat_is_the_rendered_conversation():
 def test_calculator_agent_runs_on_a_qwen3_in_chat(tmp_path):
     """The multi-turn RL command on a Hugging Face architecture and tokenizer: episodes run, error masking
     counts chat tokens, the held-out evaluation decodes to <|im_end|> (a short warm start; learning the task
-    takes the README's run)."""
+    takes the run of docs/huggingface.md, "The main job's task on a tiny Qwen3")."""
     from precisionrt.config import load_config
     from rl.train import RLConfig, train
 

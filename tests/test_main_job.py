@@ -1,5 +1,5 @@
-"""`make main` runs the configuration the README describes: the Makefile's config, shortened, trains on
-fixed-width addition with every sample accounted for."""
+"""`make main` runs the configuration the README and docs/results.md ("Main job") describe: the Makefile's
+config, shortened, trains on fixed-width addition with every sample accounted for."""
 
 import re
 from pathlib import Path
@@ -19,7 +19,7 @@ def main_job_config() -> str:
 
 def test_make_main_runs_the_addition_config_shortened(tmp_path, parallel):
     path = main_job_config()
-    assert path == "configs/rl_addition_cpu.toml", "the README's main job figures are of this config"
+    assert path == "configs/rl_addition_cpu.toml", "docs/results.md's main job figures are of this config"
     cfg = load_config(RLConfig, ROOT / path, [*SHORT, f'run.dir="{tmp_path / "run"}"'])
     assert (cfg.task.name, cfg.task.min_digits, cfg.task.max_digits) == ("addition", 3, 3)
     s = train(cfg)

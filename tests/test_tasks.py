@@ -42,7 +42,7 @@ def test_heldout_is_fixed_distinct_and_never_sampled(name):
 
 
 def test_reverse_heldout_is_the_one_the_figures_were_measured_on():
-    """The task refactor keeps reverse-digits' held-out set (and so the README's figures): drawn as before, by
+    """The task refactor keeps reverse-digits' held-out set (and so the figures of docs/results.md): drawn as before, by
     an independent re-implementation of the original rule."""
     rng, held = random.Random(1234), set()
     while len(held) < 128:

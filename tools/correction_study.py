@@ -12,7 +12,8 @@ Per arm it records the held-out reward (initial, final, best), the share of toke
 TIS's clipped share, the PPO clip's share (``rl/clip_fraction``) and ``rl/ppo_kl``, the mismatch
 (``rollout_corr/k3_kl``, mean over logged steps), the staleness of the
 trained samples and the samples/s; an arm that fails is recorded with its error, not fatal. Writes to
-``--out``: ``correction_study.json``, ``correction_study.md`` (the README table, means over seeds) and
+``--out``: ``correction_study.json``, ``correction_study.md`` (the table of docs/results.md, "When the correction
+matters", means over seeds) and
 ``correction_study.png`` (final reward against max staleness, one panel per rollout precision). ``--resume``
 keeps the arms of an interrupted study that finished and reruns the rest. ``--jobs`` arms run side by side,
 each with one torch thread (this machine: 2 cores).

@@ -17,7 +17,7 @@ tail).
 4. ``main_job``: the main job (``configs/rl_addition_cpu.toml``) on the device: held-out reward and samples/s
    against the CPU run recorded in ``docs/bench/main_job_cpu.json``.
 
-README, "The RL loop on a GPU", says what each number should be.
+docs/results.md, "The RL loop on a GPU" (#the-rl-loop-on-a-gpu), says what each number should be.
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ def table(results: dict) -> str:
     if "parameters" in q:
         mem = "n/a (cpu)" if q["peak_memory_gib"] is None else f"{q['peak_memory_gib']:.1f} GiB"
         rows += [("0.5B: parameters", f"{q['parameters']:,}", "~0.63B (untied head)"),
-                 ("0.5B: rollout tokens/s", f"{q['rollout_tokens_per_s']:,.0f}", "see README"),
-                 ("0.5B: trainer tokens/s", f"{q['trainer_tokens_per_s']:,.0f}", "see README"),
+                 ("0.5B: rollout tokens/s", f"{q['rollout_tokens_per_s']:,.0f}", "see docs/results.md#the-rl-loop-on-a-gpu"),
+                 ("0.5B: trainer tokens/s", f"{q['trainer_tokens_per_s']:,.0f}", "see docs/results.md#the-rl-loop-on-a-gpu"),
                  ("0.5B: peak memory", mem, "< 30 GiB")]
     else:
         rows.append(("qwen05b", q.get("error", "missing"), ""))

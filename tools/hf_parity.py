@@ -1,4 +1,5 @@
-"""Reproduces the HF import figures quoted in the README and tests/test_hf.py: float32 logit max abs diff against
+"""Reproduces the HF import figures quoted in docs/huggingface.md ("What is supported, and what is refused") and
+tests/test_hf.py: float32 logit max abs diff against
 transformers at TP=2 (two gloo ranks under torchrun), bf16 checkpoints' relative error, and FP8 against BF16, for
 each tiny model of tests/hf_models.py. Prints one line per figure and writes JSON to --out.
 
