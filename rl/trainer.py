@@ -119,7 +119,7 @@ class RLTrainer:
         self.temperature = rollout.temperature if rollout.temperature > 0 else 1.0
         self.skipped_steps: list[int] = []   # optimizer steps skipped for nonfinite gradients
         # the trainer's precisions travel to the rollout engine as a versioned map, with the weights
-        self.map_version, self._map = 0, runtime.precisions()
+        self.map_version, self._map = 0, runtime.forward_precisions()
         self.precision_changes: list[dict] = []   # {map_version, step, layers: {name: precision}}
         self.trained_by_map: Counter = Counter()   # trained samples by the map version that generated them
         self.mismatch_by_map: dict[int, list] = {}   # map version -> [k3 summed over tokens, tokens]
@@ -315,9 +315,8 @@ class RLTrainer:
         self.rollout_bf16[m.layer] = {"step": step, "scope": policy.scope, **signals}
         log.info("step %d: %s carries %.0f%% of the mismatch (k3 %.2e): promoted on the %s side", step,
                  m.layer, 100 * m.share, m.k3_kl, "rollout" if policy.scope == "rollout" else "rollout and trainer")
-        if policy.scope == "both":
-            event = self.runtime.promote(m.layer, "mismatch", step, severity=m.share, signals=signals)
-            return [event] if event is not None else []
+        if policy.scope == "both":   # the mismatch is the forward pass's: the trainer's fprop of the layer
+            return self.runtime.promote(f"{m.layer}:fprop", "mismatch", step, severity=m.share, signals=signals)
         return []
 
     def _attribute(self, batch: list[Group], inputs: LossInputs) -> dict[str, float]:
@@ -328,7 +327,8 @@ class RLTrainer:
             return self.attribution.measure(self.engine, comps, logp_train)
 
     def _publish_precisions(self, step: int) -> None:
-        precisions, forced = self.runtime.precisions(), set(self.rollout_bf16)
+        """The map the rollout follows: each layer's forward (fprop) precision, the only GEMM inference runs."""
+        precisions, forced = self.runtime.forward_precisions(), set(self.rollout_bf16)
         if precisions == self._map and forced == self._map_bf16:
             return
         self.map_version += 1
@@ -386,7 +386,7 @@ class RLTrainer:
             a.dropped["lost_on_restart"] += acct["in_flight"]
         self.ctrl.version = sd["version"]
         self.ctrl.accepted, self.ctrl.running = a.trained, 0
-        self.map_version, self._map = int(sd.get("map_version", 0)), self.runtime.precisions()
+        self.map_version, self._map = int(sd.get("map_version", 0)), self.runtime.forward_precisions()
         self.precision_changes = list(sd.get("precision_changes", []))
         self.trained_by_map = Counter({int(k): v for k, v in sd.get("trained_by_map", {}).items()})
         self.mismatch_by_map = {int(k): list(v) for k, v in sd.get("mismatch_by_map", {}).items()}

@@ -55,7 +55,7 @@ def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], t
     targets; ``task_batch`` for single-turn tasks, ``rl.workers.agent.transcript_batch`` for multi-turn ones): the
     standard SFT-then-RL recipe. How far it goes is the config's choice: a few steps teach the format and RL
     has most of the way to go (reverse-digits); on addition the model must first cross a plateau that reward
-    alone does not get it over, and RL sharpens what the warm start found (README, "Main job").
+    alone does not get it over, and RL sharpens what the warm start found (docs/results.md, "Main job").
 
     Its steps are optimizer steps like any other: ``before_step(step - 1)`` (fault injection) runs before each,
     a step with nonfinite gradients is skipped and reported, and the runtime's switches are returned. Batches

@@ -32,7 +32,9 @@ def test_summarize_matches_the_run(spike_run, capsys):
     assert r["steps"] == 20 and r["ended"] and r["promotions"] == 1 and r["demotions"] == 1
     layer = r["layers"]["decoder.layers.1.mlp.linear_fc1"]
     assert layer["promotions"] == {"overflow": 1} and layer["demotions"] == {"probation": 1}
-    assert layer["first_promotion_step"] == 6 and layer["fp8_steps"] == 20 - (10 - 6)
+    # the input spike moved fprop and wgrad (the GEMMs reading the input) from step 6 to 10; dgrad stayed in FP8
+    assert layer["first_promotion_step"] == 6 and layer["gemms"]["dgrad"]["fp8_steps"] == 20
+    assert layer["gemms"]["fprop"]["fp8_steps"] == layer["gemms"]["wgrad"]["fp8_steps"] == 20 - (10 - 6)
     # every step runs the same tokens, so the log's FLOP share equals what the runtime counted
     assert r["fp8_flop_fraction"] == pytest.approx(summary["fp8_flop_fraction"], abs=1e-12)
     assert cli(["summarize", str(run)]) == 0
@@ -73,9 +75,9 @@ def test_export_csv_has_switches_and_stats(spike_run, tmp_path, capsys):
     assert cli(["export", str(run), "-o", str(out)]) == 0
     rows = out.read_text().splitlines()
     header = rows[0].split(",")
-    assert {"kind", "step", "layer", "from", "to", "reason", "precision"} <= set(header)
+    assert {"kind", "step", "layer", "gemm", "from", "to", "reason", "precision", "fprop_precision"} <= set(header)
     kinds = [r.split(",")[0] for r in rows[1:]]
-    assert kinds.count("switch") == 2 and kinds.count("stats") == 10 * 8
+    assert kinds.count("switch") == 2 * 2 and kinds.count("stats") == 10 * 8   # a row per GEMM switched
     assert cli(["export", str(run), "-o", str(tmp_path / "x.txt")]) == 2
 
 
@@ -107,7 +109,7 @@ def test_export_parquet(spike_run, tmp_path):
     out = tmp_path / "flat.parquet"
     assert cli(["export", str(run), "-o", str(out)]) == 0
     table = pq.read_table(out).to_pylist()
-    assert sum(r["kind"] == "switch" for r in table) == 2 and sum(r["kind"] == "stats" for r in table) == 80
+    assert sum(r["kind"] == "switch" for r in table) == 2 * 2 and sum(r["kind"] == "stats" for r in table) == 80
 
 
 def test_several_rank_files_merge_by_run(spike_run, tmp_path, capsys):
@@ -118,7 +120,9 @@ def test_several_rank_files_merge_by_run(spike_run, tmp_path, capsys):
     rank1.write_text("".join(l for l in log if '"kind":"stats"' not in l))   # same run, same switches
     assert cli(["summarize", str(rank0), str(rank1), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert len(result["runs"]) == 1 and result["runs"][0]["switches"] == 2, "the same decisions count once"
+    r = result["runs"][0]
+    assert len(result["runs"]) == 1 and r["switches"] == 2 * 2, "the same GEMM switches count once"
+    assert (r["promotions"], r["demotions"]) == (1, 1)
     assert result["runs"][0]["files"] == sorted([str(rank0), str(rank1)])
 
 

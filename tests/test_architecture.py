@@ -4,7 +4,7 @@ re-export shim; ``precisionrt`` never imports ``rl``; the observability floor im
 
 The floors (docs/architecture.md draws them; each subpackage's ``__init__`` says the same in words):
 
-    precisionrt:  config < observe < numerics < distributed < layers < runtime < models < run < train
+    precisionrt:  config < observe < numerics < distributed < layers < runtime < models < run < train, speed
     rl:           envs < algo < inference < workers < trainer, warm_start < workload < train   (rl may use any of
                   precisionrt)
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).parent.parent
 
 FLOORS = {
     "precisionrt": ["config", "observe", "numerics", "distributed", "layers", "runtime", "models", "run",
-                    "train"],
+                    ("train", "speed")],
     "rl": ["envs", "algo", "inference", "workers", ("trainer", "warm_start"), "workload", "train"],
 }
 SHIMS = {"precisionrt.fp8", "precisionrt.megatron", "precisionrt.pipeline", "precisionrt.analysis", "rl.losses"}

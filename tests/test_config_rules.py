@@ -135,10 +135,10 @@ def test_precisionrt_log_on_nothing_readable_and_on_another_schema(tmp_path, cap
     empty = _log(tmp_path / "empty.jsonl", [])
     assert cli.main(["export", str(empty), "-o", str(tmp_path / "out.csv")]) == 1
     assert not (tmp_path / "out.csv").exists() and "nothing readable" in capsys.readouterr().err
-    v2 = _log(tmp_path / "v2.jsonl", ['{"v":2,"kind":"run_start","run":"a","time":1,"layers":[]}'] * 3)
-    for command in (["summarize", str(v2)], ["export", str(v2), "-o", str(tmp_path / "v2.csv")]):
+    v3 = _log(tmp_path / "v3.jsonl", ['{"v":3,"kind":"run_start","run":"a","time":1,"layers":[]}'] * 3)
+    for command in (["summarize", str(v3)], ["export", str(v3), "-o", str(tmp_path / "v3.csv")]):
         assert cli.main(command) == 1
-        assert "schema version 2 (3 line(s)): this precisionrt reads version 1" in capsys.readouterr().err
+        assert "schema version 3 (3 line(s)): this precisionrt reads versions [1, 2]" in capsys.readouterr().err
 
 
 def test_precisionrt_log_into_a_closed_pipe_ends_quietly(tmp_path):

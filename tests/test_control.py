@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from precisionrt.observe.events import GEMMS
 from precisionrt.runtime.control import MAX_BYTES, ControlFile
 
 NAMES = ["decoder.layers.0.mlp.linear_fc1", "decoder.layers.0.mlp.linear_fc2", "decoder.layers.1.mlp.linear_fc1"]
@@ -57,4 +58,12 @@ def test_hostile_control_file_is_rejected_not_fatal(tmp_path, kind):
     tmp = cf.path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"decoder.layers.0.*": "bf16"}))
     os.replace(tmp, cf.path)
-    assert read_in_time(cf) == {NAMES[0]: "bf16", NAMES[1]: "bf16"}
+    assert read_in_time(cf) == {(n, g): "bf16" for n in NAMES[:2] for g in GEMMS}
+
+
+def test_an_entry_may_name_one_gemm_and_a_bad_gemm_is_refused_by_name(tmp_path):
+    cf, rejected = reader(tmp_path)
+    cf.path.write_text(json.dumps({"decoder.layers.0.*:wgrad": "bf16", NAMES[2] + ":fprop": "auto",
+                                   NAMES[2] + ":backward": "bf16"}))
+    assert read_in_time(cf) == {(NAMES[0], "wgrad"): "bf16", (NAMES[1], "wgrad"): "bf16", (NAMES[2], "fprop"): "auto"}
+    assert len(rejected) == 1 and "'backward' is not a GEMM" in rejected[0], rejected

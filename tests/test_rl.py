@@ -448,8 +448,10 @@ def test_the_precision_map_travels_with_the_weights(tmp_path, monkeypatch, rollo
         return out
 
     monkeypatch.setattr(RolloutEngine, "generate", spy)
+    # whole layers: a NaN in the output gradient moves the layer's fprop too (per GEMM it would not: below)
     s = run(tmp_path, 'executor.mode="sync"', f'rollout.precision="{rollout_precision}"', 'inject.kind="nonfinite"',
-            f'inject.layer="{layer}"', "inject.start_step=7")   # warm start steps 1-5, RL step 3 is step 8
+            f'inject.layer="{layer}"', "inject.start_step=7",   # warm start steps 1-5, RL step 3 is step 8
+            'precision.policy.granularity="layer"')
     assert s["skipped_steps"] == [8]
     assert s["rollout_precision_changes"] == [{"map_version": 1, "step": 8, "layers": {layer: "bf16"}}]
     assert s["rollout_maps_applied"] == [[0, 0], [1, 2]]
@@ -459,6 +461,17 @@ def test_the_precision_map_travels_with_the_weights(tmp_path, monkeypatch, rollo
     assert {m for _, m, _, _ in calls} == {0, 1}
     assert sum(s["trained_by_map_version"].values()) == s["samples"]["trained"]
     assert set(s["k3_kl_by_map_version"]) == {"0", "1"} and all(v >= 0 for v in s["k3_kl_by_map_version"].values())
+
+
+def test_follow_follows_the_forward_gemm(tmp_path):
+    """Per GEMM (the default), a NaN in a layer's output gradient promotes its dgrad and wgrad, not its fprop:
+    inference runs fprop only, so under "follow" the rollout's map does not change."""
+    layer = "decoder.layers.1.mlp.linear_fc1"
+    s = run(tmp_path, 'executor.mode="sync"', 'rollout.precision="follow"', 'inject.kind="nonfinite"',
+            f'inject.layer="{layer}"', "inject.start_step=7")
+    assert s["skipped_steps"] == [8]
+    assert {(w["layer"], w["gemm"]) for w in s["switches"]} == {(layer, "dgrad"), (layer, "wgrad")}
+    assert s["rollout_precision_changes"] == [] and s["rollout_maps_applied"] == [[0, 0]]
 
 
 def test_a_precision_map_must_name_the_models_layers(parallel):
@@ -502,7 +515,7 @@ def test_a_resumed_run_keeps_its_precision_map(tmp_path, monkeypatch):
     layer = "decoder.layers.1.mlp.linear_fc1"
     calls = spy_on_rollouts(monkeypatch, layer)
     sets = ['executor.mode="sync"', 'rollout.precision="follow"', 'inject.kind="nonfinite"', f'inject.layer="{layer}"',
-            "inject.start_step=7"]
+            "inject.start_step=7", 'precision.policy.granularity="layer"']
     run(tmp_path, *sets, "train.stop_at_step=4")
     calls.clear()
     s = run(tmp_path, *sets, "train.resume=true")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from precisionrt.observe.events import read_log
+from precisionrt.observe.events import GEMMS, read_log
 from precisionrt.models.gpt import ModelConfig, build_gpt
 from precisionrt.runtime.monitors import MonitorConfig
 from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
@@ -84,7 +84,7 @@ def test_control_file_overrides_and_rejects_unknown_layers(parallel, tmp_path, c
             control.write_text(json.dumps({target: "bf16", "decoder.layers.9.*": "bf16", "*.linear_qkv": "fp16"}))
         if step == 6:
             control.write_text("{not json")
-    assert rt.precisions()[target] == "bf16" and rt.policy.layers[target].hold == "bf16"
+    assert rt.precisions()[target] == "bf16" and all(rt.policy.layers[f"{target}:{g}"].hold == "bf16" for g in GEMMS)
     assert sum(p == "bf16" for p in rt.precisions().values()) == 1
     err = caplog.text
     assert "'decoder.layers.9.*' matches no managed layer" in err and "'fp16' is not one of" in err
@@ -92,12 +92,12 @@ def test_control_file_overrides_and_rejects_unknown_layers(parallel, tmp_path, c
     control.write_text(json.dumps({target: "auto"}))
     for _ in train_steps(model, rt, 2):
         pass
-    assert rt.policy.layers[target].hold is None
+    assert all(rt.policy.layers[f"{target}:{g}"].hold is None for g in GEMMS)
     rt.close(10)
     log = read_log(tmp_path / "precision_events.jsonl")
     switches = [r for r in log.records if r["kind"] == "switch"]
-    assert [(r["step"], r["layer"], r["from"], r["to"], r["reason"]) for r in switches] == \
-        [(4, target, "fp8", "bf16", "manual")]
+    assert [(r["step"], r["layer"], r["gemm"], r["from"], r["to"], r["reason"]) for r in switches] == \
+        [(4, target, g, "fp8", "bf16", "manual") for g in GEMMS]
     assert log.skipped_lines == 0 and log.records[-1]["kind"] == "run_end"
 
 
@@ -109,13 +109,21 @@ def test_manual_api_and_pins(parallel, tmp_path):
         rt.set_precision("nope", "bf16")
     with pytest.raises(ValueError, match="pinned to bf16"):
         rt.set_precision("decoder.layers.0.mlp.linear_fc1", "fp8")
-    e = rt.set_precision("decoder.layers.1.mlp.linear_fc1", "bf16")
-    assert e.summary() == {"step": -1, "layer": "decoder.layers.1.mlp.linear_fc1", "from": "fp8", "to": "bf16",
-                           "reason": "manual"}
-    assert rt.set_precision("decoder.layers.1.mlp.linear_fc1", "bf16") is None
+    events = rt.set_precision("decoder.layers.1.mlp.linear_fc1", "bf16")
+    assert [e.summary() for e in events] == [{"step": -1, "layer": "decoder.layers.1.mlp.linear_fc1", "gemm": g,
+                                              "from": "fp8", "to": "bf16", "reason": "manual"} for g in GEMMS]
+    assert rt.set_precision("decoder.layers.1.mlp.linear_fc1", "bf16") == []
+    # one GEMM: the layer reads "mixed", its other GEMMs keep their precision, and the FLOP share counts thirds
+    [e] = rt.set_precision("decoder.layers.1.mlp.linear_fc2:wgrad", "bf16")
+    assert (e.layer, e.gemm, e.to) == ("decoder.layers.1.mlp.linear_fc2", "wgrad", "bf16")
+    assert rt.precisions()["decoder.layers.1.mlp.linear_fc2"] == "mixed"
+    assert rt.gemm_precisions()["decoder.layers.1.mlp.linear_fc2"] == {"fprop": "fp8", "dgrad": "fp8", "wgrad": "bf16"}
+    with pytest.raises(ValueError, match="'backward' is not a GEMM"):
+        rt.set_precision("decoder.layers.1.mlp.linear_fc2:backward", "bf16")
     share = rt.fp8_flop_fraction()
     flops = {n: l.gemm_flops_per_token for n, l in rt.layers.items()}
-    assert share == pytest.approx(sum(f for n, f in flops.items() if rt.precisions()[n] == "fp8") / sum(flops.values()))
+    fp8_thirds = {n: sum(p == "fp8" for p in g.values()) / 3 for n, g in rt.gemm_precisions().items()}
+    assert share == pytest.approx(sum(f * fp8_thirds[n] for n, f in flops.items()) / sum(flops.values()))
 
 
 def test_fp8_flop_fraction_counts_what_ran(parallel):

@@ -128,24 +128,30 @@ def layer_table(args, shapes: dict, tokens: int) -> dict:
     return {"tokens": tokens, "rows": rows, "torchao_error": ao_error}
 
 
-def megatron_arm(args, m: dict, mode: str, execution: str, run_dir: Path):
+def model_config(args, m: dict):
+    """precisionrt's ``ModelConfig`` of a benchmark shape."""
+    from precisionrt.models.gpt import ModelConfig
+
+    dims = dict(num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
+                ffn_hidden_size=m["ffn"], seq_length=m["seq"], vocab_size=m["vocab"], params_dtype="bfloat16")
+    if m["groups"] != m["heads"]:   # grouped-query attention: Llama's own architecture (precisionrt.layers.rope)
+        return ModelConfig(**dims, hf_init="llama", num_query_groups=m["groups"])
+    # the earlier anchor: megatron's GPT with its RoPE (CUDA only)
+    return ModelConfig(**dims, position_embedding="rope" if args.device.type == "cuda" else "learned_absolute")
+
+
+def megatron_arm(args, m: dict, mode: str, execution: str, run_dir: Path, runtime=None):
     """(step, runtime, step counter, model) of precisionrt's megatron model: forward, backward, clip, fused AdamW,
-    ``end_step``."""
+    ``end_step``. ``runtime``: a ``RuntimeConfig`` (default: ``mode``'s)."""
     from precisionrt.distributed.compile import compile_model
     from precisionrt.distributed.cuda_graphs import CapturedStep
-    from precisionrt.models.gpt import ModelConfig, build_gpt
+    from precisionrt.models.gpt import build_gpt
     from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
     from precisionrt.train import lm_loss
 
     torch.manual_seed(0)
-    dims = dict(num_layers=m["layers"], hidden_size=m["hidden"], num_attention_heads=m["heads"],
-                ffn_hidden_size=m["ffn"], seq_length=m["seq"], vocab_size=m["vocab"], params_dtype="bfloat16")
-    if m["groups"] != m["heads"]:   # grouped-query attention: Llama's own architecture (precisionrt.layers.rope)
-        cfg = ModelConfig(**dims, hf_init="llama", num_query_groups=m["groups"])
-    else:                           # the earlier anchor: megatron's GPT with its RoPE (CUDA only)
-        cfg = ModelConfig(**dims, position_embedding="rope" if args.device.type == "cuda" else "learned_absolute")
-    model = build_gpt(cfg, device=args.device)
-    rt = PrecisionRuntime(model, RuntimeConfig(mode=mode), run_dir=run_dir / f"{mode}_{execution}")
+    model = build_gpt(model_config(args, m), device=args.device)
+    rt = PrecisionRuntime(model, runtime or RuntimeConfig(mode=mode), run_dir=run_dir / f"{mode}_{execution}")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)   # skips on the device
     if execution == "compiled":
         compile_model(model, "block", backend=args.backend)
@@ -169,14 +175,23 @@ def megatron_arm(args, m: dict, mode: str, execution: str, run_dir: Path):
 
 
 def torch_arm(args, m: dict, kind: str):
+    """``kind``: torch_eager, torch_compiled, torchao (every linear but the head in float8 tensorwise) or
+    torchao_filtered (torchao's own auto filter for the tensorwise recipe: it keeps small layers in BF16)."""
     torch.manual_seed(0)
     model = TorchGPT(m["layers"], m["hidden"], m["heads"], m["groups"], m["ffn"], m["vocab"], m["seq"])
     model = model.to(device=args.device, dtype=torch.bfloat16)
-    if kind == "torchao":
+    if kind.startswith("torchao"):
         convert, error = torchao_convert()
         if convert is None:
             return None, error
-        convert(model, module_filter_fn=lambda mod, fqn: fqn != "head")
+        keep = lambda mod, fqn: fqn != "head"   # noqa: E731
+        if kind == "torchao_filtered":
+            try:
+                from torchao.float8 import _auto_filter_for_recipe
+            except ImportError as e:
+                return None, f"torchao has no auto filter ({e})"
+            keep = _auto_filter_for_recipe("tensorwise", ["head"])
+        convert(model, module_filter_fn=keep)
     run = torch.compile(model, backend=args.backend) if kind != "torch_eager" else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
 

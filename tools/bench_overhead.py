@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from precisionrt.config import load_config  # noqa: E402
 from precisionrt.run.data import ByteCorpus  # noqa: E402
 from precisionrt.models.gpt import build_gpt, transformer_config  # noqa: E402
-from precisionrt.distributed.parallel import init_parallel
-from precisionrt.models.transformer import place_model
-from precisionrt.layers.spec import precision_layer_spec
+from precisionrt.distributed.parallel import init_parallel  # noqa: E402
+from precisionrt.models.transformer import place_model  # noqa: E402
+from precisionrt.layers.spec import precision_layer_spec  # noqa: E402
 from precisionrt.runtime.precision_runtime import PrecisionRuntime  # noqa: E402
 from precisionrt.train import LMConfig, lm_loss  # noqa: E402
 

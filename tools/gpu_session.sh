@@ -6,6 +6,9 @@
 #   bash tools/gpu_session.sh fp8     issue 25: tests/test_cuda.py, then tools/bench_gpu.py (Llama-3-8B shapes:
 #                                     layers, whole steps eager / compiled / CUDA graphs, torch and torchao arms,
 #                                     the targets), about 9 minutes
+#   bash tools/gpu_session.sh speed   issue 38: tools/bench_speed_plan.py (speed tables and whole steps of plan "speed"
+#                                     against BF16, static FP8 and torchao with its auto filter, at h2048, Qwen2.5-0.5B
+#                                     and Llama-3-8B shapes; the targets), about 8 minutes
 #   bash tools/gpu_session.sh demo    issue 25: the 154M rescue demo (dynamic, healthy FP8, BF16 and unrescued FP8;
 #                                     2 seeds): 8 processes side by side on the one GPU (a session of its own)
 # Rehearse any part here first:  tools/gpu_session.sh rl --device cpu --quick
@@ -46,6 +49,8 @@ case "$part" in
   fp8)  "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
         "$PY" tools/bench_gpu.py --out "$OUT/bench_gpu.json" --run-dir /tmp/bench_gpu_runs "$@" 2>&1 \
           | tee "$OUT/bench_gpu.log" ;;
+  speed) "$PY" tools/bench_speed_plan.py --out "$OUT/bench_speed_plan.json" --run-dir /tmp/bench_speed_plan_runs "$@" \
+          2>&1 | tee "$OUT/bench_speed_plan.log" ;;
   demo) for seed in 0 1; do   # every (seed, arm) its own process: 8 runs of a 154M model share the GPU
           for arm in dynamic fp8_healthy bf16 fp8; do
             "$PY" tools/outlier_demo.py --config configs/lm_150m_gpu.toml --seeds "$seed" --arms "$arm" \
@@ -61,5 +66,5 @@ pathlib.Path(sys.argv[1]).write_text(json.dumps(runs, indent=1))
 print(f"{len(runs)} demo runs -> {sys.argv[1]}")
 PYEOF
         ;;
-  *)    echo "usage: tools/gpu_session.sh [rl|fp8|demo] [--device cpu --quick] | --fetch-wheels" >&2; exit 2 ;;
+  *)    echo "usage: tools/gpu_session.sh [rl|fp8|speed|demo] [--device cpu --quick] | --fetch-wheels" >&2; exit 2 ;;
 esac

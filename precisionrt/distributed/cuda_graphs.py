@@ -38,9 +38,10 @@ def graph_key(runtime) -> tuple | None:
     key = []
     for name, layer in runtime.layers.items():
         n = layer.numerics
-        if n.recording and (n.full_stats or n.shadow) or layer.channel_scale is not None:
+        if n.recording and (n.full_stats or n.shadow) or layer.channel_scale is not None \
+                or layer.grad_channel_scale is not None:
             return None
-        key.append((name, layer.precision, n.recording, layer.training))
+        key.append((name, tuple(layer.gemm_precisions.values()), n.recording, layer.training))
     return tuple(key)
 
 

@@ -6,9 +6,12 @@ its GEMM autograd function, with ``PrecisionLinearFunction``, which keeps that f
 duties (all-gather of the input under sequence parallelism; all-reduce of the input gradient when
 ``allreduce_dgrad``; its reduce-scatter under sequence parallelism).
 
-``layer.precision`` (``"fp8"`` or ``"bf16"``) may change between any two steps. Parameters stay where they
-are, in the model's dtype (the fp32 master copy on CPU); only the GEMM operands are cast. Changing to
-``"fp8"`` resets the layer's scaling state so it never resumes with a stale amax history.
+Each of a layer's three GEMMs has its own precision (``layer.gemm_precisions``: ``fprop`` ``y = x W^T``, ``dgrad``
+``dx = dY W``, ``wgrad`` ``dW = dY^T x``), and any may change between two steps; ``layer.precision`` reads
+``"fp8"``/``"bf16"`` when all three agree (``"mixed"`` otherwise) and sets all three. An operand is quantized
+only when a GEMM that reads it runs FP8 (``x``: fprop, wgrad; ``W``: fprop, dgrad; ``dY``: dgrad, wgrad), and an
+operand that comes back into FP8 starts from fresh scaling state, never a stale amax history. Parameters stay
+where they are, in the model's dtype (the fp32 master copy on CPU); only the GEMM operands are cast.
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from megatron.core.tensor_parallel.layers import (
 )
 
 from precisionrt.numerics import fp8, kernels
-from precisionrt.observe.events import PRECISIONS
 from precisionrt.numerics.fp8 import E4M3, E5M2, ScalingConfig
 from precisionrt.numerics.state import GRAD_FIELDS, GRAD_INDEX, ROLES, LayerNumerics  # noqa: F401  (re-exported)
+from precisionrt.numerics.state import OPERANDS, READERS
+from precisionrt.observe.events import GEMMS, MIXED, PRECISIONS, layer_precision
 
 _GEMM_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-FLOP_SLOT = {"fp8": 0, "bf16": 1}   # the columns of a layer's ``flop_tokens``
+FLOP_SLOT = {"fp8": 0, "bf16": 1}   # the columns of a layer's ``flop_tokens`` (GEMM-tokens: a GEMM times a token)
 
 
 def _gemm_out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,9 +50,14 @@ class PrecisionLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, numerics: LayerNumerics, precision: str, allreduce_dgrad: bool,
-                sequence_parallel: bool, tp_group):
-        ctx.precision = precision
+    def forward(ctx, input, weight, bias, numerics: LayerNumerics, precisions: tuple[str, str, str] | str,
+                allreduce_dgrad: bool, sequence_parallel: bool, tp_group, grad_scale: torch.Tensor | None = None):
+        """``precisions``: of fprop, dgrad and wgrad (one string: all three). ``grad_scale``: an injected
+        ``grad_outlier`` (``PrecisionLinearMixin.grad_channel_scale``)."""
+        if isinstance(precisions, str):
+            precisions = (precisions,) * 3
+        fprop8, dgrad8, wgrad8 = (p == "fp8" for p in precisions)
+        ctx.dgrad8, ctx.wgrad8, ctx.grad_scale = dgrad8, wgrad8, grad_scale
         ctx.numerics = numerics
         ctx.allreduce_dgrad = allreduce_dgrad
         ctx.sequence_parallel = sequence_parallel
@@ -70,29 +79,38 @@ class PrecisionLinearFunction(torch.autograd.Function):
         x2d = total_input.reshape(-1, total_input.shape[-1])
         out_dtype = _gemm_out_dtype(input.dtype)
 
-        if precision == "fp8" and numerics.use_fused(x2d):
+        if fprop8 and dgrad8 and wgrad8 and grad_scale is None and numerics.use_fused(x2d):
             return _fused_forward(ctx, x2d, weight, bias, numerics, out_dtype, input.dtype, total_input.shape)
-        if precision == "fp8":
-            level = numerics.stats_level
+        # An operand is quantized only if a GEMM that reads it runs FP8 (the input: fprop and wgrad; the weight:
+        # fprop and dgrad); otherwise its statistics are those of a BF16 layer (a dry run on full steps).
+        level = numerics.stats_level
+        xq = sx_inv = wq = sw_inv = None
+        if fprop8 or wgrad8:
             xq, sx, st_x = fp8.quantize_tensor(x2d, numerics.scaling["input"], numerics.training, level,
                                                numerics.partner_weights(x2d, weight, "input"))
-            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"], numerics.training, level,
-                                               numerics.partner_weights(x2d, weight, "weight"))
             numerics.record("input", st_x)
-            numerics.record("weight", st_w)
-            sx_inv, sw_inv = sx.reciprocal(), sw.reciprocal()   # once each: backward takes them too
-            # Fast (reduced-precision) accumulation only in forward, as Transformer Engine does on Hopper.
-            y = fp8.scaled_mm(xq, wq.t(), sx_inv, sw_inv, out_dtype, use_fast_accum=True)
-            # A shadow step keeps the high-precision operands too, for the BF16 reference gradients.
-            ctx.shadow = numerics.shadow and numerics.training
-            # the weight parameter itself costs no memory: the gradient's statistics weigh by its rows
-            ctx.save_for_backward(xq, wq, sx_inv, sw_inv, weight, *((x2d,) if ctx.shadow else ()))
+            sx_inv = sx.reciprocal()   # once: wgrad takes it too
         else:
             numerics.record_bf16(x2d, "input", numerics.partner_weights(x2d, weight, "input"))
-            if numerics.stats_level == "full":  # the weight's amax alone tells nothing: only the dry run
-                numerics.record_bf16(weight, "weight", numerics.partner_weights(x2d, weight, "weight"))
+        if fprop8 or dgrad8:
+            wq, sw, st_w = fp8.quantize_tensor(weight, numerics.scaling["weight"], numerics.training, level,
+                                               numerics.partner_weights(x2d, weight, "weight"))
+            numerics.record("weight", st_w)
+            sw_inv = sw.reciprocal()
+        elif level == "full":  # the weight's amax alone tells nothing: only the dry run
+            numerics.record_bf16(weight, "weight", numerics.partner_weights(x2d, weight, "weight"))
+        if fprop8:
+            # Fast (reduced-precision) accumulation only in forward, as Transformer Engine does on Hopper.
+            y = fp8.scaled_mm(xq, wq.t(), sx_inv, sw_inv, out_dtype, use_fast_accum=True)
+        else:
             y = (x2d.to(torch.bfloat16) @ weight.to(torch.bfloat16).t()).to(out_dtype)
-            ctx.save_for_backward(x2d, weight)
+        # A shadow step keeps the high-precision input too, for the BF16 reference gradients of FP8 backward GEMMs.
+        ctx.shadow = numerics.shadow and numerics.training and (dgrad8 or wgrad8)
+        # wgrad reads the quantized input if it runs FP8 (stored in 8 bits, as Transformer Engine does), else the
+        # input itself; the weight parameter itself costs no memory (BF16 dgrad, and the statistics' weights)
+        keep_x = x2d if not wgrad8 or ctx.shadow else None
+        ctx.save_for_backward(xq if wgrad8 else None, sx_inv if wgrad8 else None, wq if dgrad8 else None,
+                              sw_inv if dgrad8 else None, weight, keep_x)
 
         y = y.to(input.dtype).reshape(*total_input.shape[:-1], weight.shape[0])
         if bias is not None:
@@ -105,47 +123,56 @@ class PrecisionLinearFunction(torch.autograd.Function):
         g2d = grad_output.reshape(-1, grad_output.shape[-1]).contiguous()
         needs_input_grad, needs_weight_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         numerics: LayerNumerics = ctx.numerics
+        dgrad8, wgrad8 = ctx.dgrad8, ctx.wgrad8
 
-        if ctx.precision == "fp8" and ctx.fused:
+        if ctx.fused:
             return _fused_backward(ctx, g2d)
-        if ctx.precision == "fp8":
-            xq, wq, sx_inv, sw_inv, weight, *shadow_input = ctx.saved_tensors
+        xq, sx_inv, wq, sw_inv, weight, x2d = ctx.saved_tensors
+        grad_for_bias = g2d
+        if ctx.grad_scale is not None:   # injected grad_outlier: see PrecisionLinearMixin.grad_channel_scale
+            g2d, weight = g2d * ctx.grad_scale, weight / ctx.grad_scale[:, None]
+            wq = None if wq is None else fp8.quantize(weight, "e4m3", sw_inv.reciprocal())   # dgrad's, same scale
+        if dgrad8 or wgrad8:   # the output gradient is quantized once, for the FP8 GEMMs that read it
             gq, sg, st_g = fp8.quantize_tensor(g2d, numerics.scaling["grad_output"], numerics.training,
                                                numerics.stats_level,
                                                numerics.partner_weights(None, weight, "grad_output"))
             numerics.record("grad_output", st_g)
             sg_inv = sg.reciprocal()
+        else:
+            numerics.record_bf16(g2d, "grad_output", numerics.partner_weights(None, weight, "grad_output"))
+        g_bf16 = g2d.to(torch.bfloat16) if not (dgrad8 and wgrad8) else None
+        if dgrad8:
             grad_input = fp8.scaled_mm(gq, fp8.column_major(wq), sg_inv, sw_inv, _gemm_out_dtype(ctx.input_dtype))
         else:
-            x2d, weight = ctx.saved_tensors
-            numerics.record_bf16(g2d, "grad_output", numerics.partner_weights(None, weight, "grad_output"))
-            g_bf16 = g2d.to(torch.bfloat16)
             grad_input = (g_bf16 @ weight.to(torch.bfloat16)).to(_gemm_out_dtype(ctx.input_dtype))
         grad_input = grad_input.to(ctx.input_dtype).reshape(ctx.total_input_shape)
-        shadow = ctx.precision == "fp8" and ctx.shadow
-        local_dgrad = grad_input.clone() if shadow else None  # the all-reduce below works in place
+        local_dgrad = grad_input.clone() if ctx.shadow and dgrad8 else None  # the all-reduce below works in place
         # Start the input-gradient communication, then compute the weight gradient while it runs.
         handle, grad_input = _start_dgrad_comm(ctx, grad_input)
 
         grad_weight = None
         if needs_weight_grad:
-            if ctx.precision == "fp8":
+            if wgrad8:
                 # wgrad reduces over tokens: zero-pad them to the GEMM alignment.
                 a = fp8.pad_rows(gq).t().contiguous()
                 b = fp8.column_major(fp8.pad_rows(xq))
                 grad_weight = fp8.scaled_mm(a, b, sg_inv, sx_inv, _gemm_out_dtype(ctx.weight_dtype))
             else:
                 grad_weight = (g_bf16.t() @ x2d.to(torch.bfloat16)).float()
+            if ctx.shadow:   # the GEMM's own result, before the injection's rows are scaled back
+                _record_shadow(numerics, g2d, x2d, weight, local_dgrad, grad_weight if wgrad8 else None)
+            if ctx.grad_scale is not None:
+                grad_weight = grad_weight / ctx.grad_scale[:, None]
             grad_weight = grad_weight.to(ctx.weight_dtype)
-        grad_bias = g2d.sum(dim=0) if ctx.use_bias else None
+        elif ctx.shadow:
+            _record_shadow(numerics, g2d, x2d, weight, local_dgrad, None)
+        grad_bias = grad_for_bias.sum(dim=0) if ctx.use_bias else None
         if grad_weight is not None and numerics.stats_level == "full":
             numerics.record_grad({"wgrad_sq": grad_weight.detach().float().square().sum()})
-        if shadow:
-            _record_shadow(numerics, g2d, shadow_input[0], weight, local_dgrad, grad_weight)
 
         if handle is not None:
             handle.wait()
-        return grad_input if needs_input_grad else None, grad_weight, grad_bias, None, None, None, None, None
+        return grad_input if needs_input_grad else None, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _start_dgrad_comm(ctx, grad_input: torch.Tensor):
@@ -213,22 +240,25 @@ def _fused_backward(ctx, g2d):
     if handle is not None:
         handle.wait()
     grad_input = grad_input if ctx.needs_input_grad[0] else None
-    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def _record_shadow(numerics: LayerNumerics, g2d, x2d, weight, grad_input, grad_weight) -> None:
-    """Gradient sensitivity: the same micro-batch's gradients recomputed in BF16, compared with FP8's."""
+    """Gradient sensitivity: the same micro-batch's FP8 backward GEMMs (``grad_input`` from an FP8 dgrad,
+    ``grad_weight`` from an FP8 wgrad; None for one that ran BF16) recomputed in BF16 and compared, per GEMM."""
     g = g2d.to(torch.bfloat16)
-    pairs = [(grad_input.reshape(g2d.shape[0], -1), (g @ weight.to(torch.bfloat16)))]
+    values = {"shadow_count": torch.ones((), device=g2d.device)}
+    if grad_input is not None:
+        values.update(_shadow_sums("dgrad", grad_input.reshape(g2d.shape[0], -1), g @ weight.to(torch.bfloat16)))
     if grad_weight is not None:
-        pairs.append((grad_weight, g.t() @ x2d.to(torch.bfloat16)))
-    err = ref = dot = ours = 0.0
-    for fp8_grad, ref_grad in pairs:
-        a, b = fp8_grad.detach().float(), ref_grad.float()
-        err, ref = err + (a - b).square().sum(), ref + b.square().sum()
-        dot, ours = dot + (a * b).sum(), ours + a.square().sum()
-    numerics.record_grad({"shadow_count": torch.ones((), device=g2d.device), "shadow_err_sq": err,
-                          "shadow_ref_sq": ref, "shadow_dot": dot, "shadow_fp8_sq": ours})
+        values.update(_shadow_sums("wgrad", grad_weight, g.t() @ x2d.to(torch.bfloat16)))
+    numerics.record_grad(values)
+
+
+def _shadow_sums(gemm: str, fp8_grad: torch.Tensor, ref_grad: torch.Tensor) -> dict[str, torch.Tensor]:
+    a, b = fp8_grad.detach().float(), ref_grad.float()
+    return {f"shadow_err_sq_{gemm}": (a - b).square().sum(), f"shadow_ref_sq_{gemm}": b.square().sum(),
+            f"shadow_dot_{gemm}": (a * b).sum(), f"shadow_fp8_sq_{gemm}": a.square().sum()}
 
 
 class PrecisionLinearMixin:
@@ -252,28 +282,49 @@ class PrecisionLinearMixin:
                              f"cannot run FP8: {self.fp8_unsupported_reason} (convert_layer_spec(strict=True))")
         self.numerics = LayerNumerics(scaling or ScalingConfig(), self.weight.device)
         self.gemm_flops_per_token = 6 * in_f * out_f  # forward + dgrad + wgrad, this rank's shard
-        # Training tokens through this layer by precision (FLOP_SLOT), counted on the device: a host integer
+        # GEMM-tokens through this layer by precision (FLOP_SLOT), counted on the device: a host integer
         # changing at every forward would make compiled code recompile at every call (``flops.py`` reads these
-        # only when a share is asked for). Not in state_dict: the runtime checkpoints it.
+        # only when a share is asked for). Each GEMM is a third of the layer's FLOPs. Not in state_dict: the
+        # runtime checkpoints it.
         self.register_buffer("flop_tokens", torch.zeros(2, dtype=torch.int64, device=self.weight.device),
                              persistent=False)
-        self._precision = "bf16"
-        # Function-preserving per-input-channel scale (fault injection, contract C6): x * s and W / s.
+        self._gemm_precisions: tuple[str, str, str] = ("bf16", "bf16", "bf16")   # fprop, dgrad, wgrad
+        # Function-preserving per-input-channel scale (fault injection ``outlier``, contract C6): x * s and W / s.
         self.channel_scale: torch.Tensor | None = None
+        # Per-output-channel scale of the output gradient the backward GEMMs read (``grad_outlier``): dY * s,
+        # with dgrad's weight rows / s and wgrad's rows / s, so exact (and BF16) arithmetic is unchanged.
+        self.grad_channel_scale: torch.Tensor | None = None
+
+    @property
+    def gemm_precisions(self) -> dict[str, str]:
+        """``{"fprop": p, "dgrad": p, "wgrad": p}``."""
+        return dict(zip(GEMMS, self._gemm_precisions))
 
     @property
     def precision(self) -> str:
-        return self._precision
+        """``"fp8"`` or ``"bf16"`` when the three GEMMs agree, else ``"mixed"``. Setting it sets all three."""
+        return layer_precision(self._gemm_precisions)
 
     @precision.setter
     def precision(self, value: str) -> None:
-        if value not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
-        if value == "fp8" and self.fp8_unsupported_reason:
-            raise ValueError(f"cannot run this layer in fp8: {self.fp8_unsupported_reason}")
-        if value == "fp8" and self._precision != "fp8":
-            self.numerics.reset_scaling()  # never resume from a stale amax history
-        self._precision = value
+        self.set_gemm_precisions(dict.fromkeys(GEMMS, value))
+
+    def set_gemm_precisions(self, precisions: dict[str, str]) -> None:
+        """Change some GEMMs (``{gemm: precision}``); the others keep theirs. An operand that no FP8 GEMM read
+        before and one does now starts from fresh scaling state (never a stale amax history)."""
+        for gemm, value in precisions.items():
+            if gemm not in GEMMS:
+                raise ValueError(f"unknown GEMM {gemm!r}: one of {GEMMS}")
+            if value not in PRECISIONS:
+                raise ValueError(f"precision must be one of {PRECISIONS}, got {value!r}")
+            if value == "fp8" and self.fp8_unsupported_reason:
+                raise ValueError(f"cannot run this layer in fp8: {self.fp8_unsupported_reason}")
+        before = self.gemm_precisions
+        after = {**before, **precisions}
+        for role in OPERANDS:
+            if not _quantized(before, role) and _quantized(after, role):
+                self.numerics.scaling[role].reset()
+        self._gemm_precisions = tuple(after[g] for g in GEMMS)
 
     @property
     def fp8_capable(self) -> bool:
@@ -287,14 +338,23 @@ class PrecisionLinearMixin:
             self.numerics.training = self.training
         if self.training:  # FLOP accounting covers training GEMMs, not evaluation
             tokens = input.numel() // input.shape[-1] * (tp_group.size() if sequence_parallel else 1)
-            self.flop_tokens[FLOP_SLOT[self._precision]].add_(tokens)   # in place: one kernel, no index_put
+            fp8_gemms = self._gemm_precisions.count("fp8")
+            for slot, gemms in ((0, fp8_gemms), (1, 3 - fp8_gemms)):   # in place: one kernel a precision in use
+                if gemms:
+                    self.flop_tokens[slot].add_(tokens * gemms)
         if self.channel_scale is not None:
             input, weight = input * self.channel_scale, weight / self.channel_scale
-        return PrecisionLinearFunction.apply(input, weight, bias, self.numerics, self._precision,
-                                             allreduce_dgrad, sequence_parallel, tp_group)
+        return PrecisionLinearFunction.apply(input, weight, bias, self.numerics, self._gemm_precisions,
+                                             allreduce_dgrad, sequence_parallel, tp_group, self.grad_channel_scale)
 
     def extra_repr(self) -> str:
-        return f"precision={self._precision}"
+        p = self.precision
+        return f"precision={p}" + (f" {self.gemm_precisions}" if p == MIXED else "")
+
+
+def _quantized(precisions: dict[str, str], role: str) -> bool:
+    """Whether ``role``'s tensor is quantized: some GEMM that reads it runs FP8."""
+    return any(precisions[g] == "fp8" for g in READERS[role])
 
 
 class PrecisionColumnParallelLinear(PrecisionLinearMixin, ColumnParallelLinear):

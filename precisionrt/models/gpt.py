@@ -174,3 +174,22 @@ def build_gpt(cfg: ModelConfig, scaling: ScalingConfig | None = None, tensor_par
         pre_process=parallel_state.is_pipeline_first_stage(), post_process=parallel_state.is_pipeline_last_stage(),
     )
     return place_model(model, params_dtype or cfg.torch_dtype, device)
+
+
+def gemm_shapes(cfg: ModelConfig, tensor_parallel_size: int = 1) -> dict[str, tuple[int, int]]:
+    """(K, N) of each managed linear of a transformer layer, on one tensor-parallel shard, from the configuration
+    alone (no model is built: a table for an 8B model is measured without its weights): column-parallel layers
+    split N, row-parallel ones K."""
+    tp = tensor_parallel_size
+    if cfg.is_hf:
+        arch = cfg.hf_arch(tp)
+        hidden, heads, groups, head_dim, ffn, gated = (arch.hidden_size, arch.num_attention_heads,
+                                                       arch.num_key_value_heads, arch.head_dim,
+                                                       arch.ffn_hidden_size, True)
+    else:
+        hidden, heads, ffn, gated = cfg.hidden_size, cfg.num_attention_heads, cfg.ffn_hidden_size, cfg.swiglu
+        groups, head_dim = heads, cfg.hidden_size // cfg.num_attention_heads
+    return {"linear_qkv": (hidden, (heads + 2 * groups) * head_dim // tp),
+            "linear_proj": (heads * head_dim // tp, hidden),
+            "linear_fc1": (hidden, (2 if gated else 1) * ffn // tp),
+            "linear_fc2": (ffn // tp, hidden)}

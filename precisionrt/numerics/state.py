@@ -10,14 +10,24 @@ from precisionrt.numerics import fp8, kernels
 from precisionrt.numerics.fp8 import E4M3, E5M2, NUM_STATS, ScalingConfig, ScalingState
 
 ROLES = ("input", "weight", "grad_output")
-# Per-layer gradient statistics, accumulated in backward (sums over micro-batches):
+OPERANDS = ROLES
+"""The operands of a linear layer's GEMMs: ``x`` (E4M3), ``W`` (E4M3), ``dY`` (E5M2)."""
+READ_BY = {"fprop": ("input", "weight"), "dgrad": ("grad_output", "weight"), "wgrad": ("grad_output", "input")}
+"""The operands each GEMM reads (``y = x W^T``, ``dx = dY W``, ``dW = dY^T x``)."""
+READERS = {role: tuple(g for g, ops in READ_BY.items() if role in ops) for role in ROLES}
+"""The GEMMs that read each operand: trouble in ``x`` concerns fprop and wgrad, in ``W`` fprop and dgrad, in
+``dY`` dgrad and wgrad."""
+# Per-layer gradient statistics, accumulated in backward (sums over micro-batches); the shadow's per FP8
+# backward GEMM (dgrad: dX, wgrad: dW), each compared with its BF16 recomputation:
 GRAD_FIELDS = (
     "wgrad_sq",         # ||dW||^2 of the GEMM's weight gradient (any precision)
     "shadow_count",     # backward passes with a BF16 shadow recomputation
-    "shadow_err_sq",    # ||dW_fp8 - dW_bf16||^2 + ||dX_fp8 - dX_bf16||^2
-    "shadow_ref_sq",    # ||dW_bf16||^2 + ||dX_bf16||^2
-    "shadow_dot",       # <dW_fp8, dW_bf16> + <dX_fp8, dX_bf16>
-    "shadow_fp8_sq",    # ||dW_fp8||^2 + ||dX_fp8||^2
+    *(f"{field}_{gemm}" for gemm in ("dgrad", "wgrad") for field in (
+        "shadow_err_sq",    # ||g_fp8 - g_bf16||^2
+        "shadow_ref_sq",    # ||g_bf16||^2
+        "shadow_dot",       # <g_fp8, g_bf16>
+        "shadow_fp8_sq",    # ||g_fp8||^2
+    )),
 )
 GRAD_INDEX = {name: i for i, name in enumerate(GRAD_FIELDS)}
 
@@ -118,6 +128,19 @@ class LayerNumerics:
         self.stats.zero_()
         self.grad_stats.zero_()
         return out
+
+    def load_grad_stats(self, saved: torch.Tensor) -> None:
+        """Restore an open window's gradient statistics. A checkpoint from before the shadow was kept per GEMM
+        holds one sum for dgrad and wgrad together: it is restored as dgrad's (the layer's own signal, their sum,
+        is unchanged)."""
+        if saved.numel() == len(GRAD_FIELDS):
+            self.grad_stats.copy_(saved)
+            return
+        old = dict(zip(("wgrad_sq", "shadow_count", "shadow_err_sq", "shadow_ref_sq", "shadow_dot", "shadow_fp8_sq"),
+                       saved.tolist()))
+        self.grad_stats.zero_()
+        for name, value in old.items():
+            self.grad_stats[GRAD_INDEX[name if name in GRAD_INDEX else f"{name}_dgrad"]] = value
 
     def reset_scaling(self) -> None:
         for state in self.scaling.values():

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from precisionrt.observe.events import EVENTS_FILE, SCHEMA_VERSION, STATS_PREFIX, foreign_version, parse_line
+from precisionrt.observe.events import (EVENTS_FILE, GEMMS, READABLE_VERSIONS, STATS_PREFIXES, foreign_version, gemm_of,
+                                       layer_precision, parse_line)
 
 __all__ = ["RunState", "Skipped", "collect", "compare", "dumps", "export_rows", "log_paths", "main_run", "stream",
            "summarize", "summarize_run", "timeline"]
@@ -46,7 +47,7 @@ class Skipped:
         text = f"{self.count} unreadable line(s) skipped"
         if self.versions:
             listed = ", ".join(f"{v!r} ({n} line(s))" for v, n in self.versions.most_common())
-            text += f"; records of schema version {listed}: this precisionrt reads version {SCHEMA_VERSION}"
+            text += f"; records of schema version {listed}: this precisionrt reads versions {list(READABLE_VERSIONS)}"
         return text
 
 
@@ -66,7 +67,7 @@ def stream(path: Path, skipped: Skipped, want_stats: bool = False) -> Iterator[d
     ``want_stats``: full parsing is the cost of a stats-heavy log."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            if not want_stats and raw.startswith(STATS_PREFIX):
+            if not want_stats and raw.startswith(STATS_PREFIXES):
                 m = _STEP.search(raw, 0, 120)
                 if raw.rstrip().endswith(b"}") and m:
                     skipped.records += 1
@@ -87,9 +88,9 @@ def stream(path: Path, skipped: Skipped, want_stats: bool = False) -> Iterator[d
 class RunState:
     run: str
     layers: dict = field(default_factory=dict)
-    """Name -> {"flops": F, "initial": P}."""
+    """Name -> {"flops": F, "initial": {gemm: P}} (F: all three GEMMs' FLOPs per token)."""
     switches: list = field(default_factory=list)
-    """(step, layer, from, to, reason)"""
+    """(step, layer, gemm, from, to, reason): one per GEMM (a schema-1 record moved all three)"""
     rollout_switches: list = field(default_factory=list)
     """(step, layer, from, to, reason, map_version): the RL rollout engine's side"""
     first_step: int | None = None
@@ -116,7 +117,7 @@ def collect(paths: Iterable[str | Path]) -> tuple[dict[str, RunState], Skipped]:
                 current.files.add(str(path))
                 for layer in rec.get("layers", []):
                     current.layers.setdefault(layer["name"], {"flops": layer.get("gemm_flops_per_token", 0),
-                                                              "initial": layer.get("precision", "fp8")})
+                                                              "initial": _initial(layer)})
                 if rec.get("resumed_from") is not None:
                     current.resume_at(int(rec["resumed_from"]))
                 continue
@@ -126,10 +127,11 @@ def collect(paths: Iterable[str | Path]) -> tuple[dict[str, RunState], Skipped]:
             current.first_step = step if current.first_step is None else min(current.first_step, step)
             current.last_step = max(current.last_step, step)
             if kind == "switch":
-                sw = (step, rec["layer"], rec["from"], rec["to"], rec["reason"])
-                if sw not in current.switches:  # the same decision logged by several ranks
-                    current.switches.append(sw)
-                current.layers.setdefault(rec["layer"], {"flops": 0, "initial": rec["from"]})
+                for gemm in gemm_of(rec):
+                    sw = (step, rec["layer"], gemm, rec["from"], rec["to"], rec["reason"])
+                    if sw not in current.switches:  # the same decision logged by several ranks
+                        current.switches.append(sw)
+                current.layers.setdefault(rec["layer"], {"flops": 0, "initial": dict.fromkeys(GEMMS, rec["from"])})
             elif kind == "rollout_switch":
                 sw = (step, rec["layer"], rec["from"], rec["to"], rec["reason"], rec["map_version"])
                 if sw not in current.rollout_switches:
@@ -139,37 +141,66 @@ def collect(paths: Iterable[str | Path]) -> tuple[dict[str, RunState], Skipped]:
     return runs, skipped
 
 
+def _initial(layer: dict) -> dict[str, str]:
+    """A run_start layer entry's GEMM precisions (schema 2), or its one precision for all three (schema 1)."""
+    gemms = layer.get("gemms")
+    if isinstance(gemms, dict) and all(gemms.get(g) in ("fp8", "bf16") for g in GEMMS):
+        return {g: gemms[g] for g in GEMMS}
+    precision = layer.get("precision")
+    return dict.fromkeys(GEMMS, precision if precision in ("fp8", "bf16") else "fp8")
+
+
+def _decisions(switches: list) -> list[tuple]:
+    """GEMM switches grouped into decisions: one per (step, layer, to, reason), e.g. a whole-layer promotion is
+    one decision of three GEMM switches; ``(step, layer, to, reason, gemms)``."""
+    out: dict[tuple, list] = {}
+    for step, layer, gemm, _, to, reason in sorted(switches):
+        out.setdefault((step, layer, to, reason), []).append(gemm)
+    return [(*k, tuple(v)) for k, v in out.items()]
+
+
 def summarize_run(state: RunState) -> dict:
-    """Per layer: steps in FP8, promotions/demotions by reason, first promotion; per run: FP8 FLOP share."""
+    """Per layer: steps in FP8 (per GEMM, and their mean), promotions/demotions by reason (a decision that moves
+    several GEMMs of a step counts once), first promotion; per run: FP8 FLOP share (each GEMM a third of its
+    layer's FLOPs)."""
     steps = max(state.last_step, 0)
     by_layer: dict[str, list] = {n: [] for n in state.layers}
     for sw in sorted(state.switches):
         by_layer.setdefault(sw[1], []).append(sw)
     layers, fp8_flops, all_flops = {}, 0.0, 0.0
     for name, switches in by_layer.items():
-        info = state.layers.get(name, {"flops": 0, "initial": "fp8"})
-        precision, since, fp8_steps = info["initial"], 0, 0
-        for step, _, frm, to, _ in switches:
+        info = state.layers.get(name, {"flops": 0, "initial": dict.fromkeys(GEMMS, "fp8")})
+        gemms = {}
+        for gemm in GEMMS:
+            precision, since, fp8_steps = info["initial"][gemm], 0, 0
+            for step, _, g, frm, to, _ in switches:
+                if g != gemm:
+                    continue
+                if precision == "fp8":
+                    fp8_steps += max(0, step - since)
+                precision, since = to, step
             if precision == "fp8":
-                fp8_steps += max(0, step - since)
-            precision, since = to, step
-        if precision == "fp8":
-            fp8_steps += max(0, steps - since)
-        promotions = Counter(r for _, _, _, to, r in switches if to == "bf16")
-        demotions = Counter(r for _, _, _, to, r in switches if to == "fp8")
+                fp8_steps += max(0, steps - since)
+            gemms[gemm] = {"fp8_steps": fp8_steps, "final_precision": precision}
+        decisions = _decisions(switches)
+        fp8_steps = sum(g["fp8_steps"] for g in gemms.values()) / len(GEMMS)
         layers[name] = {
             "fp8_steps": fp8_steps, "fp8_time_fraction": fp8_steps / steps if steps else None,
-            "promotions": dict(promotions), "demotions": dict(demotions),
-            "first_promotion_step": next((s for s, _, _, to, _ in switches if to == "bf16"), None),
-            "final_precision": precision,
+            "promotions": dict(Counter(r for _, _, to, r, _ in decisions if to == "bf16")),
+            "demotions": dict(Counter(r for _, _, to, r, _ in decisions if to == "fp8")),
+            "first_promotion_step": next((s for s, _, to, _, _ in decisions if to == "bf16"), None),
+            "final_precision": layer_precision({g: v["final_precision"] for g, v in gemms.items()}),
+            "gemms": gemms,
         }
         fp8_flops += info["flops"] * fp8_steps
         all_flops += info["flops"] * steps
+    decisions = _decisions(state.switches)
     return {
         "run": state.run, "files": sorted(state.files), "steps": steps, "ended": state.ended,
         "switches": len(state.switches),
-        "promotions": sum(1 for s in state.switches if s[3] == "bf16"),
-        "demotions": sum(1 for s in state.switches if s[3] == "fp8"),
+        "promotions": sum(1 for d in decisions if d[2] == "bf16"),
+        "demotions": sum(1 for d in decisions if d[2] == "fp8"),
+        "gemm_promotions": sum(1 for s in state.switches if s[4] == "bf16"),
         "fp8_flop_fraction": fp8_flops / all_flops if all_flops else None,
         "layers": layers,
         "rollout_switches": [dict(zip(("step", "layer", "from", "to", "reason", "map_version"), s))
@@ -226,25 +257,30 @@ def timeline(path: str | Path, out: str | Path, max_columns: int = 2000) -> Path
     steps = max(1, state.last_step)
     stride = max(1, -(-steps // max_columns))
     cols = -(-steps // stride)
-    grid = [[1.0] * cols for _ in names]          # 1 = fp8, 0 = bf16
+    rows = len(GEMMS)   # each layer is a band of three stripes: fprop, dgrad, wgrad (top to bottom)
+    grid = [[1.0] * cols for _ in range(rows * len(names))]          # 1 = fp8, 0 = bf16
     for i, name in enumerate(names):
-        precision, since = state.layers[name]["initial"], 0
-        changes = sorted(sw for sw in state.switches if sw[1] == name) + [(steps, name, None, None, None)]
-        for step, _, _, to, _ in changes:
-            for c in range(since // stride, min(cols, -(-step // stride))):
-                grid[i][c] = 1.0 if precision == "fp8" else 0.0
-            precision, since = to, step
-    fig, ax = plt.subplots(figsize=(10, 0.28 * len(names) + 1.6))
+        for j, gemm in enumerate(GEMMS):
+            precision, since = state.layers[name]["initial"][gemm], 0
+            changes = [sw for sw in sorted(state.switches) if sw[1] == name and sw[2] == gemm]
+            for step, _, _, _, to, _ in changes + [(steps, name, gemm, None, None, None)]:
+                for c in range(since // stride, min(cols, -(-step // stride))):
+                    grid[rows * i + j][c] = 1.0 if precision == "fp8" else 0.0
+                precision, since = to, step
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(names) + 1.6))
     ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#e07b39", "#3a7dc9"]),
               vmin=0, vmax=1, extent=(0, steps, len(names) - 0.5, -0.5))
-    for step, layer, _, to, reason in state.switches:
-        ax.plot(step, names.index(layer), marker="v" if to == "bf16" else "^", color="black", markersize=6)
-        ax.annotate(reason, (step, names.index(layer)), xytext=(3, 7 if to == "bf16" else -11),
-                    textcoords="offset points", fontsize=6)
+    for step, layer, to, reason, gemms in _decisions(state.switches):
+        y = names.index(layer) + (GEMMS.index(gemms[0]) - 1) / rows if len(gemms) == 1 else names.index(layer)
+        label = reason if len(gemms) == len(GEMMS) else f"{reason} ({'+'.join(gemms)})"
+        ax.plot(step, y, marker="v" if to == "bf16" else "^", color="black", markersize=6)
+        ax.annotate(label, (step, y), xytext=(3, 7 if to == "bf16" else -11), textcoords="offset points", fontsize=6)
+    for i in range(len(names) - 1):   # a white rule between layers, so each band of three stripes reads as one
+        ax.axhline(i + 0.5, color="white", linewidth=1.5)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("step")
-    ax.set_title(f"precision timeline of run {state.run}: blue FP8, orange BF16; v promotion, ^ return to FP8",
-                 fontsize=9)
+    ax.set_title(f"precision timeline of run {state.run}: blue FP8, orange BF16; v promotion, ^ return to FP8\n"
+                 "each layer is three stripes, top to bottom: fprop, dgrad, wgrad", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -252,7 +288,7 @@ def timeline(path: str | Path, out: str | Path, max_columns: int = 2000) -> Path
 
 
 def _sw(s: tuple) -> dict:
-    return dict(zip(("step", "layer", "from", "to", "reason"), s))
+    return dict(zip(("step", "layer", "gemm", "from", "to", "reason"), s))
 
 
 def export_rows(paths: Iterable[str | Path], skipped: Skipped) -> Iterator[dict]:
@@ -260,17 +296,21 @@ def export_rows(paths: Iterable[str | Path], skipped: Skipped) -> Iterator[dict]
     for path in log_paths(paths):
         for rec in stream(path, skipped, want_stats=True):
             if rec["kind"] == "switch":
-                yield {"kind": "switch", "run": rec.get("run"), "step": rec["step"], "layer": rec["layer"],
-                       "from": rec["from"], "to": rec["to"], "reason": rec["reason"],
-                       **{f"signal_{k}": v for k, v in rec.get("signals", {}).items()}}
+                for gemm in gemm_of(rec):
+                    yield {"kind": "switch", "run": rec.get("run"), "step": rec["step"], "layer": rec["layer"],
+                           "gemm": gemm, "from": rec["from"], "to": rec["to"], "reason": rec["reason"],
+                           **{f"signal_{k}": v for k, v in rec.get("signals", {}).items()}}
             elif rec["kind"] == "rollout_switch":
                 yield {"kind": "rollout_switch", "run": rec.get("run"), "step": rec["step"], "layer": rec["layer"],
                        "from": rec["from"], "to": rec["to"], "reason": rec["reason"], "map_version": rec["map_version"],
                        **{f"signal_{k}": v for k, v in rec.get("signals", {}).items()}}
             elif rec["kind"] == "stats":
                 for layer, sig in rec.get("layers", {}).items():
+                    gemms = sig.get("gemms") if isinstance(sig.get("gemms"), dict) else {}
                     yield {"kind": "stats", "run": rec.get("run"), "step": rec["step"], "layer": layer,
-                           **{(k if k in ("precision", "state") else f"signal_{k}"): v for k, v in sig.items()}}
+                           **{f"{g}_precision": gemms.get(g, sig.get("precision")) for g in GEMMS},
+                           **{(k if k in ("precision", "state") else f"signal_{k}"): v for k, v in sig.items()
+                              if k != "gemms"}}
 
 
 def dumps(obj) -> str:

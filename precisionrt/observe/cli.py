@@ -27,14 +27,15 @@ def _print_summary(result: dict) -> None:
         print(f"run {run['run']}: {run['steps']} steps{'' if run['ended'] else ' (no run_end yet)'}, "
               f"{run['promotions']} promotions, {run['demotions']} demotions, "
               f"FP8 share of GEMM FLOPs {'n/a' if share is None else f'{share:.1%}'}")
-        print(f"  {'layer':<48} {'time in fp8':>11} {'first promotion':>16}  reasons")
+        print(f"  {'layer':<48} {'time in fp8':>11} {'first promotion':>16}  {'now (fprop dgrad wgrad)':<24} reasons")
         for name, layer in run["layers"].items():
             frac = layer["fp8_time_fraction"]
             reasons = ", ".join(f"{k} x{v}" for k, v in {**layer["promotions"], **{
                 f"back:{k}": v for k, v in layer["demotions"].items()}}.items()) or "-"
             first = layer["first_promotion_step"]
+            now = " ".join(g["final_precision"] for g in layer["gemms"].values())
             print(f"  {name:<48} {'n/a' if frac is None else f'{frac:.1%}':>11} "
-                  f"{'-' if first is None else first:>16}  {reasons}")
+                  f"{'-' if first is None else first:>16}  {now:<24} {reasons}")
         for sw in run["rollout_switches"]:   # RL runs: the rollout engine's side
             print(f"  rollout side, step {sw['step']} (map version {sw['map_version']}): {sw['layer']} "
                   f"{sw['from']} -> {sw['to']} ({sw['reason']})")
@@ -69,7 +70,8 @@ def cmd_compare(args) -> int:
         print(f"{name}: differs from step {d['first_difference_step']}")
         for side in ("only_in_a", "only_in_b"):
             for s in d[side]:
-                print(f"  {side[-1].upper()} only: step {s['step']} {s['from']} -> {s['to']} ({s['reason']})")
+                print(f"  {side[-1].upper()} only: step {s['step']} {s['gemm']} {s['from']} -> {s['to']} "
+                      f"({s['reason']})")
     return 0
 
 

@@ -1,4 +1,9 @@
-"""The precision switch log (contract C4): schema version 1, JSON Lines, append-only, one record per line.
+"""The precision switch log (contract C4): schema version 2, JSON Lines, append-only, one record per line.
+
+Version 2 decides per GEMM: every switch record names the one GEMM of its layer that changed (``"gemm"``:
+``"fprop"``, ``"dgrad"`` or ``"wgrad"``; a whole-layer change is three records of one step and reason), and stats
+records give each layer's per-GEMM precisions (``"gemms"``). Readers accept versions 1 (whole layers: a switch
+moves all three GEMMs) and 2; ``gemm_of`` reads either.
 
 Written by rank 0, flushed per record, so a crash leaves a valid prefix. Readers skip and count lines that do
 not parse, never failing a whole file for one bad line. This module imports neither torch nor megatron: the
@@ -16,22 +21,36 @@ from pathlib import Path
 from typing import Iterator, Literal, get_args
 
 Precision = Literal["fp8", "bf16"]
+Gemm = Literal["fprop", "dgrad", "wgrad"]
+"""A linear layer's three GEMMs: ``y = x W^T`` (fprop), ``dx = dY W`` (dgrad), ``dW = dY^T x`` (wgrad)."""
 Reason = Literal["overflow", "underflow", "quant_error", "grad_sensitivity", "nonfinite",   # promotions
                  "probation", "budget",                                                      # returns to FP8
                  "manual",                                                                   # operator
-                 "mismatch"]   # RL: the layer carries the train/inference mismatch (rl/algo/attribution.py)
+                 "mismatch",   # RL: the layer carries the train/inference mismatch (rl/algo/attribution.py)
+                 "speed"]      # the speed plan: this GEMM is not faster in FP8 here (precisionrt/runtime/speed_plan.py)
 # Why the rollout engine's copy of a layer changed precision: it followed the trainer's switch, or the layer was
 # promoted on the rollout side for the mismatch it carried.
 RolloutReason = Literal["follow", "mismatch"]
 PRECISIONS: tuple[str, ...] = get_args(Precision)
+GEMMS: tuple[str, ...] = get_args(Gemm)
+MIXED = "mixed"   # ``PrecisionRuntime.precisions()`` of a layer whose GEMMs differ
+
+
+def layer_precision(gemms) -> str:
+    """A layer's precision from its GEMMs' (a mapping or sequence of precisions): theirs when they agree, else
+    ``"mixed"``."""
+    values = set(gemms.values() if isinstance(gemms, dict) else gemms)
+    return values.pop() if len(values) == 1 else MIXED
 REASONS: tuple[str, ...] = get_args(Reason)
 ROLLOUT_REASONS: tuple[str, ...] = get_args(RolloutReason)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KINDS = ("run_start", "switch", "stats", "run_end", "rollout_switch")
 EVENTS_FILE = "precision_events.jsonl"   # the log's name in a run directory
 # Every record is compact JSON opening with the version and kind (``_write``), so a reader can recognise our
 # stats lines, the bulk of a log, by this prefix and check them cheaply instead of parsing them.
-STATS_PREFIX = b'{"v":%d,"kind":"stats",' % SCHEMA_VERSION
+STATS_PREFIXES = tuple(b'{"v":%d,"kind":"stats",' % v for v in READABLE_VERSIONS)
+STATS_PREFIX = STATS_PREFIXES[-1]   # what this version writes
 
 
 def json_safe(v):
@@ -44,21 +63,31 @@ def json_safe(v):
 
 @dataclass(frozen=True)
 class SwitchEvent:
+    """One GEMM of one layer changed precision."""
+
     step: int
     layer: str
+    gemm: Gemm
     from_: Precision
     to: Precision
     reason: Reason
     signals: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:   # a new reason or precision must enter the schema above first
-        if self.from_ not in PRECISIONS or self.to not in PRECISIONS or self.reason not in REASONS:
-            raise ValueError(f"switch {self.from_!r} -> {self.to!r} ({self.reason!r}) is outside the log schema: "
-                             f"precisions {PRECISIONS}, reasons {REASONS}")
+        if self.from_ not in PRECISIONS or self.to not in PRECISIONS or self.reason not in REASONS \
+                or self.gemm not in GEMMS:
+            raise ValueError(f"switch {self.gemm!r} {self.from_!r} -> {self.to!r} ({self.reason!r}) is outside the "
+                             f"log schema: GEMMs {GEMMS}, precisions {PRECISIONS}, reasons {REASONS}")
 
     def summary(self) -> dict:
-        """The C7 summary form: ``{step, layer, from, to, reason}``."""
-        return {"step": self.step, "layer": self.layer, "from": self.from_, "to": self.to, "reason": self.reason}
+        """The C7 summary form: ``{step, layer, gemm, from, to, reason}``."""
+        return {"step": self.step, "layer": self.layer, "gemm": self.gemm, "from": self.from_, "to": self.to,
+                "reason": self.reason}
+
+
+def gemm_of(record: dict) -> tuple[str, ...]:
+    """The GEMMs a switch record moved: its ``gemm`` (schema 2), or all three (schema 1: whole layers)."""
+    return (record["gemm"],) if "gemm" in record else GEMMS
 
 
 class EventLog:
@@ -96,8 +125,8 @@ class EventLog:
         self._write("run_start", layers=layers, config=config, **extra)
 
     def switch(self, event: SwitchEvent) -> None:
-        self._write("switch", step=event.step, layer=event.layer, **{"from": event.from_}, to=event.to,
-                    reason=event.reason, signals=event.signals)
+        self._write("switch", step=event.step, layer=event.layer, gemm=event.gemm, **{"from": event.from_},
+                    to=event.to, reason=event.reason, signals=event.signals)
 
     def rollout_switch(self, step: int, layer: str, from_: Precision, to: Precision, reason: RolloutReason,
                        map_version: int, signals: dict | None = None) -> None:
@@ -148,7 +177,7 @@ _FIELDS = {
     "run_start": lambda r: isinstance(r.get("layers"), list) and all(map(_valid_layer_entry, r["layers"]))
     and isinstance(r.get("config"), dict) and ("resumed_from" not in r or _is_step(r["resumed_from"])),
     "switch": lambda r: _is_step(r.get("step")) and isinstance(r.get("layer"), str)
-    and r.get("from") in ("fp8", "bf16") and r.get("to") in ("fp8", "bf16") and isinstance(r.get("reason"), str)
+    and (r["v"] == 1 or r.get("gemm") in GEMMS) and r.get("from") in ("fp8", "bf16") and r.get("to") in ("fp8", "bf16") and isinstance(r.get("reason"), str)
     and isinstance(r.get("signals", {}), dict),
     "stats": lambda r: _is_step(r.get("step")) and isinstance(r.get("layers"), dict)
     and all(isinstance(k, str) and isinstance(v, dict) for k, v in r["layers"].items()),
@@ -159,6 +188,10 @@ _FIELDS = {
 }
 
 
+def _readable(v) -> bool:
+    return type(v) is int and v in READABLE_VERSIONS   # not True, not 1.0: a version is an integer
+
+
 def parse_line(raw: bytes | str) -> dict | None:
     """One log line as a record, or None if it is not a JSON object of a known kind and schema version with
     every field its kind needs, of the right type (a step an integer in [-1, 2**53)). A record that fails is
@@ -167,7 +200,7 @@ def parse_line(raw: bytes | str) -> dict | None:
         rec = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    if not (isinstance(rec, dict) and rec.get("v") == SCHEMA_VERSION and rec.get("kind") in KINDS):
+    if not (isinstance(rec, dict) and _readable(rec.get("v")) and rec.get("kind") in KINDS):
         return None
     if not isinstance(rec.get("run"), str) or not _is_number(rec.get("time")):
         return None
@@ -181,7 +214,7 @@ def foreign_version(raw: bytes | str):
     except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     v = rec.get("v") if isinstance(rec, dict) else None
-    return v if v is not None and v != SCHEMA_VERSION and isinstance(v, (int, float, str)) else None
+    return v if v is not None and not _readable(v) and isinstance(v, (int, float, str)) else None
 
 
 def iter_records(path: str | Path, skipped: list[str] | None = None) -> Iterator[dict]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
 from precisionrt.config import Checked, ConfigError, LayerPattern, Name, Range, flatten
-from precisionrt.observe.events import EVENTS_FILE, json_safe
+from precisionrt.observe.events import EVENTS_FILE, GEMMS, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class JsonlLogger:
         self._fh.close()
 
 
-SWITCH_COLUMNS = ["step", "layer", "from", "to", "reason", "underflow", "overflow", "headroom", "quant_error",
+SWITCH_COLUMNS = ["step", "layer", "gemm", "from", "to", "reason", "underflow", "overflow", "headroom", "quant_error",
                   "grad_rel_err"]
 
 
@@ -144,8 +144,8 @@ class WandbLogger:
         def add():
             for e in events:
                 sig = e.get("signals", {})
-                self.switches.add_data(e["step"], e["layer"], e["from"], e["to"], e["reason"],
-                                       *(sig.get(k) for k in SWITCH_COLUMNS[5:]))
+                self.switches.add_data(e["step"], e["layer"], e["gemm"], e["from"], e["to"], e["reason"],
+                                       *(sig.get(k) for k in SWITCH_COLUMNS[6:]))
             self.run.log({"step": step, "precision/switches": self.switches})
         self._guard("switch table", add)
 
@@ -161,7 +161,8 @@ class WandbLogger:
             self._guard("timeline", image)
 
     def log_precision_table(self, step: int, max_rows: int = 100_000) -> None:
-        """Long format (step, layer, precision, is_fp8) at every check, for custom charts."""
+        """Long format (step, layer, precision, is_fp8 and each GEMM's precision) at every check, for custom charts:
+        a layer whose GEMMs differ reads ``mixed``, is_fp8 the share of its GEMMs in FP8."""
         from precisionrt.observe import analysis
 
         log = self.run_dir / EVENTS_FILE
@@ -170,8 +171,9 @@ class WandbLogger:
             rows = []
             for r in analysis.export_rows([log], analysis.Skipped()):
                 if r["kind"] == "stats" and len(rows) < max_rows:
-                    rows.append([r["step"], r["layer"], r["precision"], int(r["precision"] == "fp8")])
-            t = self.wandb.Table(columns=["step", "layer", "precision", "is_fp8"], data=rows)
+                    gemms = [r[f"{g}_precision"] for g in GEMMS]
+                    rows.append([r["step"], r["layer"], r["precision"], gemms.count("fp8") / len(GEMMS), *gemms])
+            t = self.wandb.Table(columns=["step", "layer", "precision", "is_fp8", *GEMMS], data=rows)
             self.run.log({"step": step, "precision/layer_steps": t})
         if log.exists():
             self._guard("precision table", table)

@@ -127,6 +127,8 @@ def start(cfg, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -
     runtime = PrecisionRuntime(model, cfg.precision)   # validates pins before anything is written
     panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
     injector = FaultInjector(cfg.inject, model, rank, runtime.names)
+    if runtime.speed_plan is not None and rank == 0:
+        print(runtime.speed_plan.line(), flush=True)
     return Started(device, model, runtime, injector, rank)
 
 
@@ -144,8 +146,11 @@ def report_skip(step: int, what: str = "", is_main: bool = True) -> None:
 
 
 def finish(cfg, started: Started, logger, run_dir: Path, summary: dict, last_step: int, closing: str) -> dict:
-    """The end of a run: the Hugging Face export (every rank gathers its shards; rank 0 writes), the runtime's
-    ``run_end`` at ``last_step``, the loggers, ``summary.json`` and the ``closing`` line (rank 0)."""
+    """The end of a run: the speed plan's figures, the Hugging Face export (every rank gathers its shards; rank 0
+    writes), the runtime's ``run_end`` at ``last_step``, the loggers, ``summary.json`` and the ``closing`` line
+    (rank 0)."""
+    if started.runtime.speed_plan is not None:   # the plan's predicted GEMM time against all-BF16 and all-FP8
+        summary["speed_plan"] = started.runtime.speed_plan.summary()
     if cfg.train.export_hf:
         summary["hf_export"] = to_hf(started.model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
     started.runtime.close(last_step)

@@ -4,19 +4,27 @@
   weight columns divided by it, inside the layer's forward, so exact (and BF16) arithmetic is unchanged while
   per-tensor FP8 sees a real outlier. The factor ramps from 1 at ``start_step`` to ``factor`` over
   ``ramp_steps`` and stays there (the slow outlier growth of long FP8 runs).
+* ``grad_outlier``: the backward pass's counterpart, function-preserving too. Output channel(s) of the output
+  gradient ``dY`` that the layer's backward GEMMs read are multiplied by the factor, rounded to a power of two,
+  and the weight rows that dgrad reads and the rows of the weight gradient wgrad makes are divided by it: each
+  scaling is exact in every floating-point format, so exact and BF16 arithmetic are unchanged (bit for bit),
+  while the E5M2 ``dY`` carries a real outlier that flushes its other channels. The forward pass does not
+  change: fprop sees nothing. Ramps like ``outlier``.
 * ``spike``: the same function-preserving scaling applied to every channel, for ``max(1, ramp_steps)`` steps
   from ``start_step``: a burst that a delayed-scaling history has not seen.
 * ``nonfinite``: one element of the layer's output gradient becomes NaN (or ``inf``), for
   ``max(1, ramp_steps)`` steps from ``start_step`` (like a spike: one step unless said otherwise).
 
 ``ranks`` limits the injection to those global ranks (default: every rank). Channel indices are local to a
-rank's shard of the layer's input.
+rank's shard of the layer's input (``grad_outlier``: of its output).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
+
+import math
 
 import torch
 
@@ -29,7 +37,7 @@ FP32_MAX = 3.4028234663852886e38
 
 @dataclass
 class InjectConfig(Checked):
-    kind: Literal["none", "outlier", "spike", "nonfinite"] = "none"
+    kind: Literal["none", "outlier", "grad_outlier", "spike", "nonfinite"] = "none"
     layer: Annotated[str, Text('a managed layer name (checked against the model)')] = ""
     start_step: Every = 0
     ramp_steps: Every = 0
@@ -42,8 +50,8 @@ class InjectConfig(Checked):
     def validate(self) -> None:
         if self.kind != "none" and not self.layer:
             raise ValueError(f"layer is required for kind {self.kind!r}")
-        if self.kind == "outlier" and not self.channels:
-            raise ValueError("channels: an outlier needs at least one input channel")
+        if self.kind in ("outlier", "grad_outlier") and not self.channels:
+            raise ValueError(f"channels: {self.kind} needs at least one channel")
 
 
 def check_inject_ranks(cfg: InjectConfig, world_size: int) -> None:
@@ -71,10 +79,12 @@ class FaultInjector:
             known = names or list(layers)
             raise ConfigError(f"inject.layer {config.layer!r} is not a managed layer; e.g. {known[:3]}")
         self.layer = layers[config.layer]
-        in_features = self.layer.weight.shape[1]
-        bad = [c for c in config.channels if not 0 <= c < in_features]
-        if config.kind == "outlier" and (bad or not config.channels):
-            raise ConfigError(f"inject.channels {config.channels} must be indices in [0, {in_features})")
+        # an outlier scales input channels (weight columns); a grad_outlier output channels (weight rows)
+        width = self.layer.weight.shape[0 if config.kind == "grad_outlier" else 1]
+        bad = [c for c in config.channels if not 0 <= c < width]
+        if config.kind in ("outlier", "grad_outlier") and (bad or not config.channels):
+            what = "output" if config.kind == "grad_outlier" else "input"
+            raise ConfigError(f"inject.channels {config.channels} must be {what} channel indices in [0, {width})")
         if config.kind == "nonfinite":
             self.layer.register_forward_hook(self._poison_grad_hook)
 
@@ -97,16 +107,19 @@ class FaultInjector:
             self._poison = self.config.start_step <= step < self.config.start_step + max(1, self.config.ramp_steps)
             return
         f = self.factor_at(step)
+        if kind == "grad_outlier":   # a power of two: dividing it back out is exact in any format
+            f = 2.0 ** round(math.log2(f))
+        attribute = "grad_channel_scale" if kind == "grad_outlier" else "channel_scale"
         if f == 1.0:
-            self.layer.channel_scale = None
+            setattr(self.layer, attribute, None)
             return
         w = self.layer.weight
-        scale = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
-        if kind == "outlier":
+        scale = torch.ones(w.shape[0 if kind == "grad_outlier" else 1], dtype=w.dtype, device=w.device)
+        if kind in ("outlier", "grad_outlier"):
             scale[self.config.channels] = f
         else:
             scale.fill_(f)
-        self.layer.channel_scale = scale
+        setattr(self.layer, attribute, scale)
 
     def _poison_grad_hook(self, module, inputs, output):
         if not (self._poison and module.training):

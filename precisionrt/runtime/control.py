@@ -1,8 +1,10 @@
 """The operator control file: precision overrides an operator writes while a run goes on.
 
 ``precision_control.json`` in the run directory maps layer names or fnmatch patterns to ``"fp8"``, ``"bf16"``
-(switch and hold) or ``"auto"`` (hand back to the policy). Rank 0 reads it at check steps when it changed; the
-runtime sends the per-layer codes to every rank in its packed all-reduce.
+(switch and hold) or ``"auto"`` (hand back to the policy); ``pattern:gemm`` (``fprop``, ``dgrad``, ``wgrad``)
+names one GEMM of each layer it matches, e.g. ``{"decoder.layers.1.mlp.linear_fc2:wgrad": "bf16"}``. Rank 0
+reads it at check steps when it changed; the runtime sends the per-GEMM codes to every rank in its packed
+all-reduce.
 
 The file is hostile input and never stops the run: it is read only if it is a regular file (not a FIFO that
 would block, a device such as ``/dev/zero`` that never ends, a directory or a symlink loop), only up to
@@ -24,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from precisionrt.layers.names import split_gemm
+from precisionrt.observe.events import GEMMS
+
 log = logging.getLogger(__name__)
 
 CONTROL_CODES = {"fp8": 1, "bf16": 2, "auto": 3}
@@ -40,8 +45,8 @@ class ControlFile:
         self.reject = reject
         self._seen: tuple[int, int, int] | None = None   # (inode, size, mtime) of the version last read
 
-    def read(self) -> dict[str, str]:
-        """``{layer: action}`` requested by the file if it changed since the last read, else ``{}``."""
+    def read(self) -> dict[tuple[str, str], str]:
+        """``{(layer, gemm): action}`` requested by the file if it changed since the last read, else ``{}``."""
         try:
             st = os.stat(self.path)   # follows symlinks; a loop raises ELOOP
         except FileNotFoundError:
@@ -77,21 +82,26 @@ class ControlFile:
             return self._refuse(version, "must hold a JSON object {layer-or-pattern: 'fp8' | 'bf16' | 'auto'}")
         return self._requests(spec)
 
-    def _requests(self, spec: dict) -> dict[str, str]:
-        out: dict[str, str] = {}
+    def _requests(self, spec: dict) -> dict[tuple[str, str], str]:
+        out: dict[tuple[str, str], str] = {}
         for pattern, action in spec.items():
             if not isinstance(action, str) or action not in CONTROL_CODES:
                 self.reject(f"{self.path}: {pattern!r}: action {str(action)[:80]!r} is not one of "
                             f"{sorted(CONTROL_CODES)}")
                 continue
-            hits = [n for n in self.names if fnmatch.fnmatchcase(n, pattern)]
+            try:
+                layer_pattern, gemm = split_gemm(pattern)
+            except ValueError as e:
+                self.reject(f"{self.path}: {e}")
+                continue
+            hits = [n for n in self.names if fnmatch.fnmatchcase(n, layer_pattern)]
             if not hits:
                 self.reject(f"{self.path}: {pattern!r} matches no managed layer")
             else:
-                out.update({n: action for n in hits})
+                out.update({(n, g): action for n in hits for g in ((gemm,) if gemm else GEMMS)})
         return out
 
-    def _refuse(self, version, problem: str) -> dict[str, str]:
+    def _refuse(self, version, problem: str) -> dict:
         self._seen = version
         self.reject(f"{self.path} {problem}; ignored until it changes")
         return {}
@@ -115,31 +125,33 @@ class OperatorControl:
         log.warning("precisionrt: control file entry rejected: %s", message)
 
     def codes(self, device: torch.device) -> torch.Tensor:
-        """Per-layer request codes (0: none), on ``device``."""
+        """Per-layer, per-GEMM request codes ``[layers, 3]`` (0: none), on ``device``."""
         requests = self.file.read() if self.file is not None else {}
         if not requests:   # the usual case: zeros made on the device, nothing copied from the host
-            return torch.zeros(len(self.names), dtype=torch.float32, device=device)
-        codes = torch.zeros(len(self.names), dtype=torch.float32)
-        for name, action in requests.items():
-            codes[self.names.index(name)] = CONTROL_CODES[action]
+            return torch.zeros(len(self.names), len(GEMMS), dtype=torch.float32, device=device)
+        codes = torch.zeros(len(self.names), len(GEMMS), dtype=torch.float32)
+        for (name, gemm), action in requests.items():
+            codes[self.names.index(name), GEMMS.index(gemm)] = CONTROL_CODES[action]
         if device.type == "cuda":   # from pinned memory, asynchronously: no synchronisation with the host
             return codes.pin_memory().to(device, non_blocking=True)
         return codes.to(device)
 
-    def apply(self, codes: list[int], step: int, set_precision: Callable, release: Callable[[str], None]) -> list:
-        """Carry out received codes: a switch and hold, or ``auto`` (release). A request the runtime refuses
-        (a pinned layer, a layer that cannot run FP8) is rejected; the run goes on."""
+    def apply(self, codes: list[dict[str, int]], step: int, set_precision: Callable,
+              release: Callable[[str], None]) -> list:
+        """Carry out received codes (per layer, ``{gemm: code}``): a switch and hold, or ``auto`` (release); a
+        layer whose three GEMMs get one action is switched whole. A request the runtime refuses (a pinned GEMM,
+        a layer that cannot run FP8) is rejected; the run goes on."""
         events = []
-        for name, code in zip(self.names, codes):
-            action = CODE_NAMES.get(code)
-            if action is None:
-                continue
-            if action == "auto":
-                release(name)
-                continue
-            try:
-                if (e := set_precision(name, action, reason="manual", step=step)):
-                    events.append(e)
-            except ValueError as err:
-                self.reject(str(err))
+        for name, per_gemm in zip(self.names, codes):
+            actions = {g: CODE_NAMES[c] for g, c in per_gemm.items() if c in CODE_NAMES}
+            whole = len(actions) == len(GEMMS) and len(set(actions.values())) == 1
+            targets = [(name, actions["fprop"])] if whole else [(f"{name}:{g}", a) for g, a in actions.items()]
+            for target, action in targets:
+                if action == "auto":
+                    release(target)
+                    continue
+                try:
+                    events += set_precision(target, action, reason="manual", step=step)
+                except ValueError as err:
+                    self.reject(str(err))
         return events

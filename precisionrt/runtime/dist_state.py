@@ -66,7 +66,8 @@ def sharded_state_dict(rt, prefix: str = "precision_runtime.") -> dict:
     full = rt.state_dict()
     mine = {"window": full["window"], "shadow_cursor": full["shadow_cursor"], "shadow_next": full["shadow_next"],
             "step_flops": full["step_flops"]}
-    common = {"precisions": full["precisions"], "policy": full["policy"], "monitor": full["monitor"],
+    common = {"precisions": full["precisions"], "granularity": full["granularity"], "policy": full["policy"],
+              "monitor": full["monitor"],
               "run_id": full["run_id"], "last_step": full["last_step"],
               **{k: full[k] for k in rt.skips.state_dict()},
               "layout": _layout(), "ranks": _gathered(mine)}

@@ -1,8 +1,9 @@
 """FLOP accounting: the share of the managed layers' GEMM FLOPs that ran in FP8, over the run and per step.
 
-Each layer counts the training tokens through it by precision, from tensor shapes, into a device buffer
-(``layer.flop_tokens``: a host integer that changes at every forward would make compiled code recompile at every
-call, and a captured CUDA graph would count once). FLOPs are those tokens times the layer's GEMM FLOPs per token.
+Each layer counts its GEMM-tokens by precision (a token through one of its three GEMMs; each GEMM runs in its own
+precision), from tensor shapes, into a device buffer (``layer.flop_tokens``: a host integer that changes at every
+forward would make compiled code recompile at every call, and a captured CUDA graph would count once). FLOPs are
+those GEMM-tokens times one GEMM's FLOPs per token, a third of the layer's ``gemm_flops_per_token``.
 ``end_step`` keeps the step's FLOPs on the device too; they reach the host only when a share is asked for (at
 logging, at a checkpoint, at the end of a run): one transfer, never in ``end_step``. Attention score GEMMs, the
 embedding and the output head are not managed layers and are in neither the numerator nor the denominator.
@@ -25,7 +26,7 @@ class FlopAccounting:
         """``layers``: this rank's managed layers; ``group``: the pipeline group whose other stages hold the rest
         of the model (None: this rank holds every layer, or a shard of it)."""
         self.layers, self.group, self.device = layers, group, device or torch.device("cpu")
-        self._per_token = torch.tensor([[l.gemm_flops_per_token] for l in layers.values()], dtype=torch.float64,
+        self._per_token = torch.tensor([[_per_gemm(l)] for l in layers.values()], dtype=torch.float64,
                                        device=self.device).reshape(-1, 1)
         self._at_last_step = self._tokens()
         self._step = torch.zeros(2, dtype=torch.float64, device=self.device)   # last step with a forward: (FP8, BF16)
@@ -41,15 +42,15 @@ class FlopAccounting:
 
     def totals(self) -> tuple[int, int]:
         """This rank's GEMM FLOPs run so far in (FP8, BF16), exactly (one transfer)."""
-        per_token = [l.gemm_flops_per_token for l in self.layers.values()]
+        per_token = [_per_gemm(l) for l in self.layers.values()]
         rows = self._tokens().tolist()
         return (sum(t[0] * p for t, p in zip(rows, per_token)), sum(t[1] * p for t, p in zip(rows, per_token)))
 
     def fractions(self) -> tuple[float, float]:
         """FP8's share over the run and over the last step, for the whole model (one transfer). Before any
         forward: the share of FLOPs per token that the layers' current precisions assign to FP8."""
-        per_token = [float(sum(l.gemm_flops_per_token for l in self.layers.values() if l.precision == p))
-                     for p in ("fp8", "bf16")]
+        per_token = [float(sum(_per_gemm(l) * list(l.gemm_precisions.values()).count(p)
+                               for l in self.layers.values())) for p in ("fp8", "bf16")]
         counts = torch.cat([self._flops(self._tokens()), self._step,
                             torch.tensor(per_token, dtype=torch.float64, device=self.device)])
         if self.group is not None:
@@ -73,7 +74,7 @@ class FlopAccounting:
         self._at_last_step = tokens
 
     def state_dict(self) -> dict:
-        per_token = [l.gemm_flops_per_token for l in self.layers.values()]
+        per_token = [_per_gemm(l) for l in self.layers.values()]
         rows = self._tokens().tolist()
         return {"flops": {n: [t[0] * p, t[1] * p] for n, t, p in zip(self.layers, rows, per_token)},
                 "step_flops": [int(v) for v in self._step.tolist()]}
@@ -81,7 +82,7 @@ class FlopAccounting:
     def load_state_dict(self, sd: dict) -> None:
         for name, layer in self.layers.items():
             fp8, bf16 = sd["flops"][name]
-            per_token = layer.gemm_flops_per_token
+            per_token = _per_gemm(layer)   # checkpoints that counted layer-tokens: the same FLOPs, 3 GEMM-tokens each
             layer.flop_tokens.copy_(torch.tensor([fp8 // per_token, bf16 // per_token]))
         self._at_last_step = self._tokens()
         if "step_flops" in sd:
@@ -92,3 +93,8 @@ class FlopAccounting:
         else:
             return
         self._step = torch.tensor(step, dtype=torch.float64, device=self.device)
+
+
+def _per_gemm(layer) -> int:
+    """One GEMM's FLOPs per token: a third of the layer's (fprop, dgrad and wgrad cost alike)."""
+    return layer.gemm_flops_per_token // 3

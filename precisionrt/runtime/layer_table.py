@@ -38,6 +38,8 @@ class LayerInfo:
     order: tuple
     """Forward order: (global transformer layer index, attention projection rank, position within the layer on
     its rank, name)."""
+    shape: tuple[int, int] = (0, 0)
+    """(in_features, out_features) of one tensor-parallel shard: the GEMMs' K and N (the speed plan's key)."""
 
     @property
     def fp8_capable(self) -> bool:
@@ -55,7 +57,7 @@ def local_infos(layers: dict) -> list[LayerInfo]:
         last = name.rsplit(".", 1)[-1]
         attention = _ATTENTION_ORDER.index(last) if last in _ATTENTION_ORDER else len(_ATTENTION_ORDER)
         out.append(LayerInfo(name, layer.gemm_flops_per_token, layer.fp8_unsupported_reason,
-                             (block, attention, position[block], name)))
+                             (block, attention, position[block], name), tuple(layer.weight.shape[::-1])))
     return out
 
 

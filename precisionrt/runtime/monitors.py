@@ -6,7 +6,11 @@ On a check step ``collect`` turns them into per-layer signals with tensor ops, p
 ``[layers, columns]`` buffer, reduces it with **one** all-reduce (MAX: every column is a worst case) over the
 whole model's group, and copies it to the host **once**. Nothing here ever syncs per layer.
 
-Signals (per layer; the worst tensor role unless said otherwise):
+Signals (per layer; the worst tensor role unless said otherwise). Every column is packed per operand (input
+``x``, weight ``W``, output gradient ``dY``) and per backward GEMM, so each signal exists twice: for the layer
+(the worst of its operands: ``signals_from``) and for each of its GEMMs (the worst of the operands that GEMM
+reads, ``numerics.state.READ_BY``; gradient sensitivity from that GEMM's own shadow: ``"gemms"``), which is what
+per-GEMM precision decides on.
 
 =================  =======================================================================================
 overflow           fraction of values saturated at +-max
@@ -19,9 +23,10 @@ underflow_energy_* share of the GEMM product's energy that flushing removes (``f
 nonfinite          NaN/Inf values seen in the input, weight or output gradient (count); ``nonfinite_origin``
                    marks the layer where they entered (see ``mark_nonfinite_origins``)
 quant_error        relative RMS error ||x - dq(q(x))|| / ||x||  (SQNR = -20 log10 of it)
-grad_rel_err       shadow steps: ||g_fp8 - g_bf16|| / ||g_bf16|| over the layer's dgrad and wgrad
+grad_rel_err       shadow steps: ||g_fp8 - g_bf16|| / ||g_bf16|| over the layer's FP8 dgrad and wgrad (a GEMM: its own)
 grad_cos           shadow steps: cosine similarity of the FP8 and BF16 gradients
-grad_norm_z        z-score of the layer's weight-gradient norm against its EMA across earlier checks
+grad_norm_z        z-score of the layer's weight-gradient norm against its EMA across earlier checks (a GEMM:
+                   wgrad's, the GEMM that makes that gradient; amax_jump is the layer's for all three)
 =================  =======================================================================================
 
 A layer running BF16 records only amax, nonfinite and element counts, so its FP8-only signals read 0. Signals
@@ -40,16 +45,21 @@ import torch
 
 from precisionrt.config import Checked, Range
 from precisionrt.numerics.fp8 import E4M3, E5M2, STAT_INDEX
-from precisionrt.numerics.state import GRAD_INDEX
+from precisionrt.numerics.state import GRAD_INDEX, READ_BY, ROLES
+from precisionrt.observe.events import GEMMS
 
 SIGNALS = ("overflow", "headroom", "amax_jump", "underflow", "underflow_energy_fwd", "underflow_energy_grad",
            "nonfinite", "quant_error", "grad_rel_err",
            "grad_cos", "grad_norm_z")
 _FMT_MAX = (E4M3.max, E4M3.max, E5M2.max)   # input, weight, grad_output
+_ROLE_COLUMNS = ("overflow", "headroom", "underflow", "nonfinite", "quant_error", "flushed")
+"""Packed once per operand: ``overflow_input``, ``overflow_weight``, ``overflow_grad_output``, ..."""
+_SHADOW_GEMMS = ("dgrad", "wgrad", "layer")   # ``layer``: both backward GEMMs' sums together
 # Columns of the packed buffer (all reduce by MAX across ranks).
-COLUMNS = ("overflow", "headroom", "underflow", "nonfinite_fwd", "nonfinite_grad", "quant_error", "amax_input", "amax_grad",
-           "grad_rel_err", "grad_cos_gap", "shadow_count", "grad_norm", "full_steps", "control",
-           "underflow_energy_fwd", "underflow_energy_grad")
+COLUMNS = (*(f"{c}_{role}" for c in _ROLE_COLUMNS for role in ROLES),
+           *(f"{c}_{g}" for c in ("grad_rel_err", "grad_cos_gap", "shadowed") for g in _SHADOW_GEMMS),
+           "amax_input", "amax_grad", "shadow_count", "grad_norm", "full_steps",
+           *(f"control_{g}" for g in GEMMS))
 
 
 @dataclass
@@ -78,14 +88,16 @@ def _safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def pack(layers: list, control: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Drain every layer's statistics into one ``[len(control), len(COLUMNS)]`` fp32 device tensor: this rank's
     ``layers`` at the whole model's ``rows`` (default: ``layers`` are the whole model), zeros in the rows of
-    layers other ranks hold (``layout.py``), and the operator control codes of every layer."""
+    layers other ranks hold (``layer_table.py``), and the operator control codes (``control``: ``[layers, 3]``,
+    one per GEMM) of every layer."""
     total = control.shape[0]
     if rows is None:
         rows = torch.arange(len(layers), device=control.device)
     out = torch.zeros(total, len(COLUMNS), dtype=torch.float32, device=control.device)
     if layers:
         out.index_copy_(0, rows, _pack_local(layers).float())
-    out[:, COLUMNS.index("control")] = control
+    first = COLUMNS.index("control_fprop")
+    out[:, first:first + len(GEMMS)] = control
     return out
 
 
@@ -94,30 +106,36 @@ def _pack_local(layers: list) -> torch.Tensor:
     stats = torch.stack([d[0] for d in drained])         # [L, roles, fields]
     grad = torch.stack([d[1] for d in drained])          # [L, grad fields]
     col = lambda name: stats[..., STAT_INDEX[name]]      # noqa: E731 - [L, roles]
+    g = lambda name: grad[:, GRAD_INDEX[name]]           # noqa: E731 - [L]
     # one scaled_amax column per role, each divided by its format's max: no host tensor copied to the device
-    headroom = torch.stack([col("scaled_amax")[:, r] / _FMT_MAX[r] for r in range(len(_FMT_MAX))], dim=1)
-    shadow_ref = grad[:, GRAD_INDEX["shadow_ref_sq"]]
-    cos = _safe_div(grad[:, GRAD_INDEX["shadow_dot"]],
-                    (shadow_ref * grad[:, GRAD_INDEX["shadow_fp8_sq"]]).sqrt())
-    has_shadow = grad[:, GRAD_INDEX["shadow_count"]] > 0
-    flushed_share = _safe_div(col("flushed_energy"), col("weighted_signal"))   # [L, roles]
+    per_role = {
+        "overflow": _safe_div(col("saturated"), col("numel")),
+        "headroom": torch.stack([col("scaled_amax")[:, r] / _FMT_MAX[r] for r in range(len(_FMT_MAX))], dim=1),
+        "underflow": _safe_div(col("underflow"), col("nonzero")),
+        "nonfinite": col("nonfinite"),
+        "quant_error": _safe_div(col("err_sq"), col("signal_sq")).sqrt(),
+        "flushed": _safe_div(col("flushed_energy"), col("weighted_signal")),
+    }
+    sums = {gemm: [g(f"{field}_{gemm}") for field in ("shadow_err_sq", "shadow_ref_sq", "shadow_dot", "shadow_fp8_sq")]
+            for gemm in ("dgrad", "wgrad")}
+    sums["layer"] = [a + b for a, b in zip(sums["dgrad"], sums["wgrad"])]
+    rel_err, cos_gap, shadowed = [], [], []
+    for gemm in _SHADOW_GEMMS:   # a GEMM was shadowed when its BF16 reference has any energy
+        err, ref, dot, ours = sums[gemm]
+        cos = _safe_div(dot, (ref * ours).sqrt())
+        rel_err.append(_safe_div(err, ref).sqrt())
+        cos_gap.append(torch.where(ref > 0, 1.0 - cos, torch.zeros_like(cos)))
+        shadowed.append((ref > 0).float())
+    zeros = torch.zeros_like(g("shadow_count"))
     packed = torch.stack([
-        _safe_div(col("saturated"), col("numel")).amax(1),
-        headroom.amax(1),
-        _safe_div(col("underflow"), col("nonzero")).amax(1),
-        col("nonfinite")[:, :2].sum(1),
-        col("nonfinite")[:, 2],
-        _safe_div(col("err_sq"), col("signal_sq")).sqrt().amax(1),
+        *(per_role[c][:, r] for c in _ROLE_COLUMNS for r in range(len(ROLES))),
+        *rel_err, *cos_gap, *shadowed,
         col("amax")[:, 0],
         col("amax")[:, 2],
-        _safe_div(grad[:, GRAD_INDEX["shadow_err_sq"]], shadow_ref).sqrt(),
-        torch.where(has_shadow, 1.0 - cos, torch.zeros_like(cos)),
-        grad[:, GRAD_INDEX["shadow_count"]],
-        grad[:, GRAD_INDEX["wgrad_sq"]].sqrt(),
+        g("shadow_count"),
+        g("wgrad_sq").sqrt(),
         (col("numel").sum(1) > 0).float(),
-        torch.zeros_like(headroom[:, 0]),   # control: set by ``pack`` for every layer
-        flushed_share[:, :2].amax(1),
-        flushed_share[:, 2],
+        *(zeros for _ in GEMMS),   # control: set by ``pack`` for every layer
     ], dim=1)
     return packed.nan_to_num(nan=0.0, posinf=1e30)
 
@@ -167,7 +185,8 @@ class MonitorState:
 
 
 def signals_from(host: np.ndarray, names: list[str], state: MonitorState, cfg: MonitorConfig) -> dict[str, dict]:
-    """Per-layer signal dicts from the fetched buffer; updates the host-side baselines."""
+    """Per-layer signal dicts from the fetched buffer, each with the signals of its three GEMMs under
+    ``"gemms"``; updates the host-side baselines."""
     c = {name: i for i, name in enumerate(COLUMNS)}
     out = {}
     for i, name in enumerate(names):
@@ -184,21 +203,34 @@ def signals_from(host: np.ndarray, names: list[str], state: MonitorState, cfg: M
             amax_base.update(float(amax), cfg.ema_decay)
         if math.isfinite(gnorm) and gnorm > 0:
             gn_base.update(gnorm, cfg.ema_decay)
-        shadow = row[c["shadow_count"]] > 0
         full = row[c["full_steps"]] > 0   # window held a full-statistics step: counts and errors are known
-        known = lambda col: float(row[c[col]]) if full else None  # noqa: E731
-        out[name] = {
-            "overflow": known("overflow"), "headroom": float(row[c["headroom"]]), "amax_jump": float(jump),
-            "underflow": known("underflow"),
-            "underflow_energy_fwd": known("underflow_energy_fwd"),
-            "underflow_energy_grad": known("underflow_energy_grad"),
-            "nonfinite": float(row[c["nonfinite_fwd"]] + row[c["nonfinite_grad"]]),
-            "quant_error": known("quant_error"),
-            "grad_rel_err": float(row[c["grad_rel_err"]]) if shadow else None,
-            "grad_cos": 1.0 - float(row[c["grad_cos_gap"]]) if shadow else None,
-            "grad_norm_z": float(z),
-        }
+        signals = _signals(row, c, ROLES, "layer", full)
+        signals.update({"amax_jump": float(jump), "grad_norm_z": float(z)})
+        signals["gemms"] = {}
+        for gemm, roles in READ_BY.items():
+            s = _signals(row, c, roles, gemm if gemm != "fprop" else None, full)
+            s.update({"amax_jump": float(jump), "grad_norm_z": float(z) if gemm == "wgrad" else 0.0})
+            signals["gemms"][gemm] = s
+        out[name] = signals
     return out
+
+
+def _signals(row: np.ndarray, c: dict, roles: tuple[str, ...], shadow: str | None, full: bool) -> dict:
+    """The signals of the operands ``roles`` (the worst of them) and of ``shadow``'s gradient comparison."""
+    worst = lambda col, among=roles: max((float(row[c[f"{col}_{r}"]]) for r in among), default=0.0)  # noqa: E731
+    known = lambda value: value if full else None  # noqa: E731
+    shadowed = shadow is not None and row[c[f"shadowed_{shadow}"]] > 0
+    e4m3 = tuple(r for r in roles if r != "grad_output")
+    return {
+        "overflow": known(worst("overflow")), "headroom": worst("headroom"),
+        "underflow": known(worst("underflow")),
+        "underflow_energy_fwd": known(worst("flushed", e4m3)),
+        "underflow_energy_grad": known(worst("flushed", tuple(r for r in roles if r == "grad_output"))),
+        "nonfinite": float(sum(row[c[f"nonfinite_{r}"]] for r in roles)),
+        "quant_error": known(worst("quant_error")),
+        "grad_rel_err": float(row[c[f"grad_rel_err_{shadow}"]]) if shadowed else None,
+        "grad_cos": 1.0 - float(row[c[f"grad_cos_gap_{shadow}"]]) if shadowed else None,
+    }
 
 
 # Signals where a low value is the bad one (margin before overflow, agreement with the BF16 gradient).
@@ -221,21 +253,31 @@ def worst(signals: dict[str, dict], names: list[str]) -> dict[str, float]:
 
 
 def mark_nonfinite_origins(signals: dict[str, dict], host: np.ndarray, names: list[str]) -> None:
-    """Set ``nonfinite_origin`` on the layers where NaN/Inf entered, not every layer it flowed through.
-    ``names`` (the rows of ``host``) are in forward order (``layout.LayerTable``).
+    """Set ``nonfinite_origin`` on the layers where NaN/Inf entered, not every layer it flowed through, and on
+    the GEMMs of that layer that read the operand it entered through. ``names`` (the rows of ``host``) are in
+    forward order (``layer_table.LayerTable``).
 
     A nonfinite value in the forward pass propagates downstream, so its origin is the first layer in forward
-    order that saw one in its input or weight; one born in the backward pass propagates upstream, so its origin
-    is the last layer in forward order that saw one in its output gradient.
+    order that saw one in its input or weight (the GEMMs reading that operand: fprop and wgrad for the input,
+    fprop and dgrad for the weight); one born in the backward pass propagates upstream, so its origin is the
+    last layer in forward order that saw one in its output gradient (dgrad and wgrad).
     """
     c = {name: i for i, name in enumerate(COLUMNS)}
     row = {n: host[i] for i, n in enumerate(names)}
-    fwd = [n for n in names if row[n][c["nonfinite_fwd"]] > 0]
-    bwd = [n for n in names if row[n][c["nonfinite_grad"]] > 0]
-    origins = set(fwd[:1]) if fwd else set(bwd[-1:])
+    seen = lambda n, role: row[n][c[f"nonfinite_{role}"]] > 0  # noqa: E731
+    fwd = [n for n in names if seen(n, "input") or seen(n, "weight")]
+    bwd = [n for n in names if seen(n, "grad_output")]
+    if fwd:
+        origins = {fwd[0]: [r for r in ("input", "weight") if seen(fwd[0], r)]}
+    else:
+        origins = {n: ["grad_output"] for n in bwd[-1:]}
     for n in names:
         signals[n]["nonfinite_origin"] = n in origins
+        for gemm, gs in signals[n].get("gemms", {}).items():
+            gs["nonfinite_origin"] = any(r in READ_BY[gemm] for r in origins.get(n, ()))
 
 
-def control_codes(host: np.ndarray) -> list[int]:
-    return [int(v) for v in host[:, COLUMNS.index("control")]]
+def control_codes(host: np.ndarray) -> list[dict[str, int]]:
+    """Per layer, the operator's request code for each GEMM (0: none)."""
+    first = COLUMNS.index("control_fprop")
+    return [dict(zip(GEMMS, (int(v) for v in r[first:first + len(GEMMS)]))) for r in host]

@@ -1,4 +1,8 @@
-"""The promotion policy: a per-layer state machine that turns monitor signals into precision decisions.
+"""The promotion policy: a state machine per unit that turns monitor signals into precision decisions. A unit is
+a layer (``granularity = "layer"``: its three GEMMs move together) or one GEMM of a layer (``"gemm"``, the
+default: ``layer:fprop``, ``layer:dgrad``, ``layer:wgrad``, each read by its own signals, those of the operands
+it reads, so trouble in one operand promotes exactly the GEMMs that read it). The runtime names the units and
+applies the decisions; below, "layer" means a unit.
 
     fp8 ──(signal over threshold on `patience` consecutive checks; nonfinite or `immediate_ratio` times over
            the threshold: at once)──► bf16
@@ -30,6 +34,12 @@ from precisionrt.config import Checked, Fraction, Range
 from precisionrt.observe.events import Precision, Reason
 
 PolicyState = Literal["fp8", "bf16", "probation"]   # probation: back in FP8, watched more closely
+_SEVERITY = {"fp8": 0, "probation": 1, "bf16": 2}
+
+
+def worst_state(states: list[str]) -> str:
+    """The most severe of some units' states (bf16, then probation, then fp8): a layer's, from its GEMMs'."""
+    return max(states, key=_SEVERITY.__getitem__)
 
 # signal -> reason recorded in the switch log
 REASON_OF = {"overflow": "overflow", "headroom": "overflow", "underflow": "underflow",
@@ -41,7 +51,7 @@ REASON_OF = {"overflow": "overflow", "headroom": "overflow", "underflow": "under
 class PolicyConfig(Checked):
     """Thresholds (a layer is unsafe in FP8 when a signal exceeds its threshold; 0 disables a trigger).
 
-    Defaults were calibrated on healthy runs of configs/lm_tiny_cpu.toml (see README): the worst healthy
+    Defaults were calibrated on healthy runs of configs/lm_tiny_cpu.toml (docs/dynamic-precision.md): the worst healthy
     values are far below them."""
 
     overflow: Fraction = 1e-3
@@ -81,6 +91,9 @@ class PolicyConfig(Checked):
     """Budget: largest share of GEMM FLOPs allowed in BF16."""
     preflight: bool = True
     """Return a layer to FP8 only when its dry-run FP8 statistics are clean."""
+    granularity: Literal["gemm", "layer"] = "gemm"
+    """What a decision moves: one GEMM (fprop, dgrad, wgrad; trouble in the input x promotes fprop and wgrad, in
+    the weight fprop and dgrad, in the output gradient dgrad and wgrad) or the whole layer."""
 
     def validate(self) -> None:
         if self.max_cooldown_checks < self.cooldown_checks:

@@ -13,7 +13,15 @@ control (``control.py``), and the runtime's checkpoint state.
     rt.close(step)
 
 Modes: ``fp8`` (every FP8-capable layer in FP8), ``bf16`` (all BF16), ``dynamic`` (start in FP8; monitors
-and policy promote and demote). Pins (fnmatch patterns over layer names) hold layers whatever the mode.
+and policy promote and demote). Pins (fnmatch patterns over layer names, or ``layer:gemm`` for one GEMM) hold
+layers or GEMMs whatever the mode.
+
+Precision is per GEMM (``fprop``, ``dgrad``, ``wgrad``: ``gemm_precisions()``); ``precisions()`` gives each layer's
+``"fp8"``/``"bf16"``, or ``"mixed"`` when its GEMMs differ. The policy decides per GEMM
+(``policy.granularity = "gemm"``: a unit is ``layer:gemm``, its signals those of the operands the GEMM reads) or
+per layer (``"layer"``: a unit is the layer and moves its three GEMMs together). A name given to
+``set_precision``, ``promote``, ``release``, pins and the control file is a layer (all its GEMMs) or
+``layer:gemm``.
 
 Host synchronisation: ``end_step`` transfers nothing on ordinary steps; on a check step (every
 ``monitor.check_interval`` steps) it makes one packed all-reduce and one device->host copy, whatever the number
@@ -32,20 +40,22 @@ from typing import Annotated, Literal
 import torch
 
 from precisionrt.runtime import monitors
-from precisionrt.config import Checked, LayerPattern, Text
+from precisionrt.config import Checked, ConfigError, LayerPattern, Range, Text
 from precisionrt.runtime.control import OperatorControl
-from precisionrt.observe.events import EVENTS_FILE, PRECISIONS, EventLog, Precision, Reason, SwitchEvent, json_safe, read_log
+from precisionrt.observe.events import (EVENTS_FILE, GEMMS, MIXED, PRECISIONS, EventLog, Precision, Reason, SwitchEvent,
+                                       json_safe, layer_precision, read_log)
 from precisionrt.runtime.flops import FlopAccounting
 from precisionrt.numerics.fp8 import ScalingConfig
 from precisionrt.runtime.layer_table import LayerTable
 from precisionrt.distributed.groups import check_parallelism, pipeline_group, tensor_parallel_group
 from precisionrt.layers.linear import precision_layers
-from precisionrt.layers.names import match_names
+from precisionrt.layers.names import match_gemms, split_gemm
 from precisionrt.runtime.monitors import MonitorConfig, MonitorState
 from precisionrt.numerics.state import LayerNumerics
-from precisionrt.runtime.policy import Policy, PolicyConfig
+from precisionrt.runtime.policy import Policy, PolicyConfig, worst_state
 from precisionrt.runtime.sampling import SamplingSchedule
 from precisionrt.runtime.skips import NonfiniteSkips
+from precisionrt.runtime.speed_plan import SpeedPlan, make_plan
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,13 @@ class RuntimeConfig(Checked):
     control_file: Annotated[str, Text('a file name or path, relative to the run directory ("": no operator control)')] = "precision_control.json"
     """In the run dir; "" disables operator control."""
     skip_nonfinite_steps: bool = True
+    plan: Literal["stability", "speed"] = "stability"
+    """``stability``: every FP8-capable GEMM starts in FP8 and the policy decides. ``speed``: FP8 only for the GEMMs
+    the speed table measured faster in FP8 (``speed_table``); the others are pinned BF16 (``speed_plan.py``)."""
+    speed_table: Annotated[str, Text("a speed table's path ('' for none)", pattern=r"[^\n]*")] = ""
+    """A table made by ``python -m precisionrt.speed`` on this device, for ``plan = "speed"``."""
+    speed_margin: Annotated[float, Range(ge=0, lt=1)] = 0.05
+    """``plan = "speed"``: FP8 must beat BF16 by this share of BF16's time."""
     fused_kernels: bool = True
     """CUDA: fused quantization kernels (False: the eager reference path)"""
 
@@ -104,28 +121,45 @@ class PrecisionRuntime:
             for layer in self.layers.values():
                 for state in layer.numerics.scaling.values():
                     state.defer = True
-        self.pinned: dict[str, str] = {}
         info = self.table.by_name
-        for name in match_names(self.names, config.pin_bf16, "precision.pin_bf16 pattern"):
-            self.pinned[name] = "bf16"
-        for name in match_names(self.names, config.pin_fp8, "precision.pin_fp8 pattern"):
-            if self.pinned.get(name) == "bf16":
-                raise ValueError(f"layer {name!r} is pinned to both bf16 and fp8")
-            if not info[name].fp8_capable:
-                raise ValueError(f"layer {name!r} is pinned to fp8 but {info[name].fp8_unsupported}")
-            self.pinned[name] = "fp8"
+        # Pins per GEMM, ``{(layer, gemm): precision}``; a layer that cannot run FP8 is, for the policy, pinned.
+        self.pinned: dict[tuple[str, str], str] = {}
+        for key in match_gemms(self.names, config.pin_bf16, "precision.pin_bf16 pattern"):
+            self.pinned[key] = "bf16"
+        for key in match_gemms(self.names, config.pin_fp8, "precision.pin_fp8 pattern"):
+            if self.pinned.get(key) == "bf16":
+                raise ValueError(f"{key[0]}:{key[1]} is pinned to both bf16 and fp8")
+            if not info[key[0]].fp8_capable:
+                raise ValueError(f"layer {key[0]!r} is pinned to fp8 but {info[key[0]].fp8_unsupported}")
+            self.pinned[key] = "fp8"
+        self.pin_reasons = dict.fromkeys(self.pinned, "config")
+        self.speed_plan: SpeedPlan | None = None
+        if config.plan == "speed":
+            if not config.speed_table:
+                raise ConfigError('precision.plan = "speed" needs precision.speed_table: a table measured on this '
+                                  "device by python -m precisionrt.speed --config FILE --out TABLE.json")
+            self.speed_plan = make_plan(config.speed_table, {n: i.shape for n, i in info.items()},
+                                        {n: i.fp8_capable for n, i in info.items()}, self.device, config.speed_margin)
+            for key, precision in self.speed_plan.pins().items():
+                if key not in self.pinned:   # a pin the configuration states wins
+                    self.pinned[key], self.pin_reasons[key] = precision, "speed"
         initial = "bf16" if config.mode == "bf16" else "fp8"
         stuck = {n: i.fp8_unsupported for n, i in info.items() if not i.fp8_capable}
         if stuck and config.mode != "bf16" and rank == 0:   # a run silently 60% FP8 instead of 100% must say so
             log.warning("%d of %d managed layers cannot run FP8 and stay BF16: %s", len(stuck), len(self.names),
                         "; ".join(f"{n} ({why})" for n, why in stuck.items()))
-        # the precision of each layer another rank holds (every rank follows every layer's decisions)
-        self._remote: dict[str, str] = {}
+        # the GEMM precisions of each layer another rank holds (every rank follows every layer's decisions)
+        self._remote: dict[str, dict[str, str]] = {}
         for name in self.names:
-            self._assign(name, self.pinned.get(name, initial) if info[name].fp8_capable else "bf16")
-        # layers that cannot run fp8 are, for the policy, pinned to bf16
-        fixed = {**{n: "bf16" for n, i in info.items() if not i.fp8_capable}, **self.pinned}
-        self.policy = Policy(config.policy, self.names, fixed, self.precisions())
+            self._assign(name, {g: self.pinned.get((name, g), initial) if info[name].fp8_capable else "bf16"
+                                for g in GEMMS})
+        self._fixed = {**{(n, g): "bf16" for n, i in info.items() if not i.fp8_capable for g in GEMMS},
+                       **self.pinned}
+        self.granularity = config.policy.granularity
+        units = {u: self._unit_gemms(u) for u in self._units()}
+        self.policy = Policy(config.policy, list(units),
+                             {u: self._fixed[gemms[0]] for u, gemms in units.items() if self._unit_pinned(u)},
+                             {u: self._unit_precision(u) for u in units})
         self.monitor_state = MonitorState()
         monitoring = config.mode == "dynamic" or config.observe
         for layer in self.layers.values():
@@ -166,27 +200,68 @@ class PrecisionRuntime:
     # ------------------------------------------------------------------------------------------ queries
 
     def precisions(self) -> dict[str, str]:
-        """Every layer of the model (this rank's and the other ranks') -> its precision."""
-        return {name: self._precision_of(name) for name in self.names}
+        """Every layer of the model (this rank's and the other ranks') -> ``"fp8"`` or ``"bf16"`` when its three
+        GEMMs agree, else ``"mixed"``."""
+        return {name: layer_precision(self._gemms_of(name)) for name in self.names}
 
-    def _precision_of(self, name: str) -> str:
-        return self.layers[name].precision if name in self.layers else self._remote[name]
+    def gemm_precisions(self) -> dict[str, dict[str, str]]:
+        """Every layer -> ``{"fprop": p, "dgrad": p, "wgrad": p}``."""
+        return {name: dict(self._gemms_of(name)) for name in self.names}
 
-    def _assign(self, name: str, precision: str) -> None:
+    def forward_precisions(self) -> dict[str, str]:
+        """Every layer -> the precision of its forward GEMM (fprop): what inference runs (``rollout.precision =
+        "follow"``, the FP8 export)."""
+        return {name: self._gemms_of(name)["fprop"] for name in self.names}
+
+    def _gemms_of(self, name: str) -> dict[str, str]:
+        return self.layers[name].gemm_precisions if name in self.layers else self._remote[name]
+
+    def _assign(self, name: str, precisions: dict[str, str]) -> None:
+        """Set some GEMMs of ``name`` (``{gemm: precision}``)."""
         if name in self.layers:
-            self.layers[name].precision = precision   # validates; resets scaling state on a return to fp8
+            self.layers[name].set_gemm_precisions(precisions)   # validates; fresh scaling for a returning operand
         else:
-            self._remote[name] = precision
+            self._remote[name] = {**self._remote.get(name, {}), **precisions}
+
+    # units: what the policy decides on (a layer, or one GEMM of a layer: ``policy.granularity``)
+
+    def _units(self) -> list[str]:
+        return list(self.names) if self.granularity == "layer" else [f"{n}:{g}" for n in self.names for g in GEMMS]
+
+    def _unit_of(self, layer: str, gemm: str) -> str:
+        return layer if self.granularity == "layer" else f"{layer}:{gemm}"
+
+    def _unit_gemms(self, unit: str) -> list[tuple[str, str]]:
+        layer, gemm = split_gemm(unit)
+        return [(layer, g) for g in ((gemm,) if gemm else GEMMS)]
+
+    def _free_gemms(self, unit: str) -> list[tuple[str, str]]:
+        """The GEMMs of ``unit`` that the policy moves: all but the pinned ones (and those of a layer that cannot
+        run FP8)."""
+        return [k for k in self._unit_gemms(unit) if k not in self._fixed]
+
+    def _unit_pinned(self, unit: str) -> bool:
+        return not self._free_gemms(unit)
+
+    def _unit_precision(self, unit: str) -> str:
+        gemms = self._free_gemms(unit) or self._unit_gemms(unit)
+        return self._gemms_of(gemms[0][0])[gemms[0][1]]
 
     def layer_table(self) -> list[dict]:
         """The run_start layer table, of the whole model in forward order: name, index, GEMM FLOPs per token
-        (of one tensor-parallel shard), initial precision, pin, fallback."""
-        return [
-            {"name": i.name, "index": index, "gemm_flops_per_token": i.gemm_flops_per_token,
-             "precision": self._precision_of(i.name), "pinned": self.pinned.get(i.name),
-             "fp8_unsupported": i.fp8_unsupported}
-            for index, i in enumerate(self.table.infos)
-        ]
+        (of one tensor-parallel shard, all three GEMMs), initial precision and per-GEMM precisions, pins (a layer
+        pinned whole: ``pinned``; per GEMM: ``gemm_pins``, ``{gemm: precision}``, and why, ``pin_reasons``:
+        ``config`` or ``speed``), fallback."""
+        table = []
+        for index, i in enumerate(self.table.infos):
+            pins = {g: self.pinned[(i.name, g)] for g in GEMMS if (i.name, g) in self.pinned}
+            whole = pins.get("fprop") if len(pins) == 3 and len(set(pins.values())) == 1 else None
+            table.append({"name": i.name, "index": index, "gemm_flops_per_token": i.gemm_flops_per_token,
+                          "precision": layer_precision(self._gemms_of(i.name)), "gemms": dict(self._gemms_of(i.name)),
+                          "pinned": whole, "gemm_pins": pins,
+                          "pin_reasons": {g: self.pin_reasons[(i.name, g)] for g in pins},
+                          "fp8_unsupported": i.fp8_unsupported})
+        return table
 
     @property
     def last_step(self) -> int:
@@ -214,65 +289,84 @@ class PrecisionRuntime:
 
     def metrics(self) -> dict:
         """Run-level metrics, the worst layer per signal, and (after a check) per-layer metrics
-        (``precision/<layer>/<signal>``; a W&B logger shows those of ``wandb.layer_panels`` only). Under
-        pipeline parallelism a collective over the pipeline group (the FLOP shares)."""
+        (``precision/<layer>/<signal>``, ``precision/<layer>/fp8_gemms``: how many of its GEMMs run FP8; a W&B
+        logger shows those of ``wandb.layer_panels`` only). Under pipeline parallelism a collective over the
+        pipeline group (the FLOP shares)."""
         run, step = self.flops.fractions()
-        precisions = self.precisions()
+        gemms = self.gemm_precisions()
         out = {"precision/fp8_flop_fraction": run, "precision/fp8_flop_fraction_step": step,
-               "precision/bf16_layers": sum(p == "bf16" for p in precisions.values()),
+               "precision/bf16_layers": sum(all(p == "bf16" for p in g.values()) for g in gemms.values()),
+               "precision/mixed_layers": sum(layer_precision(g) == MIXED for g in gemms.values()),
+               "precision/bf16_gemms": sum(p == "bf16" for g in gemms.values() for p in g.values()),
                **monitors.worst(self.last_signals, self.names)}
         for name, sig in self.last_signals.items():
-            out[f"precision/{name}/is_fp8"] = int(precisions[name] == "fp8")
+            out[f"precision/{name}/is_fp8"] = int(layer_precision(gemms[name]) == "fp8")
+            out[f"precision/{name}/fp8_gemms"] = sum(p == "fp8" for p in gemms[name].values())
             out.update({f"precision/{name}/{k}": v for k, v in sig.items() if isinstance(v, float)})
         return out
 
     # ---------------------------------------------------------------------------------------- changes
 
+    def _resolve(self, name: str) -> tuple[str, list[str]]:
+        """A layer name (all its GEMMs) or ``layer:gemm``; an unknown layer or GEMM is a ValueError naming it."""
+        layer, gemm = split_gemm(name)
+        if layer not in self.table.by_name:
+            raise ValueError(f"unknown layer {layer!r}; managed layers: {self.names[:4]} ... ({len(self.names)})")
+        return layer, [gemm] if gemm else list(GEMMS)
+
     def set_precision(self, name: str, precision: Precision, reason: Reason = "manual", step: int = -1,
-                      signals: dict | None = None) -> SwitchEvent | None:
-        """Switch one layer (effective from its next forward) and log it. Returns the event, or None if the
-        layer already runs at ``precision``. A manual switch holds the layer there until ``release``.
-        Unknown layers and impossible requests raise ValueError."""
-        if name not in self.table.by_name:
-            raise ValueError(f"unknown layer {name!r}; managed layers: {self.names[:4]} ... ({len(self.names)})")
+                      signals: dict | None = None) -> list[SwitchEvent]:
+        """Switch a layer's GEMMs (``name``: a layer, or ``layer:gemm`` for one), effective from the next forward,
+        and log each GEMM that changes. Returns those events (empty if every GEMM already runs ``precision``). A
+        manual switch holds what it switched there until ``release``. Unknown names and impossible requests
+        raise ValueError."""
+        layer, gemms = self._resolve(name)
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        info = self.table.by_name[name]
         if reason == "manual":
-            if name in self.pinned and self.pinned[name] != precision:
-                raise ValueError(f"layer {name!r} is pinned to {self.pinned[name]}")
+            info = self.table.by_name[layer]
+            for g in gemms:
+                if self.pinned.get((layer, g), precision) != precision:
+                    raise ValueError(f"{layer}:{g} is pinned to {self.pinned[(layer, g)]}")
             if precision == "fp8" and not info.fp8_capable:
-                raise ValueError(f"layer {name!r} cannot run fp8: {info.fp8_unsupported}")
-            self.policy.hold(name, precision)
-        current = self._precision_of(name)
-        if current == precision:
-            return None
-        event = SwitchEvent(step=step, layer=name, from_=current, to=precision, reason=reason,
-                            signals={k: json_safe(v) for k, v in (signals or {}).items()})
-        self._assign(name, precision)
+                raise ValueError(f"layer {layer!r} cannot run fp8: {info.fp8_unsupported}")
+            for unit in dict.fromkeys(self._unit_of(layer, g) for g in gemms):
+                self.policy.hold(unit, precision)
+        return self._switch(layer, gemms, precision, reason, step, signals)
+
+    def _switch(self, layer: str, gemms: list[str], precision: Precision, reason: Reason, step: int,
+                signals: dict | None) -> list[SwitchEvent]:
+        current = self._gemms_of(layer)
+        safe = {k: json_safe(v) for k, v in (signals or {}).items() if k != "gemms"}
+        events = [SwitchEvent(step=step, layer=layer, gemm=g, from_=current[g], to=precision, reason=reason,
+                              signals=safe) for g in gemms if current[g] != precision]
+        self._assign(layer, {e.gemm: precision for e in events})
         if self.events is not None:
-            self.events.switch(event)
-        return event
+            for e in events:
+                self.events.switch(e)
+        return events
 
     def promote(self, name: str, reason: Reason, step: int, severity: float = 1.0,
-                signals: dict | None = None) -> SwitchEvent | None:
-        """Promote ``name`` to BF16 on a signal from outside the monitors (RL: ``reason="mismatch"``). Unlike a
-        manual switch it holds nothing: the policy brings the layer back as any promoted one (cooldown, pre-flight,
-        probation). None when the policy keeps it where it is (pinned, held, already BF16). Dynamic mode only."""
-        if name not in self.table.by_name:
-            raise ValueError(f"unknown layer {name!r}")
+                signals: dict | None = None) -> list[SwitchEvent]:
+        """Promote ``name`` (a layer, or ``layer:gemm``) to BF16 on a signal from outside the monitors (RL:
+        ``reason="mismatch"``, for the forward GEMM). Unlike a manual switch it holds nothing: the policy brings
+        it back as any promoted unit (cooldown, pre-flight, probation). Empty when the policy keeps it where it is
+        (pinned, held, already BF16). Dynamic mode only."""
+        layer, gemms = self._resolve(name)
         if self.config.mode != "dynamic":
             raise ValueError(f"promote needs precision mode 'dynamic' (a policy to bring the layer back), "
                              f"not {self.config.mode!r}")
-        if not self.policy.promote(name, severity):
-            return None
-        return self.set_precision(name, "bf16", reason=reason, step=step, signals=signals)
+        events = []
+        for unit in dict.fromkeys(self._unit_of(layer, g) for g in gemms):
+            if self.policy.promote(unit, severity):
+                events += self._switch(layer, [g for _, g in self._free_gemms(unit)], "bf16", reason, step, signals)
+        return events
 
     def release(self, name: str) -> None:
-        """End a manual hold: the policy decides for this layer again."""
-        if name not in self.table.by_name:
-            raise ValueError(f"unknown layer {name!r}")
-        self.policy.hold(name, None)
+        """End a manual hold (``name``: a layer or ``layer:gemm``): the policy decides for it again."""
+        layer, gemms = self._resolve(name)
+        for unit in dict.fromkeys(self._unit_of(layer, g) for g in gemms):
+            self.policy.hold(unit, None)
 
     def should_skip_step(self, grad_norm: torch.Tensor) -> bool:
         """True when the gradients are not finite on any rank: skip the optimizer step. The next ``end_step``
@@ -338,15 +432,28 @@ class PrecisionRuntime:
         self.last_signals = signals
         events = self.control.apply(monitors.control_codes(host), step, self.set_precision, self.release)
         if self.config.mode == "dynamic":
-            flops = {i.name: i.gemm_flops_per_token for i in self.table.infos}
-            for d in self.policy.decide(signals, flops):
-                if (e := self.set_precision(d.layer, d.to, reason=d.reason, step=step, signals=d.signals)):
-                    events.append(e)
+            flops = {u: len(self._unit_gemms(u)) * self.table.by_name[split_gemm(u)[0]].gemm_flops_per_token // 3
+                     for u in self.policy.layers}
+            for d in self.policy.decide(self._unit_signals(signals), flops):
+                gemms = [g for _, g in self._free_gemms(d.layer)]
+                events += self._switch(split_gemm(d.layer)[0], gemms, d.to, d.reason, step, d.signals)
         if self.events is not None:
-            self.events.stats(step, {n: {"precision": self._precision_of(n), "state": self.policy.layers[n].state,
-                                         "preflight_holds": self.policy.layers[n].preflight_holds,
-                                         **{k: json_safe(v) for k, v in s.items()}} for n, s in signals.items()})
+            self.events.stats(step, {n: self._stats_record(n, s) for n, s in signals.items()})
         return events
+
+    def _unit_signals(self, signals: dict[str, dict]) -> dict[str, dict]:
+        """What the policy reads per unit: a layer's signals, or one GEMM's (those of the operands it reads)."""
+        if self.granularity == "layer":
+            return signals
+        return {f"{n}:{g}": gs for n, s in signals.items() for g, gs in s["gemms"].items()}
+
+    def _stats_record(self, name: str, signals: dict) -> dict:
+        units = dict.fromkeys(self._unit_of(name, g) for g in GEMMS)
+        states = [self.policy.layers[u].state for u in units]
+        return {"precision": layer_precision(self._gemms_of(name)), "gemms": dict(self._gemms_of(name)),
+                "state": worst_state(states), "preflight_holds": max(self.policy.layers[u].preflight_holds
+                                                                     for u in units),
+                **{k: json_safe(v) for k, v in signals.items() if k != "gemms"}}
 
     def _reduce_pending_amax(self) -> None:
         """Apply this step's deferred delayed-scaling updates with amaxes reduced (MAX) over the TP group."""
@@ -368,7 +475,8 @@ class PrecisionRuntime:
 
     def state_dict(self) -> dict:
         return {
-            "precisions": self.precisions(),
+            "precisions": self.gemm_precisions(),
+            "granularity": self.granularity,
             "numerics": {n: l.numerics.state_dict() for n, l in self.layers.items()},
             **self.flops.state_dict(),      # flops, step_fraction
             "policy": self.policy.state_dict(),
@@ -382,6 +490,20 @@ class PrecisionRuntime:
                            "grad_stats": l.numerics.grad_stats.detach().cpu().clone()}
                        for n, l in self.layers.items()},
         }
+
+    def _policy_state(self, saved: dict, granularity: str) -> dict:
+        """The policy state of a checkpoint, in this run's units: per layer to per GEMM (each GEMM starts from
+        its layer's state) or per GEMM to per layer (a layer takes its most severe GEMM's state)."""
+        if granularity == self.granularity:
+            return saved
+        if self.granularity == "gemm":
+            return {f"{n}:{g}": saved[n] for n in saved for g in GEMMS}
+        out = {}
+        for n in self.names:
+            states = [saved[f"{n}:{g}"] for g in GEMMS if f"{n}:{g}" in saved]
+            if states:
+                out[n] = next(st for st in states if st["state"] == worst_state([x["state"] for x in states]))
+        return out
 
     def sharded_state_dict(self, prefix: str = "precision_runtime.") -> dict:
         """The runtime's state as entries of megatron's ``sharded_state_dict``, saved by ``dist_checkpointing``
@@ -406,12 +528,13 @@ class PrecisionRuntime:
         if (absent := sorted(set(self.layers) - set(sd["numerics"]))):
             raise ValueError(f"runtime state holds no numerics for this rank's layers {absent[:3]}: it was saved "
                              "by a rank that held other layers")
-        for name in self.names:
-            self._assign(name, sd["precisions"][name])
+        for name in self.names:   # checkpoints before per-GEMM precision held one precision per layer
+            saved = sd["precisions"][name]
+            self._assign(name, dict.fromkeys(GEMMS, saved) if isinstance(saved, str) else saved)
         for name, layer in self.layers.items():
             layer.numerics.load_state_dict(sd["numerics"][name])
         self.flops.load_state_dict(sd)
-        self.policy.load_state_dict(sd["policy"])
+        self.policy.load_state_dict(self._policy_state(sd["policy"], sd.get("granularity", "layer")))
         self.monitor_state.load_state_dict(sd["monitor"])
         self.run_id = sd["run_id"]  # a resumed run continues the same run in the switch log
         windowed = "window" in sd   # checkpoints from before the open window was saved resume at checks only
@@ -421,5 +544,4 @@ class PrecisionRuntime:
             self.skips.load_state_dict(sd)
             for name, layer in self.layers.items():
                 layer.numerics.stats.copy_(sd["window"][name]["stats"])
-                layer.numerics.grad_stats.copy_(sd["window"][name]["grad_stats"])
-
+                layer.numerics.load_grad_stats(sd["window"][name]["grad_stats"])

@@ -1,5 +1,5 @@
-"""The sampling schedule: on which steps the monitors gather exact statistics, and which FP8 layers get a BF16
-shadow backward (the gradient-sensitivity signal).
+"""The sampling schedule: on which steps the monitors gather exact statistics, and which layers with an FP8
+backward GEMM get a BF16 shadow of it (the gradient-sensitivity signal).
 
 Exact ("full") statistics every ``monitor.full_stats_every`` steps; otherwise cheap ones. A shadow backward
 for ``monitor.shadow_layers`` FP8 layers every ``monitor.shadow_every`` steps, round-robin over the layers in
@@ -25,7 +25,8 @@ class SamplingSchedule:
             layer.numerics.full_stats = step % m.full_stats_every == 0
         if not self.monitoring or m.shadow_every == 0 or step % m.shadow_every:
             return
-        candidates = [n for n, l in self.layers.items() if l.precision == "fp8"]
+        # a shadow compares FP8 backward GEMMs with BF16: layers with an FP8 dgrad or wgrad
+        candidates = [n for n, l in self.layers.items() if "fp8" in (l.gemm_precisions["dgrad"], l.gemm_precisions["wgrad"])]
         for i in range(min(m.shadow_layers, len(candidates))):
             self.layers[candidates[(self.cursor + i) % len(candidates)]].numerics.shadow = True
         self.cursor += m.shadow_layers

@@ -4,7 +4,8 @@ log-probabilities (``logp_infer``) and the policy version that produced them.
 The copy is refreshed by versioned weight sync from the trainer (``load_weights``), with the trainer's
 versioned precision map (``set_precisions``). Its precision is set by ``rollout.precision``: ``"fp8"`` runs
 every FP8-capable GEMM in FP8 (current scaling, as FP8 inference engines do), which makes a real
-train/inference mismatch for IcePop to correct; ``"follow"`` runs each layer as the trainer does; a layer
+train/inference mismatch for IcePop to correct; ``"follow"`` runs each layer as the trainer runs its forward GEMM
+(fprop: per-GEMM precision leaves dgrad and wgrad to training alone); a layer
 promoted on the rollout side for its mismatch runs BF16 in every mode (``rollout_precisions``).
 
 Decoding is batched: all prompts decode together, left-padded to one length. Without a KV cache each new token
