@@ -1,0 +1,427 @@
+"""Files from elsewhere cannot hurt a run (issue 36): hostile and broken inputs, generated here from one tiny real
+checkpoint, against every surface that reads or writes files, each with the outcome it must have.
+
+* ``to_hf`` owns only what it wrote: a foreign directory, a file, a symlink, a mount point, an edited export are
+  refused by name with nothing touched and no debris; a failed rename leaves the previous export whole.
+* ``from_hf`` stays inside the checkpoint (shard names, symlinks), refuses special files before opening them,
+  checks every config field, every tensor's presence, shape and dtype, that every tensor is used, and finite
+  weights.
+* tokenizers and chat templates: symlinks out, FIFOs, broken files, EOS ids, templates past their budget.
+* checkpoints and resume, the run directory's lock, the log tool (further down).
+
+``tools/hostile_files.py`` runs more cases, each in a subprocess with a timeout, and counts the outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_models import make_checkpoint
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from precisionrt.models.hf.arch import HFCheckpointError  # noqa: E402
+from precisionrt.models.hf.save import MARKER, ExportRefused  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------- the tiny checkpoint
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A Qwen3 checkpoint (q/k norms: a wrong model_type shows) with a trained BPE tokenizer and ChatML."""
+    from precisionrt.models.tokenizer import train_bpe
+
+    path = tmp_path_factory.mktemp("hostile") / "qwen3"
+    make_checkpoint(path, "qwen3", num_hidden_layers=2)
+    train_bpe(path, ["what is 12+34? 46"] * 30, vocab_size=300)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(source, parallel):
+    from precisionrt.models.hf.load import from_hf
+
+    return from_hf(source)
+
+
+def copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def edit_config(path: Path, **changes) -> Path:
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is _DELETE:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+_DELETE = object()
+
+
+def tensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def save_tensors(path: Path, values: dict) -> None:
+    from safetensors.torch import save_file
+
+    save_file(values, path / "model.safetensors")
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail, instead of hanging the suite, when the block runs longer than ``seconds`` (a FIFO opened blocking)."""
+    def expire(*_):
+        raise TimeoutError(f"hung for more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def debris(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".partial-" in p.name or ".old-" in p.name or ".tmp" in p.name)
+
+
+# ---------------------------------------------------------------------------------- 1. to_hf owns what it wrote
+
+def test_to_hf_writes_new_and_empty_directories_and_replaces_only_its_own_export(model, tmp_path):
+    from precisionrt.models.hf.save import to_hf
+
+    out = tmp_path / "export"
+    to_hf(model, out)
+    marker = json.loads((out / MARKER).read_text())
+    assert marker["written_by"] == "precisionrt.to_hf" and "model.safetensors" in marker["files"]
+    assert "tokenizer.json" in marker["files"], "the source's tokenizer travels with the export"
+    to_hf(model, out)   # its own export: replaced
+    (tmp_path / "empty").mkdir()
+    to_hf(model, tmp_path / "empty")
+    assert (tmp_path / "empty" / MARKER).exists()
+    assert debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("target", ["foreign directory", "regular file", "symlink", "edited export", "mount point"])
+def test_to_hf_refuses_what_is_not_its_own_and_touches_nothing(model, tmp_path, monkeypatch, target):
+    from precisionrt.models.hf.save import to_hf
+
+    out = tmp_path / "out"
+    if target == "foreign directory":
+        (out / "sub").mkdir(parents=True)
+        (out / "important.txt").write_text("mine")
+        (out / "sub" / "thesis.tex").write_text("years of work")
+    elif target == "regular file":
+        out.write_text("mine")
+    elif target == "symlink":
+        (tmp_path / "elsewhere").mkdir()
+        (tmp_path / "elsewhere" / "important.txt").write_text("mine")
+        out.symlink_to(tmp_path / "elsewhere")
+    elif target == "edited export":
+        to_hf(model, out)
+        (out / "notes.md").write_text("mine")
+    else:
+        out.mkdir()
+        real = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == os.fspath(out) or real(p))
+
+    def snapshot():
+        return {str(p.relative_to(tmp_path)): (p.read_bytes() if p.is_file() and not p.is_symlink() else
+                                               os.readlink(p) if p.is_symlink() else "dir")
+                for p in sorted(tmp_path.rglob("*"))}
+
+    before = snapshot()
+    with pytest.raises(ExportRefused, match=str(out)):
+        to_hf(model, out)
+    assert snapshot() == before, "nothing touched"
+    assert debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("failing", [1, 2])
+def test_a_failed_rename_leaves_the_previous_export_whole_and_no_debris(model, tmp_path, monkeypatch, failing):
+    """``failing``: which rename of the swap fails (1: moving the old export aside, 2: moving the new one in)."""
+    import precisionrt.files as files
+    from precisionrt.models.hf.save import to_hf
+
+    out = tmp_path / "export"
+    to_hf(model, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls, real = {"n": 0}, os.rename
+
+    def rename(a, b):
+        calls["n"] += 1
+        if calls["n"] == failing:
+            raise OSError(28, "No space left on device (injected)")
+        return real(a, b)
+
+    monkeypatch.setattr(files.os, "rename", rename)
+    with pytest.raises(OSError, match="injected"):
+        to_hf(model, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert debris(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_tokenizer_files_that_leave_their_directory_are_never_copied(model, source, tmp_path):
+    from precisionrt.models.hf.save import to_hf
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password")
+    tok = copy(source, tmp_path / "tok")
+    (tok / "tokenizer_config.json").unlink()
+    (tok / "tokenizer_config.json").symlink_to(secret)
+    with pytest.raises(ExportRefused, match="tokenizer_config.json.*outside the directory"):
+        to_hf(model, tmp_path / "export", tokenizer_dir=tok)
+    assert not (tmp_path / "export").exists() and debris(tmp_path) == []
+
+
+# ------------------------------------------------------------------- 2. readers stay inside what they were given
+
+def _sharded(source: Path, dst: Path, weight_map_edit=None) -> Path:
+    """``source`` as two shards with an index (what ``save_pretrained`` writes for a larger model)."""
+    from safetensors.torch import save_file
+
+    path = copy(source, dst)
+    everything = tensors(path)
+    (path / "model.safetensors").unlink()
+    names = sorted(everything)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, part in halves.items():
+        save_file({n: everything[n] for n in part}, path / file)
+    weight_map = {n: f for f, part in halves.items() for n in part}
+    if weight_map_edit:
+        weight_map = weight_map_edit(weight_map)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def _escape_relative(wm):
+    return {n: "../outside/evil.safetensors" if f.endswith("2.safetensors") else f for n, f in wm.items()}
+
+
+def test_shard_names_that_escape_the_checkpoint_are_refused(source, tmp_path, parallel):
+    from precisionrt.models.hf.load import from_hf
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    good = _sharded(source, tmp_path / "good")
+    shutil.copy(good / "model-00002-of-00002.safetensors", outside / "evil.safetensors")
+    from_hf(good)   # the sharded copy itself loads
+
+    relative = _sharded(source, tmp_path / "relative", _escape_relative)
+    absolute = _sharded(source, tmp_path / "absolute", lambda wm: {
+        n: str(outside / "evil.safetensors") if f.endswith("2.safetensors") else f for n, f in wm.items()})
+    linked = _sharded(source, tmp_path / "linked")
+    (linked / "model-00002-of-00002.safetensors").unlink()
+    (linked / "model-00002-of-00002.safetensors").symlink_to(outside / "evil.safetensors")
+    for path, message in ((relative, "climbs out of the directory"), (absolute, "is an absolute path"),
+                          (linked, "outside the directory")):
+        with pytest.raises(HFCheckpointError, match=message):
+            from_hf(path)
+    inside_link = _sharded(source, tmp_path / "inside-link")   # a symlink within the directory is fine
+    (inside_link / "model-00002-of-00002.safetensors").rename(inside_link / "real.safetensors")
+    (inside_link / "model-00002-of-00002.safetensors").symlink_to("real.safetensors")
+    from_hf(inside_link)
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "model.safetensors.index.json", "shard"])
+@pytest.mark.parametrize("special", ["fifo", "directory"])
+def test_special_files_are_refused_before_they_are_opened(source, tmp_path, parallel, name, special):
+    from precisionrt.models.hf.load import from_hf
+
+    path = _sharded(source, tmp_path / "ckpt") if name in ("shard", "model.safetensors.index.json") else \
+        copy(source, tmp_path / "ckpt")
+    target = path / ("model-00001-of-00002.safetensors" if name == "shard" else name)
+    target.unlink()
+    os.mkfifo(target) if special == "fifo" else target.mkdir()
+    with within(20), pytest.raises(HFCheckpointError, match=f"{target.name}.*(FIFO|directory)"):
+        from_hf(path)
+
+
+@pytest.mark.parametrize("weight_map, message", [
+    ([1, 2], "weight_map = list: must be a JSON object"),
+    ({"model.norm.weight": 3}, "must be a shard file name"),
+    ({"model.norm.weight": "pytorch_model.bin"}, "only .safetensors files load"),
+])
+def test_malformed_shard_indexes_give_one_line(source, tmp_path, parallel, weight_map, message):
+    from precisionrt.models.hf.load import from_hf
+
+    path = _sharded(source, tmp_path / "ckpt", lambda wm: weight_map)
+    with pytest.raises(HFCheckpointError, match=message):
+        from_hf(path)
+
+
+# --------------------------------------------------------------- 3. a checkpoint checked against its config first
+
+CONFIG_CASES = {
+    "num_key_value_heads as a string": (dict(num_key_value_heads="2"), "num_key_value_heads = '2': must be an integer"),
+    "hidden_size true": (dict(hidden_size=True), "hidden_size = True: must be an integer"),
+    "negative head_dim": (dict(head_dim=-4), "head_dim = -4: out of range"),
+    "odd head_dim": (dict(head_dim=15), "head_dim = 15"),
+    "huge vocab": (dict(vocab_size=2**40), r"vocab_size = 1099511627776: out of range \[1, 4194304\]"),
+    "rms_norm_eps NaN": (dict(rms_norm_eps=float("nan")), "rms_norm_eps = nan: must be finite"),
+    "rms_norm_eps negative": (dict(rms_norm_eps=-1.0), "rms_norm_eps = -1.0"),
+    "rope_theta negative": (dict(rope_theta=-1.0, rope_parameters=_DELETE), "rope_theta = -1.0"),
+    "llama3 rope without factor": (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}),
+                                   "factor = None: missing"),
+    "rope_scaling a string": (dict(rope_scaling="big"), "rope_scaling = 'big': must be a JSON object"),
+    "tie_word_embeddings a string": (dict(tie_word_embeddings="false"),
+                                     "tie_word_embeddings = 'false': must be true or false"),
+    "dtype an int": (dict(dtype=16), "dtype = 16: must be a string"),
+    "model_type llama over Qwen3 weights": (dict(model_type="llama"), "q/k norms are Qwen3's"),
+    "fewer layers than the weights": (dict(num_hidden_layers=1), "the weights hold 2 layers, num_hidden_layers says 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_config_fields_are_type_and_range_checked(source, tmp_path, parallel, case):
+    from precisionrt.models.hf.load import from_hf
+
+    changes, message = CONFIG_CASES[case]
+    path = edit_config(copy(source, tmp_path / "ckpt"), **changes)
+    with pytest.raises(HFCheckpointError, match=message):
+        from_hf(path)
+
+
+def test_deeply_nested_config_is_one_line(source, tmp_path, parallel):
+    from precisionrt.models.hf.load import from_hf
+
+    path = copy(source, tmp_path / "ckpt")
+    (path / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(HFCheckpointError, match="nested too deeply"):
+        from_hf(path)
+
+
+def _forge_dtype(path: Path, name: str, dtype: str) -> None:
+    """Rewrite the safetensors header so that ``name`` claims ``dtype`` over the same bytes."""
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8: 8 + n])
+    header[name]["dtype"] = dtype
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (n - len(raw))
+    assert len(raw) == n
+    file.write_bytes(data[:8] + raw + data[8 + n:])
+
+
+def test_tensors_are_checked_for_presence_dtype_use_and_finiteness(source, tmp_path, parallel):
+    from precisionrt.models.hf.load import from_hf
+
+    forged = copy(source, tmp_path / "forged")
+    _forge_dtype(forged, "model.norm.weight", "I32")
+    with pytest.raises(HFCheckpointError, match="model.norm.weight is stored as I32"):
+        from_hf(forged)
+
+    extra = copy(source, tmp_path / "extra")
+    values = tensors(extra)
+    values["model.layers.2.mlp.up_proj.weight"] = values["model.layers.1.mlp.up_proj.weight"].clone()
+    values["totally.unrelated"] = torch.zeros(3)
+    save_tensors(extra, values)
+    with pytest.raises(HFCheckpointError, match=r"2 tensor\(s\) in the checkpoint are not used.*weights hold 3 layers"):
+        from_hf(extra)
+
+    nan = copy(source, tmp_path / "nan")
+    values = tensors(nan)
+    values["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_tensors(nan, values)
+    with pytest.raises(HFCheckpointError, match="down_proj.weight holds 1 non-finite value.*allow_nonfinite=True"):
+        from_hf(nan)
+    assert from_hf(nan, allow_nonfinite=True).decoder.layers[0].mlp.linear_fc2.weight.isnan().any()
+
+
+def test_memory_is_estimated_before_allocation(source, parallel, monkeypatch):
+    import precisionrt.models.hf.load as load
+
+    monkeypatch.setattr(load, "available_memory", lambda device: 1000)
+    monkeypatch.setattr(load, "build_from_arch", lambda *a, **k: pytest.fail("allocated before the estimate"))
+    with pytest.raises(HFCheckpointError, match=r"weights take .* GiB .* more than the 0.0 GiB available on cpu"):
+        load.from_hf(source)
+
+
+# ------------------------------------------------------------------------------- tokenizers and chat templates
+
+@pytest.mark.parametrize("case, message", [
+    ("symlink out", "outside the directory"),
+    ("fifo", "a FIFO"),
+    ("empty object", "no usable tokenizer"),
+    ("missing", "no tokenizer.json"),
+    ("eos a dict", r"eos_token_id = \{\}: must be a token id"),
+    ("eos out of the vocabulary", r"eos_token_id = \[99999\]: must be a token id .* in \[0, \d+\)"),
+])
+def test_broken_tokenizers_are_one_line(source, tmp_path, case, message):
+    from precisionrt.models.tokenizer import HFTokenizer
+
+    tok = copy(source, tmp_path / "tok")
+    target = tok / "tokenizer.json"
+    if case == "symlink out":
+        shutil.copy(target, tmp_path / "elsewhere.json")
+        target.unlink()
+        target.symlink_to(tmp_path / "elsewhere.json")
+    elif case == "fifo":
+        target.unlink()
+        os.mkfifo(target)
+    elif case == "empty object":
+        target.write_text("{}")
+    elif case == "missing":
+        target.unlink()
+    else:
+        (tok / "generation_config.json").write_text(json.dumps({"eos_token_id": {} if case == "eos a dict" else [99999]}))
+    with within(20), pytest.raises(ValueError, match=message):
+        HFTokenizer(tok)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran longer than 2 s"),
+    ("{{ 'x' * 10**10 }}", "a repetition would hold"),
+    ("{% for i in range(100000) %}{{ 'x' * 100 }}{% endfor %}", "its output passed"),
+    ("{{ 'x'|center(10**9) }}", "an argument of 1,000,000,000"),
+    ("{{ raise_exception('no system prompt allowed') }}", "no system prompt allowed"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "recursed too deeply"),
+    ("{% for %}", "does not parse"),
+])
+def test_chat_templates_render_under_a_budget(source, tmp_path, template, message):
+    from precisionrt.models.chat_template import TemplateError
+    from precisionrt.models.tokenizer import HFTokenizer
+
+    tok = copy(source, tmp_path / "tok")
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (tok / "tokenizer_config.json").write_text(json.dumps(config))
+    (tok / "chat_template.jinja").unlink(missing_ok=True)
+    start = time.monotonic()
+    with within(20), pytest.raises(TemplateError, match=message):
+        HFTokenizer(tok).render([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert time.monotonic() - start < 10
+
+
+def test_the_bounded_template_renders_as_transformers_does(source):
+    """The budgeted environment is transformers' own, plus the budget: the same text for the same messages."""
+    from precisionrt.models.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(source)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "12+34?"},
+                {"role": "assistant", "content": "46"}]
+    for gen in (False, True):
+        assert tok.chat_text(messages, gen) == tok.tok.apply_chat_template(messages, tokenize=False,
+                                                                          add_generation_prompt=gen)
