@@ -83,13 +83,14 @@ def open_regular(path: PathLike, mode: str = "rb", what: str = "", follow: bool 
         yield fh
 
 
-def read_text(path: PathLike, what: str = "", limit: int = 1 << 30) -> str:
-    """A regular file's text (UTF-8), at most ``limit`` bytes (a larger file is refused, not read)."""
+def read_text(path: PathLike, what: str = "", limit: int = 1 << 30, errors: str = "strict") -> str:
+    """A regular file's text (UTF-8, decoded with ``errors``), at most ``limit`` bytes (a larger file is refused,
+    not read)."""
     with open_regular(path, "rb", what) as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise UnsafeFile(f"{os.fspath(path)}: larger than {limit:,} bytes{f' ({what})' if what else ''}")
-    return data.decode("utf-8")
+        if os.fstat(fh.fileno()).st_size > limit:
+            raise UnsafeFile(f"{os.fspath(path)}: larger than {limit:,} bytes{f' ({what})' if what else ''}")
+        data = fh.read()
+    return data.decode("utf-8", errors=errors)
 
 
 def read_json(path: PathLike, what: str = "", limit: int = 1 << 30):
@@ -144,7 +145,8 @@ def atomic_file(path: PathLike, mode: str = "wb", durable: bool = True) -> Itera
         raise UnsafeFile(f"{path}: {'a symlink' if os.path.islink(path) else 'a directory'}; a file is written "
                          "here only over a regular file")
     tmp = _temporary_name(path, "tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)   # 0o666 & ~umask, as open()
+    # read-write: a caller may read back what it wrote (a checkpoint's digest); 0o666 & ~umask, as open()
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as fh:
             yield fh

@@ -425,3 +425,138 @@ def test_the_bounded_template_renders_as_transformers_does(source):
     for gen in (False, True):
         assert tok.chat_text(messages, gen) == tok.tok.apply_chat_template(messages, tokenize=False,
                                                                           add_generation_prompt=gen)
+
+
+# ------------------------------------------------------------- 4. resume reads the truth from inside the checkpoint
+
+ROOT = Path(__file__).parent.parent
+TINY = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64", "model.seq_length=16",
+        "train.batch_size=2", "train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0",
+        "train.log_every=2", "train.eval_every=4", "train.eval_batches=1", "train.warmup_steps=1",
+        "data.max_bytes=50000"]
+
+
+def lm(run: Path, *extra):
+    from precisionrt.config import load_config
+    from precisionrt.train import LMConfig
+
+    return load_config(LMConfig, ROOT / "configs/lm_tiny_cpu.toml", [*TINY, f'run.dir="{run}"', *extra])
+
+
+@pytest.fixture
+def finished_run(tmp_path, parallel):
+    from precisionrt.train import train
+
+    run = tmp_path / "run"
+    train(lm(run))
+    return run
+
+
+def test_the_step_comes_from_the_checkpoint_not_its_name(finished_run):
+    from precisionrt.config import StartupError
+    from precisionrt.train import train
+
+    ckpt = finished_run / "checkpoints"
+    for suffix in ("", ".sha256"):   # a copy with its digest: verified, but of step 4
+        shutil.copy(ckpt / f"step_000004.pt{suffix}", ckpt / f"step_999999999.pt{suffix}")
+    with pytest.raises(StartupError, match="step_999999999.pt holds step 4, not 999999999"):
+        train(lm(finished_run, "train.steps=6", "train.resume=true"))
+
+
+def test_a_checkpoint_without_its_digest_is_not_trusted(finished_run, caplog):
+    from precisionrt.train import train
+
+    ckpt = finished_run / "checkpoints"
+    data = bytearray((ckpt / "step_000004.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF   # flipped bytes, and no digest to catch them
+    (ckpt / "step_000004.pt").write_bytes(bytes(data))
+    (ckpt / "step_000004.pt.sha256").unlink()
+    summary = train(lm(finished_run, "train.steps=6", "train.resume=true"))
+    assert "step_000004.pt has no digest" in caplog.text and summary["resumed_from"] == 2
+
+
+def test_a_special_file_as_the_newest_checkpoint_is_reported_not_opened(finished_run, caplog):
+    from precisionrt.train import train
+
+    ckpt = finished_run / "checkpoints"
+    (ckpt / "step_000004.pt").unlink()
+    os.mkfifo(ckpt / "step_000004.pt")
+    with within(60):
+        summary = train(lm(finished_run, "train.steps=6", "train.resume=true"))
+    assert "step_000004.pt cannot be verified" in caplog.text and "a FIFO" in caplog.text
+    assert summary["resumed_from"] == 2 and (ckpt / "step_000004.pt").is_file(), "rewritten as a regular file"
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "fifo"])
+def test_a_run_with_checkpoints_needs_its_config_json(finished_run, damage):
+    from precisionrt.config import StartupError
+    from precisionrt.train import train
+
+    config = finished_run / "config.json"
+    config.unlink()
+    if damage == "garbage":
+        config.write_bytes(b"\x00\xffnot json")
+    elif damage == "fifo":
+        os.mkfifo(config)
+    with within(60), pytest.raises(StartupError, match="config.json (is missing|cannot be read)"):
+        train(lm(finished_run, "train.steps=6", "train.resume=true"))
+
+
+def test_every_checkpoint_carries_its_step_and_the_resolved_config(finished_run):
+    state = torch.load(finished_run / "checkpoints" / "step_000004.pt", weights_only=True)
+    assert state["step"] == 4 and state["config"]["train"]["steps"] == 4
+
+
+@pytest.mark.parametrize("failing", ["export", "summary"])
+def test_a_failed_last_step_is_an_error_and_a_resume_finishes_it(tmp_path, parallel, monkeypatch, failing):
+    import precisionrt.run.command as command
+    from precisionrt.train import train
+
+    run = tmp_path / "run"
+    cfg = ['model.hf_init="qwen3"', "model.num_attention_heads=2", "model.vocab_size=256", "train.export_hf=true"]
+    real = command.to_hf if failing == "export" else command.write_json
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(command, "to_hf" if failing == "export" else "write_json", full_disk)
+    with pytest.raises(command.FinishError, match=f"reached step 4 .* its {'export to' if failing == 'export' else 'summary.json'}.*injected.*resume it"):
+        train(lm(run, *cfg))
+    assert not (run / "hf").exists()
+    monkeypatch.setattr(command, "to_hf" if failing == "export" else "write_json", real)
+    summary = train(lm(run, *cfg, "train.resume=true"))
+    assert (run / "hf" / MARKER).is_file() and summary["hf_export"] == str(run / "hf")
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk["hf_export"] == str(run / "hf")
+    if failing == "summary":
+        assert on_disk["rebuilt"] and on_disk["final_eval_loss"] is not None
+    else:
+        assert "rebuilt" not in on_disk and on_disk["final_eval_loss"] is not None
+
+
+# ------------------------------------------------------------------------------ 5. one process per run directory
+
+HOLD = ("import sys, time; from precisionrt.run import lock; lock.acquire(sys.argv[1]); print('held', flush=True); "
+        "time.sleep(120)")
+
+
+def test_a_second_process_is_refused_naming_the_holder_and_a_killed_ones_lock_does_not_block(finished_run):
+    import subprocess
+    import sys
+
+    from precisionrt.config import StartupError
+    from precisionrt.train import train
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(finished_run)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = (finished_run / "metrics.jsonl").read_bytes()
+        with pytest.raises(StartupError, match=f"in use by process {holder.pid}"):
+            train(lm(finished_run, "train.steps=6", "train.resume=true"))
+        assert (finished_run / "metrics.jsonl").read_bytes() == before, "the holder's run is untouched"
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (finished_run / "run.lock").read_text().strip() == str(holder.pid), "the killed process's stale lock"
+    assert train(lm(finished_run, "train.steps=6", "train.resume=true"))["steps"] == 6
