@@ -560,3 +560,47 @@ def test_a_second_process_is_refused_naming_the_holder_and_a_killed_ones_lock_do
         holder.wait()
     assert (finished_run / "run.lock").read_text().strip() == str(holder.pid), "the killed process's stale lock"
     assert train(lm(finished_run, "train.steps=6", "train.resume=true"))["steps"] == 6
+
+
+# ------------------------------------------------------------------------------ 6. bounded work on untrusted logs
+
+def _log(path: Path, layers: list[str], switches: list[tuple[int, str]] = (), steps: int = 100) -> Path:
+    records = [{"v": 1, "kind": "run_start", "run": "r", "time": 0.0,
+                "layers": [{"name": n, "index": i, "gemm_flops_per_token": 1.0} for i, n in enumerate(layers)],
+                "config": {}}]
+    records += [{"v": 1, "kind": "switch", "run": "r", "time": 0.0, "step": s, "layer": n, "from": "fp8",
+                 "to": "bf16", "reason": "overflow", "signals": {}} for s, n in switches]
+    records.append({"v": 1, "kind": "run_end", "run": "r", "time": 0.0, "step": steps})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_a_timeline_of_thousands_of_layers_draws_aggregates_and_says_so(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from precisionrt.observe.cli import main
+
+    names = [f"decoder.layers.{i}.mlp.linear_fc1" for i in range(5000)]
+    log = _log(tmp_path / "events.jsonl", names, [(10 + i % 80, names[i]) for i in range(0, 5000, 7)])
+    start = time.monotonic()
+    assert main(["timeline", str(log), "-o", str(tmp_path / "t.png")]) == 0
+    assert time.monotonic() - start < 30
+    assert "5000 layers: each row aggregates 50 consecutive layers" in capsys.readouterr().err
+    width, height = Image.open(tmp_path / "t.png").size
+    assert height < 4000 and width < 2000
+    assert main(["timeline", str(log), "-o", str(tmp_path / "few.png"), "--layers", "decoder.layers.1?.*"]) == 0
+    assert "aggregates" not in capsys.readouterr().err
+
+
+def test_csv_cells_that_a_spreadsheet_would_run_are_escaped(tmp_path):
+    import csv
+
+    from precisionrt.observe.cli import main
+
+    evil = '=HYPERLINK("http://evil.example","click")'
+    log = _log(tmp_path / "events.jsonl", [evil, "+1+1", "@SUM(A1)", "-2+3", "ok"],
+               [(5, evil), (6, "+1+1"), (7, "@SUM(A1)"), (8, "-2+3"), (9, "ok")])
+    assert main(["export", str(log), "-o", str(tmp_path / "out.csv")]) == 0
+    layers = [row["layer"] for row in csv.DictReader(open(tmp_path / "out.csv")) if row["kind"] == "switch"]
+    assert layers == ["'" + evil, "'+1+1", "'@SUM(A1)", "'-2+3", "ok"]
