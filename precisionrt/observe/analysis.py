@@ -91,18 +91,19 @@ class RunState:
     run: str
     layers: dict = field(default_factory=dict)
     """Name -> {"flops": F, "initial": {gemm: P}} (F: all three GEMMs' FLOPs per token)."""
-    switches: list = field(default_factory=list)
-    """(step, layer, gemm, from, to, reason): one per GEMM (a schema-1 record moved all three)"""
-    rollout_switches: list = field(default_factory=list)
-    """(step, layer, from, to, reason, map_version): the RL rollout engine's side"""
+    switches: dict = field(default_factory=dict)
+    """(step, layer, gemm, from, to, reason) -> None, in log order: one per GEMM (a schema-1 record moved all
+    three). A dict as an ordered set: the same switch logged by several ranks counts once, found in O(1)."""
+    rollout_switches: dict = field(default_factory=dict)
+    """(step, layer, from, to, reason, map_version) -> None: the RL rollout engine's side"""
     first_step: int | None = None
     last_step: int = 0
     ended: bool = False
     files: set = field(default_factory=set)
 
     def resume_at(self, step: int) -> None:
-        self.switches = [s for s in self.switches if s[0] <= step]
-        self.rollout_switches = [s for s in self.rollout_switches if s[0] <= step]
+        self.switches = {s: None for s in self.switches if s[0] <= step}
+        self.rollout_switches = {s: None for s in self.rollout_switches if s[0] <= step}
         self.last_step = min(self.last_step, step)
         self.ended = False
 
@@ -131,13 +132,11 @@ def collect(paths: Iterable[str | Path]) -> tuple[dict[str, RunState], Skipped]:
             if kind == "switch":
                 for gemm in gemm_of(rec):
                     sw = (step, rec["layer"], gemm, rec["from"], rec["to"], rec["reason"])
-                    if sw not in current.switches:  # the same decision logged by several ranks
-                        current.switches.append(sw)
+                    current.switches[sw] = None   # the same decision logged by several ranks: once
                 current.layers.setdefault(rec["layer"], {"flops": 0, "initial": dict.fromkeys(GEMMS, rec["from"])})
             elif kind == "rollout_switch":
                 sw = (step, rec["layer"], rec["from"], rec["to"], rec["reason"], rec["map_version"])
-                if sw not in current.rollout_switches:
-                    current.rollout_switches.append(sw)
+                current.rollout_switches[sw] = None
             elif kind == "run_end":
                 current.ended = True
     return runs, skipped
