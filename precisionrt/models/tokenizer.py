@@ -256,10 +256,19 @@ def check_tokenizer_files(path: str) -> None:
         try:
             inside(path, name, "the tokenizer file", hub_roots(path))
             regular_file(full, "a tokenizer file")
+            # transformers reads these as JSON objects and fails deep inside (a KeyError, an AttributeError)
+            # on anything else: the file is named here instead
+            content = read_json(full, "a tokenizer file") if name.endswith(".json") else None
         except UnsafeFile as e:
             raise ValueError(str(e)) from None
         except OSError as e:
             raise ValueError(f"{full}: cannot be read ({e.strerror or e})") from None
+        except ValueError as e:   # not UTF-8, not JSON, nested too deeply
+            raise ValueError(f"{full}: not valid JSON ({e})") from None
+        if name.endswith(".json") and name != "vocab.json" and not isinstance(content, dict):
+            raise ValueError(f"{full}: not a JSON object")
+        if name == "tokenizer.json" and not isinstance(content.get("model"), dict):
+            raise ValueError(f"{full}: not a tokenizers file (no \"model\" object)")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         raise ValueError(f"{path}: no tokenizer.json (a fast tokenizer is needed; transformers would make up one "
                          "of a few tokens)")

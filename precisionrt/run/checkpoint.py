@@ -141,7 +141,8 @@ def _load(path: Path, step: int) -> dict | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():   # readable, but holds objects weights_only refuses: no fallback
-            raise RuntimeError(f"checkpoint {path} holds objects that weights_only loading refuses: {e}") from e
+            first = str(e).strip().splitlines()[0]   # torch's message runs over many lines of advice
+            raise RuntimeError(f"checkpoint {path} holds objects that weights_only loading refuses ({first})") from e
         log.warning("warning: checkpoint %s is damaged (%s: %s); trying an older one", path, type(e).__name__, e)
         return None
     except _DAMAGED as e:   # truncated or corrupt: report it by name and fall back to an older one
