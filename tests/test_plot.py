@@ -2,7 +2,6 @@
 the picture (``run.png``, also ``precisionrt-log plot``), and where everything was written; the progress lines'
 header and time estimate."""
 
-import json
 import re
 import time
 from pathlib import Path
