@@ -103,9 +103,10 @@ def test_an_rl_run_draws_reward_staleness_masking_and_the_timeline(tmp_path, mon
     assert staleness.get_lines()[0].get_label() == "staleness (policy versions)"
     assert masked.get_ylabel() == "masked tokens (%)"
     assert [100 * v for v in series(rows, "rl/masked_fraction")[1]] == list(masked.get_lines()[0].get_ydata())
-    rl_start = [l for l in timeline.get_lines() if l.get_linestyle() == "--"]
-    assert len(rl_start) == 1 and list(rl_start[0].get_xdata()) == [5, 5]   # train.warm_start_steps
-    assert markers(timeline, "v") == [3.0]
+    # the RL phase: optimizer steps after the 5 warm-start ones, the one warm-start decision counted
+    assert timeline.get_xlim() == (5, 11) and markers(timeline, "v") == [3.0]
+    assert timeline.get_xlabel() == ("optimizer step: the RL phase, after 5 warm-start steps (1 decision in the "
+                                     "warm start: precisionrt-log timeline shows them)")
     matplotlib.pyplot.close(fig)
 
 

@@ -151,7 +151,7 @@ def _initial(layer: dict) -> dict[str, str]:
     return dict.fromkeys(GEMMS, precision if precision in ("fp8", "bf16") else "fp8")
 
 
-def _decisions(switches: list) -> list[tuple]:
+def group_decisions(switches: list) -> list[tuple]:
     """GEMM switches grouped into decisions: one per (step, layer, to, reason), e.g. a whole-layer promotion is
     one decision of three GEMM switches; ``(step, layer, to, reason, gemms)``."""
     out: dict[tuple, list] = {}
@@ -183,7 +183,7 @@ def summarize_run(state: RunState) -> dict:
             if precision == "fp8":
                 fp8_steps += max(0, steps - since)
             gemms[gemm] = {"fp8_steps": fp8_steps, "final_precision": precision}
-        decisions = _decisions(switches)
+        decisions = group_decisions(switches)
         fp8_steps = sum(g["fp8_steps"] for g in gemms.values()) / len(GEMMS)
         layers[name] = {
             "fp8_steps": fp8_steps, "fp8_time_fraction": fp8_steps / steps if steps else None,
@@ -195,7 +195,7 @@ def summarize_run(state: RunState) -> dict:
         }
         fp8_flops += info["flops"] * fp8_steps
         all_flops += info["flops"] * steps
-    decisions = _decisions(state.switches)
+    decisions = group_decisions(state.switches)
     return {
         "run": state.run, "files": sorted(state.files), "steps": steps, "ended": state.ended,
         "switches": len(state.switches),
@@ -311,7 +311,7 @@ def draw_timeline(ax, state: RunState, rows: list[list[str]], max_columns: int =
     ax.imshow(grid or [[1.0]], aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
               extent=(0, steps, len(rows) - 0.5, -0.5))
     row_of = {name: r for r, group in enumerate(rows) for name in group}
-    drawn = [d for d in _decisions(state.switches) if d[1] in row_of]
+    drawn = [d for d in group_decisions(state.switches) if d[1] in row_of]
     if len(drawn) > 10 * MAX_LABELS:
         say(f"{len(drawn)} decisions: not marked (the colours show them)")
     for step, layer, to, reason, gemms in drawn if len(drawn) <= 10 * MAX_LABELS else ():

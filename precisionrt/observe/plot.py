@@ -8,8 +8,8 @@ Panels, top to bottom, from the run directory's ``metrics.jsonl`` and ``precisio
   (mean, in policy versions) and IcePop's masked share of tokens per RL step.
 - LM: train and held-out loss per step.
 - Both: the precision timeline of every layer's three GEMMs with each switch marked and its reason
-  (``analysis.draw_timeline``). Its steps are the runtime's, optimizer steps: in RL the supervised warm start's
-  come first, and a dashed line marks where RL starts.
+  (``analysis.draw_timeline``). Its steps are the runtime's, optimizer steps; in RL it shows the RL phase (the
+  supervised warm start's steps come first and are left out, with a count of the decisions made in them).
 
 Needs matplotlib (``pip install -e '.[analysis]'``); like the rest of ``observe`` it does not import torch.
 """
@@ -20,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from precisionrt.observe.analysis import draw_timeline, main_run, pyplot, timeline_rows
+from precisionrt.observe.analysis import draw_timeline, group_decisions, main_run, pyplot, timeline_rows
 
 PICTURE = "run.png"
 """The file every command writes into its run directory."""
@@ -97,6 +97,8 @@ def draw_run(run_dir: str | Path, say=lambda note: None):
         masked.plot(steps, [100 * v for v in values], "-", color="#c0392b", linewidth=1.0,
                     label="IcePop masked share (%)")
         masked.set_ylabel("masked tokens (%)")
+        staleness.set_ylim(bottom=0)
+        masked.set_ylim(bottom=0)
         masked.legend(fontsize=8, loc="upper right")
         staleness.set_xlabel("RL step")
     else:
@@ -107,10 +109,12 @@ def draw_run(run_dir: str | Path, say=lambda note: None):
     timeline_ax = axes[-1]
     draw_timeline(timeline_ax, state, layer_rows, say=say)
     warm = _warm_start_steps(run_dir) if rl else 0
-    if warm:
-        timeline_ax.axvline(warm, color="black", linestyle="--", linewidth=1)
-        timeline_ax.annotate("RL starts", (warm, -0.5), xytext=(3, -9), textcoords="offset points", fontsize=7)
-        timeline_ax.set_xlabel("optimizer step (the supervised warm start, then RL)")
+    if warm and state.last_step > warm:   # the RL phase, where the decisions are read against the panels above
+        before = sum(1 for d in group_decisions(state.switches) if d[0] <= warm)
+        timeline_ax.set_xlim(warm, state.last_step)
+        timeline_ax.set_xlabel(f"optimizer step: the RL phase, after {warm} warm-start steps"
+                               + (f" ({before} decision{'s' if before != 1 else ''} in the warm start: "
+                                  "precisionrt-log timeline shows them)" if before else ""))
     fig.tight_layout()
     return fig
 
