@@ -79,7 +79,7 @@ def test_demonstrator_that_drops_carries():
     assert all(int(q.target[::-1]) == sum(map(int, q.prompt[:-1].split(b"+"))) for q in never.heldout())
     held = never.heldout()
     score = sum(partial_credit(never.demonstration(q, rng), q.target) for q in held) / len(held)
-    assert score == pytest.approx(0.608, abs=1e-3)   # the README's figure for a policy that never carries
+    assert score == pytest.approx(0.608, abs=1e-3)   # rl/envs/addition.py's figure for a policy that never carries
     sometimes = Addition(TaskConfig(**cfg, demonstrator_drops_carry=0.8))
     answers = {sometimes.demonstration(p, rng) for _ in range(400)}
     assert answers == {b"368", b"367"}

@@ -39,7 +39,7 @@ class TaskConfig(Checked):
     """Addition only: the share of carries that the supervised warm start's demonstrator forgets, each carry
     independently (``472+391=``: ``368``, the sum 863 reversed, or ``367`` with the carry into the hundreds
     forgotten). 0: every demonstration is correct; 1: it never carries (``367``; a systematic mistake
-    that leaves RL nothing to sample, README "Main job"). Rewards and the held-out figure always score
+    that leaves RL nothing to sample, docs/results.md "Main job"). Rewards and the held-out figure always score
     against the correct sum."""
 
     def validate(self) -> None:
