@@ -131,3 +131,16 @@ def test_progress_estimates_the_time_left_from_the_steps_so_far(capsys):
     assert line == "step 15  0:40 elapsed, ~2:00 left"
     Progress("quiet", 1, 2, "columns", enabled=False).line(1, "x")
     assert capsys.readouterr().out == ""
+
+
+def test_the_report_lists_twenty_decisions_and_counts_the_rest():
+    from precisionrt.run.command import REPORTED_DECISIONS, precision_report
+    from precisionrt.run.inject import InjectConfig
+
+    switches = [{"step": s, "layer": "decoder.layers.0.mlp.linear_fc1", "gemm": g, "from": "fp8", "to": "bf16",
+                 "reason": "overflow"} for s in range(1, 26) for g in ("fprop", "wgrad")]
+    lines = precision_report({"switches": switches, "fp8_flop_fraction": 0.5}, InjectConfig())
+    assert lines[0] == "precision: 50.0% of GEMM FLOPs in FP8; 25 precision decisions"
+    assert lines[1:REPORTED_DECISIONS + 1] == [
+        f"  step {s}: decoder.layers.0.mlp.linear_fc1 fprop+wgrad fp8 -> bf16 (overflow)" for s in range(1, 21)]
+    assert lines[REPORTED_DECISIONS + 1:] == ["  ... and 5 more: precisionrt-log summarize RUN_DIR"]

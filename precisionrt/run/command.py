@@ -204,6 +204,10 @@ def finish(cfg, started: Started, logger, run_dir: Path, summary: dict, last_ste
     return summary
 
 
+REPORTED_DECISIONS = 20
+"""The end of a run lists this many precision decisions; the switch log has them all."""
+
+
 def precision_report(summary: dict, inject: InjectConfig) -> list[str]:
     """What precision did, for the end of a run: the FP8 share of GEMM FLOPs, then each decision (step, layer,
     its GEMMs, reason), marked ``injected`` where it follows the run's own ``[inject]`` drill; in RL, the
@@ -214,10 +218,12 @@ def precision_report(summary: dict, inject: InjectConfig) -> list[str]:
             sw.get("gemm", "all"))
     lines = [f"precision: {summary['fp8_flop_fraction']:.1%} of GEMM FLOPs in FP8; "
              f"{len(decisions) or 'no'} precision decision{'' if len(decisions) == 1 else 's'}"]
-    for (step, layer, from_, to, reason), gemms in decisions.items():
+    for (step, layer, from_, to, reason), gemms in list(decisions.items())[:REPORTED_DECISIONS]:
         drill = inject.kind != "none" and layer == inject.layer and step >= inject.start_step
         lines.append(f"  step {step}: {layer} {'+'.join(gemms)} {from_} -> {to} ({reason})"
                      + (f"  [injected: the config's [inject] {inject.kind} drill]" if drill else ""))
+    if len(decisions) > REPORTED_DECISIONS:
+        lines.append(f"  ... and {len(decisions) - REPORTED_DECISIONS} more: precisionrt-log summarize RUN_DIR")
     if "rollout_precision" in summary:
         follows = summary["rollout_precision"] == "follow"
         lines.append(f"  rollout precision: {summary['rollout_precision']} ("
