@@ -76,10 +76,22 @@ def finished_summary(cfg, model, run_dir: Path, found: tuple[int, dict], end: in
         summary = _rebuilt_summary(run_dir, step, state)
     if not exported:
         model.load_state_dict(state["model"])
-        summary["hf_export"] = str(to_hf(model, export, tokenizer_dir=cfg.model.tokenizer_path or None) or export)
+        # the map the run ended with: each layer's forward GEMM as the final checkpoint's runtime state holds it
+        saved = state["runtime"]["precisions"]
+        precisions = {n: g["fprop"] if isinstance(g, dict) else g for n, g in saved.items()}
+        summary["hf_export"] = str(export_hf(cfg, model, run_dir, step, precisions) or export)
     if is_main:
         write_json(summary_path, summary)
     return summary
+
+
+def export_hf(cfg, model, run_dir: Path, step: int, precisions: dict[str, str]) -> str | None:
+    """``train.export_hf``: the model to ``<run dir>/hf``, quantized as ``train.export_hf_quantization`` says
+    with ``precisions`` (each layer's forward precision at ``step``) and the run's switch log."""
+    fp8 = cfg.train.export_hf_quantization == "fp8"
+    return to_hf(model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None,
+                 quantization=cfg.train.export_hf_quantization, precisions=precisions if fp8 else None,
+                 step=step if fp8 else None, switch_log=run_dir if fp8 else None)
 
 
 def _read_summary(path: Path) -> dict | None:
