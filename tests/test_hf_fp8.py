@@ -399,6 +399,16 @@ def test_the_commands_export_fp8_and_resume_from_it_at_its_precision(tmp_path):
     assert config["quantization_config"]["ignore"] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
                                                        "model.layers.1.mlp.gate_up_proj", "lm_head"]
     assert json.loads((out / "precision_map.json").read_text())["step"] == 2
+    # a run that ended without its export (here: asked for only on resume) exports from the final checkpoint,
+    # with the map that checkpoint's runtime state holds
+    late = [s for s in sets if not s.startswith(("train.export_hf", "run.dir"))] + [f'run.dir="{tmp_path / "late"}"']
+    train(load_config(LMConfig, root / "configs" / "lm_tiny_cpu.toml", late))
+    assert not (tmp_path / "late" / "hf").exists()
+    finished = train(load_config(LMConfig, root / "configs" / "lm_tiny_cpu.toml", late + [
+        "train.resume=true", "train.export_hf=true", 'train.export_hf_quantization="fp8"',
+        "train.resume_override=['train.export_hf*']"]))
+    assert json.loads((Path(finished["hf_export"]) / "config.json").read_text())["quantization_config"] == \
+        config["quantization_config"]
     with pytest.raises(ConfigError, match="set train.export_hf = true too"):
         check_common(load_config(LMConfig, root / "configs" / "lm_tiny_cpu.toml",
                                  ['train.export_hf_quantization="fp8"']), 1, 0, "", "")

@@ -29,11 +29,10 @@ from precisionrt.files import UnsafeFile
 from precisionrt.models.chat_template import TemplateError
 from precisionrt.models.hf.arch import HFCheckpointError
 from precisionrt.models.hf.load import exported_pins
-from precisionrt.models.hf.save import ExportRefused, check_export_target
+from precisionrt.models.hf.save import ExportRefused, check_export_target, to_hf
 from precisionrt.models.tokenizer import check_tokenizer
 from precisionrt.observe.loggers import WandbConfig, panel_layers
 from precisionrt.run import lock
-from precisionrt.run.harness import export_hf
 from precisionrt.run.checkpoint import CheckpointError
 from precisionrt.run.inject import FaultInjector, InjectConfig, check_inject_ranks
 from precisionrt.run.resources import check_fits
@@ -218,6 +217,15 @@ def finish(cfg, started: Started, logger, run_dir: Path, summary: dict, last_ste
     if started.is_main:
         print(f"{closing}, run dir {run_dir}", flush=True)
     return summary
+
+
+def export_hf(cfg, model, run_dir: Path, step: int, precisions: dict[str, str]) -> str | None:
+    """``train.export_hf``: the model to ``<run dir>/hf``, quantized as ``train.export_hf_quantization`` says
+    with ``precisions`` (each layer's forward precision at ``step``) and the run's switch log."""
+    fp8 = cfg.train.export_hf_quantization == "fp8"
+    return to_hf(model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None,
+                 quantization=cfg.train.export_hf_quantization, precisions=precisions if fp8 else None,
+                 step=step if fp8 else None, switch_log=run_dir if fp8 else None)
 
 
 def world_size() -> int:

@@ -16,9 +16,10 @@ import torch
 
 from precisionrt.config import ConfigError, StartupError, to_dict
 from precisionrt.files import read_json, read_text
-from precisionrt.models.hf.save import MARKER, to_hf
+from precisionrt.models.hf.save import MARKER
 from precisionrt.run import lock
 from precisionrt.run.checkpoint import load_latest_checkpoint
+from precisionrt.run.command import export_hf
 from precisionrt.observe.events import EVENTS_FILE
 from precisionrt.observe.loggers import JsonlLogger, MultiLogger, WandbLogger
 from precisionrt.run.resume import RESOLVED_KEY, check_changes, previous_config, record_segment
@@ -83,15 +84,6 @@ def finished_summary(cfg, model, run_dir: Path, found: tuple[int, dict], end: in
     if is_main:
         write_json(summary_path, summary)
     return summary
-
-
-def export_hf(cfg, model, run_dir: Path, step: int, precisions: dict[str, str]) -> str | None:
-    """``train.export_hf``: the model to ``<run dir>/hf``, quantized as ``train.export_hf_quantization`` says
-    with ``precisions`` (each layer's forward precision at ``step``) and the run's switch log."""
-    fp8 = cfg.train.export_hf_quantization == "fp8"
-    return to_hf(model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None,
-                 quantization=cfg.train.export_hf_quantization, precisions=precisions if fp8 else None,
-                 step=step if fp8 else None, switch_log=run_dir if fp8 else None)
 
 
 def _read_summary(path: Path) -> dict | None:
