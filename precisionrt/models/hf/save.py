@@ -20,7 +20,7 @@ from precisionrt.models.hf.names import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES
 from precisionrt.models.hf.quant import (PRECISION_MAP_FILE, QUANTIZATIONS, SCALE, ignore_list, module_of,
                                          module_precisions, quantization_config, quantize_group,
                                          validate_with_compressed_tensors)
-from precisionrt.observe.events import EVENTS_FILE, read_log
+from precisionrt.observe.analysis import main_run
 
 
 def hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
@@ -82,14 +82,14 @@ def to_hf(model: GPTModel, out_dir: str | os.PathLike, *, tokenizer_dir: str | o
         raise ValueError("to_hf: a precision map or switch log is exported with quantization='fp8' only")
     hf_precisions = module_precisions(model.hf_arch, precisions) if fp8 else None
     tensors = hf_state_dict(model)
-    if fp8:
-        tensors = _quantized(model.hf_arch, tensors, hf_precisions, DTYPES[dtype or "bfloat16"])
-    elif dtype is not None:
-        tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         torch.distributed.barrier()
         return None
     try:
+        if fp8:   # on the whole tensors, on rank 0: one scale per megatron weight, whatever the TP size
+            tensors = _quantized(model.hf_arch, tensors, hf_precisions, DTYPES[dtype or "bfloat16"])
+        elif dtype is not None:
+            tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
         quant = None
         if fp8:
             quant = {"quantization_config": quantization_config(ignore_list(hf_precisions)),
@@ -130,13 +130,12 @@ def _precision_map(precisions: dict[str, str], hf_precisions: dict[str, str], st
     """The sidecar ``precision_map.json``: the map (megatron layers and HF modules), when it was taken and the
     switches of the run's switch log that led to it."""
     switches = None
-    if switch_log is not None:
-        path = os.fspath(switch_log)
-        log = read_log(os.path.join(path, EVENTS_FILE) if os.path.isdir(path) else path)
-        switches = [{k: r.get(k) for k in ("step", "layer", "gemm", "from", "to", "reason")}
-                    for r in log.records if r["kind"] == "switch" and (step is None or r["step"] <= step)]
+    if switch_log is not None:   # the observe reader: a resumed segment supersedes what a crash left after it
+        run = main_run(switch_log)
+        switches = [dict(zip(("step", "layer", "gemm", "from", "to", "reason"), sw)) for sw in run.switches
+                    if step is None or sw[0] <= step]
         if map_version is None:   # the map moves when a forward GEMM does
-            map_version = len({s["step"] for s in switches if s["gemm"] in ("fprop", None)})
+            map_version = len({s["step"] for s in switches if s["gemm"] == "fprop"})
     return {"written_by": _WRITER, "version": 1, "map_version": map_version, "step": step,
             "layers": dict(precisions), "hf_modules": hf_precisions, "switches": switches}
 
