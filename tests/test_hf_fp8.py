@@ -377,6 +377,29 @@ def test_round_trip_starts_at_the_exported_precision_and_dequantizes_exactly(par
                            hf(input_ids=ids, attention_mask=hf_mask, position_ids=positions).logits[hf_mask.bool()])
 
 
+@pytest.mark.slow
+def test_tensor_parallel_import_and_export_of_fp8_equal_one_rank(parallel, source, tmp_path):
+    """At TP=2 each rank dequantizes its slices of the FP8 weights with the whole tensor's scale, and the export
+    gathers before it quantizes: the TP=2 round trip writes the files the TP=1 round trip writes."""
+    import subprocess
+    import sys
+
+    from test_tensor_parallel import free_port
+
+    model = _model(source)
+    out = _export(model, tmp_path / "fp8", _map(model))
+    one = _model(out, dtype="float32")
+    single = _export(one, tmp_path / "tp1", one.hf_precisions)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", str(Path(__file__).parent / "hf_fp8_tp_worker.py"), str(out),
+           str(tmp_path / "tp2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _tensors(single), _tensors(tmp_path / "tp2")
+    assert a.keys() == b.keys() and all(torch.equal(_bits(a[k]), _bits(b[k])) for k in a)
+    assert (single / "config.json").read_text() == (tmp_path / "tp2" / "config.json").read_text()
+
+
 def test_the_commands_export_fp8_and_resume_from_it_at_its_precision(tmp_path):
     """``train.export_hf_quantization = "fp8"`` in the LM command (the RL command shares the key through
     ``TrainSchedule`` and ``command.finish``); a run from that export starts with its BF16 layers pinned, unless
