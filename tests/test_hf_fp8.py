@@ -185,6 +185,26 @@ def test_greedy_generation_agrees_with_transformers_on_a_batch_of_prompts(parall
     assert same >= 6 and same + ties == len(prompts), (same, ties)
 
 
+@pytest.mark.parametrize("case", ["qwen2", "llama-linear-tied"])
+def test_other_families_round_trip_in_fp8(parallel, tmp_path, case):
+    """Qwen2's q/k/v biases stay BF16 beside FP8 weights; a tied Llama has no head tensor, and ``lm_head`` is
+    still in ``ignore`` (transformers' tied head is a Linear)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    make_checkpoint(tmp_path / case, case)
+    model = _model(tmp_path / case)
+    out = _export(model, tmp_path / "fp8", _map(model))
+    back = _model(out, dtype="float32")
+    assert back.hf_precisions == _map(model)
+    AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    disk = _tensors(out)
+    if case == "qwen2":
+        assert disk["model.layers.0.self_attn.q_proj.bias"].dtype == torch.bfloat16
+    else:
+        assert "lm_head.weight" not in disk
+
+
 # ------------------------------------------------------------------------------------ the engines' rules
 
 def _vllm_is_layer_skipped(layer: str, ignore: list[str], fused: dict[str, list[str]]) -> bool:

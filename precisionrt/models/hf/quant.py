@@ -99,7 +99,8 @@ def module_precisions(arch: HFArch, precisions: dict[str, str]) -> dict[str, str
     modules: a megatron layer gives its precision to every HF module it is made of (``linear_qkv`` to q/k/v).
     Every managed layer must be in the map with one of the two precisions; a "mixed" layer or a name the model
     does not have is a ValueError naming it. The result is checked with ``check_fused_groups``."""
-    pieces = {e.param.removesuffix(".weight"): [module_of(p.name) for p in e.pieces] for e in name_map(arch, 1)}
+    pieces = {e.param.removesuffix(".weight"): [module_of(p.name) for p in e.pieces] for e in name_map(arch, 1)
+              if e.param.endswith(".weight")}   # a bias (Qwen2's q/k/v) follows its weight's layer
     linears = set(linear_modules(arch))
     managed = {layer for layer, modules in pieces.items() if set(modules) <= linears and modules}
     unknown = sorted(set(precisions) - managed)
