@@ -421,8 +421,9 @@ def test_tensor_parallel_import_and_export_of_fp8_equal_one_rank(parallel, sourc
 
 
 def test_the_commands_export_fp8_and_resume_from_it_at_its_precision(tmp_path):
-    """``train.export_hf_quantization = "fp8"`` in the LM command (the RL command shares the key through
-    ``TrainSchedule`` and ``command.finish``); a run from that export starts with its BF16 layers pinned, unless
+    """``train.export_hf_quantization = "fp8"`` in both commands (LM: a pinned BF16 layer is exactly the ignore
+    list; RL: the committed tiny-Qwen3 config); a run that ended without its export finishes it from the final
+    checkpoint's map; a run from that export starts with its BF16 layers pinned, unless
     ``model.hf_exported_pins = false`` or ``precision.pin_fp8`` names them."""
     from precisionrt.config import ConfigError, load_config
     from precisionrt.distributed.parallel import init_parallel
@@ -455,7 +456,18 @@ def test_the_commands_export_fp8_and_resume_from_it_at_its_precision(tmp_path):
     with pytest.raises(ConfigError, match="set train.export_hf = true too"):
         check_common(load_config(LMConfig, root / "configs" / "lm_tiny_cpu.toml",
                                  ['train.export_hf_quantization="fp8"']), 1, 0, "", "")
-    assert load_config(RLConfig, None, ['train.export_hf_quantization="fp8"']).train.export_hf_quantization == "fp8"
+    # the RL command: the committed tiny-Qwen3 config, shortened, exported in FP8 at its last step
+    from rl.train import train as rl_train
+
+    rl = rl_train(load_config(RLConfig, root / "configs" / "rl_addition_hf_cpu.toml", [
+        "train.steps=2", "train.warm_start_steps=2", "train.eval_every=2", "train.log_every=1",
+        "rl.prompts_per_step=2", "rl.group_size=2", "task.heldout_size=4", "train.warm_start_batch=4",
+        'train.export_hf_quantization="fp8"', f'run.dir="{tmp_path / "rl"}"']))
+    rl_out = Path(rl["hf_export"])
+    sidecar = json.loads((rl_out / "precision_map.json").read_text())
+    assert json.loads((rl_out / "config.json").read_text())["quantization_config"]["ignore"][-1] == "lm_head"
+    assert sidecar["step"] == 4 and sidecar["switches"] is not None, "warm start and RL steps both count"
+    assert _model(rl_out).hf_precisions == sidecar["layers"]
 
     dims = [f"model.{k}={getattr(load_config(LMConfig, None, []).model, k)}" for k in
             ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "vocab_size")]
