@@ -12,7 +12,9 @@ The public API (everything else is internal and may change):
   checkpoint directory (Llama, Qwen2/2.5, Qwen3) as a megatron-core ``GPTModel`` with precisionrt's layers, and
   back, bit-exact (``precisionrt.models.hf``; needs the ``hf`` extra). ``from_hf`` checks the checkpoint against
   its config before a weight is used (``HFCheckpointError``); ``to_hf`` writes only a new, empty or earlier
-  export directory of its own (``ExportRefused``).
+  export directory of its own (``ExportRefused``). ``to_hf(model, out_dir, quantization="fp8",
+  precisions=rt.forward_precisions())`` writes the FP8 layers as compressed-tensors FP8 (vLLM, SGLang,
+  transformers), the others in BF16 and named in its ``ignore``; ``from_hf`` reads such an export back.
 * ``compile_model(model, regions="block" | "model", backend=...)``: ``torch.compile`` of such a model, per
   transformer block or whole, without a graph break in any precision mode (``precisionrt.distributed.compile``).
 * ``RuntimeConfig`` and its parts ``ScalingConfig`` (the one place the scaling recipe is set), ``MonitorConfig``

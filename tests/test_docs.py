@@ -81,6 +81,7 @@ EXAMPLES = {
     ("docs/embedding.md", "## Pipeline parallelism"): "test_pipeline_example_runs_as_written",
     ("docs/embedding.md", "## Distributed checkpoints"): "test_dist_checkpoint_example_runs_as_written",
     ("docs/huggingface.md", "## Bring your model"): "test_hugging_face_example_runs_as_written",
+    ("docs/huggingface.md", "## Serve it in FP8"): "test_fp8_export_example_runs_as_written",
 }
 """(page, heading) of every example the suite runs, and the test that runs it."""
 
@@ -141,6 +142,23 @@ def test_hugging_face_example_runs_as_written(tmp_path):
     assert before.keys() == after.keys()
     assert not torch.equal(before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"]), \
         "the export holds the trained weights"
+
+
+def test_fp8_export_example_runs_as_written(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    out = run_doc_example("docs/huggingface.md", "## Serve it in FP8", tmp_path)
+    assert "ignore: ['model.layers.1.mlp.gate_proj', 'model.layers.1.mlp.up_proj', " \
+           "'model.layers.1.mlp.gate_up_proj', 'lm_head']" in out
+    assert "resumed in BF16: ['decoder.layers.1.mlp.linear_fc1']" in out
+    import json
+
+    page = (ROOT / "docs" / "huggingface.md").read_text()
+    config = json.loads((tmp_path / "tiny-qwen3-fp8" / "config.json").read_text())["quantization_config"]
+    excerpt = json.loads("{" + page.split("```json\n", 1)[1].split("```", 1)[0] + "}")["quantization_config"]
+    assert excerpt == config, "the page shows the config the example writes"
+    sidecar = json.loads((tmp_path / "tiny-qwen3-fp8" / "precision_map.json").read_text())
+    assert (sidecar["map_version"], sidecar["step"], len(sidecar["switches"])) == (1, 1, 3)
 
 
 # ---- links and anchors ----------------------------------------------------------------------------------------

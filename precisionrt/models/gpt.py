@@ -52,6 +52,10 @@ class ModelConfig(Checked):
     hf_path: Annotated[str, Text("a local Hugging Face checkpoint directory ('' for none)", pattern=r"[^\n]*")] = ""
     """Load the policy from this directory (config.json and safetensors; ``precisionrt.from_hf``): its
     config.json decides the architecture keys, which are then left unset. Nothing is downloaded."""
+    hf_exported_pins: bool = True
+    """An FP8 export at ``hf_path`` (``train.export_hf_quantization = "fp8"``) resumes at the precision it was
+    served in: the layers it kept in BF16 join ``precision.pin_bf16`` (a layer ``precision.pin_fp8`` names keeps
+    that pin instead). ``false``: every layer starts as ``precision.mode`` says."""
     hf_init: Literal["", "llama", "qwen2", "qwen3"] = ""
     """A randomly initialised model of this Hugging Face family at this table's dimensions, built through the
     same import path as ``hf_path`` (and exported the same way)."""

@@ -11,12 +11,13 @@ loggers, ``summary.json`` and the closing line. Each command's ``train()`` keeps
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 import torch
 
@@ -27,6 +28,7 @@ from precisionrt.models.gpt import ModelConfig, build_gpt
 from precisionrt.files import UnsafeFile
 from precisionrt.models.chat_template import TemplateError
 from precisionrt.models.hf.arch import HFCheckpointError
+from precisionrt.models.hf.load import exported_pins
 from precisionrt.models.hf.save import ExportRefused, check_export_target, to_hf
 from precisionrt.models.tokenizer import check_tokenizer
 from precisionrt.observe.loggers import WandbConfig, panel_layers
@@ -76,6 +78,10 @@ class TrainSchedule(Checked):
     export_hf: bool = False
     """At the end, write the model as a Hugging Face checkpoint directory, ``<run dir>/hf`` (config.json,
     safetensors, the tokenizer's files; gathered across TP ranks): needs ``model.hf_path`` or ``model.hf_init``."""
+    export_hf_quantization: Literal["none", "fp8"] = "none"
+    """``fp8``: the export is an FP8 checkpoint in the compressed-tensors format (vLLM, SGLang, transformers):
+    each layer whose forward GEMM ends the run in FP8 is stored in FP8, the others in BF16 and listed in its
+    ``ignore``, with ``precision_map.json`` (the map, its step and the switches that led to it)."""
 
     @property
     def end(self) -> int:
@@ -104,6 +110,9 @@ def check_common(cfg, world: int, memory: int, what: str, keys: str) -> None:
     if cfg.train.export_hf and not cfg.model.is_hf:
         raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "
                           "or model.hf_init")
+    if cfg.train.export_hf_quantization != "none" and not cfg.train.export_hf:
+        raise ConfigError(f"train.export_hf_quantization = {cfg.train.export_hf_quantization!r} quantizes the "
+                          "Hugging Face export: set train.export_hf = true too")
     if cfg.train.export_hf:
         try:   # a run directory's hf/ that is not an export of ours is refused now, not after the run
             check_export_target(resolve_run_dir(cfg.run) / "hf")
@@ -142,12 +151,25 @@ def start(cfg, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -
         model = build_gpt(cfg.model, tensor_parallel_size=tensor_parallel_size, device=device)
     except HFCheckpointError as e:   # the checkpoint's weights (its config was checked with the configuration)
         raise ConfigError(f"model.hf_path: {e}") from None
-    runtime = PrecisionRuntime(model, cfg.precision)   # validates pins before anything is written
+    runtime = PrecisionRuntime(model, starting_precision(cfg, model))   # validates pins before anything is written
     panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
     injector = FaultInjector(cfg.inject, model, rank, runtime.names)
     if runtime.speed_plan is not None and rank == 0:
         print(runtime.speed_plan.line(), flush=True)
     return Started(device, model, runtime, injector, rank)
+
+
+def starting_precision(cfg, model) -> RuntimeConfig:
+    """``cfg.precision``, with the BF16 layers of an FP8 export at ``model.hf_path`` pinned BF16
+    (``model.hf_exported_pins``): training resumes at the precision the checkpoint was served in instead of
+    moving every layer back to FP8 at once (the loss spike of Transformer Engine issue 982). A layer that
+    ``precision.pin_fp8`` names keeps the configured pin."""
+    exported = exported_pins(model) if cfg.model.hf_exported_pins else []
+    configured = cfg.precision.pin_fp8
+    added = [n for n in exported if not any(fnmatch.fnmatchcase(n, p.split(":")[0]) for p in configured)]
+    if not added:
+        return cfg.precision
+    return replace(cfg.precision, pin_bf16=[*cfg.precision.pin_bf16, *added])
 
 
 def report_switches(logger, step: int, events, is_main: bool = True) -> None:
@@ -183,10 +205,12 @@ def finish(cfg, started: Started, logger, run_dir: Path, summary: dict, last_ste
             write_json(run_dir / "summary.json", summary)
         if cfg.train.export_hf:
             step = f"export to {run_dir / 'hf'}"
-            summary["hf_export"] = to_hf(started.model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
+            summary["hf_export"] = export_hf(cfg, started.model, run_dir, last_step,
+                                             started.runtime.forward_precisions())
             if started.is_main:
                 step = "summary.json"
                 write_json(run_dir / "summary.json", summary)
+        picture, picture_line = draw_picture(run_dir) if started.is_main else (None, "")   # under the lock
     except (OSError, ValueError, RuntimeError) as e:
         raise FinishError(f"the run reached step {last_step} and its checkpoint is written, but its {step} failed "
                           f"({type(e).__name__}: {e}); resume it (train.resume=true) to finish it") from e
@@ -196,7 +220,7 @@ def finish(cfg, started: Started, logger, run_dir: Path, summary: dict, last_ste
         print(closing, flush=True)
         for line in precision_report(summary, cfg.inject):
             print(line, flush=True)
-        picture = draw_picture(run_dir)
+        print(picture_line, flush=True)
         written = ["summary.json", "metrics.jsonl", "precision_events.jsonl", "config.json"]
         written += [name for name in ("checkpoints/", "hf/") if (run_dir / name).is_dir()]
         written += [picture.name] if picture is not None else []
@@ -236,16 +260,23 @@ def precision_report(summary: dict, inject: InjectConfig) -> list[str]:
     return lines
 
 
-def draw_picture(run_dir: Path):
-    """The run's picture (``precisionrt-log plot``) into ``run_dir/run.png``; its path, or None with a line that
-    says why (matplotlib missing, or a drawing error: the run itself is complete)."""
+def draw_picture(run_dir: Path) -> tuple[Path | None, str]:
+    """The run's picture (``precisionrt-log plot``) into ``run_dir/run.png``: its path and the line that says
+    where, or None and the line that says why not (matplotlib missing, a drawing error: the run is complete)."""
     try:
         path = plot_run(run_dir)
     except (RuntimeError, OSError, ValueError) as e:
-        print(f"no picture of the run: {e}", flush=True)
-        return None
-    print(f"picture: {path}", flush=True)
-    return path
+        return None, f"no picture of the run: {e}"
+    return path, f"picture: {path}"
+
+
+def export_hf(cfg, model, run_dir: Path, step: int, precisions: dict[str, str]) -> str | None:
+    """``train.export_hf``: the model to ``<run dir>/hf``, quantized as ``train.export_hf_quantization`` says
+    with ``precisions`` (each layer's forward precision at ``step``) and the run's switch log."""
+    fp8 = cfg.train.export_hf_quantization == "fp8"
+    return to_hf(model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None,
+                 quantization=cfg.train.export_hf_quantization, precisions=precisions if fp8 else None,
+                 step=step if fp8 else None, switch_log=run_dir if fp8 else None)
 
 
 def world_size() -> int:

@@ -16,9 +16,10 @@ import torch
 
 from precisionrt.config import ConfigError, StartupError, to_dict
 from precisionrt.files import read_json, read_text
-from precisionrt.models.hf.save import MARKER, to_hf
+from precisionrt.models.hf.save import MARKER
 from precisionrt.run import lock
 from precisionrt.run.checkpoint import load_latest_checkpoint
+from precisionrt.run.command import export_hf
 from precisionrt.observe.events import EVENTS_FILE
 from precisionrt.observe.loggers import JsonlLogger, MultiLogger, WandbLogger
 from precisionrt.run.resume import RESOLVED_KEY, check_changes, previous_config, record_segment
@@ -76,7 +77,10 @@ def finished_summary(cfg, model, run_dir: Path, found: tuple[int, dict], end: in
         summary = _rebuilt_summary(run_dir, step, state)
     if not exported:
         model.load_state_dict(state["model"])
-        summary["hf_export"] = str(to_hf(model, export, tokenizer_dir=cfg.model.tokenizer_path or None) or export)
+        # the map the run ended with: each layer's forward GEMM as the final checkpoint's runtime state holds it
+        saved = state["runtime"]["precisions"]
+        precisions = {n: g["fprop"] if isinstance(g, dict) else g for n, g in saved.items()}
+        summary["hf_export"] = str(export_hf(cfg, model, run_dir, step, precisions) or export)
     if is_main:
         write_json(summary_path, summary)
     return summary

@@ -21,6 +21,7 @@ from precisionrt.layers import rope
 from precisionrt.layers.spec import precision_layer_spec
 from precisionrt.models.hf.arch import DTYPES, HFArch, HFCheckpointError
 from precisionrt.models.hf.names import INDEX_FILE, SINGLE_FILE, Piece, hub_roots, name_map
+from precisionrt.models.hf.quant import SCALE, check_scale, dequantize_weight, module_of, read_quantization_config
 from precisionrt.models.transformer import megatron_transformer_config, place_model
 
 
@@ -69,12 +70,20 @@ def from_hf(path: str | os.PathLike, spec=None, *, scaling=None, dtype: str | to
     the shape the config implies and a floating-point dtype; every tensor in the checkpoint is used (extra
     tensors, extra layers, Qwen3's q/k norms under another ``model_type`` are named); the model's weights fit
     the memory ``device`` has; and no weight is NaN or infinite, unless ``allow_nonfinite``.
+
+    An FP8 export (``to_hf(..., quantization="fp8")``: a compressed-tensors ``quantization_config``) loads
+    dequantized, ``q.to(weight_scale.dtype) * weight_scale`` as compressed-tensors decompresses it, and the model
+    remembers the exported precision of each managed layer (``model.hf_precisions``; ``exported_pins`` makes
+    them the runtime's starting pins). Only what ``to_hf`` writes is read: another quantization method or
+    strategy, a missing or non-finite scale, an FP8 weight the config says is ignored or a fused group split
+    across precisions is an ``HFCheckpointError`` naming it.
     """
     path = os.fspath(path)
     tp = parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
     arch = HFArch.from_dir(path, tp)
     entries = name_map(arch, tp)
-    files = _weight_files(path, arch, [p for e in entries for p in e.pieces])
+    quantized = read_quantization_config(arch.raw, arch, os.path.join(path, "config.json"))
+    files = _weight_files(path, arch, [p for e in entries for p in e.pieces], quantized)
     _check_memory(path, arch, _dtype(dtype, arch), tp, torch.device(device))
     model = build_from_arch(arch, spec, scaling=scaling, dtype=dtype, device=device)
     params = dict(model.named_parameters())
@@ -86,6 +95,8 @@ def from_hf(path: str | os.PathLike, spec=None, *, scaling=None, dtype: str | to
     loaded, refusal = {}, None
     for e in entries:
         slices = [_read_slice(files, p, rank, tp) for p in e.pieces]
+        if quantized is not None:
+            slices = [_dequantized(files, p, t, params[e.param].dtype, quantized) for p, t in zip(e.pieces, slices)]
         for piece, t in zip(e.pieces, slices):
             if refusal is None and not allow_nonfinite and not bool(torch.isfinite(t).all()):
                 refusal = (f"{files[piece.name]}: {piece.name} holds {int((~torch.isfinite(t)).sum())} non-finite "
@@ -103,7 +114,37 @@ def from_hf(path: str | os.PathLike, spec=None, *, scaling=None, dtype: str | to
                                         f"{tuple(params[name].shape)}")
             params[name].copy_(value)
     model.hf_source = path
+    if quantized is not None:   # each managed layer's exported forward precision (its HF modules share it)
+        model.hf_precisions = {e.param.removesuffix(".weight"): quantized[module_of(e.pieces[0].name)]
+                               for e in entries if module_of(e.pieces[0].name) in quantized
+                               and e.param.endswith(".weight")}
     return model
+
+
+def exported_pins(model: GPTModel) -> list[str]:
+    """The managed layers an FP8 export kept in BF16 (``model.hf_precisions``): pass them as
+    ``RuntimeConfig(pin_bf16=...)`` so that training resumes at the precision the export was served in (the FP8
+    layers start in FP8 under the ``dynamic`` and ``fp8`` modes anyway, and stay free for the policy). Empty for a
+    checkpoint that is not an FP8 export."""
+    return sorted(n for n, p in getattr(model, "hf_precisions", {}).items() if p == "bf16")
+
+
+def _dequantized(files: dict[str, str], piece: Piece, t: torch.Tensor, dtype: torch.dtype,
+                 quantized: dict[str, str]) -> torch.Tensor:
+    """A slice of an FP8 weight, dequantized into ``dtype`` (other tensors as read)."""
+    module = module_of(piece.name)
+    if not piece.name.endswith(".weight") or quantized.get(module) != "fp8":
+        return t
+    from safetensors import safe_open
+
+    scale_name = f"{module}.{SCALE}"
+    try:
+        with safe_open(files[scale_name], framework="pt") as f:
+            scale = f.get_tensor(scale_name)
+    except Exception as e:   # safetensors raises its own SafetensorError, not an OSError
+        raise HFCheckpointError(f"{files[scale_name]}: reading {scale_name} failed ({e})") from None
+    check_scale(scale, module, files[scale_name])
+    return dequantize_weight(t, scale, dtype)
 
 
 def _any_rank(flag: bool, tp: int) -> bool:
@@ -142,14 +183,19 @@ def _dtype(dtype, arch: HFArch) -> torch.dtype:
 _FLOATING = {"F32", "BF16", "F16", "F64"}
 """The safetensors dtypes a weight may be stored in (copied into the model's dtype); an integer or boolean dtype
 over weight data is a damaged or forged header."""
+_FP8 = "F8_E4M3"
+"""The safetensors dtype of an FP8 export's quantized weights (``float8_e4m3fn``)."""
 _DERIVED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 """Buffers old checkpoints store that precisionrt derives from the config (RoPE's frequencies): not weights."""
 
 
-def _weight_files(path: str, arch: HFArch, pieces: list[Piece]) -> dict[str, str]:
+def _weight_files(path: str, arch: HFArch, pieces: list[Piece], quantized: dict[str, str] | None = None
+                  ) -> dict[str, str]:
     """HF tensor name -> the safetensors file holding it. Every file and every tensor header is checked before
     any weight is read: the files are regular files inside ``path``, every piece is held with its shape and a
-    floating dtype, and every tensor held is one the model uses."""
+    floating dtype, and every tensor held is one the model uses. With ``quantized`` (an FP8 export's modules
+    ``{module: "fp8" | "bf16"}``) the FP8 modules' weights are ``F8_E4M3`` with a one-value scale beside them,
+    and no other tensor is FP8."""
     roots = hub_roots(path)
     index = os.path.join(path, INDEX_FILE)
     if os.path.lexists(index):
@@ -179,12 +225,34 @@ def _weight_files(path: str, arch: HFArch, pieces: list[Piece]) -> dict[str, str
         shape, dtype = headers[where[p.name]][p.name]
         if shape != p.shape:
             raise HFCheckpointError(f"{where[p.name]}: {p.name} has shape {shape}, the config implies {p.shape}")
-        if dtype not in _FLOATING:
+        fp8 = quantized is not None and p.name.endswith(".weight") and quantized.get(module_of(p.name)) == "fp8"
+        if fp8 and dtype != _FP8:
+            raise HFCheckpointError(f"{where[p.name]}: {p.name} is stored as {dtype}; the quantization_config "
+                                    f"quantizes {module_of(p.name)}, whose weight is {_FP8}")
+        if dtype == _FP8 and not fp8:
+            why = ("config.json has no quantization_config" if quantized is None else
+                   f"its quantization_config lists {module_of(p.name)} in ignore (BF16)")
+            raise HFCheckpointError(f"{where[p.name]}: {p.name} is stored as {_FP8}, but {why}")
+        if dtype not in _FLOATING and not fp8:
             raise HFCheckpointError(f"{where[p.name]}: {p.name} is stored as {dtype}; a weight is floating point "
                                     f"({sorted(_FLOATING)})")
-    _check_all_used(path, arch, set(held) - {p.name for p in pieces} - {n for n in held if _DERIVED.match(n)},
-                    {**held, **where})
-    return {p.name: where[p.name] for p in pieces}
+    scales = sorted(f"{m}.{SCALE}" for m, p in (quantized or {}).items() if p == "fp8")
+    for name in scales:
+        if name not in where:
+            raise HFCheckpointError(f"{path}: {name} is missing; the quantization_config quantizes "
+                                    f"{module_of(name)}, whose weight needs its scale")
+        shape, dtype = headers[where[name]][name]
+        if shape not in ((1,), ()) or dtype not in ("F32", "BF16"):
+            raise HFCheckpointError(f"{where[name]}: {name} is {dtype} of shape {shape}; a per-tensor scale is one "
+                                    "F32 or BF16 value (a channel or block scale is not read)")
+    stray = sorted(n for n in held if n.endswith(f".{SCALE}") and n not in scales)
+    if stray:
+        why = ("its quantization_config lists the module in ignore (BF16)" if quantized is not None else
+               "config.json has no quantization_config")
+        raise HFCheckpointError(f"{held[stray[0]]}: {stray[0]} is the scale of an FP8 weight, but {why}")
+    _check_all_used(path, arch, set(held) - {p.name for p in pieces} - set(scales)
+                    - {n for n in held if _DERIVED.match(n)}, {**held, **where})
+    return {n: where[n] for n in [p.name for p in pieces] + scales}
 
 
 def _read_index(path: str, index: str) -> dict[str, str]:

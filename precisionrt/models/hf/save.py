@@ -17,6 +17,10 @@ from megatron.core.models.gpt import GPTModel
 from precisionrt.files import UnsafeFile, atomic_dir, inside, kind_of, open_regular, read_json, regular_file
 from precisionrt.models.hf.arch import DTYPES, HFArch
 from precisionrt.models.hf.names import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, hub_roots, name_map
+from precisionrt.models.hf.quant import (PRECISION_MAP_FILE, QUANTIZATIONS, SCALE, ignore_list, module_of,
+                                         module_precisions, quantization_config, quantize_group,
+                                         validate_with_compressed_tensors)
+from precisionrt.observe.analysis import main_run
 
 
 def hf_state_dict(model: GPTModel) -> dict[str, torch.Tensor]:
@@ -40,13 +44,25 @@ def _gather(t: torch.Tensor, dim: int | None, tp: int) -> torch.Tensor:
 
 
 def to_hf(model: GPTModel, out_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-          max_shard_bytes: int = 5 * 2**30, dtype: str | None = None) -> str | None:
+          max_shard_bytes: int = 5 * 2**30, dtype: str | None = None, quantization: str = "none",
+          precisions: dict[str, str] | None = None, step: int | None = None,
+          switch_log: str | os.PathLike | None = None, map_version: int | None = None) -> str | None:
     """Write ``model`` (built by ``from_hf`` or ``build_from_arch``) as an HF checkpoint directory.
 
     Every tensor-parallel rank must call it (the weights are gathered); rank 0 writes config.json, the
     safetensors shards (an index when there are several) and the tokenizer files of ``tokenizer_dir``
     (default: the directory the model came from). The write is atomic: a temporary directory beside
     ``out_dir``, renamed into place; an existing ``out_dir`` is replaced only once the new one is whole.
+
+    ``quantization="fp8"`` writes an FP8 checkpoint in the compressed-tensors format (``quant.py``): the weight
+    of every layer that ``precisions`` (``PrecisionRuntime.forward_precisions()``, megatron layer names) runs in
+    FP8 becomes ``float8_e4m3fn`` with a per-tensor ``weight_scale``, the bytes the rollout multiplies; the
+    other tensors are written in ``dtype`` (default ``"bfloat16"``), and config.json's ``quantization_config``
+    lists the BF16 layers in ``ignore``. A map that splits a fused group (``FusedGroupSplit``), names a layer
+    the model lacks or gives one "mixed" is refused before anything is written. The sidecar
+    ``precision_map.json`` records the map, its ``map_version`` (default: the number of steps at which the
+    switch log moved a forward GEMM), the ``step`` it was taken at and the switches of ``switch_log`` (a run's
+    ``precision_events.jsonl``, or the run directory holding it) up to that step.
 
     ``to_hf`` owns only what it wrote: ``out_dir`` must be new, empty, or an earlier export of its own (marked by
     ``MARKER``); anything else (a directory of other files, a file, a symlink, a mount point), or a tokenizer
@@ -57,18 +73,71 @@ def to_hf(model: GPTModel, out_dir: str | os.PathLike, *, tokenizer_dir: str | o
         raise ExportRefused(f"to_hf: tokenizer_dir {os.fspath(tokenizer_dir)!r} is not a directory")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"to_hf: dtype {dtype!r}: supported are {list(DTYPES)} (None: the model's)")
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"to_hf: quantization {quantization!r}: supported are {list(QUANTIZATIONS)}")
+    fp8 = quantization == "fp8"
+    if fp8 and precisions is None:
+        raise ValueError("to_hf: quantization='fp8' needs the precision map: precisions=rt.forward_precisions()")
+    if not fp8 and (precisions is not None or switch_log is not None):
+        raise ValueError("to_hf: a precision map or switch log is exported with quantization='fp8' only")
+    hf_precisions = module_precisions(model.hf_arch, precisions) if fp8 else None
     tensors = hf_state_dict(model)
-    if dtype is not None:
-        tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         torch.distributed.barrier()
         return None
     try:
+        if fp8:   # on the whole tensors, on rank 0: one scale per megatron weight, whatever the TP size
+            tensors = _quantized(model.hf_arch, tensors, hf_precisions, DTYPES[dtype or "bfloat16"])
+        elif dtype is not None:
+            tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+        quant = None
+        if fp8:
+            quant = {"quantization_config": quantization_config(ignore_list(hf_precisions)),
+                     "precision_map": _precision_map(precisions, hf_precisions, step, switch_log, map_version)}
+            validate_with_compressed_tensors(quant["quantization_config"])
         return _write(model.hf_arch, tensors, os.fspath(out_dir), tokenizer_dir or getattr(model, "hf_source", None),
-                      max_shard_bytes)
+                      max_shard_bytes, quant)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
+
+
+def _quantized(arch: HFArch, tensors: dict, precisions: dict[str, str], dtype: torch.dtype) -> dict:
+    """``tensors`` with the weights of the FP8 modules quantized (one scale per megatron weight: q/k/v share
+    ``linear_qkv``'s) and everything else cast to ``dtype``; each scale follows its weight."""
+    quantized = {}
+    for e in name_map(arch, 1):
+        names = [p.name for p in e.pieces]
+        if not all(n.endswith(".weight") and precisions.get(module_of(n)) == "fp8" for n in names):
+            continue
+        try:
+            qs, weight_scale = quantize_group([tensors[n] for n in names])
+        except ValueError as err:
+            raise ValueError(f"to_hf: {e.param} {err}; export it with quantization='none'") from None
+        for n, q in zip(names, qs):
+            quantized[n] = (q, weight_scale.clone())
+    out = {}
+    for name, t in tensors.items():
+        if name in quantized:
+            out[name], out[f"{module_of(name)}.{SCALE}"] = quantized[name]
+        else:
+            out[name] = t.to(dtype)
+    return out
+
+
+def _precision_map(precisions: dict[str, str], hf_precisions: dict[str, str], step: int | None,
+                   switch_log, map_version: int | None) -> dict:
+    """The sidecar ``precision_map.json``: the map (megatron layers and HF modules), when it was taken and the
+    switches of the run's switch log that led to it."""
+    switches = None
+    if switch_log is not None:   # the observe reader: a resumed segment supersedes what a crash left after it
+        run = main_run(switch_log)
+        switches = [dict(zip(("step", "layer", "gemm", "from", "to", "reason"), sw)) for sw in run.switches
+                    if step is None or sw[0] <= step]
+        if map_version is None:   # the map moves when a forward GEMM does
+            map_version = len({s["step"] for s in switches if s["gemm"] == "fprop"})
+    return {"written_by": _WRITER, "version": 1, "map_version": map_version, "step": step,
+            "layers": dict(precisions), "hf_modules": hf_precisions, "switches": switches}
 
 
 class ExportRefused(ValueError):
@@ -138,7 +207,8 @@ def tokenizer_sources(tokenizer_dir: str | os.PathLike) -> dict[str, str]:
     return out
 
 
-def _write(arch: HFArch, tensors: dict, out_dir: str, tokenizer_dir, max_shard_bytes: int) -> str:
+def _write(arch: HFArch, tensors: dict, out_dir: str, tokenizer_dir, max_shard_bytes: int,
+           quant: dict | None = None) -> str:
     from safetensors.torch import save_file
 
     check_export_target(out_dir)
@@ -157,6 +227,10 @@ def _write(arch: HFArch, tensors: dict, out_dir: str, tokenizer_dir, max_shard_b
             config = dict(arch.raw)
             config["dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
             config.pop("torch_dtype", None)
+            config.pop("quantization_config", None)   # an FP8 checkpoint's, read in: this export states its own
+            if quant is not None:
+                config["quantization_config"] = quant["quantization_config"]
+                _write_json(os.path.join(tmp, PRECISION_MAP_FILE), quant["precision_map"])
             _write_json(os.path.join(tmp, "config.json"), config)
             for name, src in sources.items():
                 with open_regular(src, "rb", "a tokenizer file") as fin, open(os.path.join(tmp, name), "wb") as fout:
