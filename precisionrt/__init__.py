@@ -8,9 +8,11 @@ The public API (everything else is internal and may change):
   and checkpoint state around a model built from such a spec (``precisionrt.runtime.precision_runtime``).
 * ``clip_grad_norm_(model, max_norm)``: gradient clipping by the whole model's norm under tensor (and pipeline)
   parallelism, counting each TP-duplicated parameter once (``precisionrt.distributed.clipping``).
-* ``from_hf(path, spec=None, dtype=None)`` / ``to_hf(model, out_dir)``: a Hugging Face checkpoint directory
-  (Llama, Qwen2/2.5, Qwen3) as a megatron-core ``GPTModel`` with precisionrt's layers, and back, bit-exact
-  (``precisionrt.models.hf``; needs the ``hf`` extra).
+* ``from_hf(path, spec=None, dtype=None, allow_nonfinite=False)`` / ``to_hf(model, out_dir)``: a Hugging Face
+  checkpoint directory (Llama, Qwen2/2.5, Qwen3) as a megatron-core ``GPTModel`` with precisionrt's layers, and
+  back, bit-exact (``precisionrt.models.hf``; needs the ``hf`` extra). ``from_hf`` checks the checkpoint against
+  its config before a weight is used (``HFCheckpointError``); ``to_hf`` writes only a new, empty or earlier
+  export directory of its own (``ExportRefused``).
 * ``compile_model(model, regions="block" | "model", backend=...)``: ``torch.compile`` of such a model, per
   transformer block or whole, without a graph break in any precision mode (``precisionrt.distributed.compile``).
 * ``RuntimeConfig`` and its parts ``ScalingConfig`` (the one place the scaling recipe is set), ``MonitorConfig``

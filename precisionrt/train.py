@@ -207,7 +207,7 @@ def train(cfg: LMConfig) -> dict:
             save_checkpoint(run_dir, step, {"step": step, "model": model.state_dict(),
                                             "optimizer": optimizer.state_dict(), "runtime": runtime.state_dict(),
                                             "history": history(), "parallel": layout},
-                            keep=cfg.train.keep_checkpoints, shard=shard)
+                            keep=cfg.train.keep_checkpoints, shard=shard, config=to_dict(cfg))
 
     def history() -> dict:
         """The run's switches and skipped steps so far, so that a resumed run's summary covers the whole run."""

@@ -166,7 +166,7 @@ def train(cfg: RLConfig) -> dict:
             "rl": {"trainer": trainer.state_dict(), "reward_initial": reward_initial, "eval_initial": eval_initial,
                    "masked": masked,
                    "switches": earlier_switches + [e.summary() for e in switches]}},
-            keep=cfg.train.keep_checkpoints)
+            keep=cfg.train.keep_checkpoints, config=to_dict(cfg))
 
     switches, reward_final, eval_final, agent_totals, trainer_rates = [], reward_initial, eval_initial, Counter(), []
     trained_before = trainer.ctrl.acct.trained

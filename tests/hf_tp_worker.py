@@ -12,6 +12,7 @@ import torch
 from hf_models import batch
 
 import precisionrt.models.hf as hf
+import precisionrt.models.hf.load as hf_load
 from precisionrt.models.hf.arch import HFArch
 from precisionrt.distributed.parallel import init_parallel
 
@@ -20,14 +21,14 @@ def main(out_dir: str, checkpoints: list[str]) -> None:
     init_parallel(2)
     rank = torch.distributed.get_rank()
     read = {"elements": 0}
-    original = hf._read_slice
+    original = hf_load._read_slice
 
     def counting(files, piece, r, tp):
         t = original(files, piece, r, tp)
         read["elements"] += t.numel()
         return t
 
-    hf._read_slice = counting
+    hf_load._read_slice = counting   # from_hf's own module: where it looks the name up
     results = {}
     ids, _, positions, mask = batch()
     for path in checkpoints:

@@ -145,7 +145,7 @@ def main(out: str, tp: int, pp: int, phase: str) -> None:
             loaded = dist_checkpointing.load(state_of(model, rt), f"{out}/ckpt")
         model.load_state_dict(loaded["model"], strict=False)   # the _extra_state entries of megatron's linears
         rt.load_sharded_state_dict(loaded["precision"])
-        record = {"loaded_precisions": rt.precisions(),
+        record = {"loaded_precisions": rt.precisions(), "loaded_gemms": rt.gemm_precisions(),
                   "loaded_scaling": {n: l.numerics.state_dict() for n, l in rt.layers.items()},
                   **train(model, rt, optimizer, SAVE_AT, STEPS)}
     torch.save(record, f"{out}/{phase}_tp{tp}_pp{pp}_rank{rank}.pt")

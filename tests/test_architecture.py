@@ -4,7 +4,7 @@ re-export shim; ``precisionrt`` never imports ``rl``; the observability floor im
 
 The floors (docs/architecture.md draws them; each subpackage's ``__init__`` says the same in words):
 
-    precisionrt:  config < observe < numerics < distributed < layers < runtime < models < run < train, speed
+    precisionrt:  config, files < observe < numerics < distributed < layers < runtime < models < run < train, speed
     rl:           envs < algo < inference < workers < trainer, warm_start < workload < train   (rl may use any of
                   precisionrt)
 
@@ -24,14 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 FLOORS = {
-    "precisionrt": ["config", "observe", "numerics", "distributed", "layers", "runtime", "models", "run",
+    "precisionrt": [("config", "files"), "observe", "numerics", "distributed", "layers", "runtime", "models", "run",
                     ("train", "speed")],
     "rl": ["envs", "algo", "inference", "workers", ("trainer", "warm_start"), "workload", "train"],
 }
 SHIMS = {"precisionrt.fp8", "precisionrt.megatron", "precisionrt.pipeline", "precisionrt.analysis", "rl.losses"}
 """Old module paths kept as re-exports (DESIGN.md contracts, the README's examples); never imported inside."""
 TOP = {"precisionrt", "rl"}   # the packages' own __init__: the public API, above every floor
-NO_TORCH = ("precisionrt.config", "precisionrt.observe")
+NO_TORCH = ("precisionrt.config", "precisionrt.files", "precisionrt.observe")
 
 
 def module_files(root: Path, packages=("precisionrt", "rl")) -> dict[str, Path]:

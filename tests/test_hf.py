@@ -341,7 +341,9 @@ def test_export_is_atomic_a_crash_leaves_the_old_directory_whole(parallel, check
     monkeypatch.setattr(safetensors.torch, "save_file", real)
     to_hf(model, out, max_shard_bytes=50_000)
     assert _tensors(out)["model.norm.weight"].equal(model.decoder.final_layernorm.weight.detach())
-    with pytest.raises(FileNotFoundError, match="tokenizer_dir"):
+    from precisionrt.models.hf.save import ExportRefused
+
+    with pytest.raises(ExportRefused, match="tokenizer_dir"):
         to_hf(model, tmp_path / "elsewhere", tokenizer_dir=tmp_path / "nowhere")
     assert not (tmp_path / "elsewhere").exists()
 

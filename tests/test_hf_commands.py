@@ -72,7 +72,7 @@ def test_rl_preflight_names_tokenizer_problems(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="model.vocab_size: the tokenizer .* has 512 tokens, more than the "
                                           "model's vocabulary of 256"):
         check("model.vocab_size=256")
-    with pytest.raises(ConfigError, match="model.tokenizer_path: .*no usable tokenizer"):
+    with pytest.raises(ConfigError, match="model.tokenizer_path: .*no tokenizer.json"):
         check(f'model.tokenizer_path="{tmp_path}"')
     with pytest.raises(ConfigError, match="train.export_hf: only a Hugging Face architecture"):
         check('model.hf_init=""', 'model.num_query_groups=0', 'model.tokenizer_path=""', "model.vocab_size=256")

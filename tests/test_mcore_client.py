@@ -24,7 +24,12 @@ def client(out: Path, nproc: int, tp: int, pp: int, phase: str) -> list[dict]:
 
 
 def switches_of(record: dict) -> list[tuple]:
-    return [(s["step"], s["layer"], s["to"]) for s in record["switches"]]
+    return [(s["step"], s["layer"], s["gemm"], s["to"]) for s in record["switches"]]
+
+
+def promoted(step: int, layer: str) -> list[tuple]:
+    """A spike into a layer's input: the two GEMMs that read the input (fprop, wgrad) move to BF16."""
+    return [(step, layer, "fprop", "bf16"), (step, layer, "wgrad", "bf16")]
 
 
 @pytest.mark.slow
@@ -32,19 +37,20 @@ def switches_of(record: dict) -> list[tuple]:
 def test_dist_checkpoint_resumes_exactly_and_reshards_to_one_rank(tmp_path, tp, pp):
     first = client(tmp_path, 2, tp, pp, "first")
     last = -1   # the rank of the last stage, whose losses are the loss
-    assert switches_of(first[last]) == [(3, FIRST, "bf16"), (6, SECOND, "bf16")]
+    assert switches_of(first[last]) == promoted(3, FIRST) + promoted(6, SECOND)
 
     # the same layout: losses bit for bit, and the spike the saved check window held promotes at step 6
     resumed = client(tmp_path, 2, tp, pp, "resume")
     for a, b in zip(first, resumed):
         assert b["losses"] == a["losses"][4:]
-        assert switches_of(b) == [(6, SECOND, "bf16")], "the open check window came back with the checkpoint"
+        assert switches_of(b) == promoted(6, SECOND), "the open check window came back with the checkpoint"
         assert b["precisions"] == a["precisions"]
 
     # one rank: every layer's precision and scaling state by global name; the check window restarts
     (single,) = client(tmp_path, 1, 1, 1, "resume")
     assert single["loaded_precisions"] == resumed[0]["loaded_precisions"]
-    assert single["loaded_precisions"][FIRST] == "bf16" and single["loaded_precisions"][SECOND] == "fp8"
+    assert single["loaded_gemms"][FIRST] == {"fprop": "bf16", "dgrad": "fp8", "wgrad": "bf16"}
+    assert single["loaded_precisions"][FIRST] == "mixed" and single["loaded_precisions"][SECOND] == "fp8"
     assert set(single["loaded_scaling"]) == set(single["loaded_precisions"])
     for name, state in single["loaded_scaling"].items():
         holder = next(r for r in resumed if name in r["loaded_scaling"])   # TP rank 0's under TP: the same
@@ -69,5 +75,5 @@ def test_megatron_ddp_and_optimizer_train_the_managed_layers(tmp_path, tp, pp):
     ranks = client(tmp_path, 2, tp, pp, "ddp")
     for r in ranks:
         assert r["managed_weights_moved"] == r["managed"] and r["managed"]
-        assert switches_of(r) == [(3, FIRST, "bf16"), (6, SECOND, "bf16")]
+        assert switches_of(r) == promoted(3, FIRST) + promoted(6, SECOND)
     assert ranks[0]["grad_norms"] == ranks[1]["grad_norms"] and all(n > 0 for n in ranks[0]["grad_norms"])

@@ -73,14 +73,16 @@ def test_mismatch_policy_acts_only_above_share_and_floor(tmp_path, scope, parall
         trainer.worker._pull_weights()
         promoted = step >= 3
         assert engine.precisions()[layer] == ("bf16" if promoted else "fp8"), step
-        assert runtime.precisions()[layer] == ("bf16" if promoted and scope == "both" else "fp8"), step
+        # the mismatch is the forward's: "both" moves the trainer's forward GEMM, and only it
+        assert runtime.gemm_precisions()[layer] == {
+            "fprop": "bf16" if promoted and scope == "both" else "fp8", "dgrad": "fp8", "wgrad": "fp8"}, step
         assert [e.reason for e in decided] == (["mismatch"] if step == 3 and scope == "both" else []), step
     assert {n for n, p in engine.precisions().items() if p == "bf16"} == {layer}
     assert trainer.map_version == 1 and engine.map_version == 1
     assert [(r["layer"], r["reason"], r["step"]) for r in events(tmp_path, "rollout_switch")] == [(layer, "mismatch", 3)]
     assert [(r["layer"], r["reason"]) for r in events(tmp_path, "switch")] == \
         ([(layer, "mismatch")] if scope == "both" else [])
-    assert runtime.policy.layers[layer].hold is None
+    assert runtime.policy.layers[f"{layer}:fprop"].hold is None
 
 
 def test_mismatch_policy_config_is_checked(tmp_path):

@@ -43,7 +43,8 @@ def run_pp(tmp_path: Path, nproc: int, *overrides: str) -> list[dict]:
 def logged_switches(run: Path) -> list[dict]:
     log = read_log(run / "precision_events.jsonl")
     assert log.skipped_lines == 0
-    return [{k: r[k] for k in ("step", "layer", "from", "to", "reason")} for r in log.records if r["kind"] == "switch"]
+    return [{k: r[k] for k in ("step", "layer", "gemm", "from", "to", "reason")}
+            for r in log.records if r["kind"] == "switch"]
 
 
 @pytest.mark.slow
@@ -52,7 +53,9 @@ def test_a_nonfinite_gradient_in_one_stage_promotes_exactly_that_layer(tmp_path,
     """NaN enters the output gradient of one layer and flows upstream through both stages' gradients; the
     global forward order names the layer where it entered, whichever stage holds it."""
     ranks = run_pp(tmp_path, 2, 'inject.kind="nonfinite"', f'inject.layer="{layer}"', "inject.start_step=2")
-    expected = [{"step": 3, "layer": layer, "from": "fp8", "to": "bf16", "reason": "nonfinite"}]
+    # NaN in the output gradient: the two GEMMs that read it (dgrad, wgrad) move; the forward stays FP8
+    expected = [{"step": 3, "layer": layer, "gemm": g, "from": "fp8", "to": "bf16", "reason": "nonfinite"}
+                for g in ("dgrad", "wgrad")]
     for r in ranks:
         r.pop("final_train_loss")   # only the last stage computes it; the others receive it
     assert ranks[0] == ranks[1], "the stages disagree"

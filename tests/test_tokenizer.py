@@ -102,7 +102,7 @@ def test_error_mask_covers_exactly_the_failed_turn_when_tokens_straddle_boundari
 def tok_spans(tok, messages):
     from precisionrt.models.tokenizer import message_spans
 
-    return message_spans(tok.tok, messages, False)[1]
+    return message_spans(tok.template, messages, False)[1]
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):

@@ -1,5 +1,6 @@
 """python -m precisionrt.train end to end on a tiny config: run directory, config errors, exact resume."""
 
+import hashlib
 import json
 import re
 import subprocess
@@ -161,6 +162,7 @@ def test_a_checkpoint_that_weights_only_refuses_is_an_error_not_a_fallback(tmp_p
     save_checkpoint(tmp_path, 2, {"step": 2})
     path = checkpoint_path(tmp_path, 4)
     torch.save({"step": 4, "obj": Opaque()}, path)   # a pickled object: weights_only=True refuses it
+    path.with_name(path.name + ".sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())   # verified
     with pytest.raises(RuntimeError, match="step_000004.pt holds objects"):
         load_latest_checkpoint(tmp_path)
 

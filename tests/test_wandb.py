@@ -81,12 +81,16 @@ def test_offline_run_has_switch_table_and_layer_panels(tmp_path, parallel, clean
     offline = offline_run(tmp_path / "run", "train.steps=14", "wandb.timeline_every=2")
     tables = sorted((offline / "files/media/table/precision").glob("switches_*.table.json"))
     rows = [row for t in tables for row in json.loads(t.read_text())["data"]]
-    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [(6, LAYER, "fp8", "bf16", "overflow"),
-                                                             (10, LAYER, "bf16", "fp8", "probation")]
-    assert json.loads(tables[0].read_text())["columns"][:5] == ["step", "layer", "from", "to", "reason"]
+    # the spike is in the layer's input: the two GEMMs that read it (fprop, wgrad) move, and come back together
+    assert [tuple(r[:6]) for r in rows] == [(6, LAYER, g, "fp8", "bf16", "overflow") for g in ("fprop", "wgrad")] \
+        + [(10, LAYER, g, "bf16", "fp8", "probation") for g in ("fprop", "wgrad")]
+    assert json.loads(tables[0].read_text())["columns"][:6] == ["step", "layer", "gemm", "from", "to", "reason"]
     assert list((offline / "files/media/images/precision").glob("timeline_*.png"))
     long = next((offline / "files/media/table/precision").glob("layer_steps_*.table.json"))
-    assert json.loads(long.read_text())["columns"] == ["step", "layer", "precision", "is_fp8"]
+    long = json.loads(long.read_text())
+    assert long["columns"] == ["step", "layer", "precision", "is_fp8", "fprop", "dgrad", "wgrad"]
+    mixed = [r for r in long["data"] if r[1] == LAYER and r[2] == "mixed"]
+    assert mixed and all(r[3:] == [1 / 3, "bf16", "fp8", "bf16"] for r in mixed), mixed
     keys = history_keys(next(offline.glob("run-*.wandb")))
     assert {"step", "train/loss", "precision/fp8_flop_fraction", f"precision/{LAYER}/headroom",
             f"precision/{LAYER}/is_fp8"} <= keys

@@ -321,7 +321,9 @@ def ray_actor_killed(out: Path, rng: random.Random) -> dict:
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    """The run's content: every file but ``run.lock``, which each launch takes and stamps with its PID."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name != "run.lock"}
 
 
 def resume_lifecycle(out: Path, rng: random.Random) -> dict:

@@ -24,6 +24,9 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
+from precisionrt.files import UnsafeFile, inside, read_json, regular_file
+from precisionrt.models.chat_template import ChatTemplate
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -72,14 +75,29 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         self.path = os.fspath(path)
+        check_tokenizer_files(self.path)   # before transformers opens any of them
         try:
             self.tok = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{self.path}: no usable tokenizer ({e})") from None
+        except Exception as e:   # transformers and tokenizers raise many types for a damaged file: one line each
+            raise ValueError(f"{self.path}: no usable tokenizer ({type(e).__name__}: {e})") from None
         if not getattr(self.tok, "is_fast", False):
             raise ValueError(f"{self.path}: a fast tokenizer (tokenizer.json) is needed for message offsets")
         self.vocab_size = len(self.tok)
         self.eos_ids = eos_ids(self.path, self.tok)
+        self._template = None
+
+    @property
+    def template(self) -> ChatTemplate:
+        """The chat template (``tokenizer_config.json``'s, or ``chat_template.jinja``), compiled on first use;
+        rendered under a budget (``precisionrt.models.chat_template``)."""
+        if self._template is None:
+            source = self.tok.chat_template
+            if source is None:
+                raise ValueError(f"{self.path}: the tokenizer has no chat template")
+            if isinstance(source, dict):   # several named templates: transformers renders "default"
+                source = source.get("default")
+            self._template = ChatTemplate(source, f"{self.path}: chat template", _specials(self.tok))
+        return self._template
 
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -89,10 +107,10 @@ class HFTokenizer:
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """``messages`` rendered by the chat template, as text."""
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.template.render(messages, add_generation_prompt)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> Rendered:
-        text, spans = message_spans(self.tok, messages, add_generation_prompt)
+        text, spans = message_spans(self.template, messages, add_generation_prompt)
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         return Rendered(enc["input_ids"], [_owner(a, b, spans) for a, b in enc["offset_mapping"]])
 
@@ -164,7 +182,8 @@ def train_bpe(out_dir: str | os.PathLike, texts, *, vocab_size: int, chat_templa
     return out
 
 
-def message_spans(tok, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+def message_spans(template: ChatTemplate, messages: list[dict], add_generation_prompt: bool
+                  ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered transcript and each message's character span ``[start, end)``.
 
     An assistant message's span is what the model generates: the transcript rendered through it, minus the
@@ -174,7 +193,7 @@ def message_spans(tok, messages: list[dict], add_generation_prompt: bool) -> tup
     transcript does not render as a prefix of a longer one (one that rewrites earlier turns) is an error naming
     the message: its tokens could not be attributed exactly."""
     def render(msgs, gen=False):
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) if msgs else ""
+        return template.render(msgs, gen) if msgs else ""
 
     spans = []
     for i, m in enumerate(messages):
@@ -199,13 +218,62 @@ def _owner(start: int, end: int, spans: list[tuple[int, int]]) -> int:
 
 def eos_ids(path: str, tok) -> tuple[int, ...]:
     """The ids that end a generation: ``generation_config.json``'s ``eos_token_id`` (an id or a list), else the
-    tokenizer's ``eos_token``."""
+    tokenizer's ``eos_token``; each an id of the vocabulary."""
     gen = os.path.join(path, "generation_config.json")
-    if os.path.exists(gen):
-        with open(gen, encoding="utf-8") as f:
-            value = json.load(f).get("eos_token_id")
-        if value is not None:
-            return tuple(value) if isinstance(value, list) else (int(value),)
-    if tok.eos_token_id is None:
-        raise ValueError(f"{path}: neither generation_config.json nor the tokenizer names an EOS token")
-    return (tok.eos_token_id,)
+    value, where = None, f"{path}: the tokenizer's eos_token"
+    if os.path.lexists(gen):
+        try:
+            config = read_json(gen, "a generation config", limit=16 << 20)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{gen}: unreadable ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{gen}: not a JSON object")
+        value, where = config.get("eos_token_id"), f"{gen}: eos_token_id"
+    if value is None:
+        value = tok.eos_token_id
+        if value is None:
+            raise ValueError(f"{path}: neither generation_config.json nor the tokenizer names an EOS token")
+    ids = value if isinstance(value, list) else [value]
+    vocab = len(tok)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+        raise ValueError(f"{where} = {value!r}: must be a token id or a non-empty list of them, each in [0, {vocab})")
+    return tuple(ids)
+
+
+def check_tokenizer_files(path: str) -> None:
+    """Refuse a tokenizer directory whose files would hang, leak or mislead before anything reads them: no
+    directory, no ``tokenizer.json`` (transformers would make up a tokenizer of a few tokens), a file that is
+    no regular file (a FIFO blocks the read), or a symlink out of the directory (a hub snapshot's blobs
+    excepted)."""
+    from precisionrt.models.hf.names import TOKENIZER_FILES, hub_roots
+
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: not a directory")
+    for name in TOKENIZER_FILES:
+        full = os.path.join(path, name)
+        if not os.path.lexists(full):
+            continue
+        try:
+            inside(path, name, "the tokenizer file", hub_roots(path))
+            regular_file(full, "a tokenizer file")
+            # transformers reads these as JSON objects and fails deep inside (a KeyError, an AttributeError)
+            # on anything else: the file is named here instead
+            content = read_json(full, "a tokenizer file") if name.endswith(".json") else None
+        except UnsafeFile as e:
+            raise ValueError(str(e)) from None
+        except OSError as e:
+            raise ValueError(f"{full}: cannot be read ({e.strerror or e})") from None
+        except ValueError as e:   # not UTF-8, not JSON, nested too deeply
+            raise ValueError(f"{full}: not valid JSON ({e})") from None
+        if name.endswith(".json") and name != "vocab.json" and not isinstance(content, dict):
+            raise ValueError(f"{full}: not a JSON object")
+        if name == "tokenizer.json" and not isinstance(content.get("model"), dict):
+            raise ValueError(f"{full}: not a tokenizers file (no \"model\" object)")
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        raise ValueError(f"{path}: no tokenizer.json (a fast tokenizer is needed; transformers would make up one "
+                         "of a few tokens)")
+
+
+def _specials(tok) -> dict:
+    """The special tokens a template sees by name (``bos_token``, ``eos_token``, ...), as transformers passes them."""
+    return {k: v if isinstance(v, list) else str(v) for k, v in tok.special_tokens_map.items() if v is not None}

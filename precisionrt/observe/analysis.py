@@ -9,6 +9,8 @@ skipped and counted, never fatal.
 
 from __future__ import annotations
 
+import fnmatch
+
 import json
 import re
 from collections import Counter
@@ -89,18 +91,19 @@ class RunState:
     run: str
     layers: dict = field(default_factory=dict)
     """Name -> {"flops": F, "initial": {gemm: P}} (F: all three GEMMs' FLOPs per token)."""
-    switches: list = field(default_factory=list)
-    """(step, layer, gemm, from, to, reason): one per GEMM (a schema-1 record moved all three)"""
-    rollout_switches: list = field(default_factory=list)
-    """(step, layer, from, to, reason, map_version): the RL rollout engine's side"""
+    switches: dict = field(default_factory=dict)
+    """(step, layer, gemm, from, to, reason) -> None, in log order: one per GEMM (a schema-1 record moved all
+    three). A dict as an ordered set: the same switch logged by several ranks counts once, found in O(1)."""
+    rollout_switches: dict = field(default_factory=dict)
+    """(step, layer, from, to, reason, map_version) -> None: the RL rollout engine's side"""
     first_step: int | None = None
     last_step: int = 0
     ended: bool = False
     files: set = field(default_factory=set)
 
     def resume_at(self, step: int) -> None:
-        self.switches = [s for s in self.switches if s[0] <= step]
-        self.rollout_switches = [s for s in self.rollout_switches if s[0] <= step]
+        self.switches = {s: None for s in self.switches if s[0] <= step}
+        self.rollout_switches = {s: None for s in self.rollout_switches if s[0] <= step}
         self.last_step = min(self.last_step, step)
         self.ended = False
 
@@ -129,13 +132,11 @@ def collect(paths: Iterable[str | Path]) -> tuple[dict[str, RunState], Skipped]:
             if kind == "switch":
                 for gemm in gemm_of(rec):
                     sw = (step, rec["layer"], gemm, rec["from"], rec["to"], rec["reason"])
-                    if sw not in current.switches:  # the same decision logged by several ranks
-                        current.switches.append(sw)
+                    current.switches[sw] = None   # the same decision logged by several ranks: once
                 current.layers.setdefault(rec["layer"], {"flops": 0, "initial": dict.fromkeys(GEMMS, rec["from"])})
             elif kind == "rollout_switch":
                 sw = (step, rec["layer"], rec["from"], rec["to"], rec["reason"], rec["map_version"])
-                if sw not in current.rollout_switches:
-                    current.rollout_switches.append(sw)
+                current.rollout_switches[sw] = None
             elif kind == "run_end":
                 current.ended = True
     return runs, skipped
@@ -243,41 +244,81 @@ def compare(path_a: str | Path, path_b: str | Path) -> dict:
     return {"a": str(path_a), "b": str(path_b), "identical": not diff, "layers": diff}
 
 
-def timeline(path: str | Path, out: str | Path, max_columns: int = 2000) -> Path:
-    """Layer x step picture of precision (FP8 / BF16) with a marker at every switch; needs matplotlib."""
+MAX_ROWS = 100
+"""Rows a timeline draws: past this many layers it draws aggregates (each row a block of consecutive layers, its
+colour the share of them in FP8), or the layers ``layers`` names. The picture's size and memory stay bounded
+whatever a log's ``run_start`` claims (5,000 layers once took 243 s and 7.8 GB for one PNG)."""
+MAX_LABELS = 300
+"""Switches annotated with their reason; past this many, markers only (past ``10 x`` this, none)."""
+
+
+def timeline(path: str | Path, out: str | Path, max_columns: int = 2000, layers: str | None = None,
+             max_rows: int = MAX_ROWS, say=lambda note: None) -> Path:
+    """Layer x step picture of precision (FP8 / BF16) with a marker at every switch; needs matplotlib.
+    ``layers``: an fnmatch pattern of the layers to draw. Past ``max_rows`` layers the rows are aggregates of
+    consecutive layers (their share in FP8); ``say`` is told what was aggregated or left out."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.colors import ListedColormap
+        from matplotlib.colors import LinearSegmentedColormap
     except ImportError:
         raise RuntimeError("timeline needs matplotlib: pip install -e '.[analysis]'") from None
     state = main_run(path)
     names = list(state.layers)
+    if layers is not None:
+        names = [n for n in names if fnmatch.fnmatchcase(n, layers)]
+        if not names:
+            raise RuntimeError(f"timeline: no layer of {path} matches --layers {layers!r}")
+    per_row = -(-len(names) // max_rows) if names else 1
+    rows = [names[i: i + per_row] for i in range(0, len(names), per_row)]
+    if per_row > 1:
+        say(f"{len(names)} layers: each row aggregates {per_row} consecutive layers (colour: their share in FP8); "
+            "draw fewer with --layers PATTERN")
     steps = max(1, state.last_step)
     stride = max(1, -(-steps // max_columns))
     cols = -(-steps // stride)
-    rows = len(GEMMS)   # each layer is a band of three stripes: fprop, dgrad, wgrad (top to bottom)
-    grid = [[1.0] * cols for _ in range(rows * len(names))]          # 1 = fp8, 0 = bf16
-    for i, name in enumerate(names):
-        for j, gemm in enumerate(GEMMS):
-            precision, since = state.layers[name]["initial"][gemm], 0
-            changes = [sw for sw in sorted(state.switches) if sw[1] == name and sw[2] == gemm]
-            for step, _, _, _, to, _ in changes + [(steps, name, gemm, None, None, None)]:
-                for c in range(since // stride, min(cols, -(-step // stride))):
-                    grid[rows * i + j][c] = 1.0 if precision == "fp8" else 0.0
-                precision, since = to, step
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(names) + 1.6))
-    ax.imshow(grid, aspect="auto", interpolation="nearest", cmap=ListedColormap(["#e07b39", "#3a7dc9"]),
-              vmin=0, vmax=1, extent=(0, steps, len(names) - 0.5, -0.5))
-    for step, layer, to, reason, gemms in _decisions(state.switches):
-        y = names.index(layer) + (GEMMS.index(gemms[0]) - 1) / rows if len(gemms) == 1 else names.index(layer)
-        label = reason if len(gemms) == len(GEMMS) else f"{reason} ({'+'.join(gemms)})"
+    stripes = len(GEMMS)   # each row is a band of three stripes: fprop, dgrad, wgrad (top to bottom)
+    switches: dict[tuple[str, str], list] = {}
+    for sw in state.switches:
+        switches.setdefault((sw[1], sw[2]), []).append(sw)
+    grid = []   # per stripe and column, the share of its row's layers with that GEMM in FP8 (1 = fp8, 0 = bf16)
+    for group in rows:
+        for gemm in GEMMS:
+            fp8 = [0] * (cols + 1)   # a difference array: each layer adds its FP8 intervals
+            for name in group:
+                precision, since = state.layers[name]["initial"][gemm], 0
+                end = [(steps, name, gemm, None, None, None)]
+                for step, _, _, _, to, _ in sorted(switches.get((name, gemm), [])) + end:
+                    lo, hi = since // stride, min(cols, -(-step // stride))
+                    if precision == "fp8" and hi > lo:
+                        fp8[lo] += 1
+                        fp8[hi] -= 1
+                    precision, since = to, step
+            stripe, running = [], 0
+            for c in range(cols):
+                running += fp8[c]
+                stripe.append(min(1.0, running / len(group)))
+            grid.append(stripe)
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.6))
+    cmap = LinearSegmentedColormap.from_list("precision", ["#e07b39", "#3a7dc9"])
+    ax.imshow(grid or [[1.0]], aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
+              extent=(0, steps, len(rows) - 0.5, -0.5))
+    row_of = {name: r for r, group in enumerate(rows) for name in group}
+    drawn = [d for d in _decisions(state.switches) if d[1] in row_of]
+    if len(drawn) > 10 * MAX_LABELS:
+        say(f"{len(drawn)} decisions: not marked (the colours show them)")
+    for step, layer, to, reason, gemms in drawn if len(drawn) <= 10 * MAX_LABELS else ():
+        y = row_of[layer] + ((GEMMS.index(gemms[0]) - 1) / stripes if len(gemms) == 1 else 0)
         ax.plot(step, y, marker="v" if to == "bf16" else "^", color="black", markersize=6)
-        ax.annotate(label, (step, y), xytext=(3, 7 if to == "bf16" else -11), textcoords="offset points", fontsize=6)
-    for i in range(len(names) - 1):   # a white rule between layers, so each band of three stripes reads as one
+        if len(drawn) <= MAX_LABELS:
+            label = reason if len(gemms) == len(GEMMS) else f"{reason} ({'+'.join(gemms)})"
+            ax.annotate(label, (step, y), xytext=(3, 7 if to == "bf16" else -11), textcoords="offset points",
+                        fontsize=6)
+    for i in range(len(rows) - 1):   # a white rule between rows, so each band of three stripes reads as one
         ax.axhline(i + 0.5, color="white", linewidth=1.5)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+    labels = [g[0] if len(g) == 1 else f"{g[0]} .. ({len(g)})" for g in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
     ax.set_xlabel("step")
     ax.set_title(f"precision timeline of run {state.run}: blue FP8, orange BF16; v promotion, ^ return to FP8\n"
                  "each layer is three stripes, top to bottom: fprop, dgrad, wgrad", fontsize=9)

@@ -2,8 +2,8 @@
 
     precisionrt-log summarize RUN_OR_LOG... [--json] [--follow [--interval S]]
     precisionrt-log compare LOG_A LOG_B [--json]
-    precisionrt-log timeline LOG -o timeline.png
-    precisionrt-log export LOG... -o out.csv|out.parquet
+    precisionrt-log timeline LOG -o timeline.png [--layers PATTERN]
+    precisionrt-log export LOG... -o out.csv|out.parquet      (CSV cells starting with = + - @ are escaped)
 
 A RUN_OR_LOG is a run directory (its precision_events.jsonl) or a log file; several merge by run id (ranks,
 resumed segments). Corrupt or truncated lines are skipped and counted (``skipped_lines``).
@@ -77,12 +77,25 @@ def cmd_compare(args) -> int:
 
 def cmd_timeline(args) -> int:
     try:
-        out = analysis.timeline(args.path, args.output)
+        out = analysis.timeline(args.path, args.output, layers=args.layers,
+                                say=lambda note: print(f"precisionrt-log: {note}", file=sys.stderr))
     except RuntimeError as e:
         print(f"precisionrt-log: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
+
+
+def csv_cell(value):
+    """A value as a CSV cell that a spreadsheet shows as text: a string starting with ``= + - @`` (or a tab or
+    carriage return) is a formula to Excel and LibreOffice (a layer name ``=HYPERLINK(...)``), so it gets a
+    leading ``'``. Numbers, and strings that are numbers (``"-inf"``), stay as they are."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
 
 
 def cmd_export(args) -> int:
@@ -106,7 +119,7 @@ def cmd_export(args) -> int:
         with open(out, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     else:
         print(f"export: {out} must end in .csv or .parquet", file=sys.stderr)
         return 2
@@ -139,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     t = sub.add_parser("timeline", help="layer x step precision picture (PNG) with switch markers")
     t.add_argument("path")
     t.add_argument("-o", "--output", required=True)
+    t.add_argument("--layers", metavar="PATTERN", help="draw only the layers this fnmatch pattern names "
+                   f"(past {analysis.MAX_ROWS} layers the rows are aggregates otherwise)")
     t.set_defaults(func=cmd_timeline)
     e = sub.add_parser("export", help="flat table of switches and stats")
     e.add_argument("paths", nargs="+")

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, get_args
 
+from precisionrt.files import open_append, open_regular
+
 Precision = Literal["fp8", "bf16"]
 Gemm = Literal["fprop", "dgrad", "wgrad"]
 """A linear layer's three GEMMs: ``y = x W^T`` (fprop), ``dx = dY W`` (dgrad), ``dW = dY^T x`` (wgrad)."""
@@ -101,16 +103,15 @@ class EventLog:
         self._deferred_start = None
         self._fh = None
         if enabled:
+            # created (or reopened) only as a regular file: a FIFO, a device or a symlink in its place is refused
+            self._fh = open_append(self.path)
             # A crash can leave a last line without its newline: start on a fresh line so that the partial
             # record stays one (skipped) line and does not swallow the next record.
-            ends_clean = True
-            if self.path.exists() and self.path.stat().st_size > 0:
-                with open(self.path, "rb") as fh:
+            if os.fstat(self._fh.fileno()).st_size > 0:
+                with open_regular(self.path, "rb", "the switch log") as fh:
                     fh.seek(-1, os.SEEK_END)
-                    ends_clean = fh.read(1) == b"\n"
-            self._fh = open(self.path, "a", encoding="utf-8")
-            if not ends_clean:
-                self._fh.write("\n")
+                    if fh.read(1) != b"\n":
+                        self._fh.write("\n")
 
     def defer_start(self, fields) -> None:
         """Write run_start just before the next record, with the fields ``fields()`` returns then (``layers``,

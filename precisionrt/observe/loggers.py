@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Protocol
 
 from precisionrt.config import Checked, ConfigError, LayerPattern, Name, Range, flatten
+from precisionrt.files import open_append
 from precisionrt.observe.events import EVENTS_FILE, GEMMS, json_safe
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ class MetricLogger(Protocol):
 
 class JsonlLogger:
     def __init__(self, path: str | Path):
-        self._fh = open(path, "a", encoding="utf-8")
+        self._fh = open_append(path)   # a regular file only: a FIFO would block, a symlink write elsewhere
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: json_safe(v) for k, v in metrics.items()}}

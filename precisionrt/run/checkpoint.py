@@ -3,28 +3,37 @@ under model parallelism, one file per model-parallel rank: ``step_000123.tp1.pt`
 ``step_000123.pp1.pt`` under pipeline parallelism, ``step_000123.tp1.pp0.pt`` under both (each rank holds its
 own shard of the weights, of the optimizer state and of the FP8 scaling state; data-parallel replicas are
 identical, so the processes of data-parallel rank 0 write). Files are written atomically and
-durably (fsync of the file and of its directory), read with ``weights_only=True``, and only the newest
-``keep`` steps are kept. A truncated or corrupt newest checkpoint is reported by name and the previous one is
-used, the same step on every rank. A checkpoint written at another layout (TP or PP size) is refused with both
+durably (``precisionrt.files.atomic_file``), each with its sha256 digest beside it
+(``step_000123.pt.sha256``), read with ``weights_only=True``, and only the newest ``keep`` steps are kept. A
+checkpoint carries its step and the run's resolved configuration; a resume takes both from the content, never
+from the file name. A truncated, corrupt, unverifiable (no digest) or special (a FIFO, a directory) newest
+checkpoint is reported by name and the previous one is used, the same step on every rank; one whose content
+names another step is refused. A checkpoint written at another layout (TP or PP size) is refused with both
 layouts named."""
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
-import logging
 import re
 import zipfile
 from pathlib import Path
 
 import torch
 
+from precisionrt.files import UnsafeFile, atomic_file, open_regular, read_text, regular_file, write_atomic
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step_(\d{6,})(?:\.(tp\d+(?:\.pp\d+)?|pp\d+))?\.pt$")
 # What torch.load raises for a file that was cut short or damaged (a zip archive that does not read back).
 _DAMAGED = (EOFError, zipfile.BadZipFile, pickle.UnpicklingError, RuntimeError)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written, or one that is not what its name says; the message names the file."""
 
 
 def shard_name(tp_rank: int, tp_size: int, pp_rank: int = 0, pp_size: int = 1) -> str | None:
@@ -47,36 +56,26 @@ def checkpoint_path(run_dir: str | Path, step: int, shard: str | None = None) ->
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}{suffix}.pt"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0, shard: str | None = None) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int = 0, shard: str | None = None,
+                    config: dict | None = None) -> Path:
     """Write ``state`` as the checkpoint of ``step`` (this model-parallel rank's ``shard``, see ``shard_name``);
-    then delete all but the newest ``keep`` of this rank's (0: keep all).
+    then delete all but the newest ``keep`` of this rank's (0: keep all). The file carries its own step and, when
+    given, the run's resolved ``config``: a resume reads both from the content, never from the file name.
 
-    A failed write (a full disk) removes its partial ``.tmp`` and raises an error naming the path."""
+    The write goes through ``precisionrt.files.atomic_file``: a failed write (a full disk) leaves no temporary
+    and no truncated checkpoint, and raises an error naming the path."""
     path = checkpoint_path(run_dir, step, shard)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    digest = _digest_path(path)
+    state = {**state, "step": step, **({"config": config} if config is not None else {})}
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_file(path) as fh:
             torch.save(state, fh)
             fh.flush()
-            os.fsync(fh.fileno())
-        # the checksum first: a checkpoint never exists without its digest (bytes damaged later, which a zip
-        # archive can still load as wrong numbers, are then caught at load time)
-        digest.write_text(_sha256(tmp) + "\n")
-        os.replace(tmp, path)  # a crash mid-write leaves the .tmp, never a truncated step_*.pt
-        _fsync_dir(path.parent)
-    except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"could not write checkpoint {path}: {type(e).__name__}: {e}") from e
+            # the digest first: a checkpoint never exists without it (bytes damaged later, which a zip archive can
+            # still load as wrong numbers, are then caught at load time)
+            write_atomic(_digest_path(path), _sha256_fd(fh.fileno()) + "\n")
+    except (OSError, RuntimeError, UnsafeFile) as e:
+        raise CheckpointError(f"could not write checkpoint {path}: {type(e).__name__}: {e}") from e
     if keep > 0:
         for _, old in list_checkpoints(run_dir, shard)[:-keep]:
             old.unlink(missing_ok=True)
@@ -88,12 +87,17 @@ def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
+def _sha256_fd(fd: int) -> str:
+    h, offset = hashlib.sha256(), 0
+    while block := os.pread(fd, 1 << 20, offset):
+        h.update(block)
+        offset += len(block)
     return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    with open_regular(path, "rb", "a checkpoint") as fh:
+        return _sha256_fd(fh.fileno())
 
 
 def list_checkpoints(run_dir: str | Path, shard: str | None = None) -> list[tuple[int, Path]]:
@@ -108,24 +112,48 @@ def _all_files(run_dir: str | Path) -> list[tuple[int, str | None, Path]]:
     return [(int(m.group(1)), m.group(2), p) for p in d.iterdir() if (m := _NAME.match(p.name))]
 
 
-def _load(path: Path) -> dict | None:
-    """The state in ``path``; None (reported by name) if it is truncated or damaged (its bytes no longer match
-    the checksum written beside it, or it does not read back)."""
+class CheckpointMismatch(CheckpointError):
+    """A readable, verified checkpoint that is not what its name says (another step: renamed or copied)."""
+
+
+def _load(path: Path, step: int) -> dict | None:
+    """The state in ``path``; None (reported by name) when it cannot be trusted: not a regular file, no digest
+    beside it (nothing to verify it by), bytes that no longer match the digest, or a file that does not read
+    back. A verified checkpoint whose content names another step than its file name is an error
+    (``CheckpointMismatch``): a copy or rename that must not decide where the run continues."""
     digest = _digest_path(path)
-    if digest.exists() and digest.read_text().strip() != _sha256(path):
+    try:
+        regular_file(path, "a checkpoint")
+        expected = read_text(digest, "a checkpoint's digest", limit=1024).strip()
+        actual = _sha256(path)
+    except FileNotFoundError as e:
+        log.warning("warning: checkpoint %s has no digest (%s is missing): it cannot be verified; trying an "
+                    "older one", path, Path(e.filename or digest).name)
+        return None
+    except (OSError, ValueError) as e:   # a FIFO, a directory, an unreadable file: reported, never opened blocking
+        log.warning("warning: checkpoint %s cannot be verified (%s); trying an older one", path, e)
+        return None
+    if expected != actual:
         log.warning("warning: checkpoint %s is damaged (its sha256 does not match %s); trying an older one",
                     path, digest.name)
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower():   # readable, but holds objects weights_only refuses: no fallback
-            raise RuntimeError(f"checkpoint {path} holds objects that weights_only loading refuses: {e}") from e
+            first = str(e).strip().splitlines()[0]   # torch's message runs over many lines of advice
+            raise RuntimeError(f"checkpoint {path} holds objects that weights_only loading refuses ({first})") from e
         log.warning("warning: checkpoint %s is damaged (%s: %s); trying an older one", path, type(e).__name__, e)
+        return None
     except _DAMAGED as e:   # truncated or corrupt: report it by name and fall back to an older one
         log.warning("warning: checkpoint %s is truncated or damaged (%s: %s); trying an older one", path,
                     type(e).__name__, e)
-    return None
+        return None
+    if not isinstance(state, dict) or state.get("step") != step:
+        held = state.get("step") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointMismatch(f"checkpoint {path} holds step {held!r}, not {step}: a renamed or copied file "
+                                 "decides nothing; move it out of the checkpoints directory")
+    return state
 
 
 def _distributed(group) -> bool:
@@ -165,7 +193,7 @@ def load_latest_checkpoint(run_dir: str | Path, shard: str | None = None, layout
                          f"{layout_of({s for _, s, _ in files})}; this run uses {described}")
     # every rank walks the same candidate steps, newest first, and all must read a step for it to be taken
     for step in sorted(_common_steps({step for step, _ in mine}, group), reverse=True):
-        state = _load(checkpoint_path(run_dir, step, shard))
+        state = _load(checkpoint_path(run_dir, step, shard), step)
         if _all_ranks_agree(state is not None, group):
             saved = {k: state.get("parallel", {}).get(k, 1) for k in layout}
             if saved != layout:

@@ -24,15 +24,24 @@ from precisionrt.config import (Checked, ConfigError, ConfigKeyPattern, Every, L
                                 StartupError, Steps, load_config, print_keys)
 from precisionrt.distributed.parallel import init_parallel, resolve_device
 from precisionrt.models.gpt import ModelConfig, build_gpt
-from precisionrt.models.hf.save import to_hf
+from precisionrt.files import UnsafeFile
+from precisionrt.models.chat_template import TemplateError
+from precisionrt.models.hf.arch import HFCheckpointError
+from precisionrt.models.hf.save import ExportRefused, check_export_target, to_hf
 from precisionrt.models.tokenizer import check_tokenizer
 from precisionrt.observe.loggers import WandbConfig, panel_layers
+from precisionrt.run import lock
+from precisionrt.run.checkpoint import CheckpointError
 from precisionrt.run.inject import FaultInjector, InjectConfig, check_inject_ranks
 from precisionrt.run.resources import check_fits
 from precisionrt.run.rundir import RunConfig, check_run_dir, resolve_run_dir, write_json
 from precisionrt.runtime.precision_runtime import PrecisionRuntime, RuntimeConfig
 
 T = TypeVar("T")
+
+FILE_ERRORS = (HFCheckpointError, ExportRefused, TemplateError, UnsafeFile)
+"""What a file from elsewhere can be refused with (a checkpoint, an export target, a chat template, a special
+file): ``run_cli`` reports each as its one ``config error:`` line, never a traceback."""
 
 
 @dataclass
@@ -94,6 +103,11 @@ def check_common(cfg, world: int, memory: int, what: str, keys: str) -> None:
     if cfg.train.export_hf and not cfg.model.is_hf:
         raise ConfigError("train.export_hf: only a Hugging Face architecture can be exported; set model.hf_path "
                           "or model.hf_init")
+    if cfg.train.export_hf:
+        try:   # a run directory's hf/ that is not an export of ours is refused now, not after the run
+            check_export_target(resolve_run_dir(cfg.run) / "hf")
+        except ExportRefused as e:
+            raise ConfigError(f"train.export_hf: {e}") from None
     check_inject_ranks(cfg.inject, world)
     # run.device = "cuda" without a GPU is refused here, by name
     check_fits(memory, what, keys, resolve_device(cfg.run.device).type)
@@ -123,7 +137,10 @@ def start(cfg, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -
                   pipeline_parallel_size=pipeline_parallel_size)
     rank = torch.distributed.get_rank()
     torch.manual_seed(cfg.train.seed)
-    model = build_gpt(cfg.model, tensor_parallel_size=tensor_parallel_size, device=device)
+    try:
+        model = build_gpt(cfg.model, tensor_parallel_size=tensor_parallel_size, device=device)
+    except HFCheckpointError as e:   # the checkpoint's weights (its config was checked with the configuration)
+        raise ConfigError(f"model.hf_path: {e}") from None
     runtime = PrecisionRuntime(model, cfg.precision)   # validates pins before anything is written
     panel_layers(cfg.wandb, runtime.names)             # and the W&B layer patterns
     injector = FaultInjector(cfg.inject, model, rank, runtime.names)
@@ -145,18 +162,36 @@ def report_skip(step: int, what: str = "", is_main: bool = True) -> None:
         print(f"step {step}: nonfinite gradients, optimizer step skipped{what}", flush=True)
 
 
+class FinishError(StartupError):
+    """The run's steps are done and checkpointed, but its last step (the export, or the summary) failed: an
+    error exit, and a resume finishes that step (``harness.finished_summary``)."""
+
+
 def finish(cfg, started: Started, logger, run_dir: Path, summary: dict, last_step: int, closing: str) -> dict:
-    """The end of a run: the speed plan's figures, the Hugging Face export (every rank gathers its shards; rank 0
-    writes), the runtime's ``run_end`` at ``last_step``, the loggers, ``summary.json`` and the ``closing`` line
-    (rank 0)."""
+    """The end of a run: the speed plan's figures, the runtime's ``run_end`` at ``last_step``, the loggers,
+    ``summary.json`` (rank 0), the Hugging Face export (every rank gathers its shards; rank 0 writes; then the
+    summary names it) and the ``closing`` line. A failed summary or export is a ``FinishError`` naming it; the
+    run's lock is let go."""
     if started.runtime.speed_plan is not None:   # the plan's predicted GEMM time against all-BF16 and all-FP8
         summary["speed_plan"] = started.runtime.speed_plan.summary()
-    if cfg.train.export_hf:
-        summary["hf_export"] = to_hf(started.model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
     started.runtime.close(last_step)
     logger.close()
+    step = "summary.json"
+    try:
+        if started.is_main:   # first: an export that fails leaves the summary, and a resume retries the export
+            write_json(run_dir / "summary.json", summary)
+        if cfg.train.export_hf:
+            step = f"export to {run_dir / 'hf'}"
+            summary["hf_export"] = to_hf(started.model, run_dir / "hf", tokenizer_dir=cfg.model.tokenizer_path or None)
+            if started.is_main:
+                step = "summary.json"
+                write_json(run_dir / "summary.json", summary)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise FinishError(f"the run reached step {last_step} and its checkpoint is written, but its {step} failed "
+                          f"({type(e).__name__}: {e}); resume it (train.resume=true) to finish it") from e
+    finally:
+        lock.release(run_dir)
     if started.is_main:
-        write_json(run_dir / "summary.json", summary)
         print(f"{closing}, run dir {run_dir}", flush=True)
     return summary
 
@@ -196,10 +231,10 @@ def run_cli(prog: str, description: str, config_cls: type[T], run, argv: list[st
         return 0
     try:
         run(load_config(config_cls, args.config, args.overrides))
-    except ConfigError as e:
+    except (ConfigError, *FILE_ERRORS) as e:   # each names its file and field
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except StartupError as e:
+    except (StartupError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

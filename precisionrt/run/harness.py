@@ -14,8 +14,11 @@ from typing import Callable
 
 import torch
 
-from precisionrt.run.checkpoint import load_latest_checkpoint
 from precisionrt.config import ConfigError, StartupError, to_dict
+from precisionrt.files import read_json, read_text
+from precisionrt.models.hf.save import MARKER, to_hf
+from precisionrt.run import lock
+from precisionrt.run.checkpoint import load_latest_checkpoint
 from precisionrt.observe.events import EVENTS_FILE
 from precisionrt.observe.loggers import JsonlLogger, MultiLogger, WandbLogger
 from precisionrt.run.resume import RESOLVED_KEY, check_changes, previous_config, record_segment
@@ -50,16 +53,64 @@ def require_checkpoint(found, held_a_run: bool, run_dir: Path) -> None:
                           "choose another run.dir to start afresh")
 
 
-def finished_summary(run_dir: Path, step: int, end: int, announce: bool) -> dict | None:
-    """A run whose checkpoint is at or past ``end`` is finished, and resuming it changes nothing: its
-    ``summary.json`` (or the least that describes it). None when the run has steps left."""
+def finished_summary(cfg, model, run_dir: Path, found: tuple[int, dict], end: int, is_main: bool) -> dict | None:
+    """A run whose checkpoint is at or past ``end`` is finished: its ``summary.json``, resuming it changes
+    nothing. A run that reached ``end`` but whose last step failed (the Hugging Face export, or the summary:
+    a full disk) is finished now: the export is written from the final checkpoint's weights (every rank), and
+    a lost summary is rebuilt from ``metrics.jsonl`` and the checkpoint. None when the run has steps left."""
+    step, state = found
     if step < end:
         return None
-    if announce:
-        log.info("%s already reached step %d (the run ends at %d): nothing to do; raise train.steps to "
-                 "continue it", run_dir, step, end)
-    done = run_dir / "summary.json"
-    return json.loads(done.read_text()) if done.exists() else {"steps": step, "resumed_from": step}
+    summary_path, export = run_dir / "summary.json", run_dir / "hf" if cfg.train.export_hf else None
+    summary = _read_summary(summary_path)
+    exported = export is None or (export / MARKER).is_file()
+    if summary is not None and exported:
+        if is_main:
+            log.info("%s already reached step %d (the run ends at %d): nothing to do; raise train.steps to "
+                     "continue it", run_dir, step, end)
+        return summary
+    missing = [what for what, done in (("summary.json", summary is not None), ("the export", exported)) if not done]
+    if is_main:
+        log.info("%s reached step %d but its %s failed: finishing it now", run_dir, step, " and ".join(missing))
+    if summary is None:
+        summary = _rebuilt_summary(run_dir, step, state)
+    if not exported:
+        model.load_state_dict(state["model"])
+        summary["hf_export"] = str(to_hf(model, export, tokenizer_dir=cfg.model.tokenizer_path or None) or export)
+    if is_main:
+        write_json(summary_path, summary)
+    return summary
+
+
+def _read_summary(path: Path) -> dict | None:
+    try:
+        summary = read_json(path, "the run's summary", limit=256 << 20)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("warning: %s cannot be read (%s); it is written again", path, e)
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _rebuilt_summary(run_dir: Path, step: int, state: dict) -> dict:
+    """What is left of a lost summary: the last logged value of each metric, and the checkpoint's history."""
+    last = {}
+    try:
+        lines = read_text(run_dir / "metrics.jsonl", "metrics.jsonl", limit=1 << 40, errors="replace").splitlines()
+    except FileNotFoundError:
+        lines = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue   # a torn line: its metrics are logged again in the next row
+        if isinstance(row, dict):
+            last.update(row)
+    history = state.get("history") or {"switches": state.get("rl", {}).get("switches", [])}
+    return {"steps": step, "resumed_from": step, "rebuilt": "summary.json was lost; rebuilt from metrics.jsonl "
+            "and the final checkpoint", "final_train_loss": last.get("train/loss"),
+            "final_eval_loss": last.get("eval/loss"), "reward_final": last.get("eval/reward"), **history}
 
 
 def drop_replayed_metrics(run_dir: Path, step: int) -> None:
@@ -104,6 +155,7 @@ class OpenedRun:
         try:
             yield
         except BaseException:
+            lock.release(self.run_dir)
             if self.logger is not None:
                 self.logger.close()
             removed = self.written()
@@ -163,16 +215,19 @@ def open_run(cfg, model, layers: list[str], end: int, is_main: bool = True, shar
                 found = load_latest_checkpoint(run_dir, shard, layout, group=group)
             except ValueError as e:   # another parallel layout: a configuration problem, named as one
                 raise ConfigError(f"train.resume: {e}") from None
-            except RuntimeError as e:   # every checkpoint damaged, or refused by weights_only
+            except RuntimeError as e:   # every checkpoint damaged, refused by weights_only, or not its step
                 raise StartupError(f"train.resume: {e}") from None
         require_checkpoint(found, held_a_run, run_dir)
         changed = None
         if found is not None:
             check_model_fits(model, found[1]["model"], f"the step-{found[0]} checkpoint in {run_dir}")
-            if (done := finished_summary(run_dir, found[0], end, announce=is_main)) is not None:
+            # what the run was: its latest segment's configuration, and the one its checkpoint carries
+            changed = check_changes(previous_config(run_dir), to_dict(cfg), cfg.train.resume_override)
+            if isinstance(found[1].get("config"), dict):
+                check_changes(found[1]["config"], to_dict(cfg), cfg.train.resume_override)
+            if (done := finished_summary(cfg, model, run_dir, found, end, is_main)) is not None:
+                lock.release(run_dir)
                 return OpenedRun(run_dir, found, done, None)
-            before = previous_config(run_dir)
-            changed = check_changes(before, to_dict(cfg), cfg.train.resume_override) if before is not None else {}
     if found is not None and is_main:
         log.info("resumed from step %d in %s", found[0], run_dir)
         drop_replayed_metrics(run_dir, found[0])

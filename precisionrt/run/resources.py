@@ -11,30 +11,10 @@ estimate, so that the allocator (or the kernel's OOM killer, hours into a run) i
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 from precisionrt.config import ConfigError
+from precisionrt.distributed.memory import GIB, MemoryEstimate, available_memory
 
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    parameters: int
-    """Bytes of weights, gradients and AdamW moments."""
-    activations: int
-    """Bytes kept for the backward pass of one step."""
-    logits: int
-
-    @property
-    def total(self) -> int:
-        return self.parameters + self.activations + self.logits
-
-    def describe(self) -> str:
-        return (f"{self.total / GIB:,.1f} GiB (weights, gradients and AdamW state {self.parameters / GIB:,.1f}, "
-                f"activations {self.activations / GIB:,.1f}, logits {self.logits / GIB:,.1f})")
-
+__all__ = ["GIB", "MemoryEstimate", "available_memory", "check_fits", "parameter_count", "training_memory"]
 
 def parameter_count(model, tensor_parallel_size: int = 1) -> int:
     """Parameters of one tensor-parallel rank of the byte GPT that ``precisionrt.models.gpt.build_gpt`` makes
@@ -55,25 +35,6 @@ def training_memory(model, batch: int, tensor_parallel_size: int = 1) -> MemoryE
     return MemoryEstimate(parameters=4 * value * parameter_count(model, tp),
                           activations=value * tokens * model.num_layers * per_token_layer,
                           logits=3 * 4 * tokens * model.vocab_size // tp)
-
-
-def available_memory(device: str = "cpu") -> int | None:
-    """Bytes this process may use on ``device`` ("cpu": the machine's available memory shared by the local
-    ranks; "cuda": the GPU's total). None when it cannot be read."""
-    if device == "cuda":
-        import torch
-
-        return torch.cuda.mem_get_info()[1] if torch.cuda.is_available() else None
-    try:
-        with open("/proc/meminfo") as fh:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if ":" in line}
-        total = info.get("MemAvailable", info.get("MemTotal"))
-    except (OSError, ValueError, IndexError):
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None if total is None else total // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def check_fits(estimate: MemoryEstimate, what: str, keys: str, device: str = "cpu",

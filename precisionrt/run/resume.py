@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from precisionrt.config import StartupError, flatten
+from precisionrt.files import open_append, read_json, read_text
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +36,34 @@ FREE_TO_CHANGE = (
 )
 
 
-def previous_config(run_dir: Path) -> dict | None:
+def previous_config(run_dir: Path) -> dict:
     """The configuration of the run's latest segment: the last readable line of ``segments.jsonl``, else
-    ``config.json``. None when neither reads (a run that died before writing its configuration)."""
+    ``config.json``. A run that has checkpoints always wrote ``config.json``: one missing, unreadable or not a
+    JSON object is a ``StartupError`` (the check of what a resume changes is never skipped)."""
+    where = run_dir / "config.json"
+    try:
+        config = read_json(where, "the run's configuration", limit=64 << 20)
+    except FileNotFoundError:
+        raise StartupError(f"train.resume: {where} is missing, so what this resume changes cannot be checked; "
+                           "restore it (each checkpoint carries the run's configuration under \"config\")") from None
+    except (OSError, ValueError) as e:
+        raise StartupError(f"train.resume: {where} cannot be read ({e}); restore it (each checkpoint carries the "
+                           "run's configuration under \"config\")") from None
+    if not isinstance(config, dict) or not config:
+        raise StartupError(f"train.resume: {where} is not the run's configuration (an empty or non-object file); "
+                           "restore it (each checkpoint carries the run's configuration under \"config\")")
     segments = run_dir / SEGMENTS_FILE
-    if segments.exists():
-        for line in reversed(segments.read_text(errors="replace").splitlines()):
+    if os.path.lexists(segments):
+        try:
+            lines = read_text(segments, "the run's segments", limit=1 << 30, errors="replace").splitlines()
+        except (OSError, ValueError) as e:
+            raise StartupError(f"train.resume: {segments} cannot be read ({e})") from None
+        for line in reversed(lines):
             try:
                 return json.loads(line)["config"]
             except (ValueError, KeyError, TypeError):
                 continue   # a torn last line
-    try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return {k: v for k, v in config.items() if k != RESOLVED_KEY} if isinstance(config, dict) else None
+    return {k: v for k, v in config.items() if k != RESOLVED_KEY}
 
 
 def check_changes(before: dict, after: dict, overrides: list[str]) -> dict[str, list]:
@@ -71,7 +85,7 @@ def record_segment(run_dir: Path, resumed_from: int, config: dict, changed: dict
     """Append this segment's line to ``segments.jsonl`` (durably: a crash right after still shows it)."""
     line = json.dumps({"resumed_from": resumed_from, "time": time.time(), "changed": changed, "config": config},
                       default=str)
-    with open(run_dir / SEGMENTS_FILE, "a") as fh:
+    with open_append(run_dir / SEGMENTS_FILE) as fh:
         fh.write(line + "\n")
         fh.flush()
         os.fsync(fh.fileno())

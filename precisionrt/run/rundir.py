@@ -1,5 +1,5 @@
 """The run directory (contract C3): one per run, holding config.json, metrics.jsonl, precision_events.jsonl,
-summary.json and checkpoints/."""
+summary.json and checkpoints/, and run.lock (the lock of the process running it, ``precisionrt.run.lock``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Literal
 
 from precisionrt.config import Checked, ConfigError, Name, PathText
+from precisionrt.files import read_text, write_atomic
 from precisionrt.observe.events import json_safe
+from precisionrt.run import lock
 
 
 @dataclass
@@ -40,8 +42,9 @@ def check_run_dir(path: Path) -> None:
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True, path: Path | None = None) -> Path:
-    """Create the run directory (``path``, or the one ``cfg`` names). Refuses to write a new run over a finished
-    or started one (``train.resume = true`` continues it instead)."""
+    """Create the run directory (``path``, or the one ``cfg`` names) and take its lock (``precisionrt.run.lock``:
+    a second process is refused, naming the holder). Refuses to write a new run over a finished or started one
+    (``train.resume = true`` continues it instead)."""
     path = path or resolve_run_dir(cfg)
     taken = ConfigError(
         f"run.dir {str(path)!r} already holds a run; set train.resume=true to continue it or choose another run.dir")
@@ -54,6 +57,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, is_main: bool = True, path: Pa
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"run.dir {str(path)!r} cannot be created: {e.strerror}") from None
+    lock.acquire(path)   # one process per run directory, before anything in it is read or written
     if not resume:
         # claim the directory atomically: of two launches into it, exactly one creates config.json (a
         # placeholder until the resolved configuration replaces it) and the other is refused
@@ -71,7 +75,7 @@ def truncate_metrics(path: str | Path, step: int) -> int:
     path = Path(path)
     if not path.exists():
         return 0
-    lines = path.read_text(errors="replace").splitlines()
+    lines = read_text(path, "metrics.jsonl", limit=1 << 40, errors="replace").splitlines()
     keep, dropped = [], 0
     for i, line in enumerate(lines):
         try:
@@ -87,12 +91,7 @@ def truncate_metrics(path: str | Path, step: int) -> int:
         else:
             keep.append(line)
     if dropped:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w") as fh:
-            fh.write("".join(line + "\n" for line in keep))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, "".join(line + "\n" for line in keep))
     return dropped
 
 
@@ -108,10 +107,4 @@ def _strict(obj):
 def write_json(path: str | Path, obj) -> None:
     """Write atomically and durably: readers never see half a file, a crash never leaves an empty one. NaN
     becomes null and +-inf "inf"/"-inf": a strict JSON reader reads every summary."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())   # durable before it replaces the previous version
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(_strict(obj), indent=2, default=str, allow_nan=False) + "\n")

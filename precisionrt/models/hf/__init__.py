@@ -16,7 +16,7 @@ and ``runtime``; imported by ``run`` and the commands.
 from precisionrt.models.hf.arch import HFArch, HFCheckpointError
 from precisionrt.models.hf.load import build_from_arch, from_hf, hf_layer_spec
 from precisionrt.models.hf.names import TOKENIZER_FILES, name_map
-from precisionrt.models.hf.save import gather_logits, hf_state_dict, to_hf
+from precisionrt.models.hf.save import MARKER, ExportRefused, gather_logits, hf_state_dict, to_hf
 
-__all__ = ["HFArch", "HFCheckpointError", "TOKENIZER_FILES", "build_from_arch", "from_hf", "gather_logits",
+__all__ = ["HFArch", "HFCheckpointError", "ExportRefused", "MARKER", "TOKENIZER_FILES", "build_from_arch", "from_hf", "gather_logits",
            "hf_layer_spec", "hf_state_dict", "name_map", "to_hf"]

@@ -17,6 +17,7 @@ by the map and every mapped tensor must have the shape the config implies, or no
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -32,6 +33,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "generation_config.json")
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def hub_roots(path) -> tuple[str, ...]:
+    """Where else a checkpoint directory's files may resolve: a Hugging Face hub snapshot
+    (``models--org--name/snapshots/<revision>/``) keeps its files as symlinks into the repository's ``blobs/``.
+    Anything else a symlink points at is outside what the user named, and refused."""
+    real = os.path.realpath(path)
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots":
+        return (os.path.join(os.path.dirname(parent), "blobs"),)
+    return ()
 
 
 @dataclass(frozen=True)
