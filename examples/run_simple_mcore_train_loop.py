@@ -1,5 +1,6 @@
 # Copyright (c) 2025, NVIDIA CORPORATION.  All rights reserved.
 
+import argparse  # TEST: the options below
 import os
 import torch
 from torch.optim import Adam
@@ -207,7 +208,15 @@ def load_distributed_checkpoint(
 
 
 if __name__ == "__main__":
-    initialize_distributed(tensor_model_parallel_size=int(os.environ.get("TP", 2)), pipeline_model_parallel_size=int(os.environ.get("PP", 1)))  # TEST: the layout
+    parser = argparse.ArgumentParser()  # TEST: the layout, the run's files, a resume and a drill (tests/test_example_loop.py)
+    parser.add_argument("--tp", type=int, default=2)  # TEST
+    parser.add_argument("--pp", type=int, default=1)  # TEST
+    parser.add_argument("--run-dir", default="runs/simple")  # TEST: the switch log's directory
+    parser.add_argument("--ckpt", default=os.getcwd() + "/ckpt")  # TEST: where to save
+    parser.add_argument("--resume-from", default=None)  # TEST: a checkpoint to continue (in this layout or another)
+    parser.add_argument("--drill", action="store_true")  # TEST: NaN into layer 1's fc2 output gradient at step 3
+    args = parser.parse_args()  # TEST
+    initialize_distributed(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp)  # TEST
     on_cpu = megatron_on_cpu(); on_cpu.__enter__()  # CPU: for the whole script (on a GPU it does nothing)
     if torch.cuda.is_available():  # CPU: the CUDA RNG tracker needs CUDA; CPU initialisation uses torch's RNG
         model_parallel_cuda_manual_seed(123)
@@ -231,13 +240,13 @@ if __name__ == "__main__":
         module=gpt_model,
     )
 
-    rt = PrecisionRuntime(gpt_model, RuntimeConfig(mode="dynamic"), run_dir=os.environ.get("RUN_DIR", "runs/simple"))  # PRECISIONRT
+    rt = PrecisionRuntime(gpt_model, RuntimeConfig(mode="dynamic"), run_dir=args.run_dir)  # PRECISIONRT
 
     # FIX: upstream's torch Adam never steps: megatron's DDP leaves .grad None and the gradients in .main_grad
     optim = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=0.0), [gpt_model])  # FIX (clip_grad: precisionrt clips below)
-    if os.environ.get("RESUME_FROM"):  # TEST: continue the run of a checkpoint (in this layout or another)
-        load_distributed_checkpoint(checkpoint_path=os.environ["RESUME_FROM"], gpt_model=gpt_model, rt=rt)  # TEST
-    if os.environ.get("DRILL"):  # TEST: a fault drill: NaN into layer 1's fc2 output gradient at step 3
+    if args.resume_from:  # TEST: continue the run of a checkpoint
+        load_distributed_checkpoint(checkpoint_path=args.resume_from, gpt_model=gpt_model, rt=rt)  # TEST
+    if args.drill:  # TEST: a fault drill
         rt.drill(kind="nonfinite", layer="decoder.layers.1.mlp.linear_fc2", start_step=3)  # TEST
 
     train_iterator: Iterator = get_train_data_iterator()
@@ -272,7 +281,7 @@ if __name__ == "__main__":
         print(f"Iteration {iteration}: Losses reduced: {losses_reduced}")
 
     # Saving the model
-    ckpt_path: str = os.environ.get("CKPT", os.getcwd() + "/ckpt")  # TEST: where
+    ckpt_path: str = args.ckpt  # TEST
     Path(ckpt_path).mkdir(exist_ok=True)
     save_distributed_checkpoint(gpt_model=gpt_model, checkpoint_path=ckpt_path, rt=rt)  # PRECISIONRT
 

@@ -6,7 +6,6 @@ drilled into the last stage's layer is promoted and its step skipped, and docs/e
 
 import difflib
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,11 +27,11 @@ def example_diff() -> str:
                                         f"examples/{ORIG.name}", f"examples/{OURS.name}", n=1))
 
 
-def run_example(tmp: Path, nproc: int, **env: str) -> str:
+def run_example(tmp: Path, nproc: int, *args: str) -> str:
     launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
                 f"--master-port={free_port()}"]
-    proc = subprocess.run([sys.executable, *launcher, str(OURS)], capture_output=True, text=True, timeout=600,
-                          cwd=tmp, env={**os.environ, "RUN_DIR": str(tmp / "run"), **env})
+    proc = subprocess.run([sys.executable, *launcher, str(OURS), "--run-dir", str(tmp / "run"), *args],
+                          capture_output=True, text=True, timeout=600, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Successfully loaded the model" in proc.stdout
     return proc.stdout
@@ -58,7 +57,7 @@ def check_one_run(run_dir: Path) -> None:
     assert run["steps"] == 10 and run["ended"] and run["promotions"] == 1
     layer = run["layers"][DRILLED]
     assert layer["promotions"] == {"nonfinite": 1} and layer["first_promotion_step"] == 3
-    assert layer["gemms"]["dgrad"] == {"fp8_steps": 2, "final_precision": "bf16"}, "bf16 from step 3 to the end"
+    assert layer["gemms"]["dgrad"] == {"fp8_steps": 3, "final_precision": "bf16"}, "bf16 after step 3, to the end"
     assert layer["gemms"]["fprop"]["fp8_steps"] == 10
 
 
@@ -80,8 +79,8 @@ def test_example_is_megatrons_with_marked_changes():
 
 @pytest.mark.slow
 def test_example_loop_tp1_resumes_as_one_run(tmp_path):
-    first = run_example(tmp_path, 1, TP="1", DRILL="1", CKPT=str(tmp_path / "ckpt5"))
-    second = run_example(tmp_path, 1, TP="1", RESUME_FROM=str(tmp_path / "ckpt5"), CKPT=str(tmp_path / "ckpt10"))
+    first = run_example(tmp_path, 1, "--tp=1", "--drill", f"--ckpt={tmp_path / 'ckpt5'}")
+    second = run_example(tmp_path, 1, "--tp=1", f"--resume-from={tmp_path / 'ckpt5'}", f"--ckpt={tmp_path / 'ckpt10'}")
     assert len(losses(first)) == len(losses(second)) == 5
     assert all(x == x for x in losses(first) + losses(second)), "the NaN step was skipped, nothing is NaN"
     check_one_run(tmp_path / "run")
@@ -90,9 +89,9 @@ def test_example_loop_tp1_resumes_as_one_run(tmp_path):
 @pytest.mark.slow
 def test_example_loop_pp2_resumes_resharded_on_one_rank(tmp_path):
     """Two stages; the drilled layer is on the last one, rank 0 (the first stage) writes the log."""
-    first = run_example(tmp_path, 2, TP="1", PP="2", DRILL="1", CKPT=str(tmp_path / "ckpt5"))
-    second = run_example(tmp_path, 1, TP="1", PP="1", RESUME_FROM=str(tmp_path / "ckpt5"),
-                         CKPT=str(tmp_path / "ckpt10"))
+    first = run_example(tmp_path, 2, "--tp=1", "--pp=2", "--drill", f"--ckpt={tmp_path / 'ckpt5'}")
+    second = run_example(tmp_path, 1, "--tp=1", "--pp=1", f"--resume-from={tmp_path / 'ckpt5'}",
+                         f"--ckpt={tmp_path / 'ckpt10'}")
     assert len(losses(first)) == len(losses(second)) == 5
     assert all(x == x for x in losses(first) + losses(second))
     check_one_run(tmp_path / "run")
