@@ -75,6 +75,7 @@ def model_provider() -> GPTModel:
         num_attention_heads=4,
         use_cpu_initialization=True,
         pipeline_dtype=torch.float32,
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),  # PP: each stage builds its share of the layers
     )
 
     gpt_model: GPTModel = GPTModel(

@@ -90,6 +90,15 @@ def _default_rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def _agreed_run_id() -> str:
+    """A new run id, rank 0's on every rank: the checkpoint's common state (``sharded_state_dict``) holds it and
+    megatron's ``dist_checkpointing`` expects that state equal on all ranks."""
+    run_id = [uuid.uuid4().hex[:12]]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
 class PrecisionRuntime:
     def __init__(self, model: torch.nn.Module | list[torch.nn.Module], config: RuntimeConfig,
                  run_dir: str | Path | None = None, run_config: dict | None = None, rank: int | None = None):
@@ -175,7 +184,7 @@ class PrecisionRuntime:
         self.control = OperatorControl(self.names)   # reads a file once the run directory is known
         self._last_step = 0
         self.run_dir: Path | None = None
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = _agreed_run_id()
         self.events: EventLog | None = None
         self._run_config: dict | None = None
         self._resumed_from: int | None = None   # the step of the checkpoint this run continues from
