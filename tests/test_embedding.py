@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from precisionrt import PrecisionRuntime, RuntimeConfig
+from precisionrt import PrecisionRuntime, RuntimeConfig, clip_grad_norm_
+from precisionrt.config import ConfigError
 from precisionrt.distributed.pipeline import megatron_on_cpu
 from precisionrt.models.gpt import ModelConfig, build_gpt
 from precisionrt.train import lm_loss
@@ -175,3 +176,46 @@ def test_a_reshard_says_which_statistics_it_drops(parallel, caplog, last_step, d
     with caplog.at_level(logging.INFO, logger=dist_state.log.name):
         PrecisionRuntime(small(), config).load_sharded_state_dict(loaded)
     assert dropped in caplog.text
+
+
+def test_should_skip_step_takes_megatrons_float_norms(parallel):
+    """Megatron's optimizers return their norm as a Python float; before issue 37 ``should_skip_step`` raised
+    ``AttributeError: 'float' object has no attribute 'detach'``."""
+    rt = PrecisionRuntime(small(), RuntimeConfig(mode="dynamic"))
+    assert rt.should_skip_step(float("nan")) and not rt.should_skip_step(1.5)
+
+
+def test_a_drill_enters_the_step_that_end_step_counts(parallel):
+    """``start_step=3`` scales the layer in the forward of the step ``end_step(3)`` closes, and only then (a spike);
+    a NaN drill is a skipped step whose layer's backward GEMMs are promoted at once."""
+    model = small()
+    rt = PrecisionRuntime(model, RuntimeConfig(mode="dynamic"))
+    rt.drill(kind="spike", layer=LAYER, start_step=3, factor=64.0)
+    scaled = []
+    for step in range(1, 5):
+        scaled.append(rt.layers[LAYER].channel_scale is not None)
+        rt.end_step(step)
+    assert scaled == [False, False, True, False]
+
+    model = small()
+    rt = PrecisionRuntime(model, RuntimeConfig(mode="dynamic"))
+    rt.drill(kind="nonfinite", layer=LAYER, start_step=2)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    skipped, switches = [], []
+    for step in range(1, 4):
+        lm_loss(model, torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(step))).backward()
+        skipped.append(rt.optimizer_step(opt, clip_grad_norm_(model, 1.0), step))
+        switches += [(e.step, e.layer, e.gemm, e.reason) for e in rt.end_step(step)]
+    assert skipped == [False, True, False]
+    assert switches == [(2, LAYER, "dgrad", "nonfinite"), (2, LAYER, "wgrad", "nonfinite")]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_drill_names_what_is_wrong(parallel):
+    rt = PrecisionRuntime(small(), RuntimeConfig(mode="dynamic"))
+    with pytest.raises(ConfigError, match=r"drill layer 'decoder.layers.9.mlp.linear_fc2' is not a managed layer"):
+        rt.drill(kind="nonfinite", layer="decoder.layers.9.mlp.linear_fc2", start_step=1)
+    with pytest.raises(ConfigError, match=r"drill channels \[999\] must be input channel indices"):
+        rt.drill(kind="outlier", layer=LAYER, start_step=1, factor=8.0, channels=[999])
+    with pytest.raises(ValueError, match="steps count from 1"):
+        rt.drill(kind="spike", layer=LAYER, start_step=0)
