@@ -188,6 +188,7 @@ class PrecisionRuntime:
         self.events: EventLog | None = None
         self._run_config: dict | None = None
         self._resumed_from: int | None = None   # the step of the checkpoint this run continues from
+        self._resumed_from_given = False         # by start_log, which wins over the loaded checkpoint's step
         self._drills: list[FaultInjector] = []
         if run_dir is not None:
             self.start_log(run_dir, run_config, rank)
@@ -207,7 +208,7 @@ class PrecisionRuntime:
         if rank == 0 and self.config.control_file:
             self.control.open(self.run_dir / self.config.control_file)
         if resumed_from is not None:
-            self._resumed_from = resumed_from
+            self._resumed_from, self._resumed_from_given = resumed_from, True
         self._run_config = run_config
         self.events = EventLog(self.run_dir / EVENTS_FILE, self.run_id, enabled=rank == 0)
         self.events.defer_start(self._run_start)
@@ -597,7 +598,8 @@ class PrecisionRuntime:
         self.policy.load_state_dict(self._policy_state(sd["policy"], sd.get("granularity", "layer")))
         self.monitor_state.load_state_dict(sd["monitor"])
         self.run_id = sd["run_id"]  # a resumed run continues the same run in the switch log
-        self._resumed_from = int(sd["last_step"])
+        if not self._resumed_from_given:
+            self._resumed_from = int(sd["last_step"])
         if self.events is not None:
             if self.events.started and self.events.run_id != self.run_id:
                 # records of another run were written before this load: the loaded run starts a segment of its own
