@@ -1,7 +1,11 @@
 """Megatron's DistributedDataParallel and optimizer around a converted model (tests/mcore_ddp_worker.py), on one
 process and at DP=2 (gloo): ``clip_grad_norm_`` reads the gradients where DDP keeps them (``main_grad``; with the
 distributed optimizer, each rank's reduced shard) and gives megatron's own norm; a NaN that enters on one rank is
-a skipped step on every rank, megatron's update included, and the layer where it entered is promoted."""
+a skipped step on every rank, megatron's update included, and the layer where it entered is promoted.
+
+What it caught (issue 37): with the ``clip_grad_norm_`` of before (``.grad`` only) every norm is 0.0 under DDP
+("precisionrt saw no gradient [0.0, 0.0, 0.0, 0.0]", shown by running this file with that clipping.py), so the NaN
+step was neither in the norm nor skipped."""
 
 import subprocess
 import sys
