@@ -103,6 +103,22 @@ def read_json(path: PathLike, what: str = "", limit: int = 1 << 30):
         raise ValueError(f"{os.fspath(path)}: JSON nested too deeply") from None
 
 
+def read_json_or(error: type[Exception], path: PathLike, what: str = "", limit: int = 1 << 30):
+    """``read_json`` with each failure as one ``error`` naming the file: unsafe (``UnsafeFile``'s message),
+    unreadable, or not valid JSON. A missing file stays ``FileNotFoundError``, for the caller to say what the file
+    is for."""
+    try:
+        return read_json(path, what, limit)
+    except UnsafeFile as e:
+        raise error(str(e)) from None
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise error(f"{os.fspath(path)}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:   # not UTF-8, not JSON, nested too deeply
+        raise error(f"{os.fspath(path)}: not valid JSON ({e})") from None
+
+
 def inside(base: PathLike, name, what: str = "a file name", roots: tuple[str, ...] = ()) -> str:
     """``base/name``, refused unless ``name`` is a relative path string that stays inside ``base`` once every
     symlink is resolved (``../x``, ``/etc/x`` and a symlink out of ``base`` are all refused). ``roots``: further

@@ -33,6 +33,7 @@ from precisionrt.distributed.syncs import to_device
 from precisionrt.models.tokenizer import load_tokenizer
 from precisionrt.run import command
 from precisionrt.run.checkpoint import save_checkpoint, shard_name
+from precisionrt.run.progress import Progress
 from precisionrt.run.command import CommandConfig, TrainSchedule, check_common, report_skip, report_switches, run_cli, world_size
 from precisionrt.run.data import ByteCorpus, DataConfig
 from precisionrt.run.harness import check_skipped, open_run
@@ -222,6 +223,9 @@ def train(cfg: LMConfig) -> dict:
 
     run_step = CapturedStep(step_fn, runtime, model.parameters()) if cfg.train.cuda_graphs else step_fn
     switches, skipped = [], []
+    progress = Progress("training", start + 1, end, "columns: step, train loss and held-out loss (nats per "
+                        "token; held-out: the last evaluation), throughput (tokens per second), fp8 (share of GEMM "
+                        "FLOPs)", enabled=is_main)
     for step in range(start, end):
         for group in optimizer.param_groups:
             group["lr"] = cfg.train.lr * lr_at(step, cfg.train)
@@ -258,9 +262,9 @@ def train(cfg: LMConfig) -> dict:
                 metrics["eval/loss"] = eval_loss
             logger.log(done, metrics)
             if is_main:
-                print(f"step {done:>5}/{cfg.train.steps}  loss {loss_val:.4f}  eval {eval_loss:.4f}  "
-                      f"{metrics['perf/throughput']:,.0f} tok/s  fp8 {metrics['precision/fp8_flop_fraction']:.0%}",
-                      flush=True)
+                progress.line(done, f"step {done:>5}/{cfg.train.steps}  loss {loss_val:.4f}  eval {eval_loss:.4f}  "
+                              f"{metrics['perf/throughput']:,.0f} tok/s  "
+                              f"fp8 {metrics['precision/fp8_flop_fraction']:.0%}")
             t_window = time.time()
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
             checkpoint(done)

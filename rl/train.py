@@ -25,6 +25,7 @@ from precisionrt.distributed.parallel import resolve_device
 from precisionrt.models.gpt import ModelConfig
 from precisionrt.run import command
 from precisionrt.run.checkpoint import save_checkpoint
+from precisionrt.run.progress import Progress
 from precisionrt.run.command import CommandConfig, TrainSchedule, check_common, report_skip, report_switches, run_cli
 from precisionrt.run.harness import check_skipped, open_run
 from precisionrt.run.resources import training_memory
@@ -105,6 +106,17 @@ def check_config(cfg: RLConfig) -> None:
                  "rl.prompts_per_step x rl.group_size (or train.warm_start_batch), model.*")
 
 
+def mismatch_around(k3_by_step: dict[int, float], step: int | None, window: int = 10) -> dict | None:
+    """The mean k3 KL between trainer and rollout over the ``window`` RL steps before ``step`` (a switch's) and
+    the ``window`` from it on: what the switch did to the mismatch. None without a switch."""
+    if step is None:
+        return None
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    return {"rl_step": step, "window": window,
+            "before": mean([v for s, v in k3_by_step.items() if step - window <= s < step]),
+            "after": mean([v for s, v in k3_by_step.items() if step <= s < step + window])}
+
+
 def make_optimizer(model, lr: float, **kw) -> torch.optim.AdamW:
     """AdamW, fused: it skips a step with nonfinite gradients on the device (``found_inf``), so an ordinary RL
     step reads nothing back but its one transfer of metrics (``RLTrainer.train_step``)."""
@@ -135,7 +147,8 @@ def train(cfg: RLConfig) -> dict:
             runtime.start_log(run_dir, to_dict(cfg))
             warm_opt = make_optimizer(model, cfg.train.warm_start_lr)
             warm = supervised_warm_start(model, warm_opt, work.warm_batches, cfg.train.warm_start_steps,
-                                         cfg.train.seed, runtime, before_step=injector.before_step)
+                                         cfg.train.seed, runtime, before_step=injector.before_step,
+                                         report_every=max(1, cfg.train.warm_start_steps // 6))
             warm_loss, earlier_switches = warm.loss, [e.summary() for e in warm.switches]
         else:
             start, state = found
@@ -170,6 +183,14 @@ def train(cfg: RLConfig) -> dict:
 
     switches, reward_final, eval_final, agent_totals, trainer_rates = [], reward_initial, eval_initial, Counter(), []
     trained_before = trainer.ctrl.acct.trained
+    mismatch, first_switch = {}, None   # k3 KL per RL step; the RL step of this segment's first switch
+    print(f"rollout precision: {cfg.rollout.precision}"
+          + (" (follows each layer's forward GEMM as the trainer switches it)" if cfg.rollout.precision == "follow"
+             else " (fixed: the rollout does not follow the trainer's switches; rollout.precision = \"follow\" "
+                  "would)"), flush=True)
+    progress = Progress("RL", start + 1, end, "columns: step, sampled reward (mean of the step's rollouts, 0-1), "
+                        "held-out reward (greedy, the last evaluation), staleness (policy versions, mean), IcePop "
+                        "masked (share of tokens), k3 KL (trainer vs rollout), fp8 (share of GEMM FLOPs)")
     trainer.start()
     t_rl = time.time()
     try:
@@ -184,6 +205,9 @@ def train(cfg: RLConfig) -> dict:
                           cfg.train.max_skipped_fraction)
             report_switches(logger, step, m["events"])
             masked.append(m["masked_fraction"])
+            mismatch[step] = m["rollout_corr/k3_kl"]
+            if m["events"] and first_switch is None:
+                first_switch = step
             # the field's own metric names (rollout_corr/..., tis_clipfrac, ...) as they are; ours under rl/
             row = {k if "/" in k or k in FIELD_NAMES else f"rl/{k}": v for k, v in m.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -204,9 +228,10 @@ def train(cfg: RLConfig) -> dict:
                     agent_totals.update({k: v for k, v in episodes.items() if not k.startswith("tool_")})
                     row.update({f"agent/{k}": v for k, v in episodes.items()})
                 logger.log(step, row)
-                print(f"step {step:>4}/{cfg.train.steps}  reward {m['reward']:.3f}  held-out {reward_final:.3f}  "
-                      f"staleness {m['staleness_mean']:.1f}  icepop masked {m['masked_fraction']:.1%}  "
-                      f"k3 kl {m['rollout_corr/k3_kl']:.2e}  fp8 {row['precision/fp8_flop_fraction']:.0%}", flush=True)
+                progress.line(step, f"step {step:>4}/{cfg.train.steps}  reward {m['reward']:.3f}  held-out "
+                              f"{reward_final:.3f}  staleness {m['staleness_mean']:.1f}  icepop masked "
+                              f"{m['masked_fraction']:.1%}  k3 kl {m['rollout_corr/k3_kl']:.2e}  "
+                              f"fp8 {row['precision/fp8_flop_fraction']:.0%}")
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step != end:
                 checkpoint(step)
     finally:
@@ -240,6 +265,7 @@ def train(cfg: RLConfig) -> dict:
         "mismatch_share": dict(sorted(trainer.attribution.shares.items())),
         "rollout_promotions": dict(sorted(trainer.rollout_bf16.items())),
         "k3_kl_by_map_version": {str(k): s / max(n, 1) for k, (s, n) in sorted(trainer.mismatch_by_map.items())},
+        "mismatch_around_first_switch": mismatch_around(mismatch, first_switch),
     }
     if work.multi_turn:   # this segment's episodes (a resumed run: since the resume)
         agent_totals.update({k: v for k, v in trainer.worker.take_stats().items() if not k.startswith("tool_")})

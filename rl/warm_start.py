@@ -17,6 +17,7 @@ import torch
 
 from precisionrt.runtime.precision_runtime import PrecisionRuntime
 from precisionrt.distributed.syncs import to_device
+from precisionrt.run.progress import Progress
 from rl.envs import Task
 from rl.inference.decode import logits_of, model_device
 
@@ -31,12 +32,13 @@ class WarmStart:
 
 
 def task_batch(task: Task, batch_size: int) -> Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]]:
-    """Warm-start batches of a single-turn task: prompt, correct answer, stop token; the answer is trained."""
+    """Warm-start batches of a single-turn task: prompt, the demonstrator's answer (``task.demonstration``: the
+    correct one unless ``task.demonstrator_drops_carry`` says otherwise), stop token; the answer is trained."""
     def make(rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         examples = []
         for _ in range(batch_size):
             p = task.sample(rng)
-            examples.append(task.format_example(p, p.target))
+            examples.append(task.format_example(p, task.demonstration(p, rng)))
         width = max(len(p) + len(c) for p, c in examples)
         tokens = torch.zeros(batch_size, width, dtype=torch.long)
         mask = torch.zeros(batch_size, width - 1)
@@ -50,7 +52,7 @@ def task_batch(task: Task, batch_size: int) -> Callable[[random.Random], tuple[t
 
 def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], tuple[torch.Tensor, torch.Tensor]],
                           steps: int, seed: int, runtime: PrecisionRuntime, before_step=None,
-                          after_step: Callable[[int], None] | None = None) -> WarmStart:
+                          after_step: Callable[[int], None] | None = None, report_every: int = 0) -> WarmStart:
     """A short supervised start on correct answers (``batches(rng)``: tokens and the mask of the trained
     targets; ``task_batch`` for single-turn tasks, ``rl.workers.agent.transcript_batch`` for multi-turn ones): the
     standard SFT-then-RL recipe. How far it goes is the config's choice: a few steps teach the format and RL
@@ -61,8 +63,11 @@ def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], t
     a step with nonfinite gradients is skipped and reported, and the runtime's switches are returned. Batches
     go to the model's device; a step reads its loss and (fused AdamW, which skips on the device) its nonfinite
     flag back in one transfer, so that the layer where NaN entered is promoted before the next forward.
-    ``after_step(step)`` runs after each (``tools/warm_start_curve.py`` measures the held-out reward there)."""
+    ``after_step(step)`` runs after each (``tools/warm_start_curve.py`` measures the held-out reward there).
+    ``report_every``: a progress line every that many steps (0: none)."""
     rng = random.Random(seed)
+    progress = Progress("supervised warm start", 1, steps, "columns: step, loss (nats per answer token)",
+                        enabled=report_every > 0)
     device = model_device(model)
     loss_val, skipped, switches = math.nan, [], []
     for step in range(1, steps + 1):
@@ -82,6 +87,8 @@ def supervised_warm_start(model, optimizer, batches: Callable[[random.Random], t
         if skipped and skipped[-1] == step:
             log.warning("warm start step %d: nonfinite gradients, optimizer step skipped", step)
         switches += runtime.end_step(step)
+        if report_every and (step % report_every == 0 or step == steps):
+            progress.line(step, f"warm start {step:>5}/{steps}  loss {loss_val:.3f}")
         if after_step is not None:
             after_step(step)
     return WarmStart(loss_val, skipped, switches)

@@ -11,7 +11,6 @@ Tolerances (logits, max abs over the valid positions of a right-padded batch who
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

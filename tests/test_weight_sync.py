@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rl.inference import rollout
-from rl.inference.weight_sync import Layout, PackedState, WeightChannel, own_copy
+from rl.inference.weight_sync import Layout, WeightChannel, own_copy
 from rl_common import run
 
 

@@ -353,6 +353,26 @@ def print_tables(r: dict) -> None:
         print(f"  {t['what']:<58} target {t['target']:<8} measured {value:<9} {'met' if t['met'] else 'NOT met'}")
 
 
+def add_device_options(ap: argparse.ArgumentParser, run_dir: str) -> None:
+    """What every GPU benchmark takes: the device, a CPU rehearsal, the compile backend, the run directory."""
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--quick", action="store_true", help="small shapes: a rehearsal of every section")
+    ap.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; aot_eager on CPU)")
+    ap.add_argument("--run-dir", default=run_dir)
+
+
+def resolve_device(args: argparse.Namespace, prog: str) -> bool:
+    """``args.device`` as a torch device and the backend for it; False, having said why, when CUDA was asked
+    for and torch sees none."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: --device cuda, but torch sees no CUDA device (torch {torch.__version__}); rehearse with "
+              "--device cpu --quick", file=sys.stderr)
+        return False
+    args.device = torch.device(args.device)
+    args.backend = args.backend or ("inductor" if args.device.type == "cuda" else "aot_eager")
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_gpu.json")
@@ -365,17 +385,10 @@ def main() -> int:
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--quick", action="store_true", help="small shapes: a rehearsal of every section")
-    ap.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; aot_eager on CPU)")
-    ap.add_argument("--run-dir", default="runs/bench_gpu")
+    add_device_options(ap, "runs/bench_gpu")
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_gpu.py: --device cuda, but torch sees no CUDA device (torch "
-              f"{torch.__version__}); rehearse with --device cpu --quick", file=sys.stderr)
+    if not resolve_device(args, "bench_gpu.py"):
         return 2
-    args.device = torch.device(args.device)
-    args.backend = args.backend or ("inductor" if args.device.type == "cuda" else "aot_eager")
     from precisionrt.distributed.compile import compile_model  # noqa: F401  (raises dynamo's cache limit on first use)
     from precisionrt.distributed.parallel import init_parallel
 

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from bench_gpu import MODELS, QUICK, megatron_arm, model_config, timed, torch_arm  # noqa: E402
+from bench_gpu import (MODELS, QUICK, add_device_options, megatron_arm, model_config, resolve_device,  # noqa: E402
+                       timed, torch_arm)
 
 MODELS = {**MODELS, "qwen05b": dict(hidden=896, heads=14, groups=2, ffn=4864, seq=2048, batch=4, layers=8,
                                     vocab=151936)}
@@ -103,17 +104,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=12)
     ap.add_argument("--iters", type=int, default=10, help="repeats per speed-table entry")
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--quick", action="store_true", help="tiny shapes: a rehearsal")
-    ap.add_argument("--backend", default=None, help="torch.compile backend (default: inductor; aot_eager on CPU)")
-    ap.add_argument("--run-dir", default="runs/bench_speed_plan")
+    add_device_options(ap, "runs/bench_speed_plan")
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_speed_plan.py: --device cuda, but torch sees no CUDA device; rehearse with --device cpu --quick",
-              file=sys.stderr)
+    if not resolve_device(args, "bench_speed_plan.py"):
         return 2
-    args.device = torch.device(args.device)
-    args.backend = args.backend or ("inductor" if args.device.type == "cuda" else "aot_eager")
     if args.quick:
         args.steps, args.warmup, args.iters = 2, 1, 1
     from precisionrt.distributed.parallel import init_parallel

@@ -115,26 +115,36 @@ def raw_config(text: bytes):
     return setup
 
 
+def replace_file(target: Path, kind: str, work: Path, content: bytes = b"") -> None:
+    """Put a hostile ``kind`` of file where ``target`` was: a FIFO, a directory, nothing, an empty file, random
+    bytes, a symlink to /dev/zero, to itself or out of the directory (holding ``content``), or ``content``."""
+    if target.exists() or target.is_symlink():
+        target.unlink()
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "dir":
+        target.mkdir()
+    elif kind == "empty":
+        target.write_bytes(b"")
+    elif kind == "garbage":
+        target.write_bytes(os.urandom(4096))
+    elif kind == "devzero":
+        target.symlink_to("/dev/zero")
+    elif kind == "loop":
+        target.symlink_to(target.name)
+    elif kind == "symlink out":
+        (work / "elsewhere").write_bytes(content or b"{}")
+        target.symlink_to(work / "elsewhere")
+    elif kind == "write":
+        target.write_bytes(content)
+    elif kind != "missing":
+        raise ValueError(f"replace_file: no kind {kind!r}")
+
+
 def special(name: str, kind: str, sharded: bool = False):
     def setup(work, bases):
         path = shard(work, bases) if sharded else copy(bases["ckpt"], work / "ckpt")
-        target = path / name
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        if kind == "fifo":
-            os.mkfifo(target)
-        elif kind == "dir":
-            target.mkdir()
-        elif kind == "missing":
-            pass
-        elif kind == "empty":
-            target.write_bytes(b"")
-        elif kind == "garbage":
-            target.write_bytes(os.urandom(4096))
-        elif kind == "devzero":
-            target.symlink_to("/dev/zero")
-        elif kind == "loop":
-            target.symlink_to(target.name)
+        replace_file(path / name, kind, work)
         return {"path": path}
     return setup
 
@@ -302,18 +312,7 @@ def export_tokenizer(kind: str):
 def tokenizer_file(name: str, kind: str, content: bytes = b""):
     def setup(work, bases):
         tok = copy(bases["ckpt"], work / "tok")
-        target = tok / name
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        if kind == "fifo":
-            os.mkfifo(target)
-        elif kind == "dir":
-            target.mkdir()
-        elif kind == "symlink out":
-            (work / "elsewhere").write_bytes(content or b"{}")
-            target.symlink_to(work / "elsewhere")
-        elif kind == "write":
-            target.write_bytes(content)
+        replace_file(tok / name, kind, work, content)
         return {"path": tok}
     return setup
 

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from precisionrt.files import UnsafeFile, inside, read_json, regular_file
+from precisionrt.files import inside, read_json, read_json_or, regular_file
 from precisionrt.models.chat_template import ChatTemplate
 
 
@@ -253,18 +253,14 @@ def check_tokenizer_files(path: str) -> None:
         full = os.path.join(path, name)
         if not os.path.lexists(full):
             continue
-        try:
+        try:   # UnsafeFile (a symlink out, not a regular file) is a ValueError naming the file
             inside(path, name, "the tokenizer file", hub_roots(path))
             regular_file(full, "a tokenizer file")
             # transformers reads these as JSON objects and fails deep inside (a KeyError, an AttributeError)
             # on anything else: the file is named here instead
-            content = read_json(full, "a tokenizer file") if name.endswith(".json") else None
-        except UnsafeFile as e:
-            raise ValueError(str(e)) from None
-        except OSError as e:
+            content = read_json_or(ValueError, full, "a tokenizer file") if name.endswith(".json") else None
+        except OSError as e:   # gone since it was listed, or cannot be looked at
             raise ValueError(f"{full}: cannot be read ({e.strerror or e})") from None
-        except ValueError as e:   # not UTF-8, not JSON, nested too deeply
-            raise ValueError(f"{full}: not valid JSON ({e})") from None
         if name.endswith(".json") and name != "vocab.json" and not isinstance(content, dict):
             raise ValueError(f"{full}: not a JSON object")
         if name == "tokenizer.json" and not isinstance(content.get("model"), dict):

@@ -252,29 +252,36 @@ MAX_LABELS = 300
 """Switches annotated with their reason; past this many, markers only (past ``10 x`` this, none)."""
 
 
-def timeline(path: str | Path, out: str | Path, max_columns: int = 2000, layers: str | None = None,
-             max_rows: int = MAX_ROWS, say=lambda note: None) -> Path:
-    """Layer x step picture of precision (FP8 / BF16) with a marker at every switch; needs matplotlib.
-    ``layers``: an fnmatch pattern of the layers to draw. Past ``max_rows`` layers the rows are aggregates of
-    consecutive layers (their share in FP8); ``say`` is told what was aggregated or left out."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or an error saying what to install."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.colors import LinearSegmentedColormap
     except ImportError:
-        raise RuntimeError("timeline needs matplotlib: pip install -e '.[analysis]'") from None
-    state = main_run(path)
+        raise RuntimeError("drawing needs matplotlib: pip install -e '.[analysis]'") from None
+    return plt
+
+
+def timeline_rows(state: RunState, layers: str | None = None, max_rows: int = MAX_ROWS,
+                  say=lambda note: None) -> list[list[str]]:
+    """The timeline's rows: each a list of consecutive layers (one, unless past ``max_rows`` layers)."""
     names = list(state.layers)
     if layers is not None:
         names = [n for n in names if fnmatch.fnmatchcase(n, layers)]
         if not names:
-            raise RuntimeError(f"timeline: no layer of {path} matches --layers {layers!r}")
+            raise RuntimeError(f"timeline: no layer of run {state.run} matches --layers {layers!r}")
     per_row = -(-len(names) // max_rows) if names else 1
-    rows = [names[i: i + per_row] for i in range(0, len(names), per_row)]
     if per_row > 1:
         say(f"{len(names)} layers: each row aggregates {per_row} consecutive layers (colour: their share in FP8); "
             "draw fewer with --layers PATTERN")
+    return [names[i: i + per_row] for i in range(0, len(names), per_row)]
+
+
+def draw_timeline(ax, state: RunState, rows: list[list[str]], max_columns: int = 2000, say=lambda note: None):
+    """Layer x step picture of precision (FP8 / BF16) on ``ax``, a marker at every switch."""
+    from matplotlib.colors import LinearSegmentedColormap
+
     steps = max(1, state.last_step)
     stride = max(1, -(-steps // max_columns))
     cols = -(-steps // stride)
@@ -300,7 +307,6 @@ def timeline(path: str | Path, out: str | Path, max_columns: int = 2000, layers:
                 running += fp8[c]
                 stripe.append(min(1.0, running / len(group)))
             grid.append(stripe)
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.6))
     cmap = LinearSegmentedColormap.from_list("precision", ["#e07b39", "#3a7dc9"])
     ax.imshow(grid or [[1.0]], aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=1,
               extent=(0, steps, len(rows) - 0.5, -0.5))
@@ -319,9 +325,22 @@ def timeline(path: str | Path, out: str | Path, max_columns: int = 2000, layers:
         ax.axhline(i + 0.5, color="white", linewidth=1.5)
     labels = [g[0] if len(g) == 1 else f"{g[0]} .. ({len(g)})" for g in rows]
     ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_xlim(0, steps)
     ax.set_xlabel("step")
     ax.set_title(f"precision timeline of run {state.run}: blue FP8, orange BF16; v promotion, ^ return to FP8\n"
                  "each layer is three stripes, top to bottom: fprop, dgrad, wgrad", fontsize=9)
+
+
+def timeline(path: str | Path, out: str | Path, max_columns: int = 2000, layers: str | None = None,
+             max_rows: int = MAX_ROWS, say=lambda note: None) -> Path:
+    """The precision timeline of the log at ``path`` as a PNG; needs matplotlib. ``layers``: an fnmatch pattern
+    of the layers to draw. Past ``max_rows`` layers the rows are aggregates of consecutive layers (their share
+    in FP8); ``say`` is told what was aggregated or left out."""
+    plt = pyplot()
+    state = main_run(path)
+    rows = timeline_rows(state, layers, max_rows, say)
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(rows) + 1.6))
+    draw_timeline(ax, state, rows, max_columns, say)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -3,6 +3,7 @@
     precisionrt-log summarize RUN_OR_LOG... [--json] [--follow [--interval S]]
     precisionrt-log compare LOG_A LOG_B [--json]
     precisionrt-log timeline LOG -o timeline.png [--layers PATTERN]
+    precisionrt-log plot RUN_DIR [-o FILE]      (default RUN_DIR/run.png: the picture every command draws)
     precisionrt-log export LOG... -o out.csv|out.parquet      (CSV cells starting with = + - @ are escaped)
 
 A RUN_OR_LOG is a run directory (its precision_events.jsonl) or a log file; several merge by run id (ranks,
@@ -18,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from precisionrt.observe import analysis
+from precisionrt.observe import analysis, plot
 
 
 def _print_summary(result: dict) -> None:
@@ -75,15 +76,23 @@ def cmd_compare(args) -> int:
     return 0
 
 
-def cmd_timeline(args) -> int:
+def _draw(draw, *args, **kwargs) -> int:
+    """A picture: its path on stdout, or one line on stderr and exit 2."""
     try:
-        out = analysis.timeline(args.path, args.output, layers=args.layers,
-                                say=lambda note: print(f"precisionrt-log: {note}", file=sys.stderr))
+        out = draw(*args, **kwargs, say=lambda note: print(f"precisionrt-log: {note}", file=sys.stderr))
     except RuntimeError as e:
         print(f"precisionrt-log: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0
+
+
+def cmd_timeline(args) -> int:
+    return _draw(analysis.timeline, args.path, args.output, layers=args.layers)
+
+
+def cmd_plot(args) -> int:
+    return _draw(plot.plot_run, args.run_dir, args.output)
 
 
 def csv_cell(value):
@@ -155,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--layers", metavar="PATTERN", help="draw only the layers this fnmatch pattern names "
                    f"(past {analysis.MAX_ROWS} layers the rows are aggregates otherwise)")
     t.set_defaults(func=cmd_timeline)
+    pl = sub.add_parser("plot", help="the run's picture (PNG): reward or loss, staleness and IcePop's masked "
+                        "share (RL), the precision timeline")
+    pl.add_argument("run_dir")
+    pl.add_argument("-o", "--output", help=f"default RUN_DIR/{plot.PICTURE}")
+    pl.set_defaults(func=cmd_plot)
     e = sub.add_parser("export", help="flat table of switches and stats")
     e.add_argument("paths", nargs="+")
     e.add_argument("-o", "--output", required=True)

@@ -30,6 +30,7 @@ from precisionrt.models.hf.arch import HFCheckpointError
 from precisionrt.models.hf.save import ExportRefused, check_export_target, to_hf
 from precisionrt.models.tokenizer import check_tokenizer
 from precisionrt.observe.loggers import WandbConfig, panel_layers
+from precisionrt.observe.plot import plot_run
 from precisionrt.run import lock
 from precisionrt.run.checkpoint import CheckpointError
 from precisionrt.run.inject import FaultInjector, InjectConfig, check_inject_ranks
@@ -154,7 +155,7 @@ def report_switches(logger, step: int, events, is_main: bool = True) -> None:
     logger.log_switches(step, [{**e.summary(), "signals": e.signals} for e in events])
     if is_main:
         for e in events:
-            print(f"step {step}: {e.layer} {e.from_} -> {e.to} ({e.reason})", flush=True)
+            print(f"step {step}: {e.layer}:{e.gemm} {e.from_} -> {e.to} ({e.reason})", flush=True)
 
 
 def report_skip(step: int, what: str = "", is_main: bool = True) -> None:
@@ -192,8 +193,53 @@ def finish(cfg, started: Started, logger, run_dir: Path, summary: dict, last_ste
     finally:
         lock.release(run_dir)
     if started.is_main:
-        print(f"{closing}, run dir {run_dir}", flush=True)
+        print(closing, flush=True)
+        for line in precision_report(summary, cfg.inject):
+            print(line, flush=True)
+        picture = draw_picture(run_dir)
+        written = ["summary.json", "metrics.jsonl", "precision_events.jsonl", "config.json"]
+        written += [name for name in ("checkpoints/", "hf/") if (run_dir / name).is_dir()]
+        written += [picture.name] if picture is not None else []
+        print(f"written to {run_dir}: {', '.join(written)}", flush=True)
     return summary
+
+
+def precision_report(summary: dict, inject: InjectConfig) -> list[str]:
+    """What precision did, for the end of a run: the FP8 share of GEMM FLOPs, then each decision (step, layer,
+    its GEMMs, reason), marked ``injected`` where it follows the run's own ``[inject]`` drill; in RL, the
+    rollout's precision and the trainer/rollout mismatch around the first switch."""
+    decisions: dict[tuple, list[str]] = {}
+    for sw in summary.get("switches", []):
+        decisions.setdefault((sw["step"], sw["layer"], sw["from"], sw["to"], sw["reason"]), []).append(
+            sw.get("gemm", "all"))
+    lines = [f"precision: {summary['fp8_flop_fraction']:.1%} of GEMM FLOPs in FP8; "
+             f"{len(decisions) or 'no'} precision decision{'' if len(decisions) == 1 else 's'}"]
+    for (step, layer, from_, to, reason), gemms in decisions.items():
+        drill = inject.kind != "none" and layer == inject.layer and step >= inject.start_step
+        lines.append(f"  step {step}: {layer} {'+'.join(gemms)} {from_} -> {to} ({reason})"
+                     + (f"  [injected: the config's [inject] {inject.kind} drill]" if drill else ""))
+    if "rollout_precision" in summary:
+        follows = summary["rollout_precision"] == "follow"
+        lines.append(f"  rollout precision: {summary['rollout_precision']} ("
+                     + (f"followed the trainer: {len(summary.get('rollout_maps_applied', []))} precision maps applied)"
+                        if follows else "fixed: it did not follow the trainer's switches)"))
+    around = summary.get("mismatch_around_first_switch")
+    if around:   # RL: what the first switch did to the trainer/rollout mismatch
+        lines.append(f"  mismatch (k3 KL, trainer vs rollout): {around['before']:.2e} over the {around['window']} "
+                     f"RL steps before RL step {around['rl_step']}'s switch, {around['after']:.2e} from it on")
+    return lines
+
+
+def draw_picture(run_dir: Path):
+    """The run's picture (``precisionrt-log plot``) into ``run_dir/run.png``; its path, or None with a line that
+    says why (matplotlib missing, or a drawing error: the run itself is complete)."""
+    try:
+        path = plot_run(run_dir)
+    except (RuntimeError, OSError, ValueError) as e:
+        print(f"no picture of the run: {e}", flush=True)
+        return None
+    print(f"picture: {path}", flush=True)
+    return path
 
 
 def world_size() -> int:

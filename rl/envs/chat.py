@@ -34,6 +34,7 @@ class ChatTask:
             raise ValueError(f"{type(tokenizer).__name__} has no chat template to render prompts with")
         self.task, self.tokenizer = task, tokenizer
         self._prompts: dict[bytes, tuple[int, ...]] = {}
+        self._texts: dict[tuple[int, ...], bytes] = {}   # a rendered prompt's text, for demonstrations
         self.name = task.name
         self.stop_ids = tuple(tokenizer.eos_ids)
         # A prompt's content has at most one token per byte (a byte-level BPE token is one byte or more), and
@@ -45,6 +46,7 @@ class ChatTask:
         if prompt not in self._prompts:   # a task has a few thousand prompts; the template is slow Jinja
             messages = [{"role": "user", "content": prompt.decode("utf-8")}]
             self._prompts[prompt] = tuple(self.tokenizer.render(messages, add_generation_prompt=True).ids)
+            self._texts[self._prompts[prompt]] = prompt
         return self._prompts[prompt]
 
     def _chat(self, problem: Problem) -> Problem:
@@ -62,6 +64,9 @@ class ChatTask:
 
     def reward(self, problem: Problem, completion: bytes) -> float:
         return self.task.reward(problem, completion)
+
+    def demonstration(self, problem: Problem, rng: random.Random) -> bytes:
+        return self.task.demonstration(Problem(self._texts[problem.prompt], problem.target), rng)
 
     def format_example(self, problem: Problem, answer: bytes) -> tuple[tuple[int, ...], list[int]]:
         return problem.prompt, self.tokenizer.encode(answer.decode("utf-8")) + [self.stop_ids[0]]

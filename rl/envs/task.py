@@ -35,10 +35,18 @@ class TaskConfig(Checked):
     heldout_size: Annotated[int, Range(ge=1, le=10**6)] = 128
     seed: Seed = 1234
     """Draws the held-out set."""
+    demonstrator_drops_carry: Annotated[float, Range(ge=0, le=1)] = 0.0
+    """Addition only: the share of carries that the supervised warm start's demonstrator forgets, each carry
+    independently (``472+391=``: ``368``, the sum 863 reversed, or ``367`` with the carry into the hundreds
+    forgotten). 0: every demonstration is correct; 1: it never carries (``367``; a systematic mistake
+    that leaves RL nothing to sample, README "Main job"). Rewards and the held-out figure always score
+    against the correct sum."""
 
     def validate(self) -> None:
         if self.min_digits > self.max_digits:
             raise ValueError(f"min_digits ({self.min_digits}) must be <= max_digits ({self.max_digits})")
+        if self.demonstrator_drops_carry and self.name != "addition":
+            raise ValueError(f"demonstrator_drops_carry: only addition has carries; task.name is {self.name!r}")
         if self.heldout_size > self.distinct_problems() // 2:   # held-out problems are drawn until distinct:
             raise ValueError(                                     # more would hang, and training needs the rest
                 f"heldout_size {self.heldout_size} needs more than half of the {self.distinct_problems()} distinct "
@@ -69,6 +77,10 @@ class Task(Protocol):
 
     def reward(self, problem: Problem, completion: bytes) -> float:
         """In [0, 1]; ``completion`` is what the model generated, stop byte excluded."""
+
+    def demonstration(self, problem: Problem, rng: random.Random) -> bytes:
+        """The supervised warm start's answer to ``problem``: its target, unless the task's demonstrator makes
+        mistakes (``task.demonstrator_drops_carry``; ``rng`` draws them). Rewards score against the target."""
 
 
 def partial_credit(answer: bytes, target: bytes) -> float:
@@ -109,6 +121,9 @@ class HeldOutTask:
 
     def reward(self, problem: Problem, completion: bytes) -> float:
         return partial_credit(completion, problem.target)
+
+    def demonstration(self, problem: Problem, rng: random.Random) -> bytes:
+        return problem.target
 
     def format_example(self, problem: Problem, answer: bytes) -> tuple[bytes, bytes]:
         return problem.prompt, answer + bytes([STOP])

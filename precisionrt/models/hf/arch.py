@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from precisionrt.files import UnsafeFile, read_json
+from precisionrt.files import read_json_or
 from precisionrt.layers.rope import SUPPORTED_ROPE_TYPES
 
 FAMILIES = ("llama", "qwen2", "qwen3")
@@ -146,15 +146,9 @@ class HFArch:
         if not os.path.isdir(path):
             raise HFCheckpointError(f"{os.fspath(path)}: not a directory (a Hugging Face checkpoint is one)")
         try:
-            cfg = read_json(where, "a checkpoint's config.json", limit=_CONFIG_LIMIT)
+            cfg = read_json_or(HFCheckpointError, where, "a checkpoint's config.json", limit=_CONFIG_LIMIT)
         except FileNotFoundError:
             raise HFCheckpointError(f"{path}: no config.json (not a Hugging Face checkpoint directory)") from None
-        except UnsafeFile as e:
-            raise HFCheckpointError(str(e)) from None
-        except OSError as e:
-            raise HFCheckpointError(f"{where}: cannot be read ({e.strerror or e})") from None
-        except ValueError as e:   # not UTF-8, not JSON, nested too deeply
-            raise HFCheckpointError(f"{where}: not valid JSON ({e})") from None
         if not isinstance(cfg, dict):
             raise HFCheckpointError(f"{where}: not a JSON object")
         return cls.from_config(cfg, tensor_parallel_size, where)
