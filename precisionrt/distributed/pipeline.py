@@ -15,8 +15,9 @@ megatron-core 0.16.1                                       workaround
 torch.zeros([], ..., device="cuda")``                      functions to the CPU
 ``p2p_communication.py:313, 321``: receive buffers on      ``torch.cuda.current_device`` answers ``"cpu"`` while the
 ``torch.cuda.current_device()``                            schedule runs
-``p2p_communication.py:398``: ``torch.cuda.synchronize()`` ``batch_p2p_sync=False`` in the model's config (the
-after batched send/receive                                 race it guards is between CUDA streams; gloo has none)
+``p2p_communication.py:398``: ``torch.cuda.synchronize()`` a no-op while the schedule runs (the race it guards is
+after batched send/receive                                 between CUDA streams; gloo has none); outside
+                                                           ``megatron_on_cpu``, ``batch_p2p_sync=False``
 ``distributed/param_and_grad_buffer.py:783``: DDP's grad   ``torch.cuda.current_device`` answers ``"cpu"``
 buffers on ``torch.cuda.current_device()``
 ``dist_checkpointing/strategies/filesystem_async.py:230``  ``torch.cuda.synchronize`` is a no-op while the call runs

@@ -368,6 +368,25 @@ class PrecisionRowParallelLinear(PrecisionLinearMixin, RowParallelLinear):
 PrecisionLinear = (PrecisionColumnParallelLinear, PrecisionRowParallelLinear)
 
 
+# The attribute under which torch's FSDP1 (at every level it wraps) and its activation-checkpoint wrapper keep the
+# module they wrap: not part of a layer's name (torch's own ``clean_tensor_name`` drops them too).
+WRAPPER_COMPONENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside megatron's DistributedDataParallel / FSDP wrappers, ``Float16Module`` and torch's
+    DistributedDataParallel (each keeps it as ``.module``, and megatron nests them: DDP(Float16Module(model))), so
+    that layers are named as the model names them whatever wraps it. torch's FSDP1 adds a path component at every
+    level it wraps (``WRAPPER_COMPONENTS``), dropped from the names; ``fully_shard`` (FSDP2) adds none."""
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    wrappers = (_BaseDataParallel, Float16Module, torch.nn.parallel.DistributedDataParallel)
+    while isinstance(model, wrappers):
+        model = model.module
+    return model
+
+
 def precision_layers(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str, PrecisionLinearMixin]:
     """All managed layers of ``model`` (a module, or the list of a virtual pipeline's model chunks) by **global**
     name, in module order.
@@ -377,10 +396,10 @@ def precision_layers(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str
     index in the whole model (``layer_number - 1``, which megatron offsets by pipeline and virtual stage), and a
     ``SequentialMLP``'s local expert index becomes the expert's global index (``ep_rank x num_local_experts +
     j``, the numbering megatron's own ``sharded_state_dict`` uses). Without pipeline or expert parallelism the
-    global name is the module path."""
+    global name is the module path. Wrappers add nothing to it (``unwrap_model``)."""
     chunks = model if isinstance(model, (list, tuple)) else [model]
     out: dict[str, PrecisionLinearMixin] = {}
-    for chunk in chunks:
+    for chunk in map(unwrap_model, chunks):
         renamed = _global_components(chunk)
         for path, module in chunk.named_modules():
             if not isinstance(module, PrecisionLinearMixin):
@@ -389,7 +408,7 @@ def precision_layers(model: torch.nn.Module | list[torch.nn.Module]) -> dict[str
             for i, part in enumerate(parts):
                 prefix = f"{prefix}.{part}" if prefix else part
                 parts[i] = renamed.get(prefix, part)
-            name = ".".join(parts)
+            name = ".".join(p for p in parts if p not in WRAPPER_COMPONENTS)
             if name in out:
                 raise ValueError(f"two managed layers share the global name {name!r}: the model chunks overlap")
             out[name] = module

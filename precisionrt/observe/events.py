@@ -99,6 +99,8 @@ class EventLog:
         self.path = Path(path)
         self.run_id = run_id
         self.enabled = enabled
+        self.started = False   # a run_start record is written
+        self._deferred_start = None
         self._fh = None
         if enabled:
             # created (or reopened) only as a regular file: a FIFO, a device or a symlink in its place is refused
@@ -111,7 +113,24 @@ class EventLog:
                     if fh.read(1) != b"\n":
                         self._fh.write("\n")
 
+    def defer_start(self, fields) -> None:
+        """Write run_start just before the next record, with the fields ``fields()`` returns then (``layers``,
+        ``config``, ``resumed_from``): what a run starts from may still change (a checkpoint loaded after the log
+        was opened), and the log must say what it started from."""
+        self._deferred_start = fields
+
+    def begin(self) -> None:
+        """Write the deferred run_start now (before a change that its layer table must not show yet)."""
+        if self._deferred_start is not None:
+            start, self._deferred_start = self._deferred_start, None
+            if self._fh is None:   # a rank that does not write: nothing to build
+                self.started = True
+            else:
+                self.run_start(**start())
+
     def _write(self, kind: str, **fields) -> None:
+        if kind != "run_start":
+            self.begin()
         if self._fh is None:
             return
         record = {"v": SCHEMA_VERSION, "kind": kind, "run": self.run_id, "time": time.time(), **fields}
@@ -123,6 +142,8 @@ class EventLog:
         """``resumed_from``: the checkpoint step a resumed run continues from. Records of an earlier segment
         with a later step (written after that checkpoint, before a crash) are superseded by this segment's."""
         extra = {} if resumed_from is None else {"resumed_from": resumed_from}
+        self._deferred_start = None
+        self.started = True
         self._write("run_start", layers=layers, config=config, **extra)
 
     def switch(self, event: SwitchEvent) -> None:

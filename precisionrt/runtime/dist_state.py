@@ -96,9 +96,11 @@ def load_sharded_state_dict(rt, loaded: dict) -> None:
     if same_layout:
         state.update(common["ranks"][rank])
     else:
-        log.info("precisionrt: runtime state saved at %s, loaded at %s: the check window restarts (statistics "
-                 "since step %d's check are dropped)", common["layout"], _layout(),
-                 common["last_step"] - common["last_step"] % rt.config.monitor.check_interval)
+        last, since = common["last_step"], common["last_step"] % rt.config.monitor.check_interval
+        dropped = (f"step {last} was a check: no statistics are dropped" if since == 0 else
+                   f"the statistics of steps {last - since + 1}-{last}, since step {last - since}'s check, are dropped")
+        log.info("precisionrt: runtime state saved at %s, loaded at %s: the check window restarts (%s)",
+                 common["layout"], _layout(), dropped)
         state.update({"step_flops": [0, 0], "shadow_cursor": 0, "shadow_next": [],
                       "window": {n: {"stats": torch.zeros_like(layer.numerics.stats, device="cpu"),
                                      "grad_stats": torch.zeros_like(layer.numerics.grad_stats, device="cpu")}

@@ -42,6 +42,7 @@ import torch
 from precisionrt.runtime import monitors
 from precisionrt.config import Checked, ConfigError, LayerPattern, Range, Text
 from precisionrt.runtime.control import OperatorControl
+from precisionrt.runtime.faults import Fault, FaultInjector
 from precisionrt.observe.events import (EVENTS_FILE, GEMMS, MIXED, PRECISIONS, EventLog, Precision, Reason, SwitchEvent,
                                        json_safe, layer_precision, read_log)
 from precisionrt.runtime.flops import FlopAccounting
@@ -89,6 +90,15 @@ def _default_rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def _agreed_run_id() -> str:
+    """A new run id, rank 0's on every rank: the checkpoint's common state (``sharded_state_dict``) holds it and
+    megatron's ``dist_checkpointing`` expects that state equal on all ranks."""
+    run_id = [uuid.uuid4().hex[:12]]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
 class PrecisionRuntime:
     def __init__(self, model: torch.nn.Module | list[torch.nn.Module], config: RuntimeConfig,
                  run_dir: str | Path | None = None, run_config: dict | None = None, rank: int | None = None):
@@ -105,7 +115,9 @@ class PrecisionRuntime:
         self.layers = precision_layers(model)   # this rank's
         self.table = LayerTable.gather(self.layers)
         if not self.table.names:
-            raise ValueError("model has no PrecisionLinear layers: build it with precisionrt.layers.spec.precision_layer_spec")
+            raise ValueError("model has no PrecisionLinear layers: build it from a layer spec converted by "
+                             "precisionrt.convert_layer_spec, e.g. GPTModel(config, convert_layer_spec("
+                             "get_gpt_layer_local_spec()), ...), then give that model to PrecisionRuntime")
         self.names = self.table.names            # the whole model's, in forward order
         chunks = model if isinstance(model, (list, tuple)) else [model]
         self.device = next(p for chunk in chunks for p in chunk.parameters()).device
@@ -172,30 +184,45 @@ class PrecisionRuntime:
         self.control = OperatorControl(self.names)   # reads a file once the run directory is known
         self._last_step = 0
         self.run_dir: Path | None = None
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = _agreed_run_id()
         self.events: EventLog | None = None
+        self._run_config: dict | None = None
+        self._resumed_from: int | None = None   # the step of the checkpoint this run continues from
+        self._resumed_from_given = False         # by start_log, which wins over the loaded checkpoint's step
+        self._drills: list[FaultInjector] = []
         if run_dir is not None:
             self.start_log(run_dir, run_config, rank)
         self.sampling.plan(1)
 
     def start_log(self, run_dir: str | Path, run_config: dict | None = None, rank: int | None = None,
                   resumed_from: int | None = None) -> None:
-        """Open the switch log in ``run_dir`` (rank 0 writes) and record run_start with the layer table.
-        A resumed run appends to the existing log; its unreadable lines are counted and reported, not fatal."""
+        """Open the switch log in ``run_dir`` (rank 0 writes). Its run_start record (run id, layer table) is written
+        with the first record after it (the first ``end_step``'s, a switch, or ``close``), so that a checkpoint
+        loaded in between (``load_state_dict``, ``load_sharded_state_dict``) is in it: the loaded run id, the
+        loaded precisions, and ``resumed_from`` (the checkpoint's step; ``resumed_from`` given here wins). A resumed
+        run appends to the existing log; its unreadable lines are counted and reported, not fatal."""
         rank = _default_rank() if rank is None else rank
         self.run_dir, self.rank = Path(run_dir), rank
         if rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        path = self.run_dir / EVENTS_FILE
-        if rank == 0 and resumed_from is not None and path.exists():
+        if rank == 0 and self.config.control_file:
+            self.control.open(self.run_dir / self.config.control_file)
+        if resumed_from is not None:
+            self._resumed_from, self._resumed_from_given = resumed_from, True
+        self._run_config = run_config
+        self.events = EventLog(self.run_dir / EVENTS_FILE, self.run_id, enabled=rank == 0)
+        self.events.defer_start(self._run_start)
+
+    def _run_start(self) -> dict:
+        """The run_start record's fields, made when it is written (``EventLog.defer_start``)."""
+        path = self.events.path
+        if self._resumed_from is not None and path.exists():
             existing = read_log(path)
             if existing.skipped_lines:
                 log.warning("precisionrt: %s: %d unreadable line(s) skipped, e.g. %s", path,
                             existing.skipped_lines, existing.skipped_examples[0])
-        if rank == 0 and self.config.control_file:
-            self.control.open(self.run_dir / self.config.control_file)
-        self.events = EventLog(path, self.run_id, enabled=rank == 0)
-        self.events.run_start(self.layer_table(), run_config or {"precision": asdict(self.config)}, resumed_from)
+        return {"layers": self.layer_table(), "config": self._run_config or {"precision": asdict(self.config)},
+                "resumed_from": self._resumed_from}
 
     # ------------------------------------------------------------------------------------------ queries
 
@@ -340,6 +367,8 @@ class PrecisionRuntime:
         safe = {k: json_safe(v) for k, v in (signals or {}).items() if k != "gemms"}
         events = [SwitchEvent(step=step, layer=layer, gemm=g, from_=current[g], to=precision, reason=reason,
                               signals=safe) for g in gemms if current[g] != precision]
+        if self.events is not None and events:
+            self.events.begin()   # run_start's layer table holds the precisions from before this switch
         self._assign(layer, {e.gemm: precision for e in events})
         if self.events is not None:
             for e in events:
@@ -368,10 +397,33 @@ class PrecisionRuntime:
         for unit in dict.fromkeys(self._unit_of(layer, g) for g in gemms):
             self.policy.hold(unit, None)
 
-    def should_skip_step(self, grad_norm: torch.Tensor) -> bool:
+    def drill(self, kind: Literal["outlier", "grad_outlier", "spike", "nonfinite"], layer: str, start_step: int,
+              ramp_steps: int = 0, factor: float = 1.0, channels: tuple[int, ...] | list[int] = (0,),
+              value: Literal["nan", "inf"] = "nan", ranks: tuple[int, ...] | list[int] = ()) -> FaultInjector:
+        """A fault drill from any training loop: what the commands' ``[inject]`` table does (``runtime/faults.py``:
+        ``outlier``, ``grad_outlier``, ``spike``, ``nonfinite``), put into ``layer`` (a global name; under pipeline
+        parallelism the ranks that do not hold it inject nothing) by the runtime itself: from step ``start_step``
+        (counted as ``end_step`` counts, from 1: the fault enters the forward and backward of the step that
+        ``end_step(start_step)`` closes), ramping over ``ramp_steps``, on ``ranks`` (global ranks; default all).
+        Call it on every rank, before the first step of the drill; the runtime applies it at each ``end_step``
+        and after a checkpoint is loaded. Returns the injector (``remove()`` ends the drill)."""
+        if start_step < 1:
+            raise ValueError(f"drill start_step {start_step}: steps count from 1, as end_step counts")
+        fault = Fault(kind, layer, start_step - 1, ramp_steps, factor, tuple(channels), value, tuple(ranks))
+        injector = FaultInjector(fault, self.layers, self.names, self.rank, what="drill ")
+        injector.before_step(self._last_step)   # the next step, if the drill starts there
+        self._drills.append(injector)
+        return injector
+
+    def should_skip_step(self, grad_norm: torch.Tensor | float) -> bool:
         """True when the gradients are not finite on any rank: skip the optimizer step. The next ``end_step``
-        then checks at once, so the layer where NaN/Inf entered is promoted before the next forward."""
-        return self.skips.check(grad_norm)
+        then checks at once, so the layer where NaN/Inf entered is promoted before the next forward.
+        ``grad_norm``: a tensor (``clip_grad_norm_``'s) or a float (megatron's optimizer returns one)."""
+        if grad_norm is None:
+            raise ValueError("should_skip_step: grad_norm is None (megatron's optimizer.step() returns None when its "
+                             "grad scaler found inf/NaN and it skipped the update itself): pass the norm of "
+                             "precisionrt.clip_grad_norm_(model, max_norm), computed before optimizer.step()")
+        return self.skips.check(torch.as_tensor(grad_norm))
 
     def skip_on_device(self, grad_norm: torch.Tensor, optimizer: torch.optim.Optimizer, step: int) -> None:
         """``should_skip_step`` without a host synchronisation, for CUDA: the nonfinite flag goes to a fused
@@ -379,13 +431,16 @@ class PrecisionRuntime:
         learnt at the next check (``take_skipped``), where the layer where NaN/Inf entered is promoted."""
         self.skips.on_device(grad_norm, optimizer, step)
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor, step: int) -> bool:
+    def optimizer_step(self, optimizer, grad_norm: torch.Tensor | float, step: int) -> bool:
         """The skip-aware optimizer step, then ``zero_grad``: every training loop's one call after clipping.
 
         An optimizer that skips on the device (a fused Adam/AdamW: ``found_inf``) always steps, with the
         nonfinite flag handed over (``skip_on_device``: no host synchronisation; the skip is learnt at the next
         ``fetch`` or check, see ``take_skipped``). Any other optimizer steps only if ``should_skip_step`` (one
-        read) says the gradients are finite. Returns True when the step was skipped here, on the host."""
+        read) says the gradients are finite. Megatron's optimizers (``get_megatron_optimizer``) are of the second
+        kind: they apply an update with NaN gradients unless a grad scaler is set, so the decision is made here,
+        before their ``step()``; a ``step()`` that still reports ``update_successful = False`` (its grad scaler
+        found inf/NaN) counts as skipped here too. Returns True when the step was skipped."""
         skipped = False
         if getattr(optimizer, "_step_supports_amp_scaling", False):
             self.skip_on_device(grad_norm, optimizer, step)
@@ -393,7 +448,11 @@ class PrecisionRuntime:
         elif self.should_skip_step(grad_norm):
             skipped = True
         else:
-            optimizer.step()
+            result = optimizer.step()
+            # megatron's (update_successful, grad_norm, num_zeros_in_grad)
+            if isinstance(result, tuple) and result and result[0] is False:
+                skipped = self.skips.enabled
+                self.skips.check_next |= skipped
         optimizer.zero_grad(set_to_none=True)
         return skipped
 
@@ -414,6 +473,8 @@ class PrecisionRuntime:
         (``step % monitor.check_interval == 0``, or at once after a skipped nonfinite step) monitor, decide and
         apply. Returns the switches made; they take effect at the next forward."""
         self._last_step = step
+        for drill in self._drills:   # the fault enters the next step (step + 1; the injector counts from 0)
+            drill.before_step(step)
         self._reduce_pending_amax()
         self.flops.end_step()
         self.sampling.plan(step + 1)
@@ -537,6 +598,13 @@ class PrecisionRuntime:
         self.policy.load_state_dict(self._policy_state(sd["policy"], sd.get("granularity", "layer")))
         self.monitor_state.load_state_dict(sd["monitor"])
         self.run_id = sd["run_id"]  # a resumed run continues the same run in the switch log
+        if not self._resumed_from_given:
+            self._resumed_from = int(sd["last_step"])
+        if self.events is not None:
+            if self.events.started and self.events.run_id != self.run_id:
+                # records of another run were written before this load: the loaded run starts a segment of its own
+                self.events.defer_start(self._run_start)
+            self.events.run_id = self.run_id
         windowed = "window" in sd   # checkpoints from before the open window was saved resume at checks only
         self.sampling.load_state_dict(sd, int(sd["last_step"]) + 1 if windowed else None)
         if windowed:
@@ -545,3 +613,5 @@ class PrecisionRuntime:
             for name, layer in self.layers.items():
                 layer.numerics.stats.copy_(sd["window"][name]["stats"])
                 layer.numerics.load_grad_stats(sd["window"][name]["grad_stats"])
+        for drill in self._drills:
+            drill.before_step(self._last_step)
