@@ -22,7 +22,6 @@ steps. A test-only shim: on a GPU nothing of it is needed.
 import contextlib
 import os
 import sys
-from functools import partial
 
 import torch
 from torch.overrides import TorchFunctionMode

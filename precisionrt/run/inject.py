@@ -1,20 +1,8 @@
 """Fault injection as configuration (contract C6): an ``[inject]`` table in any run config. The faults themselves
 are the runtime's drills (``precisionrt/runtime/faults.py``, ``PrecisionRuntime.drill``); this is their table.
 
-* ``outlier``: function-preserving. Input channel(s) of the layer are multiplied by a factor and the matching
-  weight columns divided by it, inside the layer's forward, so exact (and BF16) arithmetic is unchanged while
-  per-tensor FP8 sees a real outlier. The factor ramps from 1 at ``start_step`` to ``factor`` over
-  ``ramp_steps`` and stays there (the slow outlier growth of long FP8 runs).
-* ``grad_outlier``: the backward pass's counterpart, function-preserving too. Output channel(s) of the output
-  gradient ``dY`` that the layer's backward GEMMs read are multiplied by the factor, rounded to a power of two,
-  and the weight rows that dgrad reads and the rows of the weight gradient wgrad makes are divided by it: each
-  scaling is exact in every floating-point format, so exact and BF16 arithmetic are unchanged (bit for bit),
-  while the E5M2 ``dY`` carries a real outlier that flushes its other channels. The forward pass does not
-  change: fprop sees nothing. Ramps like ``outlier``.
-* ``spike``: the same function-preserving scaling applied to every channel, for ``max(1, ramp_steps)`` steps
-  from ``start_step``: a burst that a delayed-scaling history has not seen.
-* ``nonfinite``: one element of the layer's output gradient becomes NaN (or ``inf``), for
-  ``max(1, ramp_steps)`` steps from ``start_step`` (like a spike: one step unless said otherwise).
+The kinds (``outlier``, ``grad_outlier``, ``spike``, ``nonfinite``) and what each does to the layer are
+described in ``precisionrt/runtime/faults.py``.
 
 ``ranks`` limits the injection to those global ranks (default: every rank). Channel indices are local to a
 rank's shard of the layer's input (``grad_outlier``: of its output). ``start_step`` counts from 0 (the loop
