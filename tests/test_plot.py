@@ -144,3 +144,19 @@ def test_the_report_lists_twenty_decisions_and_counts_the_rest():
     assert lines[1:REPORTED_DECISIONS + 1] == [
         f"  step {s}: decoder.layers.0.mlp.linear_fc1 fprop+wgrad fp8 -> bf16 (overflow)" for s in range(1, 21)]
     assert lines[REPORTED_DECISIONS + 1:] == ["  ... and 5 more: precisionrt-log summarize RUN_DIR"]
+
+
+def test_the_report_says_whether_the_rollout_followed_and_what_the_switch_did_to_the_mismatch():
+    from precisionrt.run.command import precision_report
+    from precisionrt.run.inject import InjectConfig
+
+    summary = {"switches": [], "fp8_flop_fraction": 1.0, "rollout_precision": "follow",
+               "rollout_maps_applied": [[0, 0], [1, 60]],
+               "mismatch_around_first_switch": {"rl_step": 60, "window": 10, "before": 1.86e-2, "after": 1.08e-2}}
+    assert precision_report(summary, InjectConfig())[1:] == [
+        "  rollout precision: follow (followed the trainer: map 1 from policy version 60)",
+        "  mismatch (k3 KL, trainer vs rollout): 1.86e-02 over the 10 RL steps before RL step 60's switch, "
+        "1.08e-02 from it on"]
+    fixed = {**summary, "rollout_precision": "fp8", "rollout_maps_applied": [[0, 0]]}
+    assert precision_report(fixed, InjectConfig())[1] == \
+        "  rollout precision: fp8 (fixed: it did not follow the trainer's switches)"

@@ -250,8 +250,10 @@ def precision_report(summary: dict, inject: InjectConfig) -> list[str]:
         lines.append(f"  ... and {len(decisions) - REPORTED_DECISIONS} more: precisionrt-log summarize RUN_DIR")
     if "rollout_precision" in summary:
         follows = summary["rollout_precision"] == "follow"
+        taken = [(m, v) for m, v in summary.get("rollout_maps_applied", []) if m > 0]   # (map, policy version)
         lines.append(f"  rollout precision: {summary['rollout_precision']} ("
-                     + (f"followed the trainer: {len(summary.get('rollout_maps_applied', []))} precision maps applied)"
+                     + ("followed the trainer: " + (", ".join(f"map {m} from policy version {v}" for m, v in taken)
+                                                    or "no change to follow") + ")"
                         if follows else "fixed: it did not follow the trainer's switches)"))
     around = summary.get("mismatch_around_first_switch")
     if around:   # RL: what the first switch did to the trainer/rollout mismatch
