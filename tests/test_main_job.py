@@ -27,4 +27,4 @@ def test_make_main_runs_the_addition_config_shortened(tmp_path, parallel):
     assert acct["trained"] == 4 * 8
     assert acct["generated"] == acct["trained"] + sum(acct["dropped"].values()) + acct["in_flight"]
     assert s["max_staleness_trained"] <= cfg.rl.max_staleness
-    assert 0 <= s["reward_final"] <= 1 and s["rollout_precision"] == "fp8" and s["correction"] == "icepop"
+    assert 0 <= s["reward_final"] <= 1 and s["rollout_precision"] == "follow" and s["correction"] == "icepop"
