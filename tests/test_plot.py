@@ -160,3 +160,12 @@ def test_the_report_says_whether_the_rollout_followed_and_what_the_switch_did_to
     fixed = {**summary, "rollout_precision": "fp8", "rollout_maps_applied": [[0, 0]]}
     assert precision_report(fixed, InjectConfig())[1] == \
         "  rollout precision: fp8 (fixed: it did not follow the trainer's switches)"
+
+
+def test_the_mismatch_around_a_switch_averages_the_windows_on_either_side():
+    from rl.train import mismatch_around
+
+    k3 = {s: float(s) for s in range(1, 31)}   # k3 equal to the step: each window's mean is its middle
+    assert mismatch_around(k3, 20, window=4) == {"rl_step": 20, "window": 4, "before": 17.5, "after": 21.5}
+    assert mismatch_around(k3, 2, window=4)["before"] == 1.0   # only what exists before the start counts
+    assert mismatch_around(k3, None) is None
